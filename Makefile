@@ -1,0 +1,46 @@
+# Set-up and everyday commands. `make run` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+CONFIG ?= appliance.toml
+MODEL ?= models/brain-mri-vgg16
+STAMP := $(VENV)/.installed
+
+.PHONY: venv protos model run test lint typecheck check-protos clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==26.3
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Generated gRPC code lives beside the package (appliance/v1/); CI checks it is fresh.
+protos: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --mypy_out=. protos/appliance/v1/*.proto
+
+check-protos: protos
+	git diff --exit-code -- appliance/v1 || (echo "appliance/v1 is stale: run 'make protos' and commit." && exit 1)
+
+# Fetch (bundled default) and train (pipeline-test) the models; idempotent.
+model: $(STAMP)
+	$(PY) models/brain-mri-vgg16/fetch.py
+	$(PY) models/pipeline-test/train.py
+
+run: model
+	$(BIN)/appliance run --config $(CONFIG)
+
+lint: $(STAMP)
+	$(BIN)/ruff check appliance tests models
+	$(BIN)/ruff format --check appliance tests models
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: model lint typecheck
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""Edge inference appliance for medical imaging."""
+
+__version__ = "0.1.0"

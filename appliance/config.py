@@ -1,0 +1,135 @@
+"""The daemon's configuration: one TOML file, validated at start, with defaults that work on a laptop."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import ConfigError
+
+DEFAULT_PARTIAL_PATTERNS = ["*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.swp", "*~"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchConfig(_Section):
+    dir: Path = Field(Path("var/incoming"), description="The scanner's export folder (watched recursively).")
+    recursive: bool = Field(True, description="Watch sub-folders too (scanners often write one per study).")
+    polling: bool = Field(
+        False,
+        description="Poll instead of inotify: needed for network shares (SMB/NFS) where events don't arrive.",
+    )
+    poll_interval_s: float = Field(1.0, gt=0, description="Polling observer's interval.")
+    stable_s: float = Field(
+        0.5,
+        ge=0,
+        description="A file without a close-write event is taken once its size and mtime stay unchanged this long.",
+    )
+    rescan_interval_s: float = Field(
+        60.0, ge=0, description="Full rescan of the folder as a safety net for missed events; 0 disables."
+    )
+    ignore_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PARTIAL_PATTERNS),
+        description="Glob patterns of partial/temporary files scanners write; dotfiles are always ignored.",
+    )
+    after_scoring: Literal["keep", "move", "delete"] = Field(
+        "move",
+        description="What happens to a scored file: kept in place, moved to processed_dir, or deleted.",
+    )
+    processed_dir: Path = Field(Path("var/processed"), description="Where scored files go with 'move'.")
+    rejected_dir: Path = Field(
+        Path("var/rejected"), description="Where rejected files go, each with a '.reason.txt' beside it."
+    )
+
+
+class StorageConfig(_Section):
+    data_dir: Path = Field(Path("var/data"), description="Holds the journal (SQLite, WAL).")
+
+
+class ModelConfig(_Section):
+    dir: Path = Field(Path("models/brain-mri-vgg16"), description="Model folder with model.toml and the ONNX file.")
+
+
+class InferenceConfig(_Section):
+    backend: Literal["onnxruntime"] = Field("onnxruntime", description="Inference backend.")
+    threads: int = Field(0, ge=0, description="Backend intra-op threads; 0 lets the runtime choose (all cores).")
+    max_batch: int = Field(0, ge=0, description="Cap on the batch size; 0 uses the manifest's max_batch.")
+    max_delay_ms: float = Field(
+        5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."
+    )
+    decode_workers: int = Field(2, ge=1, le=64, description="Threads that decode and preprocess inputs.")
+
+
+class LimitsConfig(_Section):
+    max_file_mb: float = Field(2048, gt=0, description="Larger files are rejected unread.")
+    max_pixels: int = Field(80_000_000, gt=0, description="Per frame; larger images are rejected before decoding.")
+    max_frames: int = Field(512, gt=0, description="Multi-frame inputs with more frames are rejected.")
+    multiframe: Literal["per_frame", "reject"] = Field(
+        "per_frame", description="Score each frame of a multi-frame input, or reject such inputs."
+    )
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="gRPC listen address; 0.0.0.0 to serve the clinic's network.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    max_message_mb: int = Field(512, gt=0, description="Largest image accepted by Score.")
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    json_format: bool = Field(False, description="One JSON object per line (for journald/ELK) instead of text.")
+
+
+class Config(_Section):
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def resolved(self, base: Path) -> Config:
+        """Relative paths are taken from the config file's folder, so a unit file can point anywhere."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        return self.model_copy(
+            update={
+                "watch": self.watch.model_copy(
+                    update={
+                        "dir": fix(self.watch.dir),
+                        "processed_dir": fix(self.watch.processed_dir),
+                        "rejected_dir": fix(self.watch.rejected_dir),
+                    }
+                ),
+                "storage": self.storage.model_copy(update={"data_dir": fix(self.storage.data_dir)}),
+                "model": self.model.model_copy(update={"dir": fix(self.model.dir)}),
+            }
+        )
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate the config; a problem is one ConfigError sentence naming the key."""
+    if path is None:
+        return Config().resolved(Path.cwd())
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"Config file {path} does not exist.") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Config file {path} is not valid TOML: {e}.") from e
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}.") from e
+    return config.resolved(path.resolve().parent)

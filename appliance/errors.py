@@ -1,0 +1,124 @@
+"""The one exception tree: each error has a stable machine-readable code and a default sentence."""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose.
+
+    ``code`` is stable and goes into results and logs; ``message`` is a sentence for a person.
+    Messages never carry patient data (names, IDs, birth dates).
+    """
+
+    code = "internal_error"
+    default_message = "An internal error occurred."
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+
+# --- configuration and start-up -------------------------------------------------------------
+
+
+class ConfigError(ApplianceError):
+    code = "config_invalid"
+    default_message = "The configuration is invalid."
+
+
+class ManifestError(ApplianceError):
+    code = "manifest_invalid"
+    default_message = "The model manifest is invalid."
+
+
+class ModelMismatchError(ManifestError):
+    code = "model_mismatch"
+    default_message = "The ONNX model does not match its manifest."
+
+
+class ModelMissingError(ManifestError):
+    code = "model_missing"
+    default_message = "The model file is missing; run `make model` to fetch it."
+
+
+# --- per-input rejections: each becomes a rejected result, never a crash --------------------
+
+
+class InputRejected(ApplianceError):
+    """An input that cannot be scored. The daemon records it, moves it aside and goes on."""
+
+    code = "input_rejected"
+    default_message = "The input could not be scored."
+
+
+class EmptyFile(InputRejected):
+    code = "empty_file"
+    default_message = "The file is empty (0 bytes)."
+
+
+class UnsupportedFormat(InputRejected):
+    code = "unsupported_format"
+    default_message = "The file is neither DICOM nor a PNG, JPEG or TIFF image."
+
+
+class CorruptImage(InputRejected):
+    code = "corrupt_image"
+    default_message = "The image data is corrupt or truncated and could not be decoded."
+
+
+class CorruptDicom(InputRejected):
+    code = "corrupt_dicom"
+    default_message = "The DICOM file is corrupt or truncated and could not be parsed."
+
+
+class NoPixelData(InputRejected):
+    code = "no_pixel_data"
+    default_message = "The DICOM object holds no image (no Pixel Data), e.g. a report or RT plan."
+
+
+class UnsupportedTransferSyntax(InputRejected):
+    code = "unsupported_transfer_syntax"
+    default_message = "No installed decoder handles this DICOM transfer syntax."
+
+
+class UnsupportedPixelFormat(InputRejected):
+    code = "unsupported_pixel_format"
+    default_message = "The image's pixel format (photometric interpretation, bit depth or channels) is not supported."
+
+
+class ImageTooLarge(InputRejected):
+    code = "image_too_large"
+    default_message = "The image exceeds the configured pixel limit."
+
+
+class MultiFrameRejected(InputRejected):
+    code = "multiframe_rejected"
+    default_message = "The input has several frames and the configuration rejects multi-frame inputs."
+
+
+class FileVanished(InputRejected):
+    code = "file_vanished"
+    default_message = "The file disappeared before it could be read."
+
+
+class InputTooLarge(InputRejected):
+    code = "file_too_large"
+    default_message = "The file exceeds the configured size limit."
+
+
+class InferenceFailed(InputRejected):
+    code = "inference_failed"
+    default_message = "The backend failed to score this input."
+
+
+# --- inference backends ---------------------------------------------------------------------
+
+
+class BackendError(ApplianceError):
+    code = "backend_error"
+    default_message = "The inference backend failed."
+
+
+class BackendUnavailable(BackendError):
+    code = "backend_unavailable"
+    default_message = "The requested inference backend is not available on this host."
