@@ -1,0 +1,153 @@
+"""`appliance`: run the daemon, check a config, or score files offline with the daemon's own code."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance import __version__
+from appliance.config import Config, load_config
+from appliance.errors import ApplianceError, InferenceFailed
+from appliance.inference.loader import open_backend
+from appliance.inference.postprocess import activate, decide
+from appliance.logging_setup import setup_logging
+from appliance.manifest import load_manifest
+from appliance.pipeline import Preparer
+from appliance.results import InputFacts, StageTimes, rejected_result, result_to_dict, scored_result
+
+log = logging.getLogger("appliance")
+
+EXIT_CONFIG = 2  # systemd's RestartPreventExitStatus: a bad config is not fixed by restarting
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="Run the daemon: watch the folder, score, serve gRPC.")
+    run.add_argument("--config", type=Path, default=None, help="TOML config (default: built-in defaults).")
+
+    check = sub.add_parser("check-config", help="Validate the config and the model, then exit.")
+    check.add_argument("--config", type=Path, default=None)
+
+    score = sub.add_parser("score", help="Score files offline (no daemon) and print one JSON object per result.")
+    score.add_argument("files", nargs="+", type=Path)
+    score.add_argument("--config", type=Path, default=None, help="Use this config's model, limits and threads.")
+    score.add_argument("--model", type=Path, default=None, help="Model folder (overrides the config).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if getattr(args, "model", None):
+            config = config.model_copy(update={"model": config.model.model_copy(update={"dir": args.model})})
+        setup_logging(config.logging.level, config.logging.json_format)
+        if args.command == "run":
+            return _run(config)
+        if args.command == "check-config":
+            return _check(config)
+        return _score(config, args.files)
+    except ApplianceError as e:
+        logging.basicConfig()
+        log.error("%s", e.message)
+        print(f"appliance: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _run(config: Config) -> int:
+    from appliance.daemon import Daemon
+
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()
+        raise
+    daemon.run_forever()
+    return 0
+
+
+def _check(config: Config) -> int:
+    loaded = load_manifest(config.model.dir)
+    backend = open_backend(loaded, config.inference)
+    backend.close()
+    print(f"ok: model {loaded.manifest.model.name} {loaded.manifest.model.version} matches its manifest")
+    return 0
+
+
+def _score(config: Config, files: list[Path]) -> int:
+    """Same decode, preprocessing, inference and decision code as the daemon, without journal or server."""
+    loaded = load_manifest(config.model.dir)
+    manifest = loaded.manifest
+    backend = open_backend(loaded, config.inference)
+    preparer = Preparer(manifest, config.limits)
+    failures = 0
+    with backend:
+        for number, path in enumerate(files, start=1):
+            t0 = time.perf_counter()
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                print(f"appliance: cannot read {path}: {e.strerror}", file=sys.stderr)
+                failures += 1
+                continue
+            facts = InputFacts(
+                input_id=number,
+                source="offline",
+                file_name=path.name,
+                content_sha256=hashlib.sha256(data).hexdigest(),
+            )
+            try:
+                prepared = preparer.prepare(data, path.name)
+            except ApplianceError as e:
+                times = StageTimes(total_ms=(time.perf_counter() - t0) * 1e3)
+                print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, e, times))))
+                failures += 1
+                continue
+            # Frames go through in chunks of the backend's max batch, as the batcher would send them.
+            rows: list[np.ndarray] = []
+            t1 = time.perf_counter()
+            for start in range(0, len(prepared.tensors), backend.max_batch):
+                chunk = np.stack(prepared.tensors[start : start + backend.max_batch])
+                rows.extend(activate(backend.infer(chunk), manifest.output.activation))
+            infer_ms = (time.perf_counter() - t1) * 1e3
+            times = StageTimes(
+                decode_ms=prepared.decode_ms,
+                preprocess_ms=prepared.preprocess_ms,
+                infer_ms=infer_ms,
+                total_ms=(time.perf_counter() - t0) * 1e3,
+            )
+            for index, row in enumerate(rows):
+                try:
+                    scores = decide(row, manifest)
+                except ValueError as e:
+                    err = InferenceFailed(str(e))
+                    print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, err, times))))
+                    failures += 1
+                    continue
+                result = scored_result(
+                    facts,
+                    manifest,
+                    backend.name,
+                    prepared.meta,
+                    scores,
+                    times,
+                    frame_index=index,
+                    frame_count=len(rows),
+                )
+                print(json.dumps(result_to_dict(result)))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The daemon: wires watcher → ingest → journal → processor → gRPC, and runs it until a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.errors import ConfigError
+from appliance.inference.backend import Backend
+from appliance.inference.loader import expected_sample_shape, open_backend
+from appliance.ingest.ingestor import Ingestor
+from appliance.ingest.journal import Journal
+from appliance.ingest.watcher import FolderWatcher
+from appliance.manifest import LoadedManifest, load_manifest
+from appliance.processing import Job, Processor
+from appliance.results import InputFacts
+from appliance.server.grpc_server import GrpcServer
+from appliance.server.metrics import Metrics
+from appliance.server.service import ScoringService
+from appliance.systemd_notify import notify, watchdog_interval_s
+from appliance.v1 import scoring_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.sqlite3"
+
+
+def _check_folders(config: Config) -> None:
+    watch = config.watch.dir
+    if not watch.is_dir():
+        raise ConfigError(f"The watch folder {watch} does not exist (watch.dir); create it or fix the path.")
+    for folder in (config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"Cannot create {folder}: {e.strerror}.") from e
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.monotonic()
+        self.stopping = threading.Event()
+        self.metrics = Metrics()
+        self.loaded: LoadedManifest | None = None
+        self.backend: Backend | None = None
+        self.journal: Journal | None = None
+        self.processor: Processor | None = None
+        self.ingestor: Ingestor | None = None
+        self.watcher: FolderWatcher | None = None
+        self.server: GrpcServer | None = None
+        self.ready = False
+
+    # --- start --------------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Bring every stage up; returns the gRPC port. Raises ApplianceError with one clear sentence."""
+        config = self.config
+        _check_folders(config)
+        self.loaded = load_manifest(config.model.dir)
+        # Loading also runs one warm-up inference, so the first real image is not the slow one.
+        self.backend = open_backend(self.loaded, config.inference)
+        self.journal = Journal(config.storage.data_dir / JOURNAL_NAME)
+        self.processor = Processor(config, self.loaded.manifest, self.backend, self.journal, self.metrics)
+        service = ScoringService(
+            self.journal,
+            self.processor,
+            config.storage.data_dir / "spool",
+            self.model_info(),
+            self.status,
+            self.metrics,
+        )
+        self.server = GrpcServer(service, config.server.host, config.server.port, config.server.max_message_mb)
+        self.processor.start()
+        self.server.start()
+        self.metrics.serve(config.server.host, config.server.metrics_port)
+        self._requeue()
+        self.ingestor = Ingestor(config.watch, self.journal, self._submit)
+        self.ingestor.start()
+        exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
+        self.watcher = FolderWatcher(config.watch, self.ingestor.offer, exclude)
+        self.watcher.start()
+        self.ready = True
+        self.server.set_serving(True)
+        self.metrics.ready.set(1)
+        log.info(
+            "ready: watching %s%s, gRPC on %s:%d, model %s %s on %s",
+            config.watch.dir,
+            " (polling)" if config.watch.polling else "",
+            config.server.host,
+            self.server.port,
+            self.loaded.manifest.model.name,
+            self.loaded.manifest.model.version,
+            self.backend.name,
+        )
+        return self.server.port
+
+    def _submit(self, facts: InputFacts, path: Path) -> None:
+        assert self.processor is not None
+        self.processor.submit(Job(facts=facts, path=path))
+
+    def _requeue(self) -> None:
+        """Inputs journaled but never finished (a crash, a power cut) are scored now, once."""
+        assert self.journal is not None and self.processor is not None
+        pending = self.journal.pending()
+        if pending:
+            log.info("requeueing %d inputs left in flight by the last run", len(pending))
+        for row in pending:
+            facts = InputFacts(
+                input_id=row.id, source=row.source, file_name=row.file_name, content_sha256=row.content_sha256
+            )
+            assert row.path, "every input is journaled with its path"
+            # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
+            self.processor.submit(Job(facts=facts, path=Path(row.path)))
+
+    # --- what the API reports -----------------------------------------------------------------------
+
+    def model_info(self) -> pb.ModelInfo:
+        assert self.loaded is not None and self.backend is not None
+        m = self.loaded.manifest
+        return pb.ModelInfo(
+            name=m.model.name,
+            version=m.model.version,
+            description=m.model.description,
+            backend=self.backend.name,
+            artifact=self.backend.artifact,
+            labels=m.output.labels,
+            input_layout=m.input.layout,
+            input_shape=list(expected_sample_shape(self.loaded)),
+            max_batch=self.backend.max_batch,
+            decision_rule=m.decision.rule,
+            threshold=m.decision.threshold,
+        )
+
+    def status(self) -> pb.Status:
+        assert self.journal is not None
+        counts = self.journal.counts()
+        return pb.Status(
+            version=__version__,
+            model=self.model_info(),
+            backend=self.backend.name if self.backend else "",
+            queue_depth=counts.queued,
+            scored=counts.scored,
+            rejected=counts.rejected,
+            duplicates=counts.duplicates,
+            last_sequence=counts.last_sequence,
+            uptime_s=time.monotonic() - self.started_at,
+            watch_dir=str(self.config.watch.dir),
+            ready=self.ready,
+        )
+
+    def healthy(self) -> bool:
+        parts = (self.processor, self.ingestor, self.watcher)
+        return self.ready and all(p is not None and p.alive() for p in parts)
+
+    # --- run and stop -------------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT, pinging systemd's watchdog only while every stage is alive."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        notify("READY=1\nSTATUS=serving")
+        interval = watchdog_interval_s()
+        while not self.stopping.wait(interval or 1.0):
+            if interval and self.healthy():
+                notify("WATCHDOG=1")
+            elif not self.healthy():
+                log.error("a pipeline stage has died; stopping so systemd restarts the service")
+                break
+        self.stop()
+
+    def stop(self) -> None:
+        """Graceful: stop taking files, finish what is in flight, close. Unfinished inputs stay queued."""
+        notify("STOPPING=1")
+        self.ready = False
+        self.metrics.ready.set(0)
+        if self.server is not None:
+            self.server.set_serving(False)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.ingestor is not None:
+            self.ingestor.stop()
+        if self.processor is not None:
+            self.processor.stop()
+        if self.server is not None:
+            self.server.stop(grace=2.0)
+        if self.backend is not None:
+            self.backend.close()
+        if self.journal is not None:
+            self.journal.close()
+        log.info("stopped")

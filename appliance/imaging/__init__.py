@@ -1,0 +1,1 @@
+"""Reading images (DICOM, PNG, JPEG, TIFF) and preparing them for a model."""

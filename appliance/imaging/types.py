@@ -1,0 +1,41 @@
+"""What a reader hands to preprocessing: display-ready frames and the non-pixel facts of the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Identifiers of the input. UIDs and accession number go into results, never into logs."""
+
+    source_format: str  # "dicom", "png", "jpeg", "tiff"
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    accession_number: str = ""
+    modality: str = ""
+    transfer_syntax: str = ""  # DICOM transfer syntax name, "" for raster files
+    photometric: str = ""  # as read, e.g. MONOCHROME1, RGB, YBR_FULL_422
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One input, decoded. Each frame is float32, HxW (grayscale) or HxWx3 (RGB order), in display
+    units 0..1: modality LUT and VOI/window applied, MONOCHROME1 inverted, colour converted to RGB."""
+
+    frames: tuple[np.ndarray, ...]
+    meta: ImageMeta
+    original_frame_count: int = 1
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Guards against hostile or absurd inputs."""
+
+    max_pixels: int = 80_000_000  # per frame; a decompression bomb is refused before decoding
+    max_frames: int = 512
+    multiframe: Literal["per_frame", "reject"] = "per_frame"

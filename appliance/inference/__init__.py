@@ -1,0 +1,1 @@
+"""Backends that run a model on a batch, and the batcher that feeds them."""

@@ -1,0 +1,124 @@
+"""Dynamic batching: gather samples up to the backend's max batch or a short delay, run them together."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from appliance.inference.backend import Backend
+
+log = logging.getLogger(__name__)
+
+# Called once per sample from the batcher thread: (activated scores row or None, error or None, timing).
+Done = Callable[[np.ndarray | None, BaseException | None, "BatchTiming"], None]
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    queue_ms: float  # from submit to the batch starting
+    infer_ms: float  # the whole batch's inference
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    sample: np.ndarray
+    done: Done
+    submitted: float
+
+
+_STOP = object()
+
+
+class Batcher:
+    """One thread owns the backend. ``submit`` blocks when ``capacity`` samples wait (back-pressure)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        postprocess: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch: int,
+        max_delay_ms: float,
+        capacity: int = 256,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._postprocess = postprocess
+        self._max_batch = max(1, min(max_batch, backend.max_batch))
+        self._max_delay = max_delay_ms / 1000.0
+        self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=capacity)
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, sample: np.ndarray, done: Done) -> None:
+        self._queue.put(_Item(sample, done, time.perf_counter()))
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
+        items = [first]
+        deadline = time.perf_counter() + self._max_delay
+        while len(items) < self._max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return items, True
+            assert isinstance(nxt, _Item)
+            items.append(nxt)
+        return items, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            assert isinstance(first, _Item)
+            items, stopping = self._gather(first)
+            self._run_batch(items)
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            batch = np.stack([it.sample for it in items])
+            scores: np.ndarray | None = self._postprocess(self._backend.infer(batch))
+            error: BaseException | None = None
+        except Exception as e:  # one bad batch must not stop the service: its members are rejected
+            log.exception("inference failed on a batch of %d", len(items))
+            scores, error = None, e
+        infer_ms = (time.perf_counter() - started) * 1e3
+        if self._on_batch is not None:
+            self._on_batch(len(items), infer_ms)
+        for i, it in enumerate(items):
+            timing = BatchTiming(queue_ms=(started - it.submitted) * 1e3, infer_ms=infer_ms, batch_size=len(items))
+            try:
+                it.done(None if scores is None else scores[i], error, timing)
+            except Exception:
+                log.exception("a batch completion callback failed")

@@ -1,0 +1,73 @@
+"""Opens the configured backend for a model and checks the graph against its manifest before serving."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from appliance.config import InferenceConfig
+from appliance.errors import ModelMismatchError
+from appliance.inference.backend import Backend
+from appliance.inference.onnxruntime import OnnxRuntimeBackend
+from appliance.manifest import LoadedManifest
+
+log = logging.getLogger(__name__)
+
+
+def expected_sample_shape(loaded: LoadedManifest) -> tuple[int, int, int]:
+    spec = loaded.manifest.input
+    if spec.layout == "NCHW":
+        return (spec.channels, spec.height, spec.width)
+    return (spec.height, spec.width, spec.channels)
+
+
+def open_backend(loaded: LoadedManifest, config: InferenceConfig) -> Backend:
+    """Load the backend and refuse a model whose input/output do not match the manifest."""
+    manifest = loaded.manifest
+    max_batch = min(config.max_batch or manifest.batching.max_batch, manifest.batching.max_batch)
+    backend = OnnxRuntimeBackend(
+        loaded.onnx_path, output_name=manifest.output.name, max_batch=max_batch, threads=config.threads
+    )
+    backend.load()
+    try:
+        check_backend_matches(backend, loaded)
+    except ModelMismatchError:
+        backend.close()
+        raise
+    log.info(
+        "loaded model %s %s on %s from %s (max batch %d)",
+        manifest.model.name,
+        manifest.model.version,
+        backend.name,
+        backend.artifact,
+        backend.max_batch,
+    )
+    return backend
+
+
+def check_backend_matches(backend: Backend, loaded: LoadedManifest) -> None:
+    manifest = loaded.manifest
+    spec = backend.input_spec
+    where = loaded.onnx_path
+    if spec.name != manifest.input.name:
+        raise ModelMismatchError(
+            f"{where}: the model's input is {spec.name!r} but model.toml says {manifest.input.name!r}."
+        )
+    want = expected_sample_shape(loaded)
+    got = spec.shape[1:]
+    if len(got) != 3 or any(g is not None and g != w for g, w in zip(got, want, strict=True)):
+        raise ModelMismatchError(
+            f"{where}: the model's input shape is {list(spec.shape)} but model.toml "
+            f"({manifest.input.layout}) implies [N, {', '.join(map(str, want))}]."
+        )
+    if spec.dtype != np.dtype(manifest.input.dtype):
+        raise ModelMismatchError(
+            f"{where}: the model's input is {spec.dtype} but model.toml says {manifest.input.dtype}."
+        )
+    probe = np.zeros((1, *want), dtype=spec.dtype)
+    width = backend.infer(probe).shape[1]  # also warms the session up before we report ready
+    if width != len(manifest.output.labels):
+        raise ModelMismatchError(
+            f"{where}: the model outputs {width} scores but model.toml names {len(manifest.output.labels)} labels."
+        )

@@ -1,0 +1,1 @@
+"""Getting files from the scanner's folder into the journal, exactly once."""

@@ -1,0 +1,59 @@
+"""What happens to a file once its result is stored: kept, moved to processed/, deleted, or set aside in rejected/."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from appliance.config import WatchConfig
+
+log = logging.getLogger(__name__)
+
+
+def _unique_target(folder: Path, input_id: int, name: str) -> Path:
+    # The journal id makes names unique and traceable; scanners reuse names across studies.
+    return folder / f"{input_id:08d}-{name}"
+
+
+def _move(src: Path, folder: Path, input_id: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = _unique_target(folder, input_id, src.name)
+    if src.stat().st_dev == folder.stat().st_dev:
+        os.replace(src, target)
+    else:  # another filesystem: copy durably first so a crash never loses the file
+        _copy_then_remove(src, target)
+    return target
+
+
+def _copy_then_remove(src: Path, target: Path) -> None:
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.moving")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    src.unlink()
+
+
+def dispose_scored(src: Path, input_id: int, config: WatchConfig) -> str:
+    """Returns where the file is now ('' when deleted)."""
+    if not src.exists():
+        return ""
+    if config.after_scoring == "keep":
+        return str(src)
+    if config.after_scoring == "delete":
+        src.unlink(missing_ok=True)
+        return ""
+    return str(_move(src, config.processed_dir, input_id))
+
+
+def dispose_rejected(src: Path, input_id: int, code: str, message: str, config: WatchConfig) -> str:
+    """Move a rejected file aside with a '.reason.txt' beside it, whatever after_scoring says."""
+    if not src.exists():
+        return ""
+    target = _move(src, config.rejected_dir, input_id)
+    reason = target.with_name(target.name + ".reason.txt")
+    reason.write_text(f"input_id: {input_id}\ncode: {code}\nreason: {message}\n", encoding="utf-8")
+    return str(target)

@@ -1,0 +1,102 @@
+"""Turns ready files into journaled inputs: skip what is known, hash, dedupe, hand new work to the processor."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.config import WatchConfig
+from appliance.ingest import disposal
+from appliance.ingest.journal import InputRow, Journal
+from appliance.results import InputFacts
+from appliance.v1 import scoring_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Ingestor:
+    """One thread, so registrations are serial and the same file reported twice is journaled once."""
+
+    def __init__(self, config: WatchConfig, journal: Journal, submit: Callable[[InputFacts, Path], None]) -> None:
+        self.config = config
+        self.journal = journal
+        self._submit = submit
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def offer(self, path: Path) -> None:
+        """Called by the watcher for each completely written file."""
+        self._queue.put(path)
+
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while (path := self._queue.get()) is not None:
+            try:
+                self._ingest(path)
+            except FileNotFoundError:
+                pass  # moved away or deleted between the event and now: nothing to do
+            except Exception:  # one odd file must never stop ingest
+                log.exception("ingest of a file failed; it will be retried by the next rescan")
+
+    def _ingest(self, path: Path) -> None:
+        st = path.stat()
+        known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
+        if known is not None:
+            if known.state != "queued":
+                # Stored before a crash but not yet moved aside: finish the disposal, score nothing.
+                self._dispose_again(known, path)
+            return
+        sha = sha256_file(path)
+        reg = self.journal.register(
+            source="folder",
+            path=str(path),
+            file_name=path.name,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            content_sha256=sha,
+        )
+        if reg.duplicate_of is not None:
+            log.info(
+                "input %d is a duplicate of input %d (same content); not scored again",
+                reg.input.id,
+                reg.duplicate_of.id,
+            )
+            self._dispose_again(reg.input, path)
+            return
+        self._submit(InputFacts(input_id=reg.input.id, source="folder", file_name=path.name, content_sha256=sha), path)
+
+    def _dispose_again(self, row: InputRow, path: Path) -> None:
+        original = self.journal.get_input(row.duplicate_of) if row.duplicate_of else row
+        stored = self.journal.results_for_input(original.id) if original else []
+        first = pb.Result.FromString(stored[0].payload) if stored else None
+        if first is not None and first.outcome == pb.OUTCOME_REJECTED:
+            where = disposal.dispose_rejected(path, row.id, first.rejection.code, first.rejection.message, self.config)
+        else:
+            where = disposal.dispose_scored(path, row.id, self.config)
+        self.journal.set_disposed(row.id, where)

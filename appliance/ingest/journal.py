@@ -1,0 +1,329 @@
+"""The journal (SQLite, WAL): every input and every result, the source of truth for exactly-once scoring."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inputs (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT NOT NULL CHECK (source IN ('folder', 'grpc')),
+    path            TEXT,             -- where the file was found (folder inputs)
+    file_name       TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    content_sha256  TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'duplicate')),
+    duplicate_of    INTEGER REFERENCES inputs(id),
+    disposed_path   TEXT,             -- where the file went afterwards ('' when deleted or kept)
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL
+);
+-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_sha256) WHERE state != 'duplicate';
+CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
+CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
+
+CREATE TABLE IF NOT EXISTS results (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the stream's resume point
+    input_id        INTEGER NOT NULL REFERENCES inputs(id),
+    frame_index     INTEGER NOT NULL,
+    outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected')),
+    sop_uid         TEXT NOT NULL DEFAULT '',
+    payload         BLOB NOT NULL,    -- serialized appliance.v1.Result without its sequence
+    created_ms      INTEGER NOT NULL,
+    UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
+);
+CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+"""
+
+Source = Literal["folder", "grpc"]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class InputRow:
+    id: int
+    source: str
+    path: str | None
+    file_name: str
+    size: int
+    mtime_ns: int
+    content_sha256: str
+    state: str
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    input: InputRow
+    duplicate_of: InputRow | None  # the earlier input with the same content, if any
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    seq: int
+    input_id: int
+    frame_index: int
+    outcome: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class NewResult:
+    frame_index: int
+    outcome: Literal["scored", "rejected"]
+    sop_uid: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Counts:
+    queued: int
+    scored: int
+    rejected: int
+    duplicates: int
+    last_sequence: int
+
+
+_INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_sha256, state, duplicate_of"
+
+
+class Journal:
+    """Writes go through one connection under a lock; readers (streams) get a connection per thread.
+
+    ``changed`` is notified after every commit that adds results, so streams wake without polling.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self.changed = threading.Condition()
+        self._writer = self._connect()
+        with self._write_lock:
+            self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed result survives a power cut, not only a crash of this process.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._writer.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- inputs -----------------------------------------------------------------------------------
+
+    def find_file(self, path: str, size: int, mtime_ns: int) -> InputRow | None:
+        """An input already journaled for this very file (same path, size and mtime), if any."""
+        row = (
+            self._reader()
+            .execute(
+                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE path = ? AND size = ? AND mtime_ns = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (path, size, mtime_ns),
+            )
+            .fetchone()
+        )
+        return InputRow(*row) if row else None
+
+    def register(
+        self,
+        *,
+        source: Source,
+        path: str | None,
+        file_name: str,
+        size: int,
+        mtime_ns: int,
+        content_sha256: str,
+    ) -> Registration:
+        """Record an input before any work on it. Content seen before becomes a 'duplicate' row."""
+        now = _now_ms()
+        with self._transaction() as db:
+            first = db.execute(
+                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE content_sha256 = ? AND state != 'duplicate'",
+                (content_sha256,),
+            ).fetchone()
+            state = "duplicate" if first else "queued"
+            cur = db.execute(
+                "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_sha256, state, "
+                "duplicate_of, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    source,
+                    path,
+                    file_name,
+                    size,
+                    mtime_ns,
+                    content_sha256,
+                    state,
+                    first[0] if first else None,
+                    now,
+                    now,
+                ),
+            )
+            input_id = cur.lastrowid
+            assert input_id is not None
+        row = InputRow(
+            input_id,
+            source,
+            path,
+            file_name,
+            size,
+            mtime_ns,
+            content_sha256,
+            state,
+            first[0] if first else None,
+        )
+        return Registration(input=row, duplicate_of=InputRow(*first) if first else None)
+
+    def pending(self) -> list[InputRow]:
+        """Inputs journaled but never finished: what a crash left in flight, in arrival order."""
+        rows = (
+            self._reader().execute(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE state = 'queued' ORDER BY id").fetchall()
+        )
+        return [InputRow(*r) for r in rows]
+
+    def get_input(self, input_id: int) -> InputRow | None:
+        row = self._reader().execute(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE id = ?", (input_id,)).fetchone()
+        return InputRow(*row) if row else None
+
+    def set_disposed(self, input_id: int, disposed_path: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE inputs SET disposed_path = ?, updated_ms = ? WHERE id = ?",
+                (disposed_path, _now_ms(), input_id),
+            )
+
+    # --- results ----------------------------------------------------------------------------------
+
+    def complete(self, input_id: int, results: list[NewResult]) -> list[int]:
+        """Store an input's results and close it, in one transaction. Returns their sequence numbers.
+
+        An input that is no longer queued (finished by an earlier run) is left alone and nothing is
+        stored: that is what makes a replayed input scored once only.
+        """
+        if not results:
+            raise ValueError("complete() needs at least one result")
+        state = "scored" if any(r.outcome == "scored" for r in results) else "rejected"
+        now = _now_ms()
+        seqs: list[int] = []
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE inputs SET state = ?, updated_ms = ? WHERE id = ? AND state = 'queued'",
+                (state, now, input_id),
+            )
+            if cur.rowcount == 1:
+                for r in results:
+                    c = db.execute(
+                        "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, created_ms) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (input_id, r.frame_index, r.outcome, r.sop_uid, r.payload, now),
+                    )
+                    assert c.lastrowid is not None
+                    seqs.append(c.lastrowid)
+        if seqs:
+            with self.changed:
+                self.changed.notify_all()
+        return seqs
+
+    def results_after(self, seq: int, limit: int = 256) -> list[StoredResult]:
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            )
+            .fetchall()
+        )
+        return [StoredResult(*r) for r in rows]
+
+    def results_for_input(self, input_id: int) -> list[StoredResult]:
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE input_id = ? ORDER BY seq",
+                (input_id,),
+            )
+            .fetchall()
+        )
+        return [StoredResult(*r) for r in rows]
+
+    def result_by_seq(self, seq: int) -> StoredResult | None:
+        row = (
+            self._reader()
+            .execute("SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq = ?", (seq,))
+            .fetchone()
+        )
+        return StoredResult(*row) if row else None
+
+    def result_by_sop_uid(self, sop_uid: str) -> StoredResult | None:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE sop_uid = ? "
+                "ORDER BY seq LIMIT 1",
+                (sop_uid,),
+            )
+            .fetchone()
+        )
+        return StoredResult(*row) if row else None
+
+    def last_sequence(self) -> int:
+        row = self._reader().execute("SELECT COALESCE(MAX(seq), 0) FROM results").fetchone()
+        return int(row[0])
+
+    def counts(self) -> Counts:
+        db = self._reader()
+        by_state = dict(db.execute("SELECT state, COUNT(*) FROM inputs GROUP BY state").fetchall())
+        by_outcome = dict(db.execute("SELECT outcome, COUNT(*) FROM results GROUP BY outcome").fetchall())
+        return Counts(
+            queued=int(by_state.get("queued", 0)),
+            scored=int(by_outcome.get("scored", 0)),
+            rejected=int(by_outcome.get("rejected", 0)),
+            duplicates=int(by_state.get("duplicate", 0)),
+            last_sequence=self.last_sequence(),
+        )
+
+    def wait_for_results(self, after_seq: int, timeout: float) -> None:
+        """Block until a result past ``after_seq`` exists or the timeout passes."""
+        with self.changed:
+            if self.last_sequence() > after_seq:
+                return
+            self.changed.wait(timeout)

@@ -1,0 +1,173 @@
+"""Watches the export folder and reports each file once it is completely written."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from appliance.config import WatchConfig
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    since: float  # monotonic time the (size, mtime) pair was first seen
+    looks: int
+
+
+class FolderWatcher:
+    """A close-write event makes a file ready at once; otherwise (polling observers, network shares,
+    files found by a rescan) it is ready when size and mtime hold still for ``stable_s``.
+
+    The same path may be reported more than once (event and rescan); the journal makes that harmless.
+    """
+
+    def __init__(self, config: WatchConfig, on_ready: Callable[[Path], None], exclude: list[Path]) -> None:
+        self.config = config
+        self.root = config.dir
+        self._on_ready = on_ready
+        self._exclude = [p.resolve() for p in exclude]
+        self._candidates: dict[Path, _Candidate] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._observer: BaseObserver = PollingObserver(timeout=config.poll_interval_s) if config.polling else Observer()
+        self._thread = threading.Thread(target=self._run, name="stabilizer", daemon=True)
+        self._last_rescan = 0.0
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._observer.schedule(_Handler(self), str(self.root), recursive=self.config.recursive)
+        self._observer.start()
+        self._thread.start()
+        # Files dropped while the daemon was down (or while the observer was starting).
+        self.rescan()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        self._thread.join(timeout=5)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._observer.is_alive()
+
+    # --- what counts as an input ------------------------------------------------------------------
+
+    def ignored(self, path: Path) -> bool:
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return True
+        if any(part.startswith(".") for part in rel.parts):
+            return True  # dotfiles and hidden folders: scanners' and editors' temporary files
+        if any(fnmatch.fnmatch(path.name, pat) for pat in self.config.ignore_patterns):
+            return True
+        resolved = path.resolve()
+        return any(resolved.is_relative_to(ex) for ex in self._exclude)
+
+    def rescan(self) -> int:
+        """Queue every file under the folder for a stability check; returns how many were found."""
+        found = 0
+        walker = os.walk(self.root) if self.config.recursive else [(str(self.root), [], os.listdir(self.root))]
+        for dirpath, _dirs, files in walker:
+            for name in sorted(files):
+                path = Path(dirpath) / name
+                if not self.ignored(path):
+                    self.consider(path)
+                    found += 1
+        self._last_rescan = time.monotonic()
+        return found
+
+    def consider(self, path: Path) -> None:
+        """A file was created or changed: watch it until it is stable."""
+        if self.ignored(path):
+            return
+        with self._lock:
+            self._candidates.setdefault(path, _Candidate(-1, -1, time.monotonic(), 0))
+
+    def closed(self, path: Path) -> None:
+        """A writer closed the file: it is complete."""
+        if self.ignored(path):
+            return
+        with self._lock:
+            self._candidates.pop(path, None)
+        if path.is_file():
+            self._on_ready(path)
+
+    # --- stability loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self._tick()
+                every = self.config.rescan_interval_s
+                if every and time.monotonic() - self._last_rescan >= every:
+                    self.rescan()
+            except Exception:  # the watcher must survive anything the filesystem does
+                log.exception("watcher tick failed")
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        ready: list[Path] = []
+        with self._lock:
+            for path, cand in list(self._candidates.items()):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    del self._candidates[path]
+                    continue
+                if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
+                    self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now, 1)
+                    continue
+                cand.looks += 1
+                quiet_for = max(now - cand.since, time.time() - st.st_mtime_ns / 1e9)
+                if quiet_for >= self.config.stable_s:
+                    del self._candidates[path]
+                    ready.append(path)
+        for path in ready:
+            self._on_ready(path)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self.w = watcher
+
+    @staticmethod
+    def _path(raw: bytes | str) -> Path:
+        return Path(os.fsdecode(raw))
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.w.consider(self._path(event.src_path))
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.w.consider(self._path(event.src_path))
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.w.closed(self._path(event.src_path))
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        # 'write x.part, rename to x.dcm' is how careful senders publish a finished file.
+        if event.is_directory:
+            self.w.rescan()
+        else:
+            self.w.closed(self._path(event.dest_path))

@@ -1,0 +1,287 @@
+"""Runs journaled inputs through the stages: prepare (worker pool) → batcher → finish (journal, disposal)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import Config
+from appliance.errors import ApplianceError, FileVanished, InferenceFailed, InputRejected
+from appliance.imaging.types import ImageMeta
+from appliance.inference.backend import Backend
+from appliance.inference.batcher import Batcher, BatchTiming
+from appliance.inference.postprocess import activate, decide
+from appliance.ingest import disposal
+from appliance.ingest.journal import Journal, NewResult
+from appliance.manifest import Manifest
+from appliance.pipeline import Prepared, Preparer
+from appliance.privacy import hashed
+from appliance.results import InputFacts, StageTimes, rejected_result, scored_result
+from appliance.server.metrics import Metrics
+from appliance.v1 import scoring_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One journaled input on its way through the stages."""
+
+    facts: InputFacts
+    path: Path
+    picked_up: float = field(default_factory=time.perf_counter)
+    future: Future[list[pb.Result]] | None = None  # set for Score calls waiting on the answer
+    prepared: Prepared | None = None
+    frames: list[tuple[np.ndarray | None, BaseException | None, BatchTiming] | None] = field(default_factory=list)
+    remaining: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Processor:
+    """Owns the worker pool, the batcher and the finisher thread.
+
+    ``submit`` blocks once ``capacity`` inputs are in flight: a burst of thousands of files waits
+    in the folder and the journal, not in memory.
+    """
+
+    def __init__(
+        self, config: Config, manifest: Manifest, backend: Backend, journal: Journal, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.manifest = manifest
+        self.backend_name = backend.name
+        self.journal = journal
+        self.metrics = metrics
+        self.preparer = Preparer(manifest, config.limits)
+        activation = manifest.output.activation
+        max_batch = backend.max_batch
+        self.batcher = Batcher(
+            backend,
+            lambda raw: activate(raw, activation),
+            max_batch=max_batch,
+            max_delay_ms=config.inference.max_delay_ms,
+            capacity=4 * max_batch,
+            on_batch=metrics.observe_batch,
+        )
+        workers = config.inference.decode_workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        self._slots = threading.BoundedSemaphore(max(4 * max_batch, 2 * workers))
+        self._finish_queue: queue.Queue[Job | None] = queue.Queue()
+        self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._idle = threading.Condition(self._in_flight_lock)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.batcher.start()
+        self._finisher.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is in flight (up to ``timeout``); anything left stays queued in the journal."""
+        self.wait_idle(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.batcher.stop()
+        self._finish_queue.put(None)
+        self._finisher.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self.batcher.alive() and self._finisher.is_alive()
+
+    def in_flight(self) -> int:
+        with self._in_flight_lock:
+            return self._in_flight
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    # --- the stages ---------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        self._slots.acquire()
+        with self._in_flight_lock:
+            self._in_flight += 1
+            self.metrics.in_flight.set(self._in_flight)
+        self._pool.submit(self._prepare, job)
+
+    def _prepare(self, job: Job) -> None:
+        try:
+            try:
+                data = job.path.read_bytes()
+            except FileNotFoundError as e:
+                raise FileVanished() from e
+            job.prepared = self.preparer.prepare(data, job.facts.file_name)
+            del data
+        except Exception as e:  # the per-input error boundary: any failure rejects this input only
+            self._reject(job, e)
+            return
+        tensors = job.prepared.tensors
+        job.frames = [None] * len(tensors)
+        job.remaining = len(tensors)
+        for index, tensor in enumerate(tensors):
+            self.batcher.submit(tensor, functools.partial(self._frame_done, job, index))
+
+    def _frame_done(
+        self,
+        job: Job,
+        index: int,
+        scores: np.ndarray | None,
+        error: BaseException | None,
+        timing: BatchTiming,
+    ) -> None:
+        with job.lock:
+            job.frames[index] = (scores, error, timing)
+            job.remaining -= 1
+            last = job.remaining == 0
+        if last:
+            self._finish_queue.put(job)
+
+    def _reject(self, job: Job, error: BaseException) -> None:
+        job.frames = [(None, error, BatchTiming(0.0, 0.0, 0))]
+        self._finish_queue.put(job)
+
+    def _finish_loop(self) -> None:
+        while True:
+            job = self._finish_queue.get()
+            if job is None:
+                return
+            try:
+                self._finish(job)
+            except Exception as e:  # never lose the finisher: fail this job's caller, keep going
+                log.exception("input %d: storing its result failed", job.facts.input_id)
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(e)
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        self._slots.release()
+        with self._in_flight_lock:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def _finish(self, job: Job) -> None:
+        results = self._build_results(job)
+        rows = [
+            NewResult(
+                frame_index=r.frame_index,
+                outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
+                sop_uid=r.sop_instance_uid,
+                payload=r.SerializeToString(),
+            )
+            for r in results
+        ]
+        seqs = self.journal.complete(job.facts.input_id, rows)
+        for r, seq in zip(results, seqs, strict=False):
+            r.sequence = seq
+        self._dispose(job, results[0])
+        self._account(job, results)
+        if job.future is not None:
+            job.future.set_result(results)
+
+    def _build_results(self, job: Job) -> list[pb.Result]:
+        prepared = job.prepared
+        meta = prepared.meta if prepared else None
+        total_ms = (time.perf_counter() - job.picked_up) * 1e3
+        out: list[pb.Result] = []
+        for index, frame in enumerate(job.frames):
+            assert frame is not None
+            scores, error, timing = frame
+            times = StageTimes(
+                decode_ms=prepared.decode_ms if prepared else 0.0,
+                preprocess_ms=prepared.preprocess_ms if prepared else 0.0,
+                queue_ms=timing.queue_ms,
+                infer_ms=timing.infer_ms,
+                total_ms=total_ms,
+            )
+            if error is not None or scores is None:
+                out.append(self._rejection(job, error, times, meta))
+                continue
+            try:
+                decision = decide(scores, self.manifest)
+            except ValueError as e:
+                out.append(self._rejection(job, InferenceFailed(str(e)), times, meta))
+                continue
+            out.append(
+                scored_result(
+                    job.facts,
+                    self.manifest,
+                    self.backend_name,
+                    meta or ImageMeta(source_format=""),
+                    decision,
+                    times,
+                    frame_index=index,
+                    frame_count=len(job.frames),
+                )
+            )
+        return out
+
+    def _rejection(self, job: Job, error: BaseException | None, times: StageTimes, meta: ImageMeta | None) -> pb.Result:
+        if isinstance(error, ApplianceError) and not isinstance(error, InputRejected):
+            error = InferenceFailed(error.message)  # a backend failure, reported against this input
+        elif not isinstance(error, ApplianceError):
+            # Unexpected: keep the type in the sentence (no data from the file) and the trace in the log.
+            log.error("input %d: unexpected %s", job.facts.input_id, type(error).__name__, exc_info=error)
+            error = ApplianceError(f"Unexpected {type(error).__name__} while scoring; see the daemon's log.")
+        return rejected_result(job.facts, self.manifest, self.backend_name, error, times, meta)
+
+    def _dispose(self, job: Job, first: pb.Result) -> None:
+        try:
+            if job.facts.source == "grpc":
+                job.path.unlink(missing_ok=True)  # the spooled copy of a Score request
+                where = ""
+            elif first.outcome == pb.OUTCOME_REJECTED:
+                where = disposal.dispose_rejected(
+                    job.path,
+                    job.facts.input_id,
+                    first.rejection.code,
+                    first.rejection.message,
+                    self.config.watch,
+                )
+            else:
+                where = disposal.dispose_scored(job.path, job.facts.input_id, self.config.watch)
+            self.journal.set_disposed(job.facts.input_id, where)
+        except OSError as e:  # the result is stored; a failed move is retried by the next rescan
+            log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)
+
+    def _account(self, job: Job, results: list[pb.Result]) -> None:
+        elapsed = time.perf_counter() - job.picked_up
+        self.metrics.latency.observe(elapsed)
+        for r in results:
+            if r.outcome == pb.OUTCOME_SCORED:
+                self.metrics.results.labels("scored", "").inc()
+                log.info(
+                    "input %d frame %d scored: seq=%d decision=%s findings=%s sop=%s %.0f ms",
+                    job.facts.input_id,
+                    r.frame_index,
+                    r.sequence,
+                    pb.Decision.Name(r.decision).removeprefix("DECISION_").lower(),
+                    ",".join(r.findings),
+                    hashed(r.sop_instance_uid),
+                    elapsed * 1e3,
+                )
+            else:
+                self.metrics.results.labels("rejected", r.rejection.code).inc()
+                log.warning(
+                    "input %d rejected: seq=%d code=%s reason=%s sha256=%s",
+                    job.facts.input_id,
+                    r.sequence,
+                    r.rejection.code,
+                    r.rejection.message,
+                    job.facts.content_sha256[:16],
+                )
+        if job.prepared:
+            self.metrics.stage.labels("decode").observe(job.prepared.decode_ms / 1e3)
+            self.metrics.stage.labels("preprocess").observe(job.prepared.preprocess_ms / 1e3)

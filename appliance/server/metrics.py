@@ -1,0 +1,48 @@
+"""Prometheus metrics: what IT staff graph and alert on."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """One registry per daemon, so tests can run several in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.results = Counter(
+            "appliance_results",
+            "Results stored, by outcome and reason code.",
+            ["outcome", "code"],
+            registry=r,
+        )
+        self.duplicates = Counter("appliance_duplicates", "Inputs whose content was already scored.", registry=r)
+        self.latency = Histogram(
+            "appliance_result_latency_seconds",
+            "From the input being picked up to its result being stored.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "appliance_stage_seconds", "Time per stage.", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "appliance_batch_size",
+            "Samples per inference batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.in_flight = Gauge("appliance_inputs_in_flight", "Inputs being decoded, scored or stored.", registry=r)
+        self.ready = Gauge("appliance_ready", "1 when the daemon serves, 0 while starting or stopping.", registry=r)
+        self.streams = Gauge("appliance_result_streams", "Open StreamResults calls.", registry=r)
+
+    def observe_batch(self, size: int, infer_ms: float) -> None:
+        self.batch_size.observe(size)
+        self.stage.labels("infer").observe(infer_ms / 1e3)
+
+    def serve(self, host: str, port: int) -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
