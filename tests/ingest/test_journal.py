@@ -1,0 +1,98 @@
+"""The journal on a real SQLite file: exactly-once bookkeeping, dedupe, sequences, restart."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.ingest.journal import Journal, NewResult
+
+
+def _register(j: Journal, name: str, sha: str, path: str | None = None) -> int:
+    reg = j.register(
+        source="folder", path=path or f"/in/{name}", file_name=name, size=10, mtime_ns=1, content_sha256=sha
+    )
+    return reg.input.id
+
+
+def _done(j: Journal, input_id: int, frames: int = 1) -> list[int]:
+    return j.complete(
+        input_id,
+        [NewResult(frame_index=i, outcome="scored", sop_uid=f"1.2.{input_id}", payload=b"x") for i in range(frames)],
+    )
+
+
+def test_sequences_increase_without_gaps_and_survive_reopen(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    seqs = []
+    for n in range(5):
+        seqs += _done(j, _register(j, f"f{n}", f"sha{n}"), frames=2)
+    assert seqs == list(range(1, 11))
+    j.close()
+    j2 = Journal(tmp_path / "j.sqlite3")
+    assert j2.last_sequence() == 10
+    assert _done(j2, _register(j2, "late", "sha-late")) == [11]
+    assert [r.seq for r in j2.results_after(8)] == [9, 10, 11]
+
+
+def test_same_content_is_a_duplicate_pointing_to_the_first(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    first = _register(j, "a.dcm", "same")
+    reg = j.register(source="folder", path="/in/b.dcm", file_name="b.dcm", size=10, mtime_ns=2, content_sha256="same")
+    assert reg.input.state == "duplicate"
+    assert reg.duplicate_of is not None and reg.duplicate_of.id == first
+    assert j.counts().duplicates == 1
+    assert [p.id for p in j.pending()] == [first]
+
+
+def test_complete_is_idempotent_so_a_replayed_input_is_scored_once(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    i = _register(j, "a", "sha")
+    assert _done(j, i) == [1]
+    assert _done(j, i) == []  # the second completion (a replay after a crash) stores nothing
+    assert len(j.results_for_input(i)) == 1
+    assert j.pending() == []
+
+
+def test_pending_lists_unfinished_inputs_in_arrival_order(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    ids = [_register(j, f"f{n}", f"s{n}") for n in range(4)]
+    _done(j, ids[1])
+    assert [p.id for p in j.pending()] == [ids[0], ids[2], ids[3]]
+    assert j.counts().queued == 3
+
+
+def test_lookup_by_file_and_by_sop_uid(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    i = _register(j, "a.dcm", "sha", path="/in/a.dcm")
+    _done(j, i)
+    found = j.find_file("/in/a.dcm", 10, 1)
+    assert found is not None and found.id == i and found.state == "scored"
+    assert j.find_file("/in/a.dcm", 11, 1) is None
+    stored = j.result_by_sop_uid(f"1.2.{i}")
+    assert stored is not None and stored.seq == 1
+    assert j.result_by_seq(99) is None
+
+
+def test_wait_for_results_wakes_on_commit(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    i = _register(j, "a", "sha")
+    woke = threading.Event()
+
+    def waiter() -> None:
+        j.wait_for_results(0, timeout=10)
+        woke.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    _done(j, i)
+    t.join(5)
+    assert woke.is_set()
+
+
+def test_complete_needs_results(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    with pytest.raises(ValueError):
+        j.complete(_register(j, "a", "sha"), [])
