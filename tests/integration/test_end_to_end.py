@@ -202,3 +202,22 @@ def test_files_dropped_while_down_are_scored_at_start(make_daemon) -> None:
     d.start()
     results = d.collect(3, since=1)
     assert sorted(r.file_name for r in results) == [f"while-down-{n}.png" for n in range(3)]
+
+
+def test_multiframe_is_scored_per_frame_or_rejected_as_configured(make_daemon, tmp_path) -> None:
+    src = _testfile("emri_small.dcm")  # MR, 10 frames
+    d = make_daemon()
+    d.start()
+    shutil.copy(src, d.incoming / "multi.dcm")
+    frames = d.collect(10)
+    assert [r.frame_index for r in frames] == list(range(10))
+    assert {r.frame_count for r in frames} == {10} and {r.file_name for r in frames} == {"multi.dcm"}
+    assert d.stop() == 0
+
+    strict = make_daemon(limits={"multiframe": "reject"})
+    strict.root = tmp_path / "strict"
+    strict.port = 0
+    strict.start()
+    shutil.copy(src, strict.incoming / "multi.dcm")
+    (r,) = strict.collect(1)
+    assert r.outcome == pb.OUTCOME_REJECTED and r.rejection.code == "multiframe_rejected"

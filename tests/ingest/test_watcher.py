@@ -1,0 +1,83 @@
+"""The folder watcher on a real folder: a file is reported only once completely written."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.config import WatchConfig
+from appliance.ingest.watcher import FolderWatcher
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.event = threading.Event()
+
+    def __call__(self, path: Path) -> None:
+        self.paths.append(path)
+        self.event.set()
+
+    def wait_for(self, path: Path, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path in self.paths:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+@pytest.fixture(params=[False, True], ids=["inotify", "polling"])
+def watcher(request: pytest.FixtureRequest, tmp_path: Path):
+    config = WatchConfig(dir=tmp_path / "in", polling=request.param, poll_interval_s=0.1, stable_s=0.3)
+    config.dir.mkdir()
+    seen = _Seen()
+    w = FolderWatcher(config, seen, exclude=[tmp_path / "in" / "processed"])
+    w.start()
+    yield w, seen
+    w.stop()
+
+
+def test_a_file_still_being_written_is_not_reported(watcher) -> None:
+    w, seen = watcher
+    path = w.root / "slow.dcm"
+    with open(path, "wb") as f:
+        for _ in range(6):  # keeps growing for ~0.6 s, longer than stable_s
+            f.write(b"x" * 1000)
+            f.flush()
+            os.fsync(f.fileno())
+            time.sleep(0.1)
+            assert path not in seen.paths
+    assert seen.wait_for(path)
+
+
+def test_ignored_names_and_excluded_folders(watcher) -> None:
+    w, seen = watcher
+    (w.root / ".hidden.dcm").write_bytes(b"x")
+    (w.root / "upload.part").write_bytes(b"x")
+    (w.root / "processed").mkdir()
+    (w.root / "processed" / "done.dcm").write_bytes(b"x")
+    (w.root / "sub").mkdir()
+    real = w.root / "sub" / "real.dcm"
+    real.write_bytes(b"x")
+    assert seen.wait_for(real)
+    time.sleep(0.5)
+    assert [p.name for p in seen.paths if p != real] == []
+
+
+def test_rescan_finds_files_that_were_there_before(tmp_path: Path) -> None:
+    config = WatchConfig(dir=tmp_path, stable_s=0.3)
+    old = tmp_path / "old.png"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    seen = _Seen()
+    w = FolderWatcher(config, seen, exclude=[])
+    w.start()
+    try:
+        assert seen.wait_for(old, timeout=2)
+    finally:
+        w.stop()
