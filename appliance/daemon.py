@@ -80,7 +80,8 @@ class Daemon:
         self.processor.start()
         self.server.start()
         self.metrics.serve(config.server.host, config.server.metrics_port)
-        self._requeue()
+        # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
+        threading.Thread(target=self._requeue, name="requeue", daemon=True).start()
         self.ingestor = Ingestor(config.watch, self.journal, self._submit)
         self.ingestor.start()
         exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
@@ -117,6 +118,8 @@ class Daemon:
             )
             assert row.path, "every input is journaled with its path"
             # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
+            if self.stopping.is_set():
+                return
             self.processor.submit(Job(facts=facts, path=Path(row.path)))
 
     # --- what the API reports -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, FileVanished, InferenceFailed, InputRejected
+from appliance.errors import ApplianceError, CorruptImage, FileVanished, InferenceFailed, InputRejected
 from appliance.imaging.types import ImageMeta
 from appliance.inference.backend import Backend
 from appliance.inference.batcher import Batcher, BatchTiming
@@ -122,6 +122,8 @@ class Processor:
                 raise FileVanished() from e
             job.prepared = self.preparer.prepare(data, job.facts.file_name)
             del data
+            if not job.prepared.tensors:
+                raise CorruptImage("The image holds no frames.")
         except Exception as e:  # the per-input error boundary: any failure rejects this input only
             self._reject(job, e)
             return
