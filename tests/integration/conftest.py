@@ -219,3 +219,19 @@ def jpeg_bytes(seed: int, size: int = 96) -> bytes:
     ok, buf = cv2.imencode(".jpg", arr)
     assert ok
     return buf.tobytes()
+
+
+def bare_dicom(name: str) -> bytes:
+    """A real DICOM file written the old way: no 128-byte preamble, no 'DICM', no file meta."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.dcmread(get_testdata_file(name, download=False))
+    ds.preamble = None
+    ds.file_meta = FileMetaDataset()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return buf.getvalue()

@@ -42,8 +42,11 @@ def _dicom_claiming(rows: int, cols: int) -> bytes:
 
 
 def _unsupported_syntax() -> bytes:
+    from pydicom.encaps import encapsulate
+
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder for it here
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(64)])
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -60,6 +63,7 @@ BAD = {
     "bomb.dcm": (_dicom_claiming(60_000, 60_000), "image_too_large"),
     "truncated.png": (png_bytes(5, size=256)[:400], "corrupt_image"),
     "mpeg2.dcm": (_unsupported_syntax(), "unsupported_transfer_syntax"),
+    "bad-jpeg-stream.dcm": (_dicom("JPEG-lossy.dcm"), "corrupt_dicom"),  # a real file libjpeg refuses
 }
 
 

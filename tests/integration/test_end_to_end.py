@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
-from .conftest import drop, jpeg_bytes, png_bytes
+from .conftest import bare_dicom, drop, jpeg_bytes, png_bytes
 
 # Real DICOM from pydicom's test data and pydicom-data: CT, MR, CR (MONOCHROME1), NM, several syntaxes.
 DICOM_FILES = [
@@ -27,7 +27,9 @@ DICOM_FILES = [
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS
     "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
     "JPEG-LL.dcm",  # JPEG lossless, process 14
-    "JPEG-lossy.dcm",  # JPEG extended, 12 bit
+    "JPGExtended.dcm",  # JPEG extended, 12 bit
+    "MR_small_bigendian.dcm",  # explicit VR big endian (retired, still found in archives)
+    "examples_palette.dcm",  # PALETTE COLOR
     "SC_rgb_jpeg.dcm",  # JPEG baseline, colour
     "RG1_J2KR.dcm",  # CR radiograph, MONOCHROME1, JPEG 2000, 1955x1841
 ]
@@ -46,13 +48,14 @@ def test_dropped_dicom_png_and_jpeg_are_scored_and_streamed(make_daemon) -> None
     for name in DICOM_FILES:
         src = _testfile(name)
         shutil.copy(src, d.incoming / name)  # a plain copy: picked up on close-write
-        expected[name] = pydicom.dcmread(src, stop_before_pixels=True)
+        expected[name] = pydicom.dcmread(src, stop_before_pixels=True, force=True)
+    drop(d.incoming, "bare.dcm", bare_dicom("CT_small.dcm"))  # no preamble, no file meta: old archives
     drop(d.incoming, "scan8.png", png_bytes(1))
     drop(d.incoming, "scan16.png", png_bytes(2, bit16=True))
     drop(d.incoming, "photo.jpg", jpeg_bytes(3))
     (d.incoming / "study1").mkdir()
     drop(d.incoming / "study1", "nested.png", png_bytes(4))
-    total = len(DICOM_FILES) + 4
+    total = len(DICOM_FILES) + 5
 
     results = d.collect(total)
     by_name = {r.file_name: r for r in results}
