@@ -19,10 +19,17 @@ def _unique_target(folder: Path, input_id: int, name: str) -> Path:
 def _move(src: Path, folder: Path, input_id: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = _unique_target(folder, input_id, src.name)
-    if src.stat().st_dev == folder.stat().st_dev:
-        os.replace(src, target)
-    else:  # another filesystem: copy durably first so a crash never loses the file
+    try:
+        # Link, then unlink: the watched folder sees a delete, not a rename. A rename out of it is an
+        # unpaired IN_MOVED_FROM, which watchdog holds back for 0.5 s, stalling every event behind it.
+        os.link(src, target)
+    except FileExistsError:
+        if not os.path.samefile(src, target):  # a crash between link and unlink left the twin there
+            raise
+    except OSError:  # another filesystem, or one without hard links (SMB, FAT)
         _copy_then_remove(src, target)
+        return target
+    src.unlink()
     return target
 
 
