@@ -23,12 +23,22 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05
 
 
+class _StopRaceFilter(logging.Filter):
+    """watchdog 7 logs an ERROR when its inotify thread is stopped in the middle of a read. That only
+    happens when we stop the observer, and it is harmless; IT staff should not see an error for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
+
+
 @dataclass
 class _Candidate:
     size: int
     mtime_ns: int
     since: float  # monotonic time the (size, mtime) pair was first seen
-    looks: int
 
 
 class FolderWatcher:
@@ -100,7 +110,7 @@ class FolderWatcher:
         if self.ignored(path):
             return
         with self._lock:
-            self._candidates.setdefault(path, _Candidate(-1, -1, time.monotonic(), 0))
+            self._candidates.setdefault(path, _Candidate(-1, -1, time.monotonic()))
 
     def closed(self, path: Path) -> None:
         """A writer closed the file: it is complete."""
@@ -134,9 +144,8 @@ class FolderWatcher:
                     del self._candidates[path]
                     continue
                 if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
-                    self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now, 1)
+                    self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)
                     continue
-                cand.looks += 1
                 quiet_for = max(now - cand.since, time.time() - st.st_mtime_ns / 1e9)
                 if quiet_for >= self.config.stable_s:
                     del self._candidates[path]
