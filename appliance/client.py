@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command == "status"
                 else stub.ListModels(pb.ListModelsRequest(), timeout=10)
             )
-            print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+            print(
+                json.dumps(
+                    MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+                    indent=2,
+                )
+            )
             return 0
     except grpc.RpcError as e:
         print(f"appliance-client: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -152,6 +152,17 @@ def test_score_rpc_client_and_offline_cli_agree(make_daemon, tmp_path) -> None:
     assert client.returncode == 0, client.stderr
     assert '"sequence": "1"' in client.stdout
 
+    watch = subprocess.run(
+        [sys.executable, "-m", "appliance.client", "--target", d.target, "watch", "--since", "0", "--limit", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert watch.returncode == 0, watch.stderr
+    lines = watch.stdout.splitlines()
+    assert lines[0].startswith("#1") and "one.png" in lines[0] and "lesion=" in lines[0]
+    assert lines[1].startswith("#2") and "REJECTED" in lines[1] and "unsupported_format" in lines[1]
+
     offline = subprocess.run(
         [sys.executable, "-m", "appliance.cli", "score", "--model", str(d.model), str(image)],
         capture_output=True,
