@@ -182,35 +182,15 @@ class Journal:
                 (content_sha256,),
             ).fetchone()
             state = "duplicate" if first else "queued"
+            fields = (source, path, file_name, size, mtime_ns, content_sha256, state, first[0] if first else None)
             cur = db.execute(
                 "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_sha256, state, "
                 "duplicate_of, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    source,
-                    path,
-                    file_name,
-                    size,
-                    mtime_ns,
-                    content_sha256,
-                    state,
-                    first[0] if first else None,
-                    now,
-                    now,
-                ),
+                (*fields, now, now),
             )
             input_id = cur.lastrowid
             assert input_id is not None
-        row = InputRow(
-            input_id,
-            source,
-            path,
-            file_name,
-            size,
-            mtime_ns,
-            content_sha256,
-            state,
-            first[0] if first else None,
-        )
+        row = InputRow(input_id, *fields)
         return Registration(input=row, duplicate_of=InputRow(*first) if first else None)
 
     def pending(self) -> list[InputRow]:
