@@ -33,6 +33,9 @@ _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_
 # A probe far outside any stored value: pydicom's own VOI maps it to the ends of its output range,
 # so the window's edges become exactly 0 and 1 without re-implementing the LUT.
 _PROBE = np.array([-1e12, 1e12])
+# All frames of one input together may hold this many times the per-frame limit: decoded frames are
+# kept (as float32) until the input is preprocessed.
+TOTAL_PIXELS_FACTOR = 4
 
 
 def parse(data: bytes, *, force: bool = False) -> Dataset:
@@ -84,6 +87,11 @@ def _check_limits(ds: Dataset, limits: DecodeLimits) -> int:
         raise ImageTooLarge(
             f"The image is {cols}x{rows} = {rows * cols:,} pixels; the limit is {limits.max_pixels:,} "
             "(limits.max_pixels)."
+        )
+    if rows * cols * frames > limits.max_pixels * TOTAL_PIXELS_FACTOR:
+        raise ImageTooLarge(
+            f"The input holds {frames} frames of {cols}x{rows}, {rows * cols * frames:,} pixels in all; the limit "
+            f"is {limits.max_pixels * TOTAL_PIXELS_FACTOR:,} ({TOTAL_PIXELS_FACTOR} x limits.max_pixels)."
         )
     if frames > limits.max_frames:
         raise ImageTooLarge(f"The input has {frames} frames; the limit is {limits.max_frames} (limits.max_frames).")

@@ -62,6 +62,10 @@ CASES = {
     "structured report": (_file("test-SR.dcm"), "no_pixel_data"),
     "dicom bomb": (_resaved("CT_small.dcm", Rows=60000, Columns=60000), "image_too_large"),
     "too many frames": (_resaved("emri_small.dcm", NumberOfFrames=100000), "image_too_large"),
+    "frames times size too big": (
+        _resaved("emri_small.dcm", NumberOfFrames=500, Rows=1000, Columns=1000),
+        "image_too_large",
+    ),
     "png bomb": (_png_header(100_000, 100_000), "image_too_large"),
     "png cut short": (_png_header(64, 64), "corrupt_image"),
     "jpeg cut short": (_jpeg()[:200], "corrupt_image"),
