@@ -235,3 +235,28 @@ def test_multiframe_is_scored_per_frame_or_rejected_as_configured(make_daemon, t
     shutil.copy(src, strict.incoming / "multi.dcm")
     (r,) = strict.collect(1)
     assert r.outcome == pb.OUTCOME_REJECTED and r.rejection.code == "multiframe_rejected"
+
+
+def test_watching_terminal_survives_a_daemon_restart_and_misses_nothing(make_daemon) -> None:
+    d = make_daemon()
+    d.start()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "appliance.client", "--target", d.target, "watch", "--since", "0", "--limit", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    drop(d.incoming, "before-restart.png", png_bytes(60))
+    assert watch.stdout is not None
+    first = watch.stdout.readline()  # the terminal has shown #1 before the daemon goes down
+    assert d.stop() == 0
+    drop(d.incoming, "while-down.png", png_bytes(61))  # stored after the restart, while the terminal waits
+    d.start()
+    drop(d.incoming, "after-restart.png", png_bytes(62))
+    out, err = watch.communicate(timeout=60)
+    assert watch.returncode == 0, err
+    lines = [first, *out.splitlines()]
+    assert [line.split()[0] for line in lines] == ["#1", "#2", "#3"]
+    assert "before-restart.png" in lines[0]
+    assert {"while-down.png", "after-restart.png"} == {lines[1].split()[2].rstrip(":"), lines[2].split()[2].rstrip(":")}
+    assert "resuming after #1" in err
