@@ -77,6 +77,8 @@ class Daemon:
             self.metrics,
         )
         self.server = GrpcServer(service, config.server.host, config.server.port, config.server.max_message_mb)
+        # Before the server takes new Score requests, whose spool files must not be mistaken for orphans.
+        self._clean_spool({row.path for row in self.journal.pending() if row.source == "grpc"})
         self.processor.start()
         self.server.start()
         self.metrics.serve(config.server.host, config.server.metrics_port)
@@ -121,6 +123,12 @@ class Daemon:
             if self.stopping.is_set():
                 return
             self.processor.submit(Job(facts=facts, path=Path(row.path)))
+
+    def _clean_spool(self, keep: set[str | None]) -> None:
+        """Score requests spooled but never journaled (a crash in between) were never answered: drop them."""
+        for path in (self.config.storage.data_dir / "spool").glob("*"):
+            if str(path) not in keep:
+                path.unlink(missing_ok=True)
 
     # --- what the API reports -----------------------------------------------------------------------
 

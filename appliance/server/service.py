@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -23,6 +24,9 @@ from appliance.v1 import scoring_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 STREAM_WAKE_S = 0.5  # how often an idle stream checks that its client is still there
+# Each open stream holds one server thread; past this many, new ones are refused so that Score,
+# GetStatus and health checks always find a free thread.
+MAX_STREAMS = 48
 SCORE_TIMEOUT_S = 120.0
 
 
@@ -48,6 +52,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.model_info = model_info
         self.status = status
         self.metrics = metrics
+        self._streams = 0
+        self._streams_lock = threading.Lock()
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def _spool(self, data: bytes) -> Path:
@@ -106,6 +112,10 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     def StreamResults(self, request: pb.StreamResultsRequest, context: grpc.ServicerContext) -> Iterator[pb.Result]:
         last = request.since_sequence
+        with self._streams_lock:
+            if self._streams >= MAX_STREAMS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_STREAMS} result streams are open already.")
+            self._streams += 1
         self.metrics.streams.inc()
         try:
             while context.is_active():
@@ -117,6 +127,8 @@ class ScoringService(pb_grpc.ScoringServicer):
                     self.journal.wait_for_results(last, STREAM_WAKE_S)
         finally:
             self.metrics.streams.dec()
+            with self._streams_lock:
+                self._streams -= 1
 
     def GetResult(self, request: pb.GetResultRequest, context: grpc.ServicerContext) -> pb.Result:
         key = request.WhichOneof("key")
