@@ -23,7 +23,7 @@ from appliance.ingest import disposal
 from appliance.ingest.journal import Journal, NewResult
 from appliance.manifest import Manifest
 from appliance.pipeline import Prepared, Preparer
-from appliance.privacy import hashed
+from appliance.privacy import hashed, log_failure
 from appliance.results import InputFacts, StageTimes, rejected_result, scored_result
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
@@ -160,7 +160,7 @@ class Processor:
             try:
                 self._finish(job)
             except Exception as e:  # never lose the finisher: fail this job's caller, keep going
-                log.exception("input %d: storing its result failed", job.facts.input_id)
+                log_failure(log, "input %d: storing its result failed", job.facts.input_id, error=e)
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(e)
             finally:
@@ -231,11 +231,13 @@ class Processor:
         return out
 
     def _rejection(self, job: Job, error: BaseException | None, times: StageTimes, meta: ImageMeta | None) -> pb.Result:
-        if isinstance(error, ApplianceError) and not isinstance(error, InputRejected):
+        if error is None:
+            error = InferenceFailed("The backend returned no scores for this input.")
+        elif isinstance(error, ApplianceError) and not isinstance(error, InputRejected):
             error = InferenceFailed(error.message)  # a backend failure, reported against this input
         elif not isinstance(error, ApplianceError):
-            # Unexpected: keep the type in the sentence (no data from the file) and the trace in the log.
-            log.error("input %d: unexpected %s", job.facts.input_id, type(error).__name__, exc_info=error)
+            # Unexpected: the sentence names the type only (no data from the file); the trace goes to DEBUG.
+            log_failure(log, "input %d: unexpected failure while scoring", job.facts.input_id, error=error)
             error = ApplianceError(f"Unexpected {type(error).__name__} while scoring; see the daemon's log.")
         return rejected_result(job.facts, self.manifest, self.backend_name, error, times, meta)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from appliance.config import WatchConfig
 from appliance.ingest import disposal
 from appliance.ingest.journal import InputRow, Journal
+from appliance.privacy import log_failure
 from appliance.results import InputFacts
 from appliance.v1 import scoring_pb2 as pb
 
@@ -61,8 +62,8 @@ class Ingestor:
                 self._ingest(path)
             except FileNotFoundError:
                 pass  # moved away or deleted between the event and now: nothing to do
-            except Exception:  # one odd file must never stop ingest
-                log.exception("ingest of a file failed; it will be retried by the next rescan")
+            except Exception as e:  # one odd file must never stop ingest
+                log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
 
     def _ingest(self, path: Path) -> None:
         st = path.stat()

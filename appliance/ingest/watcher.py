@@ -17,6 +17,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from appliance.config import WatchConfig
+from appliance.privacy import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ class FolderWatcher:
                 every = self.config.rescan_interval_s
                 if every and time.monotonic() - self._last_rescan >= every:
                     self.rescan()
-            except Exception:  # the watcher must survive anything the filesystem does
-                log.exception("watcher tick failed")
+            except Exception as e:  # the watcher must survive anything the filesystem does
+                log_failure(log, "watcher tick failed", error=e)
 
     def _tick(self) -> None:
         now = time.monotonic()
