@@ -98,14 +98,13 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     def _wait_for_input(self, input_id: int, context: grpc.ServicerContext) -> pb.Result:
         """The same content was sent before: answer with its result, waiting if it is still in flight."""
-        seen = 0
         for _ in range(int(SCORE_TIMEOUT_S / STREAM_WAKE_S)):
+            seen = self.journal.last_sequence()  # read first, so a result stored meanwhile wakes the wait
             stored = self.journal.results_for_input(input_id)
             if stored:
                 return stored_to_message(stored[0])
             if not context.is_active():
                 break
-            seen = self.journal.last_sequence()
             self.journal.wait_for_results(seen, STREAM_WAKE_S)
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The earlier copy of this image is still being scored.")
         raise AssertionError("unreachable")
