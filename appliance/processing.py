@@ -97,10 +97,6 @@ class Processor:
     def alive(self) -> bool:
         return self.batcher.alive() and self._finisher.is_alive()
 
-    def in_flight(self) -> int:
-        with self._in_flight_lock:
-            return self._in_flight
-
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)

@@ -46,11 +46,6 @@ class Backend(abc.ABC):
         return self._input_spec_impl()
 
     @property
-    def output_names(self) -> tuple[str, ...]:
-        self._require_loaded()
-        return self._output_names_impl()
-
-    @property
     def max_batch(self) -> int:
         self._require_loaded()
         return self._max_batch_impl()
@@ -100,9 +95,6 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _input_spec_impl(self) -> TensorSpec: ...
-
-    @abc.abstractmethod
-    def _output_names_impl(self) -> tuple[str, ...]: ...
 
     @abc.abstractmethod
     def _max_batch_impl(self) -> int: ...

@@ -67,9 +67,6 @@ class Batcher:
     def submit(self, sample: np.ndarray, done: Done) -> None:
         self._queue.put(_Item(sample, done, time.perf_counter()))
 
-    def depth(self) -> int:
-        return self._queue.qsize()
-
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop."""
         if self._thread.is_alive():

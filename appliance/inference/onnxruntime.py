@@ -68,9 +68,6 @@ class OnnxRuntimeBackend(Backend):
         assert self._spec is not None  # set by _load_impl; the base class checks loaded state
         return self._spec
 
-    def _output_names_impl(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self._session.get_outputs())
-
     def _max_batch_impl(self) -> int:
         return self._max_batch
 

@@ -53,9 +53,6 @@ class Ingestor:
         """Called by the watcher for each completely written file."""
         self._queue.put(path)
 
-    def backlog(self) -> int:
-        return self._queue.qsize()
-
     def _run(self) -> None:
         while (path := self._queue.get()) is not None:
             try:
