@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ BACKENDS = [
 
 
 @pytest.mark.parametrize("make", BACKENDS)
-def test_backend_runs_the_model(make) -> None:  # type: ignore[no-untyped-def]
+def test_backend_runs_the_model(make: Callable[[], Backend]) -> None:
     with make() as backend:
         spec = backend.input_spec
         assert spec.name == "image" and spec.shape[1:] == (1, 64, 64) and spec.dtype == np.float32
