@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
-import struct
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
 import pydicom.pixels as px
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from appliance.errors import (
     CorruptDicom,
@@ -30,15 +30,44 @@ log = logging.getLogger(__name__)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
-# A probe far outside any stored value: pydicom's own VOI maps it to the ends of its output range,
-# so the window's edges become exactly 0 and 1 without re-implementing the LUT.
+# Values far outside any stored range: pydicom's windowing sends them to the two ends of its output range,
+# whose position depends on Bits Stored, Pixel Representation and the rescale. Measuring the ends this way
+# maps the window's edges to exactly 0 and 1 without re-implementing pydicom's formula.
 _PROBE = np.array([-1e12, 1e12])
 # All frames of one input together may hold this many times the per-frame limit: decoded frames are
 # kept (as float32) until the input is preprocessed.
 TOTAL_PIXELS_FACTOR = 4
+# pydicom's LUT functions work in float64 and make several temporaries; running them over bands of rows
+# of about this many pixels keeps those temporaries small whatever the image size.
+_BAND_PIXELS = 1 << 18
+# What pydicom's modality and VOI functions read. Enhanced (multi-frame) objects keep the rescale and the
+# window in functional groups instead of the top level; they are copied into a small per-frame view.
+_LUT_KEYWORDS = (
+    "PhotometricInterpretation",
+    "BitsStored",
+    "PixelRepresentation",
+    "ModalityLUTSequence",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+)
+_GROUP_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+class _Span(NamedTuple):
+    """What the VOI maps to display black (lo) and white (hi); lut: a VOI LUT table, not a window."""
+
+    lo: float
+    hi: float
+    lut: bool
 
 
 def parse(data: bytes, *, force: bool = False) -> Dataset:
+    """Bytes -> dataset whose file meta names its transfer syntax; CorruptDicom if pydicom cannot read it."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
         if "TransferSyntaxUID" not in ds.file_meta:
@@ -49,19 +78,51 @@ def parse(data: bytes, *, force: bool = False) -> Dataset:
                 if implicit
                 else (uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
             )
-        return ds
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, struct.error) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # pydicom raises many types for malformed files; all of them mean "unreadable"
         raise CorruptDicom(
             f"The DICOM file is corrupt or truncated and could not be parsed ({type(e).__name__})."
         ) from e
+    return ds
+
+
+def read_dicom(data: bytes, *, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage:
+    """A DICOM Part 10 file -> display-ready frames. Raises an InputRejected subclass for a bad file."""
+    return decode_dataset(parse(data), limits=limits, preprocess=preprocess)
+
+
+def decode_dataset(ds: Dataset, *, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage:
+    """A parsed dataset -> display-ready frames; any failure of the pixel pipeline is this file's CorruptDicom."""
+    try:
+        return _decode(ds, limits, preprocess)
+    except (InputRejected, MemoryError):
+        raise
+    except Exception as e:  # truncated fragments, bad JPEG streams, malformed LUTs: the file's fault
+        raise _undecodable(ds, e) from e
+    except BaseException as e:
+        # The Rust decoders (pylibjpeg-rle) panic on some corrupt data, and pyo3 raises that as
+        # PanicException, which derives from BaseException so that `except Exception` misses it.
+        if type(e).__name__ != "PanicException":
+            raise
+        raise _undecodable(ds, e) from e
+
+
+def _undecodable(ds: Dataset, error: BaseException) -> CorruptDicom:
+    syntax = _syntax_name(ds) or "unknown syntax"
+    return CorruptDicom(f"The DICOM pixel data could not be decoded ({syntax}: {type(error).__name__}).")
+
+
+def _syntax_name(ds: Dataset) -> str:
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return str(syntax.name) if syntax else ""
 
 
 def _meta(ds: Dataset) -> ImageMeta:
     def text(keyword: str) -> str:
         value = ds.get(keyword, "")
-        return str(value) if value is not None else ""
+        return str(value).strip() if value is not None else ""
 
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     return ImageMeta(
         source_format="dicom",
         study_instance_uid=text("StudyInstanceUID"),
@@ -69,9 +130,24 @@ def _meta(ds: Dataset) -> ImageMeta:
         sop_instance_uid=text("SOPInstanceUID"),
         accession_number=text("AccessionNumber"),
         modality=text("Modality"),
-        transfer_syntax=syntax.name if syntax else "",
+        transfer_syntax=_syntax_name(ds),
         photometric=text("PhotometricInterpretation"),
     )
+
+
+def _check_pixels_present(ds: Dataset) -> None:
+    if any(k in ds for k in _PIXEL_KEYWORDS):
+        return
+    if len(ds) == 0:
+        # pydicom returns an empty dataset when the file ends inside an element of undefined length,
+        # which is how a cut-off compressed image usually looks.
+        raise CorruptDicom("The DICOM file is truncated: nothing after its file meta header could be read.")
+    sop_class = uid.UID(str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "")))
+    if ("Rows" in ds and "Columns" in ds) or "Image Storage" in sop_class.name:
+        # Image attributes but no pixels: an image object whose end was cut off, not a report.
+        raise CorruptDicom("The DICOM file is truncated: it describes an image but its Pixel Data is missing.")
+    kind = str(ds.get("Modality", "") or sop_class.name or "this object")
+    raise NoPixelData(f"The DICOM object ({kind}) holds no image (no Pixel Data), e.g. a report or RT plan.")
 
 
 def _check_limits(ds: Dataset, limits: DecodeLimits) -> int:
@@ -88,13 +164,13 @@ def _check_limits(ds: Dataset, limits: DecodeLimits) -> int:
             f"The image is {cols}x{rows} = {rows * cols:,} pixels; the limit is {limits.max_pixels:,} "
             "(limits.max_pixels)."
         )
+    if frames > limits.max_frames:
+        raise ImageTooLarge(f"The input has {frames} frames; the limit is {limits.max_frames} (limits.max_frames).")
     if rows * cols * frames > limits.max_pixels * TOTAL_PIXELS_FACTOR:
         raise ImageTooLarge(
             f"The input holds {frames} frames of {cols}x{rows}, {rows * cols * frames:,} pixels in all; the limit "
             f"is {limits.max_pixels * TOTAL_PIXELS_FACTOR:,} ({TOTAL_PIXELS_FACTOR} x limits.max_pixels)."
         )
-    if frames > limits.max_frames:
-        raise ImageTooLarge(f"The input has {frames} frames; the limit is {limits.max_frames} (limits.max_frames).")
     if frames > 1 and limits.multiframe == "reject":
         raise MultiFrameRejected(f"The input has {frames} frames (limits.multiframe = 'reject').")
     return frames
@@ -103,85 +179,153 @@ def _check_limits(ds: Dataset, limits: DecodeLimits) -> int:
 def _check_decoder(ds: Dataset) -> None:
     if "PixelData" not in ds:
         return  # float pixel data is never compressed
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if syntax is None:
-        return  # pydicom assumes implicit little endian for a file without meta, as it parsed it
+    syntax = ds.file_meta.TransferSyntaxUID
+    # pydicom names the standard syntaxes; a private one is just its UID
+    label = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else f"{syntax} (not a standard one)"
     try:
         decoder = px.get_decoder(syntax)
     except NotImplementedError as e:
-        raise UnsupportedTransferSyntax(
-            f"No installed decoder handles the transfer syntax {syntax.name or 'unknown'} ({syntax})."
-        ) from e
+        raise UnsupportedTransferSyntax(f"No installed decoder handles the transfer syntax {label}.") from e
     if not decoder.is_available:
         raise UnsupportedTransferSyntax(
-            f"The decoder for {syntax.name} ({syntax}) is not installed; {decoder.missing_dependencies}."
+            f"The decoder for the transfer syntax {label} is not installed; it needs one of: "
+            f"{'; '.join(decoder.missing_dependencies)}."
         )
 
 
-def _window(frame: np.ndarray, ds: Dataset, preprocess: Preprocess) -> np.ndarray:
-    """Stored values -> display units 0..1 for one grayscale frame."""
-    values = px.apply_modality_lut(frame, ds)
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if preprocess.dicom_window == "voi" and has_voi:
-        try:
-            shown = px.apply_voi_lut(values, ds, index=0, prefer_lut=True)
-            ends = px.apply_voi_lut(_PROBE.copy(), ds, index=0, prefer_lut=True)
-            lo, hi = float(np.min(ends)), float(np.max(ends))
-            if hi > lo:
-                return np.clip((shown - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-        except (ValueError, TypeError, IndexError) as e:
-            # A malformed window is common in the wild; the image is still readable without it.
-            log.warning("ignoring an unusable VOI/window (%s); using the image's own range", type(e).__name__)
-    lo, hi = float(np.min(values)), float(np.max(values))
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    return ((values - lo) / (hi - lo)).astype(np.float32)
-
-
-def _color(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
-    if photometric == "PALETTE COLOR":
-        frame = px.apply_color_lut(frame, ds)
-    if frame.ndim != 3 or frame.shape[-1] != 3:
-        raise UnsupportedPixelFormat(f"A {photometric} frame has shape {frame.shape}; expected rows x columns x 3.")
-    top = float(np.iinfo(frame.dtype).max) if np.issubdtype(frame.dtype, np.integer) else max(float(frame.max()), 1.0)
-    if photometric == "PALETTE COLOR" and np.issubdtype(frame.dtype, np.integer):
-        top = float(frame.max()) if frame.max() > 255 else 255.0  # palette LUTs are 8 or 16 bit wide
-    return (frame.astype(np.float32) / top).clip(0.0, 1.0)
-
-
-def read_dicom(data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, force: bool = False) -> DecodedImage:
-    ds = parse(data, force=force)
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        sop_class = uid.UID(str(ds.get("SOPClassUID", "")))
-        if ("Rows" in ds and "Columns" in ds) or "Image Storage" in sop_class.name:
-            # Image attributes but no pixels: the file was cut short, not a report.
-            raise CorruptDicom("The DICOM file is truncated: it describes an image but its Pixel Data is missing.")
-        kind = str(ds.get("Modality", "") or ds.get("SOPClassUID", "") or "this object")
-        raise NoPixelData(f"The DICOM object ({kind}) holds no image (no Pixel Data), e.g. a report or RT plan.")
+def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage:
+    _check_pixels_present(ds)
     meta = _meta(ds)
     frames = _check_limits(ds, limits)
     _check_decoder(ds)
-    photometric = meta.photometric.strip().upper()
+    photometric = meta.photometric.upper()
     if photometric not in _GRAY + _COLOR:
         raise UnsupportedPixelFormat(f"Photometric interpretation {photometric or '(missing)'} is not supported.")
+    gray = photometric in _GRAY
+    top = 1.0 if gray else _color_top(ds, photometric)
+    voi = gray and preprocess.dicom_window == "voi"
+    top_level_span = _voi_span(ds) if voi else None  # measured once, not per frame
     out: list[np.ndarray] = []
-    try:
-        # One frame at a time: a long multi-frame series never sits decoded in memory at once.
-        for frame in px.iter_pixels(ds, as_rgb=True):
-            if photometric in _GRAY:
-                shown = _window(frame, ds, preprocess)
-                out.append(1.0 - shown if photometric == "MONOCHROME1" else shown)
-            else:
-                out.append(_color(frame, ds, photometric))
-    except InputRejected:
-        raise
-    except MemoryError:
-        raise
-    except Exception as e:  # every decoder failure (truncated fragments, bad JPEG data) is this file's fault
-        raise CorruptDicom(
-            f"The DICOM pixel data could not be decoded ({meta.transfer_syntax or 'unknown syntax'}: "
-            f"{type(e).__name__})."
-        ) from e
+    # One frame at a time: a long multi-frame series never sits decoded in its stored form all at once.
+    for index, frame in enumerate(px.iter_pixels(ds, as_rgb=True)):
+        if gray:
+            view = _lut_view(ds, index)
+            span = top_level_span if view is ds or not voi else _voi_span(view)
+            shown = _gray(frame, view, span)
+            if photometric == "MONOCHROME1":
+                np.subtract(1.0, shown, out=shown)  # high stored values are dark; look like MONOCHROME2
+            out.append(shown)
+        else:
+            out.append(_color(frame, ds, photometric, top))
     if len(out) != frames:
         raise CorruptDicom(f"The header announces {frames} frames but {len(out)} could be decoded.")
     return DecodedImage(frames=tuple(out), meta=meta, original_frame_count=frames)
+
+
+def _lut_view(ds: Dataset, index: int) -> Dataset:
+    """The dataset pydicom's LUT functions should see for frame `index`: the top level, overlaid with the
+    shared and then this frame's functional groups (rescale, window) of an enhanced object."""
+    groups: list[Dataset] = []
+    shared, per_frame = ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
+    items = [group[keyword][0] for group in groups for keyword in _GROUP_SEQUENCES if group.get(keyword)]
+    if not items:
+        return ds
+    view = Dataset()
+    view.file_meta = ds.file_meta  # pydicom reads the byte order of OW LUT data from it
+    # Shallow copies: pydicom's windowing writes converted values back into the dataset it is given.
+    for keyword in _LUT_KEYWORDS:
+        if keyword in ds:
+            view[keyword] = copy.copy(ds[keyword])
+    for item in items:
+        for keyword in _LUT_KEYWORDS:
+            if keyword in item:
+                view[keyword] = copy.copy(item[keyword])
+    return view
+
+
+def _has_voi_lut(ds: Dataset) -> bool:
+    # The same test pydicom's apply_voi_lut makes before it uses the table.
+    seq = ds.get("VOILUTSequence")
+    return bool(seq) and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None
+
+
+def _voi_span(ds: Dataset) -> _Span | None:
+    """Where the first VOI LUT or window puts display black and white, or None if the file has none usable."""
+    try:
+        if _has_voi_lut(ds):
+            descriptor = ds.VOILUTSequence[0].LUTDescriptor
+            entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
+            # A table's output range is its own lowest and highest entry, whichever way it runs.
+            table = px.apply_voi_lut(np.arange(first, first + entries), ds, index=0, prefer_lut=True)
+            span = _Span(float(table.min()), float(table.max()), lut=True)
+        elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+            # A window's lower edge is black and its upper edge white, even if a negative rescale slope
+            # makes pydicom's output run downwards.
+            with np.errstate(over="ignore"):  # as in _gray
+                ends = px.apply_voi_lut(_PROBE.copy(), ds, index=0, prefer_lut=True)
+            span = _Span(float(ends[0]), float(ends[-1]), lut=False)
+        else:
+            return None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as e:
+        # A malformed window is common in the wild; the image is still readable without it.
+        log.warning("ignoring an unusable VOI LUT or window (%s); using the image's own range", type(e).__name__)
+        return None
+    return span if span.hi != span.lo else None
+
+
+def _gray(frame: np.ndarray, ds: Dataset, span: _Span | None) -> np.ndarray:
+    """Stored values of one grayscale frame -> display units 0..1, as float32: through the modality LUT,
+    then through the VOI if `span` is given, else stretched from its own minimum and maximum."""
+    if frame.ndim != 2:
+        raise UnsupportedPixelFormat(f"A grayscale frame has shape {frame.shape}; expected rows x columns.")
+    shown = np.empty(frame.shape, dtype=np.float32)
+    band = max(1, _BAND_PIXELS // max(1, frame.shape[1]))
+    for top in range(0, frame.shape[0], band):
+        values = px.apply_modality_lut(frame[top : top + band], ds)
+        if span is not None:
+            if span.lut and not np.issubdtype(values.dtype, np.integer):
+                # A VOI LUT is indexed by integers; pydicom would truncate floats (and warn about it).
+                values = np.rint(values).astype(np.int64)
+            with np.errstate(over="ignore"):  # SIGMOID far from its centre: exp() overflows to the right end
+                values = px.apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        shown[top : top + band] = values
+    stored_float = not np.issubdtype(frame.dtype, np.integer)  # Float Pixel Data may hold NaN or inf
+    if span is not None:
+        lo, hi = span.lo, span.hi
+    else:
+        finite = shown[np.isfinite(shown)] if stored_float else shown
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if hi == lo:  # a blank frame has no range to stretch
+        shown.fill(0.0)
+        return shown
+    shown -= np.float32(lo)
+    shown /= np.float32(hi - lo)
+    np.clip(shown, 0.0, 1.0, out=shown)
+    if stored_float:
+        np.nan_to_num(shown, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+    return shown
+
+
+def _color_top(ds: Dataset, photometric: str) -> float:
+    """The value that means full intensity in this file's colour frames."""
+    if photometric == "PALETTE COLOR":
+        # Palette entries are 16 bit wide in many files that hold 8-bit values; judge by the whole table
+        # rather than by one image, which may simply be dark.
+        bits = min(int(ds.BitsStored), 16)
+        table = px.apply_color_lut(np.arange(2**bits, dtype=np.uint16 if bits > 8 else np.uint8), ds)
+        return 255.0 if float(table.max()) <= 255 else 65535.0
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    return float(2**bits - 1)
+
+
+def _color(frame: np.ndarray, ds: Dataset, photometric: str, top: float) -> np.ndarray:
+    if photometric == "PALETTE COLOR":
+        frame = px.apply_color_lut(frame, ds)[..., :3]  # an alpha palette, if any, is dropped
+    if frame.ndim != 3 or frame.shape[-1] != 3:
+        raise UnsupportedPixelFormat(f"A {photometric} frame has shape {frame.shape}; expected rows x columns x 3.")
+    shown = np.multiply(frame, np.float32(1.0 / top), dtype=np.float32)
+    return np.clip(shown, 0.0, 1.0, out=shown)

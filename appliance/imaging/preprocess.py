@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from appliance.errors import UnsupportedPixelFormat
 from appliance.manifest import Manifest
 
 INTERPOLATIONS = {
@@ -19,15 +20,16 @@ INTERPOLATIONS = {
 class Preprocessor:
     """frame (HxW or HxWx3 RGB, float32 in 0..1) -> sample (CxHxW or HxWxC) in the model's dtype.
 
-    Resizing comes first so every later step touches the small image. Channel conversion after the
-    resize is exact because both are linear per pixel.
+    Every step works on the smaller of the frame and the model input: colour becomes gray before a
+    shrinking resize, gray becomes colour only after it. The order does not change the result, since
+    resizing, the luma weights and replication are all linear per pixel.
     """
 
     def __init__(self, manifest: Manifest) -> None:
         spec, pp = manifest.input, manifest.preprocess
         self.height, self.width, self.channels = spec.height, spec.width, spec.channels
         self.channels_first = spec.layout == "NCHW"
-        self.bgr = spec.color_order == "bgr"
+        self.bgr = spec.channels == 3 and spec.color_order == "bgr"
         self.dtype = np.dtype(spec.dtype)
         self.letterbox = pp.resize == "letterbox"
         self.pad_value = pp.pad_value
@@ -39,33 +41,40 @@ class Preprocessor:
         self.gain = ((hi - lo) / std).astype(np.float32)
         self.offset = ((lo - mean) / std).astype(np.float32)
 
-    def _resize(self, frame: np.ndarray) -> np.ndarray:
-        h, w = frame.shape[:2]
+    def _resize(self, img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
         if not self.letterbox:
             if (h, w) == (self.height, self.width):
-                return frame
-            return cv2.resize(frame, (self.width, self.height), interpolation=self.interpolation)
+                return img
+            return cv2.resize(img, (self.width, self.height), interpolation=self.interpolation)
         ratio = min(self.width / w, self.height / h)
-        new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
-        resized = (
-            frame if (new_h, new_w) == (h, w) else cv2.resize(frame, (new_w, new_h), interpolation=self.interpolation)
-        )
-        canvas = np.full((self.height, self.width, *frame.shape[2:]), self.pad_value, dtype=np.float32)
+        new_w = min(self.width, max(1, round(w * ratio)))
+        new_h = min(self.height, max(1, round(h * ratio)))
+        if (new_h, new_w) != (h, w):
+            img = cv2.resize(img, (new_w, new_h), interpolation=self.interpolation)
+        canvas = np.full((self.height, self.width, *img.shape[2:]), self.pad_value, dtype=np.float32)
         top, left = (self.height - new_h) // 2, (self.width - new_w) // 2
-        canvas[top : top + new_h, left : left + new_w] = resized
+        canvas[top : top + new_h, left : left + new_w] = img
         return canvas
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        img = self._resize(np.asarray(frame, dtype=np.float32))
+        img: np.ndarray = np.asarray(frame, dtype=np.float32)
+        if img.ndim == 3 and img.shape[2] == 1:
+            img = img[:, :, 0]
+        if img.ndim != 2 and (img.ndim != 3 or img.shape[2] != 3):
+            raise UnsupportedPixelFormat(f"A frame of shape {img.shape} cannot be preprocessed; expected HxW or HxWx3.")
+        shrinking = img.shape[0] * img.shape[1] > self.height * self.width
+        if self.channels == 1 and img.ndim == 3 and shrinking:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        img = self._resize(img)
         if self.channels == 1:
             if img.ndim == 3:
                 img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
             img = img[:, :, None]
-        else:
-            if img.ndim == 2:
-                img = np.repeat(img[:, :, None], 3, axis=2)
-            elif self.bgr:
-                img = img[:, :, ::-1]
+        elif img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        elif self.bgr:
+            img = img[:, :, ::-1]
         img = img * self.gain + self.offset
         if self.channels_first:
             img = img.transpose(2, 0, 1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from appliance.errors import CorruptImage, EmptyFile, InputRejected, UnsupportedFormat
-from appliance.imaging.dicom import parse, read_dicom
+from pydicom.dataset import Dataset
+
+from appliance.errors import CorruptDicom, CorruptImage, EmptyFile, InputRejected, UnsupportedFormat
+from appliance.imaging.dicom import decode_dataset, parse, read_dicom
 from appliance.imaging.raster import read_raster, sniff
 from appliance.imaging.types import DecodedImage, DecodeLimits
 from appliance.manifest import Preprocess
@@ -12,36 +14,43 @@ DICOM_MAGIC_OFFSET = 128
 
 
 def looks_like_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then 'DICM'."""
     return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
-def _bare_dicom(data: bytes, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage | None:
-    """Old archives hold DICOM without the preamble and 'DICM'. Parse leniently; accept it only if it
-    really is an image object, so a text file or random bytes stay 'unsupported_format'."""
+def bare_dicom(data: bytes) -> Dataset | None:
+    """Old archives hold DICOM without the preamble and 'DICM'. Parse leniently and accept only an object
+    that really is DICOM (a SOP class or pixel data), so a text file or random bytes stay unsupported."""
     try:
         ds = parse(data, force=True)
     except InputRejected:
         return None
-    if "SOPClassUID" not in ds and "PixelData" not in ds:
-        return None
-    return read_dicom(data, limits=limits, preprocess=preprocess, force=True)
+    return ds if "SOPClassUID" in ds or "PixelData" in ds else None
 
 
 def decode(data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, name: str = "") -> DecodedImage:
-    """Bytes -> display-ready frames. Raises an InputRejected subclass, never anything else."""
+    """Bytes -> display-ready frames. Raises an InputRejected subclass, never anything else but MemoryError.
+
+    `name` is the file's name, accepted for the caller's convenience; the bytes alone decide the format,
+    and the name never goes into a message (it may carry a patient's name).
+    """
     if not data:
         raise EmptyFile()
+    dicom = looks_like_dicom(data)
+    kind = None if dicom else sniff(data)
     try:
-        if looks_like_dicom(data):
+        if dicom:
             return read_dicom(data, limits=limits, preprocess=preprocess)
-        kind = sniff(data)
         if kind is not None:
             return read_raster(data, kind, limits=limits, preprocess=preprocess)
-        bare = _bare_dicom(data, limits, preprocess)
-        if bare is not None:
-            return bare
+        ds = bare_dicom(data)
+        if ds is not None:
+            dicom = True
+            return decode_dataset(ds, limits=limits, preprocess=preprocess)
     except (InputRejected, MemoryError):
         raise
-    except Exception as e:  # the last line of the per-input error boundary
+    except Exception as e:  # the last line of the per-input error boundary; the readers have their own
+        if dicom:
+            raise CorruptDicom(f"The DICOM file could not be decoded ({type(e).__name__}).") from e
         raise CorruptImage(f"The image could not be decoded ({type(e).__name__}).") from e
     raise UnsupportedFormat()
