@@ -15,7 +15,7 @@ from appliance.errors import ConfigError
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape, open_backend
 from appliance.ingest.ingestor import Ingestor
-from appliance.ingest.journal import Journal
+from appliance.ingest.journal import InputRow, Journal
 from appliance.ingest.watcher import FolderWatcher
 from appliance.manifest import LoadedManifest, load_manifest
 from appliance.processing import Job, Processor
@@ -77,13 +77,14 @@ class Daemon:
             self.metrics,
         )
         self.server = GrpcServer(service, config.server.host, config.server.port, config.server.max_message_mb)
-        # Before the server takes new Score requests, whose spool files must not be mistaken for orphans.
-        self._clean_spool({row.path for row in self.journal.pending() if row.source == "grpc"})
+        # Read before the server and the watcher start: only what the last run left, never a new input.
+        pending = self.journal.pending()
+        self._clean_spool({row.path for row in pending if row.source == "grpc"})
         self.processor.start()
         self.server.start()
         self.metrics.serve(config.server.host, config.server.metrics_port)
         # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
-        threading.Thread(target=self._requeue, name="requeue", daemon=True).start()
+        threading.Thread(target=self._requeue, args=(pending,), name="requeue", daemon=True).start()
         self.ingestor = Ingestor(config.watch, self.journal, self._submit)
         self.ingestor.start()
         exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
@@ -108,10 +109,9 @@ class Daemon:
         assert self.processor is not None
         self.processor.submit(Job(facts=facts, path=path))
 
-    def _requeue(self) -> None:
+    def _requeue(self, pending: list[InputRow]) -> None:
         """Inputs journaled but never finished (a crash, a power cut) are scored now, once."""
-        assert self.journal is not None and self.processor is not None
-        pending = self.journal.pending()
+        assert self.processor is not None
         if pending:
             log.info("requeueing %d inputs left in flight by the last run", len(pending))
         for row in pending:

@@ -31,3 +31,17 @@ def setup_logging(level: str, json_format: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_pydicom()
+
+
+def quiet_pydicom() -> None:
+    """pydicom logs and warns with the offending element's value (a malformed UID or accession number
+    can hold a patient's name). Invalid values are the reader's business, not the log's."""
+    import warnings
+
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("pydicom").propagate = False
+    warnings.filterwarnings("ignore", module="pydicom")

@@ -24,7 +24,7 @@ from appliance.ingest.journal import Journal, NewResult
 from appliance.manifest import Manifest
 from appliance.pipeline import Prepared, Preparer
 from appliance.privacy import hashed, log_failure
-from appliance.results import InputFacts, StageTimes, rejected_result, scored_result
+from appliance.results import InputFacts, StageTimes, rejected_result, scored_result, stored_to_message
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
 
@@ -113,6 +113,7 @@ class Processor:
     def _prepare(self, job: Job) -> None:
         try:
             try:
+                self.preparer.check_size(job.path.stat().st_size)  # before reading it into memory
                 data = job.path.read_bytes()
             except FileNotFoundError as e:
                 raise FileVanished() from e
@@ -182,7 +183,14 @@ class Processor:
             for r in results
         ]
         seqs = self.journal.complete(job.facts.input_id, rows)
-        for r, seq in zip(results, seqs, strict=False):
+        if not seqs:
+            # Already finished by another job for the same input: answer with what is stored, touch nothing.
+            log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
+            if job.future is not None:
+                stored = self.journal.results_for_input(job.facts.input_id)
+                job.future.set_result([stored_to_message(s) for s in stored])
+            return
+        for r, seq in zip(results, seqs, strict=True):
             r.sequence = seq
         self._dispose(job, results[0])
         self._account(job, results)
@@ -205,12 +213,12 @@ class Processor:
                 total_ms=total_ms,
             )
             if error is not None or scores is None:
-                out.append(self._rejection(job, error, times, meta))
+                out.append(self._rejection(job, error, times, meta, index, len(job.frames)))
                 continue
             try:
                 decision = decide(scores, self.manifest)
             except ValueError as e:
-                out.append(self._rejection(job, InferenceFailed(str(e)), times, meta))
+                out.append(self._rejection(job, InferenceFailed(str(e)), times, meta, index, len(job.frames)))
                 continue
             out.append(
                 scored_result(
@@ -226,7 +234,15 @@ class Processor:
             )
         return out
 
-    def _rejection(self, job: Job, error: BaseException | None, times: StageTimes, meta: ImageMeta | None) -> pb.Result:
+    def _rejection(
+        self,
+        job: Job,
+        error: BaseException | None,
+        times: StageTimes,
+        meta: ImageMeta | None,
+        frame_index: int = 0,
+        frame_count: int = 1,
+    ) -> pb.Result:
         if error is None:
             error = InferenceFailed("The backend returned no scores for this input.")
         elif isinstance(error, ApplianceError) and not isinstance(error, InputRejected):
@@ -235,7 +251,9 @@ class Processor:
             # Unexpected: the sentence names the type only (no data from the file); the trace goes to DEBUG.
             log_failure(log, "input %d: unexpected failure while scoring", job.facts.input_id, error=error)
             error = ApplianceError(f"Unexpected {type(error).__name__} while scoring; see the daemon's log.")
-        return rejected_result(job.facts, self.manifest, self.backend_name, error, times, meta)
+        result = rejected_result(job.facts, self.manifest, self.backend_name, error, times, meta)
+        result.frame_index, result.frame_count = frame_index, frame_count
+        return result
 
     def _dispose(self, job: Job, first: pb.Result) -> None:
         try:

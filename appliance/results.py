@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from appliance.errors import ApplianceError
 from appliance.imaging.types import ImageMeta
 from appliance.inference.postprocess import Scores, Verdict
+from appliance.ingest.journal import StoredResult
 from appliance.manifest import Manifest
 from appliance.v1 import scoring_pb2 as pb
 
@@ -101,6 +102,13 @@ def rejected_result(
     result.outcome = pb.OUTCOME_REJECTED
     result.rejection.code = error.code
     result.rejection.message = error.message
+    return result
+
+
+def stored_to_message(stored: StoredResult) -> pb.Result:
+    """A journaled result as the stream sends it: the payload with its sequence number."""
+    result = pb.Result.FromString(stored.payload)
+    result.sequence = stored.seq
     return result
 
 

@@ -41,6 +41,8 @@ def decide(row: np.ndarray, manifest: Manifest) -> Scores:
     labels = tuple(manifest.output.labels)
     if row.shape != (len(labels),):
         raise ValueError(f"The model gave {row.size} scores; the manifest names {len(labels)} labels.")
+    if not np.all(np.isfinite(row)):
+        raise ValueError("The model gave a non-finite score (NaN or infinity) for this input.")
     rule = manifest.decision
     negatives = set(rule.negative_labels)
     if rule.rule == "argmax":

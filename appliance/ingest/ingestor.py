@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,9 @@ class Ingestor:
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
 
     def _ingest(self, path: Path) -> None:
-        st = path.stat()
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):
+            return  # only regular files are inputs; opening a FIFO would block ingest for good
         known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
         if known is not None:
             if known.state != "queued":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -90,7 +91,10 @@ class FolderWatcher:
             return True  # dotfiles and hidden folders: scanners' and editors' temporary files
         if any(fnmatch.fnmatch(path.name, pat) for pat in self.config.ignore_patterns):
             return True
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop or a dangling link: not an input
+            return True
         return any(resolved.is_relative_to(ex) for ex in self._exclude)
 
     def rescan(self) -> int:
@@ -119,7 +123,11 @@ class FolderWatcher:
             return
         with self._lock:
             self._candidates.pop(path, None)
-        if path.is_file():
+        try:
+            regular = stat.S_ISREG(path.lstat().st_mode)
+        except OSError:
+            return
+        if regular:
             self._on_ready(path)
 
     # --- stability loop -----------------------------------------------------------------------------
@@ -140,15 +148,18 @@ class FolderWatcher:
         with self._lock:
             for path, cand in list(self._candidates.items()):
                 try:
-                    st = path.stat()
+                    st = path.lstat()
                 except FileNotFoundError:
+                    del self._candidates[path]
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # FIFOs, sockets, devices, symlinks: reading could block forever
                     del self._candidates[path]
                     continue
                 if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
                     self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)
                     continue
-                quiet_for = max(now - cand.since, time.time() - st.st_mtime_ns / 1e9)
-                if quiet_for >= self.config.stable_s:
+                # Only our own clock counts: a network share's mtime may come from a clock that is behind.
+                if now - cand.since >= self.config.stable_s:
                     del self._candidates[path]
                     ready.append(path)
         for path in ready:

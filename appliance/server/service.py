@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 
-from appliance.ingest.journal import Journal, StoredResult
+from appliance.ingest.journal import Journal
 from appliance.processing import Job, Processor
-from appliance.results import InputFacts
+from appliance.results import InputFacts, stored_to_message
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
@@ -28,12 +28,6 @@ STREAM_WAKE_S = 0.5  # how often an idle stream checks that its client is still 
 # GetStatus and health checks always find a free thread.
 MAX_STREAMS = 48
 SCORE_TIMEOUT_S = 120.0
-
-
-def stored_to_message(stored: StoredResult) -> pb.Result:
-    result = pb.Result.FromString(stored.payload)
-    result.sequence = stored.seq
-    return result
 
 
 class ScoringService(pb_grpc.ScoringServicer):
