@@ -11,7 +11,7 @@ from types import FrameType
 
 from appliance import __version__
 from appliance.config import Config
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, RepeatedCrash
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape, open_backend
 from appliance.ingest.ingestor import Ingestor
@@ -29,6 +29,7 @@ from appliance.v1 import scoring_pb2 as pb
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.sqlite3"
+MAX_ATTEMPTS = 3  # starts that may find the same input unfinished before it is set aside
 
 
 def _check_folders(config: Config) -> None:
@@ -112,8 +113,10 @@ class Daemon:
     def _requeue(self, pending: list[InputRow]) -> None:
         """Inputs journaled but never finished (a crash, a power cut) are scored now, once."""
         assert self.processor is not None
-        if pending:
-            log.info("requeueing %d inputs left in flight by the last run", len(pending))
+        if not pending:
+            return
+        log.info("requeueing %d inputs left in flight by the last run", len(pending))
+        attempts = self.journal.count_attempt([row.id for row in pending]) if self.journal else {}
         for row in pending:
             facts = InputFacts(
                 input_id=row.id, source=row.source, file_name=row.file_name, content_sha256=row.content_sha256
@@ -122,7 +125,14 @@ class Daemon:
             # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
             if self.stopping.is_set():
                 return
-            self.processor.submit(Job(facts=facts, path=Path(row.path)))
+            job = Job(facts=facts, path=Path(row.path))
+            if attempts.get(row.id, 0) > MAX_ATTEMPTS:
+                # It was in flight at each of the last starts: likely what killed the process (OOM, a crash
+                # in a native decoder). Set it aside instead of crash-looping on it.
+                log.error("input %d was unfinished at %d starts in a row; rejecting it", row.id, attempts[row.id])
+                self.processor.submit_rejected(job, RepeatedCrash())
+            else:
+                self.processor.submit(job)
 
     def _clean_spool(self, keep: set[str | None]) -> None:
         """Score requests spooled but never journaled (a crash in between) were never answered: drop them."""

@@ -106,6 +106,13 @@ class InputTooLarge(InputRejected):
     default_message = "The file exceeds the configured size limit."
 
 
+class RepeatedCrash(InputRejected):
+    code = "repeated_crash"
+    default_message = (
+        "Scoring this input was cut short by several daemon restarts in a row; it is set aside so the rest can go on."
+    )
+
+
 class InferenceFailed(InputRejected):
     code = "inference_failed"
     default_message = "The backend failed to score this input."

@@ -30,6 +30,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def display_name(path: Path) -> str:
+    """The file name as text for results. Scanners on SMB shares may write Latin-1 names; bytes that are
+    not UTF-8 become U+FFFD here, while the journal keeps the path's exact bytes."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class Ingestor:
     """One thread, so registrations are serial and the same file reported twice is journaled once."""
 
@@ -77,7 +83,7 @@ class Ingestor:
         reg = self.journal.register(
             source="folder",
             path=str(path),
-            file_name=path.name,
+            file_name=display_name(path),
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
             content_sha256=sha,
@@ -90,7 +96,9 @@ class Ingestor:
             )
             self._dispose_again(reg.input, path)
             return
-        self._submit(InputFacts(input_id=reg.input.id, source="folder", file_name=path.name, content_sha256=sha), path)
+        self._submit(
+            InputFacts(input_id=reg.input.id, source="folder", file_name=display_name(path), content_sha256=sha), path
+        )
 
     def _dispose_again(self, row: InputRow, path: Path) -> None:
         original = self.journal.get_input(row.duplicate_of) if row.duplicate_of else row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -15,14 +16,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (
     id              INTEGER PRIMARY KEY,
     source          TEXT NOT NULL CHECK (source IN ('folder', 'grpc')),
-    path            TEXT,             -- where the file was found (folder inputs)
+    path            BLOB,             -- where the file was found, as the OS's bytes (names need not be UTF-8)
     file_name       TEXT NOT NULL,
     size            INTEGER NOT NULL,
     mtime_ns        INTEGER NOT NULL,
     content_sha256  TEXT NOT NULL,
     state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'duplicate')),
     duplicate_of    INTEGER REFERENCES inputs(id),
-    disposed_path   TEXT,             -- where the file went afterwards ('' when deleted or kept)
+    disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
+    attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
     created_ms      INTEGER NOT NULL,
     updated_ms      INTEGER NOT NULL
 );
@@ -49,6 +51,16 @@ Source = Literal["folder", "grpc"]
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _path_bytes(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def _row(raw: tuple[object, ...]) -> InputRow:
+    values = list(raw)
+    values[2] = os.fsdecode(values[2]) if values[2] is not None else None  # type: ignore[arg-type]
+    return InputRow(*values)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -158,11 +170,11 @@ class Journal:
             .execute(
                 f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE path = ? AND size = ? AND mtime_ns = ? "
                 "ORDER BY id DESC LIMIT 1",
-                (path, size, mtime_ns),
+                (_path_bytes(path), size, mtime_ns),
             )
             .fetchone()
         )
-        return InputRow(*row) if row else None
+        return _row(row) if row else None
 
     def register(
         self,
@@ -186,29 +198,38 @@ class Journal:
             cur = db.execute(
                 "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_sha256, state, "
                 "duplicate_of, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*fields, now, now),
+                (source, _path_bytes(path), *fields[2:], now, now),
             )
             input_id = cur.lastrowid
             assert input_id is not None
         row = InputRow(input_id, *fields)
-        return Registration(input=row, duplicate_of=InputRow(*first) if first else None)
+        return Registration(input=row, duplicate_of=_row(first) if first else None)
 
     def pending(self) -> list[InputRow]:
         """Inputs journaled but never finished: what a crash left in flight, in arrival order."""
         rows = (
             self._reader().execute(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE state = 'queued' ORDER BY id").fetchall()
         )
-        return [InputRow(*r) for r in rows]
+        return [_row(r) for r in rows]
+
+    def count_attempt(self, input_ids: list[int]) -> dict[int, int]:
+        """Record that a start found these inputs unfinished; returns each one's count so far."""
+        with self._transaction() as db:
+            db.executemany("UPDATE inputs SET attempts = attempts + 1 WHERE id = ?", [(i,) for i in input_ids])
+            rows = db.execute(
+                f"SELECT id, attempts FROM inputs WHERE id IN ({','.join('?' * len(input_ids))})", input_ids
+            ).fetchall()
+        return {int(i): int(n) for i, n in rows}
 
     def get_input(self, input_id: int) -> InputRow | None:
         row = self._reader().execute(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE id = ?", (input_id,)).fetchone()
-        return InputRow(*row) if row else None
+        return _row(row) if row else None
 
     def set_disposed(self, input_id: int, disposed_path: str) -> None:
         with self._transaction() as db:
             db.execute(
                 "UPDATE inputs SET disposed_path = ?, updated_ms = ? WHERE id = ?",
-                (disposed_path, _now_ms(), input_id),
+                (_path_bytes(disposed_path), _now_ms(), input_id),
             )
 
     # --- results ----------------------------------------------------------------------------------

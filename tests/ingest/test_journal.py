@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -96,3 +97,19 @@ def test_complete_needs_results(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite3")
     with pytest.raises(ValueError):
         j.complete(_register(j, "a", "sha"), [])
+
+
+def test_paths_that_are_not_utf8_round_trip_exactly(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    odd = os.fsdecode(b"/in/M\xfcller.dcm")  # a Latin-1 name from an SMB share
+    i = _register(j, "x", "sha", path=odd)
+    found = j.find_file(odd, 10, 1)
+    assert found is not None and found.id == i and found.path == odd
+    assert os.fsencode(j.pending()[0].path or "") == b"/in/M\xfcller.dcm"
+
+
+def test_attempts_count_each_start_that_finds_an_input_unfinished(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    a, b = _register(j, "a", "s1"), _register(j, "b", "s2")
+    assert j.count_attempt([a]) == {a: 1}
+    assert j.count_attempt([a, b]) == {a: 2, b: 1}

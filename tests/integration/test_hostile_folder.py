@@ -1,0 +1,59 @@
+"""Odd things in the export folder never stop or loop the daemon."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from appliance.ingest.journal import Journal
+from appliance.v1 import scoring_pb2 as pb
+
+from .conftest import drop, png_bytes
+
+
+def test_fifo_symlink_loop_and_latin1_name_do_not_stop_ingest(make_daemon) -> None:
+    d = make_daemon()
+    d.incoming.mkdir(parents=True)
+    os.mkfifo(d.incoming / "pipe.dcm")  # opening it for reading would block forever
+    os.symlink(d.incoming / "loop-a", d.incoming / "loop-b")
+    os.symlink(d.incoming / "loop-b", d.incoming / "loop-a")
+    d.start()
+    latin1 = os.fsencode(d.incoming) + b"/M\xfcller.png"
+    with open(latin1, "wb") as f:
+        f.write(png_bytes(70))
+    drop(d.incoming, "after.png", png_bytes(71))
+    results = {r.file_name: r for r in d.collect(2)}
+    assert set(results) == {"M\ufffdller.png", "after.png"}
+    assert all(r.outcome == pb.OUTCOME_SCORED for r in results.values())
+    time.sleep(0.5)
+    assert d.status().last_sequence == 2  # the FIFO and the loop were never taken as inputs
+
+
+def test_an_input_unfinished_at_several_starts_is_set_aside(make_daemon) -> None:
+    d = make_daemon()
+    d.incoming.mkdir(parents=True)
+    poison = d.incoming / "poison.png"
+    poison.write_bytes(png_bytes(80))
+    st = poison.stat()
+    # What three crashed starts leave behind: the input journaled, never finished, counted three times.
+    journal = Journal(d.root / "data" / "journal.sqlite3")
+    reg = journal.register(
+        source="folder",
+        path=str(poison),
+        file_name="poison.png",
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        content_sha256="0" * 64,
+    )
+    for _ in range(3):
+        journal.count_attempt([reg.input.id])
+    journal.close()
+    d.start()
+    drop(d.incoming, "healthy.png", png_bytes(81))
+    results = {r.file_name: r for r in d.collect(2)}
+    assert results["poison.png"].rejection.code == "repeated_crash"
+    assert results["healthy.png"].outcome == pb.OUTCOME_SCORED
+    deadline = time.monotonic() + 10
+    while not list(d.rejected.glob("*-poison.png.reason.txt")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "repeated_crash" in next(d.rejected.glob("*-poison.png.reason.txt")).read_text()
