@@ -212,10 +212,11 @@ class Daemon:
             self.watcher.stop()
         if self.ingestor is not None:
             self.ingestor.stop()
+        if self.server is not None:
+            # Before the processor: Score calls in flight get their answers, and no new one comes in.
+            self.server.stop(grace=5.0)
         if self.processor is not None:
             self.processor.stop()
-        if self.server is not None:
-            self.server.stop(grace=2.0)
         if self.backend is not None:
             self.backend.close()
         if self.journal is not None:

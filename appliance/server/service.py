@@ -27,6 +27,9 @@ STREAM_WAKE_S = 0.5  # how often an idle stream checks that its client is still 
 # Each open stream holds one server thread; past this many, new ones are refused so that Score,
 # GetStatus and health checks always find a free thread.
 MAX_STREAMS = 48
+# Score calls wait for their result, holding a thread too; with the streams this leaves threads for
+# health checks and GetStatus (see grpc_server.MAX_WORKERS).
+MAX_SCORES = 8
 SCORE_TIMEOUT_S = 120.0
 
 
@@ -48,6 +51,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.metrics = metrics
         self._streams = 0
         self._streams_lock = threading.Lock()
+        self._score_slots = threading.BoundedSemaphore(MAX_SCORES)
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def _spool(self, data: bytes) -> Path:
@@ -64,6 +68,14 @@ class ScoringService(pb_grpc.ScoringServicer):
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.Result:
         if not request.image:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.image is empty.")
+        if not self._score_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_SCORES} Score calls are running; try again.")
+        try:
+            return self._score(request, context)
+        finally:
+            self._score_slots.release()
+
+    def _score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.Result:
         data = request.image
         sha = hashlib.sha256(data).hexdigest()
         path = self._spool(data)
