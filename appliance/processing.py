@@ -30,6 +30,9 @@ from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# Rejections that say nothing about the content: the same bytes dropped again are tried again.
+TRANSIENT_CODES = frozenset({FileVanished.code, InferenceFailed.code, ApplianceError.code})
+
 
 @dataclass
 class Job:
@@ -187,6 +190,7 @@ class Processor:
                 outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
                 sop_uid=r.sop_instance_uid,
                 payload=r.SerializeToString(),
+                transient=r.rejection.code in TRANSIENT_CODES,
             )
             for r in results
         ]

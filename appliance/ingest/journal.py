@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from appliance.errors import ConfigError
+
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (
     id              INTEGER PRIMARY KEY,
@@ -21,7 +24,7 @@ CREATE TABLE IF NOT EXISTS inputs (
     size            INTEGER NOT NULL,
     mtime_ns        INTEGER NOT NULL,
     content_sha256  TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'duplicate')),
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'failed', 'duplicate')),
     duplicate_of    INTEGER REFERENCES inputs(id),
     disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
     attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
@@ -29,7 +32,9 @@ CREATE TABLE IF NOT EXISTS inputs (
     updated_ms      INTEGER NOT NULL
 );
 -- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
-CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_sha256) WHERE state != 'duplicate';
+-- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_sha256)
+    WHERE state NOT IN ('duplicate', 'failed');
 CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
 CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
 
@@ -97,6 +102,7 @@ class NewResult:
     outcome: Literal["scored", "rejected"]
     sop_uid: str
     payload: bytes
+    transient: bool = False  # a rejection that says nothing about the content (backend failure, vanished file)
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,16 @@ class Journal:
         self.changed = threading.Condition()
         self._writer = self._connect()
         with self._write_lock:
+            version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+            has_tables = self._writer.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inputs'").fetchone()[0]
+            if has_tables and version != SCHEMA_VERSION:
+                self._writer.close()
+                raise ConfigError(
+                    f"The journal {path} has schema version {version}; this appliance needs {SCHEMA_VERSION}. "
+                    "Move it aside (its results stay readable with sqlite3) and start again."
+                )
             self._writer.executescript(SCHEMA)
+            self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -190,7 +205,8 @@ class Journal:
         now = _now_ms()
         with self._transaction() as db:
             first = db.execute(
-                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE content_sha256 = ? AND state != 'duplicate'",
+                f"SELECT {_INPUT_COLUMNS} FROM inputs "
+                "WHERE content_sha256 = ? AND state NOT IN ('duplicate', 'failed')",
                 (content_sha256,),
             ).fetchone()
             state = "duplicate" if first else "queued"
@@ -242,7 +258,10 @@ class Journal:
         """
         if not results:
             raise ValueError("complete() needs at least one result")
-        state = "scored" if any(r.outcome == "scored" for r in results) else "rejected"
+        if any(r.outcome == "scored" for r in results):
+            state = "scored"
+        else:
+            state = "failed" if all(r.transient for r in results) else "rejected"
         now = _now_ms()
         seqs: list[int] = []
         with self._transaction() as db:

@@ -113,3 +113,31 @@ def test_attempts_count_each_start_that_finds_an_input_unfinished(tmp_path: Path
     a, b = _register(j, "a", "s1"), _register(j, "b", "s2")
     assert j.count_attempt([a]) == {a: 1}
     assert j.count_attempt([a, b]) == {a: 2, b: 1}
+
+
+def test_a_transient_failure_lets_the_same_content_be_tried_again(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    first = _register(j, "a", "same")
+    j.complete(first, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x", transient=True)])
+    again = j.register(source="folder", path="/in/a2", file_name="a2", size=10, mtime_ns=3, content_sha256="same")
+    assert again.duplicate_of is None and again.input.state == "queued"
+    rejected = _register(j, "b", "other")
+    j.complete(rejected, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x")])
+    assert (
+        j.register(
+            source="folder", path="/in/b2", file_name="b2", size=10, mtime_ns=4, content_sha256="other"
+        ).duplicate_of
+        is not None
+    )  # a real rejection of the content stands
+
+
+def test_a_journal_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    from appliance.errors import ConfigError
+
+    Journal(tmp_path / "j.sqlite3").close()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(ConfigError, match="schema version 99"):
+        Journal(tmp_path / "j.sqlite3")
