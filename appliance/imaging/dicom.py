@@ -166,10 +166,17 @@ def _check_limits(ds: Dataset, limits: DecodeLimits) -> int:
         )
     if frames > limits.max_frames:
         raise ImageTooLarge(f"The input has {frames} frames; the limit is {limits.max_frames} (limits.max_frames).")
-    if rows * cols * frames > limits.max_pixels * TOTAL_PIXELS_FACTOR:
+    # Count decoded values, not pixels: colour (and palette colour, once expanded) holds three per pixel.
+    samples = (
+        3
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR"
+        else int(ds.get("SamplesPerPixel", 1) or 1)
+    )
+    if rows * cols * frames * samples > limits.max_pixels * TOTAL_PIXELS_FACTOR:
         raise ImageTooLarge(
-            f"The input holds {frames} frames of {cols}x{rows}, {rows * cols * frames:,} pixels in all; the limit "
-            f"is {limits.max_pixels * TOTAL_PIXELS_FACTOR:,} ({TOTAL_PIXELS_FACTOR} x limits.max_pixels)."
+            f"The input holds {frames} frames of {cols}x{rows}x{samples}, {rows * cols * frames * samples:,} values "
+            f"in all; the limit is {limits.max_pixels * TOTAL_PIXELS_FACTOR:,} ({TOTAL_PIXELS_FACTOR} x "
+            "limits.max_pixels)."
         )
     if frames > 1 and limits.multiframe == "reject":
         raise MultiFrameRejected(f"The input has {frames} frames (limits.multiframe = 'reject').")

@@ -391,3 +391,10 @@ def test_identifiers_are_read() -> None:
     assert meta.modality == "CT"
     assert meta.transfer_syntax == "Explicit VR Little Endian"
     assert meta.photometric == "MONOCHROME2"
+
+
+def test_colour_frames_count_three_values_per_pixel_against_the_total_limit() -> None:
+    # color3d_jpeg_baseline: 120 frames of 480x640 RGB, 36.9 M pixels but 110.6 M values. Under a pixel
+    # count it would pass 4 x 10 M; counted as values it is refused.
+    with pytest.raises(ImageTooLarge, match="480x3"):
+        _decode("color3d_jpeg_baseline.dcm", limits=DecodeLimits(max_pixels=10_000_000))
