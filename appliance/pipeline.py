@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.config import LimitsConfig
-from appliance.errors import InputTooLarge, MultiFrameRejected
+from appliance.errors import InputTooLarge
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodeLimits, ImageMeta
@@ -47,8 +47,6 @@ class Preparer:
         self.check_size(len(data))
         t0 = time.perf_counter()
         image = decode(data, limits=self.limits, preprocess=self.manifest.preprocess, name=name)
-        if len(image.frames) > 1 and self.limits.multiframe == "reject":
-            raise MultiFrameRejected(f"The input has {len(image.frames)} frames (limits.multiframe = 'reject').")
         t1 = time.perf_counter()
         tensors = tuple(self.preprocessor(frame) for frame in image.frames)
         t2 = time.perf_counter()

@@ -107,19 +107,20 @@ class Processor:
     # --- the stages ---------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        self._slots.acquire()
-        with self._in_flight_lock:
-            self._in_flight += 1
-            self.metrics.in_flight.set(self._in_flight)
+        self._admit()
         self._pool.submit(self._prepare, job)
 
     def submit_rejected(self, job: Job, error: InputRejected) -> None:
         """Record a rejection decided before any decoding (e.g. a file that keeps crashing the daemon)."""
+        self._admit()
+        self._reject(job, error)
+
+    def _admit(self) -> None:
+        """Take a slot (blocking when the stages are full); ``_release`` gives it back."""
         self._slots.acquire()
         with self._in_flight_lock:
             self._in_flight += 1
             self.metrics.in_flight.set(self._in_flight)
-        self._reject(job, error)
 
     def _prepare(self, job: Job) -> None:
         try:
