@@ -79,7 +79,7 @@ def _run(config: Config) -> int:
 
 def _check(config: Config) -> int:
     loaded = load_manifest(config.model.dir)
-    backend = open_backend(loaded, config.inference)
+    backend = open_backend(loaded, config.inference, config.model.engines_dir)
     backend.close()
     print(f"ok: model {loaded.manifest.model.name} {loaded.manifest.model.version} matches its manifest")
     return 0
@@ -89,7 +89,7 @@ def _score(config: Config, files: list[Path]) -> int:
     """Same decode, preprocessing, inference and decision code as the daemon, without journal or server."""
     loaded = load_manifest(config.model.dir)
     manifest = loaded.manifest
-    backend = open_backend(loaded, config.inference)
+    backend = open_backend(loaded, config.inference, config.model.engines_dir)
     preparer = Preparer(manifest, config.limits)
     failures = 0
     with backend:

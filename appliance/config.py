@@ -53,10 +53,17 @@ class StorageConfig(_Section):
 
 class ModelConfig(_Section):
     dir: Path = Field(Path("models/brain-mri-vgg16"), description="Model folder with model.toml and the ONNX file.")
+    engines_dir: Path = Field(
+        Path("engines"), description="Where `make engine` puts built artifacts (one sub-folder per model)."
+    )
 
 
 class InferenceConfig(_Section):
-    backend: Literal["onnxruntime"] = Field("onnxruntime", description="Inference backend.")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto",
+        description="auto: a TensorRT plan built for this GPU, else the quantized CPU model, else the FP32 ONNX; "
+        "onnxruntime: the best CPU artifact; tensorrt: a matching plan or refuse to start.",
+    )
     threads: int = Field(0, ge=0, description="Backend intra-op threads; 0 lets the runtime choose (all cores).")
     max_batch: int = Field(0, ge=0, description="Cap on the batch size; 0 uses the manifest's max_batch.")
     max_delay_ms: float = Field(
@@ -111,7 +118,9 @@ class Config(_Section):
                     }
                 ),
                 "storage": self.storage.model_copy(update={"data_dir": fix(self.storage.data_dir)}),
-                "model": self.model.model_copy(update={"dir": fix(self.model.dir)}),
+                "model": self.model.model_copy(
+                    update={"dir": fix(self.model.dir), "engines_dir": fix(self.model.engines_dir)}
+                ),
             }
         )
 

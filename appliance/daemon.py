@@ -66,7 +66,7 @@ class Daemon:
         _check_folders(config)
         self.loaded = load_manifest(config.model.dir)
         # Loading also runs one warm-up inference, so the first real image is not the slow one.
-        self.backend = open_backend(self.loaded, config.inference)
+        self.backend = open_backend(self.loaded, config.inference, config.model.engines_dir)
         self.journal = Journal(config.storage.data_dir / JOURNAL_NAME)
         self.processor = Processor(config, self.loaded.manifest, self.backend, self.journal, self.metrics)
         service = ScoringService(

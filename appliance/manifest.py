@@ -94,6 +94,27 @@ class Batching(_Strict):
     max_batch: int = Field(8, ge=1, le=1024, description="Largest batch the daemon sends to the backend.")
 
 
+class Accuracy(_Strict):
+    """How far a quantized or reduced-precision artifact may drift from the FP32 model (`make engine`'s gate)."""
+
+    min_agreement: float = Field(
+        0.99, ge=0.0, le=1.0, description="Share of validation images whose decision must equal FP32's."
+    )
+    max_abs_diff: float = Field(0.05, ge=0.0, le=1.0, description="Largest allowed |score - FP32 score|.")
+    mean_abs_diff: float = Field(0.01, ge=0.0, le=1.0, description="Largest allowed mean |score - FP32 score|.")
+    max_auc_drop: float = Field(0.01, ge=0.0, le=1.0, description="Largest allowed AUC loss per label (with labels).")
+    require_labels: bool = Field(False, description="Refuse to gate without labelled validation images.")
+
+
+class Calibration(_Strict):
+    """Where `make engine` finds its images by default, relative to the model folder."""
+
+    images: str = Field("calibration", description="Folder of calibration images (DICOM/PNG/JPEG).")
+    validation: str = Field("validation", description="Folder of validation images, labelled or not.")
+    count: int = Field(64, ge=1, le=100_000, description="Calibration images used, in sorted order.")
+    min_count: int = Field(16, ge=1, description="Fewer usable calibration images than this stop the build.")
+
+
 class Manifest(_Strict):
     model: ModelInfo
     input: InputSpec
@@ -101,6 +122,8 @@ class Manifest(_Strict):
     output: Output
     decision: Decision = Field(default_factory=Decision)
     batching: Batching = Field(default_factory=Batching)
+    accuracy: Accuracy = Field(default_factory=Accuracy)
+    calibration: Calibration = Field(default_factory=Calibration)
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -10,6 +11,8 @@ from appliance.config import InferenceConfig
 from appliance.errors import ModelMismatchError
 from appliance.inference.backend import Backend
 from appliance.inference.onnxruntime import OnnxRuntimeBackend
+from appliance.inference.selection import choose_artifact
+from appliance.inference.tensorrt import TensorRtBackend
 from appliance.manifest import LoadedManifest
 
 log = logging.getLogger(__name__)
@@ -22,13 +25,19 @@ def expected_sample_shape(loaded: LoadedManifest) -> tuple[int, int, int]:
     return (spec.height, spec.width, spec.channels)
 
 
-def open_backend(loaded: LoadedManifest, config: InferenceConfig) -> Backend:
-    """Load the backend and refuse a model whose input/output do not match the manifest."""
+def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path) -> Backend:
+    """Load the best artifact for this host and refuse one whose input/output do not match the manifest."""
     manifest = loaded.manifest
     max_batch = min(config.max_batch or manifest.batching.max_batch, manifest.batching.max_batch)
-    backend = OnnxRuntimeBackend(
-        loaded.onnx_path, output_name=manifest.output.name, max_batch=max_batch, threads=config.threads
-    )
+    choice = choose_artifact(loaded, config, engines_dir)
+    log.info("serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)
+    backend: Backend
+    if choice.backend == "tensorrt":
+        backend = TensorRtBackend(choice.path, output_name=manifest.output.name, max_batch=max_batch)
+    else:
+        backend = OnnxRuntimeBackend(
+            choice.path, output_name=manifest.output.name, max_batch=max_batch, threads=config.threads
+        )
     backend.load()
     try:
         check_backend_matches(backend, loaded)
@@ -49,7 +58,7 @@ def open_backend(loaded: LoadedManifest, config: InferenceConfig) -> Backend:
 def check_backend_matches(backend: Backend, loaded: LoadedManifest) -> None:
     manifest = loaded.manifest
     spec = backend.input_spec
-    where = loaded.onnx_path
+    where = backend.artifact
     if spec.name != manifest.input.name:
         raise ModelMismatchError(
             f"{where}: the model's input is {spec.name!r} but model.toml says {manifest.input.name!r}."

@@ -1,0 +1,125 @@
+"""Built artifacts under `engines/<model>/`: where each lives, its JSON sidecar, and the key that binds it.
+
+`make engine` writes an artifact first and its sidecar last, both atomically; the daemon only loads an
+artifact whose sidecar exists, names it, matches its sha256 and was built from the ONNX file it serves.
+So a build that died half-way leaves nothing the daemon would load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SIDECAR_FORMAT = 1
+ORT_RECORD = "onnxruntime.json"
+TIMING_CACHE = "tensorrt.timing-cache"
+
+Precision = Literal["int8", "fp16", "fp32"]
+
+
+class ArtifactKey(BaseModel):
+    """What an artifact was built for and from. GPU fields are empty for ONNX Runtime artifacts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["onnxruntime", "tensorrt"]
+    precision: Precision
+    onnx_sha256: str
+    calibration_sha256: str = ""
+    gpu_name: str = ""
+    compute_capability: str = ""
+    tensorrt_version: str = ""
+
+
+class Sidecar(BaseModel):
+    """The JSON beside an artifact: its key, how it was built and the accuracy gate's figures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int = SIDECAR_FORMAT
+    model: str
+    model_version: str
+    key: ArtifactKey
+    artifact: str = Field(description="File name in the same folder; empty when the FP32 ONNX itself is served.")
+    artifact_sha256: str = ""
+    inputs_sha256: str = Field(description="Hash of everything the build used; equal hashes mean nothing changed.")
+    max_batch: int
+    opt_batch: int = 0
+    excluded_nodes: list[str] = Field(default_factory=list)
+    built_unix: float
+    build_seconds: float
+    gate: dict[str, Any] = Field(default_factory=dict)
+    throughput: dict[str, Any] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+class SidecarError(Exception):
+    """A sidecar that is missing, unreadable or of another format."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def engines_folder(engines_dir: Path, model_name: str) -> Path:
+    return engines_dir / model_name
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def tensorrt_stem(gpu_name: str, compute_capability: str) -> str:
+    """One plan per GPU model in a folder, so boxes with different GPUs can share an engines folder."""
+    return f"tensorrt-{slug(gpu_name)}-sm{compute_capability.replace('.', '')}"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_sidecar(path: Path, sidecar: Sidecar) -> None:
+    write_atomic(path, (json.dumps(sidecar.model_dump(), indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_sidecar(path: Path) -> Sidecar:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise SidecarError(f"{path} does not exist") from e
+    except (OSError, ValueError) as e:
+        raise SidecarError(f"{path} is not readable JSON ({e})") from e
+    if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
+        raise SidecarError(f"{path} is not a sidecar of format {SIDECAR_FORMAT}")
+    try:
+        return Sidecar.model_validate(raw)
+    except ValidationError as e:
+        raise SidecarError(f"{path} is malformed: {e.errors()[0]['msg']}") from e
