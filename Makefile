@@ -4,10 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 CONFIG ?= appliance.toml
-MODEL ?= models/brain-mri-vgg16
+# make engine MODEL=models/<name> PRECISION=int8|fp16|fp32 (defaults: the config's model, auto)
+MODEL ?=
+PRECISION ?= auto
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos model run test lint typecheck check-protos clean
+.PHONY: venv protos model engine run test lint typecheck check-protos clean
 
 venv: $(STAMP)
 
@@ -28,14 +30,20 @@ check-protos: protos
 # committed; retraining it is a manual step (models/pipeline-test/MODEL_CARD.md).
 model: $(STAMP)
 	$(PY) models/brain-mri-vgg16/fetch.py
+	$(PY) models/brain-mri-vgg16/image_sets.py
+	$(PY) models/pipeline-test/synth.py
+
+# The fastest artifact this host runs, behind the accuracy gate: engines/<model>/ (python -m build_engine --help).
+engine: model
+	$(PY) -m build_engine --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) --precision $(PRECISION)
 
 run: model
 	mkdir -p var/incoming
 	$(BIN)/appliance run --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance tests models
-	$(BIN)/ruff format --check appliance tests models
+	$(BIN)/ruff check appliance build_engine tests models
+	$(BIN)/ruff format --check appliance build_engine tests models
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 SIZE = 64
@@ -83,3 +85,27 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     greater = (pos[:, np.newaxis] > neg[np.newaxis, :]).sum()
     ties = (pos[:, np.newaxis] == neg[np.newaxis, :]).sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def write_sets(model_dir: Path, calibration: int = 64, validation: int = 128) -> None:
+    """16-bit PNGs for `make engine`: calibration/ (unlabelled) and validation/{lesion,none}/ (labelled).
+
+    Seeds differ from training's, so the gate sees images the model never saw. Idempotent.
+    """
+    import cv2
+
+    def write(folder: Path, seed: int, count: int, labelled: bool) -> None:
+        images, labels = make_set(seed, count)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            sub = folder / ("lesion" if label else "none") if labelled else folder
+            sub.mkdir(parents=True, exist_ok=True)
+            path = sub / f"synth-{seed}-{i:04d}.png"
+            if not path.exists():
+                cv2.imwrite(str(path), np.round(image * 65535).astype(np.uint16))
+
+    write(model_dir / "calibration", 101, calibration, labelled=False)
+    write(model_dir / "validation", 202, validation, labelled=True)
+
+
+if __name__ == "__main__":
+    write_sets(Path(__file__).resolve().parent)

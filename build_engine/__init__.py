@@ -1,0 +1,1 @@
+"""`make engine`: turn a model folder into the fastest artifact this host can run, behind an accuracy gate."""

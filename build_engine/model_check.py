@@ -1,0 +1,78 @@
+"""Part 1: check the ONNX model itself and against its manifest before spending time on calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto
+
+from appliance.inference.loader import expected_sample_shape
+from appliance.manifest import LoadedManifest
+from build_engine.errors import BuildError
+
+_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    opset: int
+    input_shape: list[int | str]
+    output_shape: list[int | str]
+    dynamic_batch: bool
+    max_batch: int
+    note: str
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    dims: list[int | str] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+    return dims
+
+
+def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
+    """onnx.checker, shape inference, and the manifest's names, shapes and dtypes against the graph."""
+    path = loaded.onnx_path
+    manifest = loaded.manifest
+    try:
+        onnx.checker.check_model(str(path))
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    except Exception as e:  # onnx raises several types; each is a model the build cannot use
+        raise BuildError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0]}") from e
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise BuildError(f"{path} has {len(inputs)} inputs; the appliance needs exactly one.")
+    graph_in = inputs[0]
+    if graph_in.name != manifest.input.name:
+        raise BuildError(f"{path}: the model's input is {graph_in.name!r} but model.toml says {manifest.input.name!r}.")
+    in_type = _DTYPES.get(graph_in.type.tensor_type.elem_type, "other")
+    if in_type != manifest.input.dtype:
+        raise BuildError(f"{path}: the model's input is {in_type} but model.toml says {manifest.input.dtype}.")
+    in_dims = _dims(graph_in)
+    want = list(expected_sample_shape(loaded))
+    if len(in_dims) != 4 or any(isinstance(g, int) and g != w for g, w in zip(in_dims[1:], want, strict=True)):
+        raise BuildError(
+            f"{path}: the model's input shape is {in_dims} but model.toml ({manifest.input.layout}) implies "
+            f"[N, {', '.join(map(str, want))}]."
+        )
+    outputs = {o.name: o for o in model.graph.output}
+    if manifest.output.name not in outputs:
+        raise BuildError(
+            f"{path} has no output named {manifest.output.name!r} (it has {', '.join(outputs)}); fix model.toml."
+        )
+    out_dims = _dims(outputs[manifest.output.name])
+    labels = len(manifest.output.labels)
+    width = out_dims[-1] if out_dims else None
+    if isinstance(width, int) and width != labels:
+        raise BuildError(f"{path}: the model outputs {width} scores but model.toml names {labels} labels.")
+    dynamic = not isinstance(in_dims[0], int)
+    if dynamic:
+        note = f"dynamic batch axis: batches of 1..{max_batch}"
+    elif in_dims[0] == 1:
+        max_batch, note = 1, "the batch axis is fixed at 1, so the max batch is 1 (export with a dynamic axis to batch)"
+    else:
+        raise BuildError(f"{path}: the batch axis is fixed at {in_dims[0]}; export it as dynamic (or 1).")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return ModelFacts(opset, in_dims, out_dims, dynamic, max_batch, note)

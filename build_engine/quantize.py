@@ -1,0 +1,139 @@
+"""Part 3: ONNX Runtime static quantization to Q/DQ ONNX, in the two flavours the targets need, and FP16.
+
+- TensorRT: symmetric int8 activations, per-channel symmetric int8 weights, float biases (TensorRT
+  fuses them itself), Q/DQ only around the weighted ops, which is where TensorRT places int8 kernels.
+- CPU: u8 activations (asymmetric), per-channel s8 weights, what ONNX Runtime's x86 kernels run fastest.
+Layers that break the gate are passed in `exclude` and stay in float.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization import qdq_loss_debug as qdq_debug
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from build_engine.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+Flavour = Literal["onnxruntime", "tensorrt"]
+WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+CALIBRATION_BATCH = 8
+
+
+class TensorReader(CalibrationDataReader):
+    """Feeds the calibration tensors in their fixed order, in batches."""
+
+    def __init__(self, input_name: str, tensors: Sequence[np.ndarray], batch: int) -> None:
+        self.input_name = input_name
+        self.tensors = list(tensors)
+        self.batch = max(1, batch)
+        self._it: Iterator[dict[str, np.ndarray]] = iter(())
+        self.rewind()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self.tensors), self.batch):
+            yield {self.input_name: np.stack(self.tensors[start : start + self.batch])}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = self._batches()
+
+
+def prepare_float_model(source: Path, target: Path) -> str:
+    """Shape inference and graph clean-up ORT recommends before quantizing; the raw model if that fails."""
+    try:
+        # ONNX's own shape inference is enough for image CNNs; the symbolic one would add sympy.
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+        return ""
+    except Exception as e:  # symbolic shape inference gives up on some graphs; quantizing still works
+        onnx.save(onnx.load(str(source)), str(target))
+        return f"pre-processing skipped ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def quantize(
+    float_model: Path,
+    target: Path,
+    flavour: Flavour,
+    reader: TensorReader,
+    exclude: Sequence[str] = (),
+) -> None:
+    """Write the Q/DQ model for `flavour` to `target`."""
+    if flavour == "tensorrt":
+        options: dict[str, Any] = dict(
+            activation_type=QuantType.QInt8,
+            op_types_to_quantize=WEIGHTED_OPS,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        )
+    else:
+        options = dict(
+            activation_type=QuantType.QUInt8,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    reader.rewind()
+    try:
+        quantize_static(
+            str(float_model),
+            str(target),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=list(exclude),
+            **options,
+        )
+    except Exception as e:
+        raise BuildError(f"ONNX Runtime could not quantize {float_model.name}: {str(e).splitlines()[0]}") from e
+
+
+def to_fp16(float_model: Path, target: Path) -> None:
+    """FP16 weights and activations inside, FP32 inputs and outputs, as the daemon feeds and reads FP32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(float_model)), keep_io_types=True)
+    onnx.save(model, str(target))
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    node: str
+    op_type: str
+    sqnr_db: float
+
+
+def rank_sensitive_nodes(float_model: Path, qdq_model: Path, reader: TensorReader, samples: int = 4) -> list[Sensitivity]:
+    """Quantized nodes, worst first, by the signal-to-quantization-noise ratio of their inputs."""
+    small = TensorReader(reader.input_name, reader.tensors[:samples], batch=1)
+    with tempfile.TemporaryDirectory(prefix="sensitivity-") as tmp:
+        float_aug, qdq_aug = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
+        qdq_debug.modify_model_output_intermediate_tensors(str(float_model), str(float_aug))
+        qdq_debug.modify_model_output_intermediate_tensors(str(qdq_model), str(qdq_aug))
+        float_acts = qdq_debug.collect_activations(str(float_aug), small)
+        small.rewind()
+        qdq_acts = qdq_debug.collect_activations(str(qdq_aug), small)
+    errors = qdq_debug.compute_activation_error(qdq_debug.create_activation_matching(qdq_acts, float_acts))
+    graph = onnx.load(str(float_model), load_external_data=False).graph
+    ranked = []
+    for node in graph.node:
+        scores = [errors[name]["qdq_err"] for name in node.input if name in errors]
+        if scores:
+            ranked.append(Sensitivity(node.name, node.op_type, float(min(scores))))
+    return sorted(ranked, key=lambda s: s.sqnr_db)

@@ -1,0 +1,69 @@
+"""Part 5: a strongly typed TensorRT network from a Q/DQ (or FP16, or FP32) ONNX, serialized to a plan.
+
+One code path for TensorRT 10.x and 11.x. Precision comes from the ONNX itself (explicit quantization),
+so no INT8 calibrator and no precision builder flags (calibrators are deprecated since 10.1 and removed
+in 11; kINT8/kFP16 deprecated since 10.12 and removed in 11). The one call that differs: 10.x needs the
+STRONGLY_TYPED creation flag, 11.x networks are always strongly typed (the flag may be gone).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from appliance.inference.artifacts import write_atomic
+from appliance.inference.tensorrt import import_tensorrt, make_logger
+from build_engine.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+
+def _network_flags(trt: Any) -> int:
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if strongly_typed is None else 1 << int(strongly_typed)
+
+
+def build_plan(
+    onnx_path: Path,
+    *,
+    input_name: str,
+    sample_shape: tuple[int, ...],
+    max_batch: int,
+    opt_batch: int,
+    workspace_bytes: int,
+    timing_cache: Path,
+) -> bytes:
+    """Parse, configure (profile 1..max, workspace, timing cache), build; raise BuildError with the reason."""
+    trt = import_tensorrt()
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        for error in errors:
+            log.error("TensorRT ONNX parser: %s", error)
+        first = errors[0] if errors else "no details"
+        raise BuildError(f"TensorRT could not parse {onnx_path.name} ({len(errors)} errors; first: {first}).")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    profile = builder.create_optimization_profile()
+    opt = max(1, min(opt_batch, max_batch))
+    profile.set_shape(input_name, (1, *sample_shape), (opt, *sample_shape), (max_batch, *sample_shape))
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT ignored the timing cache %s (another TensorRT or GPU); starting a new one", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(
+            f"TensorRT could not build an engine from {onnx_path.name}; the TensorRT errors above say why "
+            "(often too small a workspace: raise --workspace-mb)."
+        )
+    write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(plan))
