@@ -47,12 +47,20 @@ from build_engine.errors import BuildError, GateFailed
 from build_engine.gate import GateReport, compare
 from build_engine.image_sets import ImageSet, load_set
 from build_engine.model_check import ModelFacts, check_model
-from build_engine.quantize import TensorReader, prepare_float_model, quantize, rank_sensitive_nodes, to_fp16
+from build_engine.quantize import (
+    TensorReader,
+    classifier_head,
+    prepare_float_model,
+    quantize,
+    rank_sensitive_nodes,
+    to_fp16,
+    weighted_nodes,
+)
 from build_engine.tensorrt_build import build_plan
 
 Target = Literal["onnxruntime", "tensorrt"]
 CHAINS: dict[Target, list[str]] = {"onnxruntime": ["int8", "fp32"], "tensorrt": ["int8", "fp16", "fp32"]}
-EXCLUSION_STEPS = (1, 3, 8)  # how many of the most sensitive layers to keep in float, in turn
+EXCLUSION_STEPS = (3, 8)  # how many of the most sensitive layers to keep in float, after the head
 BUILD_RECIPE = 1  # bump when the build changes in a way that should invalidate reused artifacts
 
 
@@ -306,22 +314,29 @@ class Builder:
     def _int8_with_exclusions(
         self, target: Target, float_model: Path, work: Path, reader: TensorReader, notes: list[str]
     ) -> Attempt:
+        """INT8 with every weighted layer quantized; failing the gate, keep layers in float, step by step:
+        the classifier head, then also the 3, then the 8 layers whose inputs quantize worst (lowest SQNR)."""
         qdq = work / "int8.qdq.onnx"
         quantize(float_model, qdq, target, reader)
         attempt = self._make_and_gate(target, "int8", qdq, work)
         if attempt.report.passed:
             return attempt
+        head = classifier_head(float_model)
         try:
-            ranked = rank_sensitive_nodes(float_model, qdq, reader)
-        except Exception as e:  # the debug tooling cannot run every graph; then INT8 simply fails
+            ranked = [s.node for s in rank_sensitive_nodes(float_model, qdq, reader) if s.node not in head]
+        except Exception as e:  # the debug tooling cannot run every graph; the head alone is still tried
             notes.append(f"could not rank layers by sensitivity ({str(e).splitlines()[0]})")
-            return attempt
-        for count in EXCLUSION_STEPS:
-            if count > len(ranked):
-                break
-            excluded = [s.node for s in ranked[:count]]
-            self.out(f"{target:<9} int8: {attempt.report.summary()}; keeping {', '.join(excluded)} in float")
-            candidate = work / f"int8-x{count}.qdq.onnx"
+            ranked = []
+        tried: list[list[str]] = []
+        # Past half the weighted layers in float, the result is no longer an INT8 model worth the name.
+        most = len(weighted_nodes(float_model)) // 2
+        for excluded in [head, *(head + ranked[:count] for count in EXCLUSION_STEPS)]:
+            if not excluded or excluded in tried or len(excluded) > most:
+                continue
+            tried.append(excluded)
+            layers = f"{len(excluded)} layer{'s' if len(excluded) != 1 else ''}"
+            self.out(f"{target:<9} int8: {attempt.report.summary()}; now keeping {layers} in float")
+            candidate = work / f"int8-x{len(excluded)}.qdq.onnx"
             quantize(float_model, candidate, target, reader, exclude=excluded)
             attempt = self._make_and_gate(target, "int8", candidate, work)
             attempt.excluded = excluded
@@ -374,7 +389,7 @@ class Builder:
         artifact, artifact_sha = "", ""
         key = ArtifactKey(
             backend=target,
-            precision=attempt.precision,  # type: ignore[arg-type]
+            precision=attempt.precision,
             onnx_sha256=self.onnx_sha,
             calibration_sha256=self.calibration_hash() if attempt.precision == "int8" else "",
         )

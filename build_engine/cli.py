@@ -10,7 +10,7 @@ from pathlib import Path
 from appliance.config import load_config
 from appliance.errors import ApplianceError
 from appliance.logging_setup import quiet_pydicom
-from build_engine.build import BuildOptions, Builder, clean_stale_builds
+from build_engine.build import Builder, BuildOptions, clean_stale_builds
 from build_engine.errors import BuildError, GateFailed
 
 DESCRIPTION = """\
@@ -106,12 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     quiet_pydicom()
     # ONNX Runtime's quantizer nags on the root logger even after pre-processing; the report says what ran.
     logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Please consider"))
-    for name, value in (("max-batch", args.max_batch), ("opt-batch", args.opt_batch), ("workspace-mb", args.workspace_mb)):
+    for name, value in (
+        ("max-batch", args.max_batch),
+        ("opt-batch", args.opt_batch),
+        ("workspace-mb", args.workspace_mb),
+    ):
         if value is not None and value < 1:
             print(f"build_engine: --{name} must be at least 1.", file=sys.stderr)
             return 2
     try:
-        config_path = args.config if args.config is not None else (Path("appliance.toml") if Path("appliance.toml").is_file() else None)
+        config_path = (
+            args.config
+            if args.config is not None
+            else (Path("appliance.toml") if Path("appliance.toml").is_file() else None)
+        )
         config = load_config(config_path)
         options = BuildOptions(
             model_dir=(args.model or config.model.dir).resolve(),

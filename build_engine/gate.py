@@ -92,7 +92,9 @@ def compare(
     n = len(reference)
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
     diff = np.where(np.isfinite(diff), diff, 1.0)  # a NaN score is as wrong as a score can be
-    disagreements = sum(a != b for a, b in zip(_decisions(manifest, reference), _decisions(manifest, candidate)))
+    disagreements = sum(
+        a != b for a, b in zip(_decisions(manifest, reference), _decisions(manifest, candidate), strict=True)
+    )
     report = GateReport(
         images=n,
         agreement=(n - disagreements) / n if n else 0.0,

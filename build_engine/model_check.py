@@ -11,7 +11,7 @@ from appliance.inference.loader import expected_sample_shape
 from appliance.manifest import LoadedManifest
 from build_engine.errors import BuildError
 
-_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+_DTYPES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def test_default_model_scores_real_mr_the_same_in_the_daemon_and_offline(make_da
         _decision_holds(r)
 
     offline = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "score", "--model", str(DEFAULT_MODEL), *paths],
+        # The daemon's own config: the same (absent) engines folder, so both serve the FP32 ONNX.
+        [sys.executable, "-m", "appliance.cli", "score", "--config", str(d.config_path), *paths],
         capture_output=True,
         text=True,
         timeout=300,

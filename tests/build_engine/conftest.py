@@ -1,0 +1,48 @@
+"""Shared: a copy of the pipeline-test model with generated image sets, and builds made from it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..integration.conftest import REPO, TEST_MODEL
+
+
+def build(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m build_engine` as `make engine` runs it, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "build_engine", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def write_pipeline_sets(folder: Path) -> None:
+    spec = importlib.util.spec_from_file_location("pipeline_synth", folder / "synth.py")
+    assert spec is not None and spec.loader is not None
+    synth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synth)
+    synth.write_sets(folder)
+
+
+@pytest.fixture(scope="session")
+def pipeline_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "pipeline-test"
+    shutil.copytree(TEST_MODEL, folder, ignore=shutil.ignore_patterns("calibration", "validation", "__pycache__"))
+    write_pipeline_sets(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def int8_engines(pipeline_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    engines = tmp_path_factory.mktemp("engines")
+    r = build("--model", pipeline_model, "--engines", engines, "--precision", "int8")
+    assert r.returncode == 0, r.stderr
+    return engines

@@ -1,0 +1,102 @@
+"""`make engine`'s output served by the real daemon: the gated INT8 model of the default model, and the
+daemon's refusals of artifacts it must not load."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from appliance.config import LimitsConfig
+from appliance.inference.onnxruntime import OnnxRuntimeBackend
+from appliance.inference.postprocess import activate
+from appliance.manifest import load_manifest
+from appliance.pipeline import Preparer
+from appliance.v1 import scoring_pb2 as pb
+
+from .conftest import DEFAULT_MODEL, REPO, TEST_MODEL
+
+FILES = ["MR_small.dcm", "MR2_J2KR.dcm", "emri_small_jpeg_ls_lossless.dcm"]  # 1 + 1 + 10 frames
+
+
+def _build(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "build_engine", *map(str, args)], capture_output=True, text=True, timeout=900, cwd=REPO
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL / "model.onnx").is_file() or not (DEFAULT_MODEL / "calibration").is_dir(),
+    reason="run `make model` to fetch the default model and make its image sets",
+)
+def test_daemon_serves_the_int8_default_model_within_the_tolerance_of_fp32(make_daemon) -> None:
+    d = make_daemon(model=DEFAULT_MODEL)
+    engines = d.root / "engines"  # the config's default engines_dir, beside its appliance.toml
+    r = _build("--model", DEFAULT_MODEL, "--engines", engines, "--precision", "int8",
+               "--calibration-count", 16, "--validation-count", 24, "--target", "onnxruntime")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "onnxruntime int8:" in r.stdout and "passed" in r.stdout
+
+    d.start()
+    assert "serving onnxruntime int8 (onnxruntime-int8.onnx)" in d.log()
+    for name in FILES:
+        src = get_testdata_file(name, download=False)
+        assert src is not None
+        shutil.copy(str(src), d.incoming / name)
+    results = d.collect(12, timeout=300)
+    assert all(r.outcome == pb.OUTCOME_SCORED for r in results)
+    assert d.status().artifact.endswith("onnxruntime-int8.onnx")
+
+    # FP32 on the same files, through the same preprocessing, outside the daemon.
+    loaded = load_manifest(DEFAULT_MODEL)
+    manifest = loaded.manifest
+    preparer = Preparer(manifest, LimitsConfig())
+    fp32 = OnnxRuntimeBackend(loaded.onnx_path, output_name=manifest.output.name, max_batch=8)
+    with fp32:
+        reference = {}
+        for name in FILES:
+            prepared = preparer.prepare((d.processed / name).read_bytes())
+            scores = activate(fp32.infer(np.stack(prepared.tensors)), manifest.output.activation)
+            for i, row in enumerate(scores):
+                reference[(name, i)] = row
+    diffs = [
+        np.abs(np.array([s.score for s in r.scores]) - reference[(r.file_name, r.frame_index)]).max() for r in results
+    ]
+    assert max(diffs) <= manifest.accuracy.max_abs_diff, diffs
+    assert max(diffs) > 0  # it really is another model than FP32
+
+
+def test_a_truncated_artifact_is_passed_over_with_the_reason_in_the_log(make_daemon) -> None:
+    d = make_daemon()
+    engines = d.root / "engines"
+    r = _build("--model", TEST_MODEL, "--engines", engines, "--precision", "int8", "--target", "onnxruntime",
+               "--calibration", TEST_MODEL / "calibration", "--validation", TEST_MODEL / "validation")  # fmt: skip
+    if not (TEST_MODEL / "calibration").is_dir():
+        pytest.skip("run `make model` to make the pipeline-test image sets")
+    assert r.returncode == 0, r.stderr
+    artifact = engines / "pipeline-test" / "onnxruntime-int8.onnx"
+    artifact.write_bytes(artifact.read_bytes()[:500])
+    d.start()
+    assert "serving onnxruntime fp32 (model.onnx)" in d.log()
+    assert "does not match its sidecar (truncated or altered); run `make engine` to rebuild it" in d.log()
+
+
+def test_backend_tensorrt_without_a_plan_stops_the_start_with_one_sentence(make_daemon) -> None:
+    d = make_daemon(inference={"backend": "tensorrt"})
+    d.incoming.mkdir(parents=True, exist_ok=True)
+    d.write_config()
+    r = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "run", "--config", str(d.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("appliance: ")
+    assert any(s in last for s in ("TensorRT is not installed", "no CUDA GPU", "run `make engine`"))
