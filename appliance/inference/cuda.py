@@ -103,8 +103,9 @@ class PinnedBuffer:
         self.dtype = np.dtype(dtype)
         self.nbytes = int(count) * self.dtype.itemsize
         self.pointer: int | None = int(check(self._cudart.cudaMallocHost(self.nbytes)))
-        ctype = np.ctypeslib.as_ctypes_type(self.dtype)
-        self.array: np.ndarray = np.ctypeslib.as_array(ctypes.cast(self.pointer, ctypes.POINTER(ctype)), (count,))
+        # Through raw bytes, not a ctypes element type: float16 has none.
+        raw = (ctypes.c_ubyte * self.nbytes).from_address(self.pointer)
+        self.array: np.ndarray = np.frombuffer(raw, dtype=self.dtype, count=int(count))
 
     def close(self) -> None:
         if self.pointer is not None:
