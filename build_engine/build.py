@@ -198,8 +198,14 @@ class Builder:
             )
         note = self.validation.label_note
         self.out(f"validate  {self.validation.describe()}; {note}")
+
+    def _fp32_reference(self) -> None:
+        """FP32 scores and speed, computed once and only when something is to be built."""
+        assert self.validation is not None
+        if self.reference is not None:
+            return
         with self._ort(self.loaded.onnx_path) as fp32:
-            self.reference = run_scores(fp32, self.validation.tensors, m.output.activation)
+            self.reference = run_scores(fp32, self.validation.tensors, self.manifest.output.activation)
             self.fp32_speed = throughput(fp32, self.validation.tensors[0])
 
     def _ort(self, path: Path) -> OnnxRuntimeBackend:
@@ -252,6 +258,7 @@ class Builder:
         chain = CHAINS[target] if self.o.precision == "auto" else [self.o.precision]
         if target == "onnxruntime" and chain == ["fp16"]:
             raise BuildError("FP16 is not built for ONNX Runtime on the CPU (it is slower than FP32 there).")
+        self._fp32_reference()
         self.folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=".build-", dir=self.folder) as tmp:
@@ -354,7 +361,7 @@ class Builder:
             max_batch=self.facts.max_batch,
             opt_batch=self.o.opt_batch or self.facts.max_batch,
             workspace_bytes=self.o.workspace_mb << 20,
-            timing_cache=self.folder / TIMING_CACHE,
+            timing_cache=self.o.engines_dir / f"{self._sidecar_path('tensorrt').stem}.{TIMING_CACHE}",
         )
 
     def _gate(self, backend: Backend) -> GateReport:

@@ -60,7 +60,7 @@ class GateReport:
         if drops:
             text += f", worst AUC drop {max(drops):+.4f}"
         elif self.auc_note:
-            text += f", AUC not computed ({self.auc_note})"
+            text += ", no AUC (unlabelled)"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +112,8 @@ def compare(
         if all(v["drop"] is None for v in report.auc.values()):
             report.auc_note = "no label has both positive and negative images"
     if report.agreement < tolerance.min_agreement:
-        report.failures.append(f"agreement {report.agreement:.1%} < {tolerance.min_agreement:.1%}")
+        differ = f"{disagreements} of {n} decisions differ"
+        report.failures.append(f"agreement {report.agreement:.2%} ({differ}) < {tolerance.min_agreement:.2%}")
     if report.max_abs_diff > tolerance.max_abs_diff:
         report.failures.append(f"max |score diff| {report.max_abs_diff:.4f} > {tolerance.max_abs_diff}")
     if report.mean_abs_diff > tolerance.mean_abs_diff:

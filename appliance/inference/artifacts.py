@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SIDECAR_FORMAT = 1
 ORT_RECORD = "onnxruntime.json"
-TIMING_CACHE = "tensorrt.timing-cache"
+TIMING_CACHE = "timing-cache"  # engines/<plan stem>.timing-cache: per GPU, shared by all models
 
 Precision = Literal["int8", "fp16", "fp32"]
 

@@ -105,7 +105,7 @@ class PinnedBuffer:
         self.pointer: int | None = int(check(self._cudart.cudaMallocHost(self.nbytes)))
         # Through raw bytes, not a ctypes element type: float16 has none.
         raw = (ctypes.c_ubyte * self.nbytes).from_address(self.pointer)
-        self.array: np.ndarray = np.frombuffer(raw, dtype=self.dtype, count=int(count))
+        self.array: np.ndarray = np.frombuffer(memoryview(raw), dtype=self.dtype, count=int(count))
 
     def close(self) -> None:
         if self.pointer is not None:

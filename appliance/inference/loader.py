@@ -30,7 +30,9 @@ def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: P
     manifest = loaded.manifest
     max_batch = min(config.max_batch or manifest.batching.max_batch, manifest.batching.max_batch)
     choice = choose_artifact(loaded, config, engines_dir)
-    log.info("serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)
+    # A passed-over artifact that `make engine` would fix is worth a warning in the journal.
+    level = logging.WARNING if "run `make engine`" in choice.reason else logging.INFO
+    log.log(level, "serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)
     backend: Backend
     if choice.backend == "tensorrt":
         backend = TensorRtBackend(choice.path, output_name=manifest.output.name, max_batch=max_batch)

@@ -42,7 +42,7 @@ def test_identical_scores_pass_with_zero_differences() -> None:
     ref = np.linspace(0.01, 0.99, 50)[:, None]
     report = compare(manifest, ref, ref.copy(), None, Accuracy(), "no labels")
     assert report.passed and report.agreement == 1.0 and report.max_abs_diff == 0.0
-    assert report.auc_note == "no labels" and "AUC not computed" in report.summary()
+    assert report.auc_note == "no labels" and "no AUC (unlabelled)" in report.summary()
 
 
 def test_a_flipped_decision_and_a_large_difference_fail_with_the_figures() -> None:
@@ -54,7 +54,7 @@ def test_a_flipped_decision_and_a_large_difference_fail_with_the_figures() -> No
     assert report.max_abs_diff == pytest.approx(0.15)
     assert report.mean_abs_diff == pytest.approx(0.15 / 4)
     assert not report.passed
-    assert any("agreement 75.0% < 90.0%" in f for f in report.failures)
+    assert any("agreement 75.00% (1 of 4 decisions differ) < 90.00%" in f for f in report.failures)
     assert any("max |score diff| 0.1500 > 0.1" in f for f in report.failures)
 
 

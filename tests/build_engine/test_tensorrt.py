@@ -58,7 +58,7 @@ def test_plan_sidecar_is_keyed_to_this_gpu_and_tensorrt(plans: dict[str, Path], 
     assert sidecar.key.onnx_sha256 == sha256_file(DEFAULT_MODEL / "model.onnx")
     plan = plans[precision].parent / sidecar.artifact
     assert sidecar.artifact_sha256 == sha256_file(plan)
-    assert (plans[precision].parent / "tensorrt.timing-cache").is_file()
+    assert (plans[precision].parents[1] / f"{plans[precision].stem}.timing-cache").is_file()
     assert sidecar.gate["passed"] and sidecar.throughput["artifact_img_s"] > 0
 
 

@@ -53,4 +53,4 @@ def test_loader_refuses_a_manifest_naming_another_output(tmp_path: Path) -> None
     text = (MODEL / "model.toml").read_text().replace('name = "logit"', 'name = "probabilities"')
     (tmp_path / "model.toml").write_text(text)
     with pytest.raises(ModelMismatchError, match="no output named 'probabilities'"):
-        open_backend(load_manifest(tmp_path), InferenceConfig())
+        open_backend(load_manifest(tmp_path), InferenceConfig(), tmp_path / "engines")
