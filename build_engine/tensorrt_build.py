@@ -51,12 +51,17 @@ def build_plan(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     profile = builder.create_optimization_profile()
     opt = max(1, min(opt_batch, max_batch))
-    profile.set_shape(input_name, (1, *sample_shape), (opt, *sample_shape), (max_batch, *sample_shape))
+    try:
+        profile.set_shape(input_name, (1, *sample_shape), (opt, *sample_shape), (max_batch, *sample_shape))
+    except RuntimeError as e:  # a wrong name or inconsistent shapes raise rather than return False
+        raise BuildError(f"TensorRT refused the batch profile 1..{max_batch} for {input_name!r}: {e}.") from e
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("TensorRT ignored the timing cache %s (another TensorRT or GPU); starting a new one", timing_cache)
+    cache = config.create_timing_cache(cache_bytes)  # None for a corrupt or foreign cache file
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning(
+            "TensorRT cannot use the timing cache %s (corrupt, or another TensorRT/GPU); starting anew", timing_cache
+        )
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     plan = builder.build_serialized_network(network, config)

@@ -41,8 +41,21 @@ def tensorrt_version() -> str:
         return ""
 
 
+_logger: Any = None
+
+
 def make_logger(trt: Any) -> Any:
-    """A TensorRT logger that speaks through ours, so parser and builder errors reach the journal."""
+    """A TensorRT logger that speaks through ours, so parser and builder errors reach the journal.
+
+    One per process: TensorRT keeps the first logger it is given for every later builder and runtime.
+    """
+    global _logger
+    if _logger is None:
+        _logger = _new_logger(trt)
+    return _logger
+
+
+def _new_logger(trt: Any) -> Any:
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -126,11 +139,16 @@ class TensorRtBackend(Backend):
         if self._output_name not in names:
             raise ModelMismatchError(f"{self._path} has no output named {self._output_name!r}.")
         name = inputs[0]
-        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-        out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._output_name)))
+        try:
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._output_name)))
+        except TypeError as e:  # BF16, FP8, INT4... at the plan's edge: NumPy has no such type
+            raise ModelMismatchError(f"{self._path}: an input or output type has no NumPy equivalent ({e}).") from e
         if out_dtype != np.float32:
             raise ModelMismatchError(f"{self._path}: output {self._output_name!r} is {out_dtype}; float32 needed.")
         shape = tuple(engine.get_tensor_shape(name))
+        if any(int(d) < 0 for d in shape[1:]):
+            raise ModelMismatchError(f"{self._path}: only the batch axis may be dynamic; the input is {list(shape)}.")
         _, _, max_shape = engine.get_tensor_profile_shape(name, 0)
         self._max_batch = max(1, min(self._wanted_max_batch, int(max_shape[0])))
         self._sample_shape = tuple(int(d) for d in shape[1:])
@@ -142,14 +160,28 @@ class TensorRtBackend(Backend):
         if context is None:
             raise BackendError(f"TensorRT could not create an execution context for {self._path} (GPU memory?).")
         sample = int(np.prod(self._sample_shape))
-        context.set_input_shape(self._spec.name, (self._max_batch, *self._sample_shape))
+        if not context.set_input_shape(self._spec.name, (self._max_batch, *self._sample_shape)):
+            raise ModelMismatchError(f"{self._path}: the plan does not accept a batch of {self._max_batch}.")
         out_shape = tuple(context.get_tensor_shape(self._output_name))
+        if any(int(d) < 0 for d in out_shape):
+            raise ModelMismatchError(f"{self._path}: the output shape {list(out_shape)} depends on the data.")
         self._out_width = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
-        stream = cuda.Stream()
-        host_in = cuda.PinnedBuffer(self._max_batch * sample, self._spec.dtype)
-        device_in = cuda.DeviceBuffer(host_in.nbytes)
-        host_out = cuda.PinnedBuffer(self._max_batch * self._out_width, np.dtype(np.float32))
-        device_out = cuda.DeviceBuffer(host_out.nbytes)
+        made: list[cuda.Stream | cuda.PinnedBuffer | cuda.DeviceBuffer] = []
+        try:
+            stream = cuda.Stream()
+            made.append(stream)
+            host_in = cuda.PinnedBuffer(self._max_batch * sample, self._spec.dtype)
+            made.append(host_in)
+            device_in = cuda.DeviceBuffer(host_in.nbytes)
+            made.append(device_in)
+            host_out = cuda.PinnedBuffer(self._max_batch * self._out_width, np.dtype(np.float32))
+            made.append(host_out)
+            device_out = cuda.DeviceBuffer(host_out.nbytes)
+            made.append(device_out)
+        except BaseException:
+            for part in made:  # a failed allocation frees what this slot already holds
+                part.close()
+            raise
         # Buffers are sized for the max batch, so addresses are set once; only the shape changes per batch.
         context.set_tensor_address(self._spec.name, device_in.pointer)
         context.set_tensor_address(self._output_name, device_out.pointer)
@@ -168,6 +200,8 @@ class TensorRtBackend(Backend):
     def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
         assert self._spec is not None
         n = batch.shape[0]
+        # The current device is per thread; the batcher's thread is not the one that loaded the plan.
+        cuda.check(cuda.runtime().cudaSetDevice(self._device))
         slot = self._free.get()
         try:
             in_count = batch.size
