@@ -9,7 +9,7 @@ MODEL ?=
 PRECISION ?= auto
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos model engine run test lint typecheck check-protos clean
+.PHONY: venv protos model engine bench run test lint typecheck check-protos clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,13 @@ model: $(STAMP)
 # The fastest artifact this host runs, behind the accuracy gate: engines/<model>/ (python -m build_engine --help).
 engine: model
 	$(PY) -m build_engine --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) --precision $(PRECISION)
+
+# Throughput and latency, measured in one run: the MR workload on the configured model, then full-size
+# radiographs on the small pipeline-test model (make bench WORKLOAD=mr|radiograph MODEL=... COUNT=...).
+WORKLOAD ?= mr radiograph
+bench: model
+	for w in $(WORKLOAD); do $(PY) -m appliance.bench --config $(CONFIG) --workload $$w \
+		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done
 
 run: model
 	mkdir -p var/incoming

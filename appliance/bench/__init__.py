@@ -1,0 +1,1 @@
+"""`make bench`: the daemon's speed measured against its own stages and a hand-written loop, in one run."""

@@ -1,0 +1,5 @@
+import sys
+
+from appliance.bench.run import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""The real daemon on a free loopback port, fed through its watch folder and read from its gRPC stream."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from appliance.v1 import scoring_pb2 as pb
+from appliance.v1 import scoring_pb2_grpc as pb_grpc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Arrival:
+    file_name: str
+    at: float  # time.time() when the result came off the stream
+    result: pb.Result
+
+
+@dataclass
+class BenchDaemon:
+    root: Path
+    model: Path
+    engines: Path
+    max_delay_ms: float = 5.0
+    decode_workers: int = 0
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    arrivals: list[Arrival] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _reader: threading.Thread | None = None
+    _channel: grpc.Channel | None = None
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    def start(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.incoming.mkdir(parents=True)
+        workers = self.decode_workers or os.cpu_count() or 2
+        config = self.root / "appliance.toml"
+        config.write_text(
+            f'[watch]\ndir = "{self.incoming}"\nafter_scoring = "delete"\nstable_s = 0.2\n'
+            f'rejected_dir = "{self.root / "rejected"}"\n'
+            f'[storage]\ndata_dir = "{self.root / "data"}"\n'
+            f'[model]\ndir = "{self.model}"\nengines_dir = "{self.engines}"\n'
+            f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
+            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
+            '[logging]\nlevel = "WARNING"\n'
+        )
+        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        self._wait_ready()
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the daemon exited: {(self.root / 'daemon.log').read_text()[-2000:]}")
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service="appliance.v1.Scoring"), timeout=1)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError("the daemon did not become ready")
+
+    def _read(self) -> None:
+        assert self._channel is not None
+        stream = pb_grpc.ScoringStub(self._channel).StreamResults(pb.StreamResultsRequest(since_sequence=0))
+        try:
+            for result in stream:
+                with self._cond:
+                    self.arrivals.append(Arrival(result.file_name, time.time(), result))
+                    self._cond.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def drop(self, source: Path, name: str) -> float:
+        """Publish a file as a careful sender does (copy under a dot-name, rename); returns its close time."""
+        tmp = self.incoming / f".{name}.part"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, self.incoming / name)
+        return time.time()
+
+    def wait_for(self, count: int, timeout: float = 3600) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.arrivals) >= count, timeout):
+                raise RuntimeError(f"only {len(self.arrivals)} of {count} results arrived")
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)

@@ -1,0 +1,92 @@
+"""The bench's figures as text, JSON (for comparisons over time) and a PNG drawn with OpenCV."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def text(figures: dict[str, Any]) -> str:
+    f = figures
+    lines = [
+        f"workload {f['workload']}: {f['count']} files, model {f['model']} on {f['backend']} "
+        f"({f['artifact']}), {f['cpus']} CPUs",
+        f"  raw backend            batch 1: {f['raw_batch1_img_s']:8.1f} img/s   batch {f['max_batch']}: "
+        f"{f['raw_max_batch_img_s']:8.1f} img/s   (no I/O)",
+        f"  decode+preprocess      threads: {f['prepare_threads_files_s']:8.1f} files/s   processes: "
+        f"{f['prepare_processes_files_s']:8.1f} files/s   (alone, whole host)",
+        f"  end to end (daemon)    {f['e2e_files_s']:8.1f} files/s   first drop to last result",
+        f"  ratio e2e / raw backend (max batch)           {f['ratio_e2e_to_raw']:.2f}",
+        f"  ratio e2e / slower stage ({f['slower_stage']}) {f['ratio_e2e_to_slower_stage']:.2f}",
+        f"  hand-written loop      {f['naive_files_s']:8.1f} files/s   daemon speed-up {f['speedup_vs_naive']:.2f}x",
+        "  latency close->stream  idle   p50 {p50:7.1f}  p95 {p95:7.1f}  p99 {p99:7.1f} ms".format(
+            **f["latency_idle_ms"]
+        ),
+        "                         burst  p50 {p50:7.1f}  p95 {p95:7.1f}  p99 {p99:7.1f} ms".format(
+            **f["latency_burst_ms"]
+        ),
+        f"  idle p50 budget        raw batch-1 inference {f['single_infer_ms']:.1f} + decode "
+        f"{f['single_decode_ms']:.1f} + 5 ms = {f['latency_budget_ms']:.1f} ms",
+        "  stage shares           " + "  ".join(f"{k} {v:.0%}" for k, v in f["stage_shares"].items()),
+        f"  peak RSS (daemon)      {f['peak_rss_mb']:.0f} MiB",
+    ]
+    if "shrink_first_error" in f:
+        e = f["shrink_first_error"]
+        lines.append(
+            f"  shrink-first vs full-res float: max |diff| {e['max_abs']:.4f}, mean {e['mean_abs']:.5f} "
+            f"(display units 0..1, on {e['images']} images)"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, figures: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+
+
+def write_png(path: Path, figures: dict[str, Any]) -> None:
+    """Latency percentiles (idle, burst) as bars, and the stage shares as one stacked bar."""
+    width, height = 900, 420
+    img = np.full((height, width, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    title = f"{figures['workload']}: {figures['e2e_files_s']:.1f} files/s end to end"
+    cv2.putText(img, title, (20, 30), font, 0.7, (0, 0, 0), 2)
+    groups = [("idle", figures["latency_idle_ms"]), ("burst", figures["latency_burst_ms"])]
+    top = max(max(g.values()) for _, g in groups) or 1.0
+    colours = {"p50": (180, 120, 40), "p95": (40, 140, 220), "p99": (40, 40, 200)}
+    x = 40
+    base = 360
+    for name, values in groups:
+        for key, value in values.items():
+            h = int(260 * value / top)
+            cv2.rectangle(img, (x, base - h), (x + 40, base), colours[key], -1)
+            cv2.putText(img, f"{value:.0f}", (x, base - h - 5), font, 0.4, (0, 0, 0), 1)
+            cv2.putText(img, key, (x + 5, base + 18), font, 0.45, (0, 0, 0), 1)
+            x += 50
+        cv2.putText(img, f"{name} latency (ms)", (x - 150, base + 40), font, 0.5, (0, 0, 0), 1)
+        x += 40
+    # Stage shares: one stacked horizontal bar on the right.
+    shares = figures["stage_shares"]
+    palette = [(90, 180, 90), (200, 160, 60), (60, 90, 200), (160, 160, 160)]
+    left, bar_top, bar_width = 520, 80, 340
+    cv2.putText(img, "share of per-file time", (left, bar_top - 15), font, 0.5, (0, 0, 0), 1)
+    offset = left
+    for i, (name, share) in enumerate(shares.items()):
+        w = int(bar_width * share)
+        cv2.rectangle(img, (offset, bar_top), (offset + w, bar_top + 40), palette[i % len(palette)], -1)
+        offset += w
+        cv2.rectangle(img, (left, bar_top + 60 + 25 * i), (left + 15, bar_top + 75 + 25 * i), palette[i % 4], -1)
+        cv2.putText(img, f"{name} {share:.0%}", (left + 25, bar_top + 73 + 25 * i), font, 0.5, (0, 0, 0), 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), img)

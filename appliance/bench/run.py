@@ -1,0 +1,135 @@
+"""`python -m appliance.bench` / `make bench`: every figure measured in one run on this host, as ratios
+and percentiles (machines here are noisy; absolute timings are never pass/fail anywhere)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.bench.daemon_run import BenchDaemon
+from appliance.bench.inputs import WORKLOADS, write_inputs
+from appliance.bench.report import percentiles, text, write_json, write_png
+from appliance.bench.stages import backend_throughput, naive_loop, prepare_throughput
+from appliance.config import InferenceConfig, LimitsConfig, load_config
+from appliance.inference.loader import open_backend
+from appliance.logging_setup import quiet_pydicom
+from appliance.manifest import load_manifest
+from appliance.pipeline import Preparer
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODELS = {"mr": None, "radiograph": REPO / "models" / "pipeline-test"}  # None: the config's model
+DEFAULT_COUNTS = {"mr": 200, "radiograph": 96}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m appliance.bench", description=__doc__)
+    p.add_argument("--workload", choices=WORKLOADS, default="mr", help="mr (default model) or radiograph")
+    p.add_argument("--count", type=int, help="files in the burst (default: mr 200, radiograph 96)")
+    p.add_argument("--model", type=Path, help="model folder (default: mr the config's, radiograph pipeline-test)")
+    p.add_argument("--config", type=Path, default=REPO / "appliance.toml", help="for the engines folder")
+    p.add_argument("--out", type=Path, default=REPO / "bench-results", help="where the JSON and PNG go")
+    p.add_argument("--idle", type=int, default=10, help="single images on an idle daemon, for latency")
+    p.add_argument("--naive", type=int, default=24, help="files through the hand-written loop")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="the batcher's delay, as the daemon has it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    quiet_pydicom()
+    config = load_config(args.config)
+    model_dir = (args.model or DEFAULT_MODELS[args.workload] or config.model.dir).resolve()
+    loaded = load_manifest(model_dir)
+    manifest = loaded.manifest
+    count = args.count or DEFAULT_COUNTS[args.workload]
+    work = args.out / f".work-{args.workload}"
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"generating {count + args.idle} {args.workload} inputs ...", flush=True)
+    paths = write_inputs(work / "inputs", args.workload, count + args.idle)
+    idle_paths, burst_paths = paths[: args.idle], paths[args.idle :]
+    limits = LimitsConfig()
+    figures: dict[str, Any] = {
+        "workload": args.workload,
+        "count": count,
+        "model": manifest.model.name,
+        "cpus": os.cpu_count(),
+        "unix_time": time.time(),
+    }
+
+    print("timing each stage alone ...", flush=True)
+    preparer = Preparer(manifest, limits)
+    singles = [preparer.prepare(p.read_bytes()) for p in burst_paths[:16]]
+    samples = [t for s in singles for t in s.tensors]
+    figures["single_decode_ms"] = float(np.mean([s.decode_ms + s.preprocess_ms for s in singles]))
+    backend = open_backend(loaded, InferenceConfig(), config.model.engines_dir)
+    try:
+        figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
+        figures["max_batch"] = backend.max_batch
+        figures["raw_batch1_img_s"] = backend_throughput(backend, samples, 1)
+        figures["raw_max_batch_img_s"] = backend_throughput(backend, samples, backend.max_batch)
+    finally:
+        backend.close()
+    figures["single_infer_ms"] = 1000 / figures["raw_batch1_img_s"]
+    figures["latency_budget_ms"] = figures["single_infer_ms"] + figures["single_decode_ms"] + 5
+    figures["prepare_threads_files_s"] = prepare_throughput(manifest, limits, burst_paths, "thread")
+    figures["prepare_processes_files_s"] = prepare_throughput(manifest, limits, burst_paths, "process")
+    prepare_alone = max(figures["prepare_threads_files_s"], figures["prepare_processes_files_s"])
+    slower = min(prepare_alone, figures["raw_max_batch_img_s"])
+    figures["slower_stage"] = "decode+preprocess" if prepare_alone <= figures["raw_max_batch_img_s"] else "inference"
+    print("the hand-written loop ...", flush=True)
+    figures["naive_files_s"] = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
+
+    print("the daemon: idle latency, then the burst ...", flush=True)
+    daemon = BenchDaemon(work / "daemon", model_dir, config.model.engines_dir, max_delay_ms=args.max_delay_ms)
+    daemon.start()
+    try:
+        idle = []
+        for i, path in enumerate(idle_paths):
+            closed = daemon.drop(path, path.name)
+            daemon.wait_for(i + 1)
+            idle.append((daemon.arrivals[i].at - closed) * 1e3)
+            time.sleep(0.3)
+        closes = {}
+        first = time.time()
+        for path in burst_paths:
+            closes[path.name] = daemon.drop(path, path.name)
+        daemon.wait_for(len(paths))
+        burst = daemon.arrivals[len(idle_paths) :]
+        figures["peak_rss_mb"] = daemon.peak_rss_mb()
+    finally:
+        daemon.stop()
+    rejected = [a.file_name for a in daemon.arrivals if a.result.rejection.code]
+    if rejected:
+        print(f"warning: {len(rejected)} inputs were rejected, e.g. {rejected[0]}", file=sys.stderr)
+    last = max(a.at for a in burst)
+    figures["e2e_files_s"] = len(burst) / (last - first)
+    figures["ratio_e2e_to_raw"] = figures["e2e_files_s"] / figures["raw_max_batch_img_s"]
+    figures["ratio_e2e_to_slower_stage"] = figures["e2e_files_s"] / slower
+    figures["speedup_vs_naive"] = figures["e2e_files_s"] / figures["naive_files_s"]
+    figures["latency_idle_ms"] = percentiles(idle)
+    figures["latency_burst_ms"] = percentiles([(a.at - closes[a.file_name]) * 1e3 for a in burst])
+    t = [a.result.timings for a in burst]
+    decode, prep = sum(x.decode_ms for x in t), sum(x.preprocess_ms for x in t)
+    infer, total = sum(x.infer_ms for x in t), sum(x.total_ms for x in t) or 1.0
+    figures["stage_shares"] = {
+        "decode": decode / total,
+        "preprocess": prep / total,
+        "inference": infer / total,
+        "rest": max(0.0, total - decode - prep - infer) / total,
+    }
+
+    report = text(figures)
+    print(report)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(args.out / f"{args.workload}-{stamp}.json", figures)
+    write_png(args.out / f"{args.workload}-{stamp}.png", figures)
+    print(f"wrote {args.out}/{args.workload}-{stamp}.json and .png")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0

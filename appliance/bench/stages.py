@@ -1,0 +1,94 @@
+"""Each stage alone, on the same inputs: raw backend throughput, decode+preprocess on the whole host,
+and the loop a clinic would write by hand (the baseline the daemon's speed-up is measured against)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from appliance.config import LimitsConfig
+from appliance.inference.backend import Backend
+from appliance.inference.onnxruntime import OnnxRuntimeBackend
+from appliance.manifest import Manifest
+from appliance.pipeline import Preparer
+
+
+def backend_throughput(backend: Backend, samples: Sequence[np.ndarray], batch: int, min_seconds: float = 2.0) -> float:
+    """Images per second for batches of `batch` real samples, no I/O, after one warm-up batch."""
+    batch = min(batch, backend.max_batch)
+    stack = np.stack([samples[i % len(samples)] for i in range(batch)])
+    backend.infer(stack)
+    done, start = 0, time.perf_counter()
+    while done < 3 * batch or time.perf_counter() - start < min_seconds:
+        backend.infer(stack)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+_worker_preparer: Preparer | None = None
+
+
+def _init_worker(manifest: Manifest, limits: LimitsConfig) -> None:
+    global _worker_preparer
+    _worker_preparer = Preparer(manifest, limits)
+
+
+def _prepare_one(path: Path) -> tuple[float, float]:
+    assert _worker_preparer is not None
+    prepared = _worker_preparer.prepare(path.read_bytes())
+    return prepared.decode_ms, prepared.preprocess_ms
+
+
+def prepare_throughput(
+    manifest: Manifest, limits: LimitsConfig, paths: Sequence[Path], kind: str, workers: int | None = None
+) -> float:
+    """Files per second through decode + preprocess alone, with `workers` threads or processes."""
+    workers = workers or os.cpu_count() or 1
+    pool: Executor
+    if kind == "process":
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(manifest, limits))
+    else:
+        _init_worker(manifest, limits)
+        pool = ThreadPoolExecutor(workers)
+    with pool:
+        list(pool.map(_prepare_one, paths[: 2 * workers]))  # warm up (imports, pools, first decodes)
+        start = time.perf_counter()
+        list(pool.map(_prepare_one, paths))
+        return len(paths) / (time.perf_counter() - start)
+
+
+def naive_loop(manifest: Manifest, onnx_path: Path, paths: Sequence[Path]) -> float:
+    """One file at a time, by hand: pydicom pixel_array, modality and VOI LUT at full resolution in float,
+    OpenCV resize, ONNX Runtime FP32 at batch 1. Returns files per second."""
+    spec, pp = manifest.input, manifest.preprocess
+    session = OnnxRuntimeBackend(onnx_path, output_name=manifest.output.name, max_batch=1)
+    session.load()
+    lo, hi = pp.scale
+    mean, std = np.float32(pp.mean[0]), np.float32(pp.std[0])
+    try:
+        start = time.perf_counter()
+        for path in paths:
+            if path.suffix == ".png":
+                image = np.asarray(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), dtype=np.float64) / 65535.0
+            else:
+                ds = pydicom.dcmread(path)
+                values = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+                image = (values - values.min()) / max(float(values.max() - values.min()), 1e-9)
+                if ds.PhotometricInterpretation == "MONOCHROME1":
+                    image = 1.0 - image
+            small = cv2.resize(image.astype(np.float32), (spec.width, spec.height), interpolation=cv2.INTER_AREA)
+            x = (small * (hi - lo) + lo - mean) / std
+            x = np.repeat(x[..., None], spec.channels, axis=2)
+            x = x.transpose(2, 0, 1) if spec.layout == "NCHW" else x
+            session.infer(x[None].astype(np.float32))
+        return len(paths) / (time.perf_counter() - start)
+    finally:
+        session.close()
