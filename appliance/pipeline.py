@@ -28,8 +28,10 @@ class Prepared:
 class Preparer:
     """Decode + preprocess exactly as the manifest says; raises an InputRejected subclass for bad input."""
 
-    def __init__(self, manifest: Manifest, limits: LimitsConfig) -> None:
+    def __init__(self, manifest: Manifest, limits: LimitsConfig, *, shrink_first: bool = True) -> None:
         self.manifest = manifest
+        # Large grayscale DICOM frames are shrunk as stored integers before windowing (see dicom.py).
+        self.shrink_first = shrink_first
         self.max_bytes = int(limits.max_file_mb * 1024 * 1024)
         self.limits = DecodeLimits(
             max_pixels=limits.max_pixels, max_frames=limits.max_frames, multiframe=limits.multiframe
@@ -46,7 +48,13 @@ class Preparer:
     def prepare(self, data: bytes, name: str = "") -> Prepared:
         self.check_size(len(data))
         t0 = time.perf_counter()
-        image = decode(data, limits=self.limits, preprocess=self.manifest.preprocess, name=name)
+        image = decode(
+            data,
+            limits=self.limits,
+            preprocess=self.manifest.preprocess,
+            name=name,
+            shrink=self.preprocessor.shrink_target if self.shrink_first else None,
+        )
         t1 = time.perf_counter()
         tensors = tuple(self.preprocessor(frame) for frame in image.frames)
         t2 = time.perf_counter()

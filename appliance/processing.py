@@ -48,6 +48,9 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+FINISH_GROUP = 64  # results stored per journal transaction at most
+
+
 class Processor:
     """Owns the worker pool, the batcher and the finisher thread.
 
@@ -162,18 +165,34 @@ class Processor:
         self._finish_queue.put(job)
 
     def _finish_loop(self) -> None:
+        """Store results in groups: whatever finished while the last group was being written goes into
+        the next one transaction, so a burst costs one fsync per group, not per file."""
         while True:
             job = self._finish_queue.get()
             if job is None:
                 return
+            group, stopping = [job], False
+            while len(group) < FINISH_GROUP:
+                try:
+                    more = self._finish_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                group.append(more)
             try:
-                self._finish(job)
-            except Exception as e:  # never lose the finisher: fail this job's caller, keep going
-                log_failure(log, "input %d: storing its result failed", job.facts.input_id, error=e)
-                if job.future is not None and not job.future.done():
-                    job.future.set_exception(e)
+                self._finish_group(group)
+            except Exception as e:  # never lose the finisher: fail these jobs' callers, keep going
+                for failed in group:
+                    log_failure(log, "input %d: storing its result failed", failed.facts.input_id, error=e)
+                    if failed.future is not None and not failed.future.done():
+                        failed.future.set_exception(e)
             finally:
-                self._release()
+                for _ in group:
+                    self._release()
+            if stopping:
+                return
 
     def _release(self) -> None:
         self._slots.release()
@@ -183,32 +202,46 @@ class Processor:
             if self._in_flight == 0:
                 self._idle.notify_all()
 
-    def _finish(self, job: Job) -> None:
-        results = self._build_results(job)
-        rows = [
-            NewResult(
-                frame_index=r.frame_index,
-                outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
-                sop_uid=r.sop_instance_uid,
-                payload=r.SerializeToString(),
-                transient=r.rejection.code in TRANSIENT_CODES,
+    def _finish_group(self, group: list[Job]) -> None:
+        built = [(job, self._build_results(job)) for job in group]
+        items = [
+            (
+                job.facts.input_id,
+                [
+                    NewResult(
+                        frame_index=r.frame_index,
+                        outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
+                        sop_uid=r.sop_instance_uid,
+                        payload=r.SerializeToString(),
+                        transient=r.rejection.code in TRANSIENT_CODES,
+                    )
+                    for r in results
+                ],
             )
-            for r in results
+            for job, results in built
         ]
-        seqs = self.journal.complete(job.facts.input_id, rows)
-        if not seqs:
-            # Already finished by another job for the same input: answer with what is stored, touch nothing.
-            log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
+        stored = self.journal.complete_many(items)
+        disposed: list[tuple[int, str]] = []
+        done: list[tuple[Job, list[pb.Result]]] = []
+        for (job, results), seqs in zip(built, stored, strict=True):
+            if not seqs:
+                # Already finished by another job for the same input: answer with what is stored, touch nothing.
+                log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
+                if job.future is not None:
+                    rows = self.journal.results_for_input(job.facts.input_id)
+                    job.future.set_result([stored_to_message(s) for s in rows])
+                continue
+            for r, seq in zip(results, seqs, strict=True):
+                r.sequence = seq
+            where = self._dispose(job, results[0])
+            if where is not None:
+                disposed.append((job.facts.input_id, where))
+            done.append((job, results))
+        self.journal.set_disposed_many(disposed)
+        for job, results in done:
+            self._account(job, results)
             if job.future is not None:
-                stored = self.journal.results_for_input(job.facts.input_id)
-                job.future.set_result([stored_to_message(s) for s in stored])
-            return
-        for r, seq in zip(results, seqs, strict=True):
-            r.sequence = seq
-        self._dispose(job, results[0])
-        self._account(job, results)
-        if job.future is not None:
-            job.future.set_result(results)
+                job.future.set_result(results)
 
     def _build_results(self, job: Job) -> list[pb.Result]:
         prepared = job.prepared
@@ -268,7 +301,8 @@ class Processor:
         result.frame_index, result.frame_count = frame_index, frame_count
         return result
 
-    def _dispose(self, job: Job, first: pb.Result) -> None:
+    def _dispose(self, job: Job, first: pb.Result) -> str | None:
+        """Move the file aside; returns where it went ('' for gone), None if the move failed."""
         try:
             if job.facts.source == "grpc":
                 job.path.unlink(missing_ok=True)  # the spooled copy of a Score request
@@ -283,9 +317,10 @@ class Processor:
                 )
             else:
                 where = disposal.dispose_scored(job.path, job.facts.input_id, self.config.watch)
-            self.journal.set_disposed(job.facts.input_id, where)
+            return where
         except OSError as e:  # the result is stored; a failed move is retried by the next rescan
             log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)
+            return None
 
     def _account(self, job: Job, results: list[pb.Result]) -> None:
         elapsed = time.perf_counter() - job.picked_up

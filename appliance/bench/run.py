@@ -105,9 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["peak_rss_mb"] = daemon.peak_rss_mb()
     finally:
         daemon.stop()
-    rejected = [a.file_name for a in daemon.arrivals if a.result.rejection.code]
+    rejected = [a.result for a in daemon.arrivals if a.result.rejection.code]
     if rejected:
-        print(f"warning: {len(rejected)} inputs were rejected, e.g. {rejected[0]}", file=sys.stderr)
+        first_bad = rejected[0]
+        print(
+            f"warning: {len(rejected)} inputs were rejected, e.g. {first_bad.file_name}: "
+            f"{first_bad.rejection.code}: {first_bad.rejection.message}",
+            file=sys.stderr,
+        )
     last = max(a.at for a in burst)
     figures["e2e_files_s"] = len(burst) / (last - first)
     figures["ratio_e2e_to_raw"] = figures["e2e_files_s"] / figures["raw_max_batch_img_s"]

@@ -7,6 +7,7 @@ import io
 import logging
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import pydicom
 import pydicom.pixels as px
@@ -22,7 +23,7 @@ from appliance.errors import (
     UnsupportedPixelFormat,
     UnsupportedTransferSyntax,
 )
-from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
+from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta, ShrinkTo
 from appliance.manifest import Preprocess
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,19 @@ def parse(data: bytes, *, force: bool = False) -> Dataset:
     return ds
 
 
-def read_dicom(data: bytes, *, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage:
+def read_dicom(
+    data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None = None
+) -> DecodedImage:
     """A DICOM Part 10 file -> display-ready frames. Raises an InputRejected subclass for a bad file."""
-    return decode_dataset(parse(data), limits=limits, preprocess=preprocess)
+    return decode_dataset(parse(data), limits=limits, preprocess=preprocess, shrink=shrink)
 
 
-def decode_dataset(ds: Dataset, *, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage:
+def decode_dataset(
+    ds: Dataset, *, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None = None
+) -> DecodedImage:
     """A parsed dataset -> display-ready frames; any failure of the pixel pipeline is this file's CorruptDicom."""
     try:
-        return _decode(ds, limits, preprocess)
+        return _decode(ds, limits, preprocess, shrink)
     except (InputRejected, MemoryError):
         raise
     except Exception as e:  # truncated fragments, bad JPEG streams, malformed LUTs: the file's fault
@@ -200,7 +205,7 @@ def _check_decoder(ds: Dataset) -> None:
         )
 
 
-def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess) -> DecodedImage:
+def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None) -> DecodedImage:
     _check_pixels_present(ds)
     meta = _meta(ds)
     frames = _check_limits(ds, limits)
@@ -216,6 +221,7 @@ def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess) -> Decode
     # One frame at a time: a long multi-frame series never sits decoded in its stored form all at once.
     for index, frame in enumerate(px.iter_pixels(ds, as_rgb=True)):
         if gray:
+            frame = _shrink_stored(frame, shrink)
             view = _lut_view(ds, index)
             span = top_level_span if view is ds or not voi else _voi_span(view)
             shown = _gray(frame, view, span)
@@ -282,6 +288,27 @@ def _voi_span(ds: Dataset) -> _Span | None:
         log.warning("ignoring an unusable VOI LUT or window (%s); using the image's own range", type(e).__name__)
         return None
     return span if span.hi != span.lo else None
+
+
+# cv2.resize's INTER_AREA takes these stored types as they are; others (32-bit) are rare and left whole.
+_SHRINKABLE = (np.uint8, np.uint16, np.int16)
+
+
+def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None) -> np.ndarray:
+    """Shrink the stored integers first, so the LUTs and the float conversion run on the small image.
+
+    Area averaging commutes with the rescale and with a window's linear part; it differs from shrinking
+    the displayed image only where a window clips or a VOI LUT/sigmoid bends within one averaged block,
+    and by the rounding of the average to an integer (at most half a stored unit). `make bench` measures
+    the difference on full-size radiographs. Never a full-resolution float copy.
+    """
+    if shrink is None or frame.ndim != 2 or frame.dtype.type not in _SHRINKABLE:
+        return frame
+    target = shrink(frame.shape[0], frame.shape[1])
+    if target is None:
+        return frame
+    rows, cols = target
+    return cv2.resize(frame, (cols, rows), interpolation=cv2.INTER_AREA)
 
 
 def _gray(frame: np.ndarray, ds: Dataset, span: _Span | None) -> np.ndarray:

@@ -41,15 +41,30 @@ class Preprocessor:
         self.gain = ((hi - lo) / std).astype(np.float32)
         self.offset = ((lo - mean) / std).astype(np.float32)
 
+    def _target(self, h: int, w: int) -> tuple[int, int]:
+        """The size a frame of h x w is resized to (before any letterbox padding)."""
+        if not self.letterbox:
+            return self.height, self.width
+        ratio = min(self.width / w, self.height / h)
+        return min(self.height, max(1, round(h * ratio))), min(self.width, max(1, round(w * ratio)))
+
+    def shrink_target(self, h: int, w: int) -> tuple[int, int] | None:
+        """For readers that can shrink first: the size an h x w frame is shrunk to with area averaging,
+        or None when this preprocessing does not shrink it that way (enlarging, or another interpolation)."""
+        if self.interpolation != cv2.INTER_AREA:
+            return None
+        rows, cols = self._target(h, w)
+        if rows > h or cols > w or (rows, cols) == (h, w):
+            return None
+        return rows, cols
+
     def _resize(self, img: np.ndarray) -> np.ndarray:
         h, w = img.shape[:2]
         if not self.letterbox:
             if (h, w) == (self.height, self.width):
                 return img
             return cv2.resize(img, (self.width, self.height), interpolation=self.interpolation)
-        ratio = min(self.width / w, self.height / h)
-        new_w = min(self.width, max(1, round(w * ratio)))
-        new_h = min(self.height, max(1, round(h * ratio)))
+        new_h, new_w = self._target(h, w)
         if (new_h, new_w) != (h, w):
             img = cv2.resize(img, (new_w, new_h), interpolation=self.interpolation)
         canvas = np.full((self.height, self.width, *img.shape[2:]), self.pad_value, dtype=np.float32)

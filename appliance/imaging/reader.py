@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 from appliance.errors import CorruptDicom, CorruptImage, EmptyFile, InputRejected, UnsupportedFormat
 from appliance.imaging.dicom import decode_dataset, parse, read_dicom
 from appliance.imaging.raster import read_raster, sniff
-from appliance.imaging.types import DecodedImage, DecodeLimits
+from appliance.imaging.types import DecodedImage, DecodeLimits, ShrinkTo
 from appliance.manifest import Preprocess
 
 DICOM_MAGIC_OFFSET = 128
@@ -28,11 +28,14 @@ def bare_dicom(data: bytes) -> Dataset | None:
     return ds if "SOPClassUID" in ds or "PixelData" in ds else None
 
 
-def decode(data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, name: str = "") -> DecodedImage:
+def decode(
+    data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, name: str = "", shrink: ShrinkTo | None = None
+) -> DecodedImage:
     """Bytes -> display-ready frames. Raises an InputRejected subclass, never anything else but MemoryError.
 
     `name` is the file's name, accepted for the caller's convenience; the bytes alone decide the format,
-    and the name never goes into a message (it may carry a patient's name).
+    and the name never goes into a message (it may carry a patient's name). With `shrink`, grayscale
+    DICOM frames come back already shrunk to the size preprocessing would resize them to.
     """
     if not data:
         raise EmptyFile()
@@ -40,13 +43,13 @@ def decode(data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, name: s
     kind = None if dicom else sniff(data)
     try:
         if dicom:
-            return read_dicom(data, limits=limits, preprocess=preprocess)
+            return read_dicom(data, limits=limits, preprocess=preprocess, shrink=shrink)
         if kind is not None:
             return read_raster(data, kind, limits=limits, preprocess=preprocess)
         ds = bare_dicom(data)
         if ds is not None:
             dicom = True
-            return decode_dataset(ds, limits=limits, preprocess=preprocess)
+            return decode_dataset(ds, limits=limits, preprocess=preprocess, shrink=shrink)
     except (InputRejected, MemoryError):
         raise
     except Exception as e:  # the last line of the per-input error boundary; the readers have their own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,3 +40,8 @@ class DecodeLimits:
     max_pixels: int = 80_000_000  # per frame; a decompression bomb is refused before decoding
     max_frames: int = 512
     multiframe: Literal["per_frame", "reject"] = "per_frame"
+
+
+# (rows, columns) of a frame -> the size preprocessing will shrink it to, or None if it will not shrink
+# it. Readers that can shrink stored integers before any float conversion ask this first.
+ShrinkTo = Callable[[int, int], "tuple[int, int] | None"]

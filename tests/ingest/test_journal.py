@@ -141,3 +141,18 @@ def test_a_journal_of_another_schema_version_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(ConfigError, match="schema version 99"):
         Journal(tmp_path / "j.sqlite3")
+
+
+def test_complete_many_stores_a_group_in_one_transaction_and_skips_finished_inputs(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    a, b, c = (_register(j, n, f"sha-{n}") for n in "abc")
+    assert _done(j, b) == [1]  # finished earlier: the group must not score it again
+
+    def rows(input_id: int, frames: int) -> list[NewResult]:
+        return [NewResult(frame_index=i, outcome="scored", sop_uid="", payload=b"y") for i in range(frames)]
+
+    assert j.complete_many([(a, rows(a, 2)), (b, rows(b, 1)), (c, rows(c, 1))]) == [[2, 3], [], [4]]
+    assert j.pending() == [] and j.last_sequence() == 4
+    j.set_disposed_many([(a, "/done/a"), (c, "")])
+    with pytest.raises(ValueError):
+        j.complete_many([(a, [])])
