@@ -28,6 +28,19 @@ DEFAULT_MODELS = {"mr": None, "radiograph": REPO / "models" / "pipeline-test"}  
 DEFAULT_COUNTS = {"mr": 200, "radiograph": 96}
 
 
+def shrink_first_error(fast: Preparer, exact: Preparer, paths: list[Path]) -> dict[str, float]:
+    """How far shrinking stored integers first moves the model input, in display units (0..1)."""
+    gain = float(np.abs(fast.preprocessor.gain).max())
+    diffs = [
+        np.abs(fast.prepare(p.read_bytes()).tensors[0] - exact.prepare(p.read_bytes()).tensors[0]) / gain for p in paths
+    ]
+    return {
+        "max_abs": float(max(d.max() for d in diffs)),
+        "mean_abs": float(np.mean([d.mean() for d in diffs])),
+        "images": len(diffs),
+    }
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m appliance.bench", description=__doc__)
     p.add_argument("--workload", choices=WORKLOADS, default="mr", help="mr (default model) or radiograph")
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     singles = [preparer.prepare(p.read_bytes()) for p in burst_paths[:16]]
     samples = [t for s in singles for t in s.tensors]
     figures["single_decode_ms"] = float(np.mean([s.decode_ms + s.preprocess_ms for s in singles]))
+    figures["shrink_first_error"] = shrink_first_error(preparer, Preparer(manifest, limits, shrink_first=False),
+                                                       burst_paths[:8])  # fmt: skip
     backend = open_backend(loaded, InferenceConfig(), config.model.engines_dir)
     try:
         figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name

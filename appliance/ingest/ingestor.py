@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import stat
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from appliance.config import WatchConfig
@@ -20,6 +22,7 @@ from appliance.v1 import scoring_pb2 as pb
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+HASH_WORKERS = 2
 
 
 def sha256_file(path: Path) -> str:
@@ -37,24 +40,33 @@ def display_name(path: Path) -> str:
 
 
 class Ingestor:
-    """One thread, so registrations are serial and the same file reported twice is journaled once."""
+    """Registrations are serial (one thread), so the same file reported twice is journaled once; the
+    content hashes before them run in a small pool, since hashing a 10 MB radiograph costs as much CPU as
+    decoding it and hashlib releases the GIL while it works."""
 
     def __init__(self, config: WatchConfig, journal: Journal, submit: Callable[[InputFacts, Path], None]) -> None:
         self.config = config
         self.journal = journal
         self._submit = submit
         self._queue: queue.Queue[Path | None] = queue.Queue()
+        # Bounded: a burst waits here (as paths) rather than as a pile of finished hashes.
+        self._hashed: queue.Queue[tuple[Path, os.stat_result, Future[str]] | None] = queue.Queue(2 * HASH_WORKERS)
+        self._hashers = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._registrar = threading.Thread(target=self._register_loop, name="register", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._registrar.start()
 
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self._registrar.join(timeout=30)
+        self._hashers.shutdown(wait=False, cancel_futures=True)
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._registrar.is_alive()
 
     def offer(self, path: Path) -> None:
         """Called by the watcher for each completely written file."""
@@ -63,23 +75,45 @@ class Ingestor:
     def _run(self) -> None:
         while (path := self._queue.get()) is not None:
             try:
-                self._ingest(path)
+                self._screen(path)
             except FileNotFoundError:
                 pass  # moved away or deleted between the event and now: nothing to do
             except Exception as e:  # one odd file must never stop ingest
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+        self._hashed.put(None)
 
-    def _ingest(self, path: Path) -> None:
+    def _screen(self, path: Path) -> None:
+        """Cheap checks first; a file worth registering has its hash started in the pool."""
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):
             return  # only regular files are inputs; opening a FIFO would block ingest for good
-        known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
-        if known is not None:
-            if known.state != "queued":
-                # Stored before a crash but not yet moved aside: finish the disposal, score nothing.
-                self._dispose_again(known, path)
+        if self._known(path, st):
             return
-        sha = sha256_file(path)
+        self._hashed.put((path, st, self._hashers.submit(sha256_file, path)))
+
+    def _known(self, path: Path, st: os.stat_result) -> bool:
+        known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
+        if known is None:
+            return False
+        if known.state != "queued":
+            # Stored before a crash but not yet moved aside: finish the disposal, score nothing.
+            self._dispose_again(known, path)
+        return True
+
+    def _register_loop(self) -> None:
+        while (item := self._hashed.get()) is not None:
+            path, st, hashing = item
+            try:
+                self._register(path, st, hashing.result())
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # one odd file must never stop ingest
+                log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+
+    def _register(self, path: Path, st: os.stat_result, sha: str) -> None:
+        # Checked again here, serially: the same file may have been offered twice while it was hashed.
+        if self._known(path, st):
+            return
         reg = self.journal.register(
             source="folder",
             path=str(path),
