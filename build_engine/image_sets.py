@@ -137,6 +137,9 @@ def load_set(
         result.files_used += 1
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
         for tensor in prepared.tensors[: None if limit is None else limit - len(result.tensors)]:
+            # The tensors themselves go into the digest: a change in the daemon's decoding or
+            # preprocessing code changes them, and so invalidates an artifact calibrated on the old ones.
+            digest.update(np.ascontiguousarray(tensor).tobytes())
             result.tensors.append(tensor)
             if result.labels is not None and label_map is not None:
                 result.labels.append(label_map[path])
