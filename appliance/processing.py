@@ -183,11 +183,10 @@ class Processor:
                 group.append(more)
             try:
                 self._finish_group(group)
-            except Exception as e:  # never lose the finisher: fail these jobs' callers, keep going
+            except Exception as e:  # never lose the finisher: fail the callers still waiting, keep going
                 for failed in group:
-                    log_failure(log, "input %d: storing its result failed", failed.facts.input_id, error=e)
-                    if failed.future is not None and not failed.future.done():
-                        failed.future.set_exception(e)
+                    if failed.future is None or not failed.future.done():
+                        self._fail(failed, e)
             finally:
                 for _ in group:
                     self._release()
@@ -203,45 +202,71 @@ class Processor:
                 self._idle.notify_all()
 
     def _finish_group(self, group: list[Job]) -> None:
-        built = [(job, self._build_results(job)) for job in group]
-        items = [
-            (
-                job.facts.input_id,
-                [
-                    NewResult(
-                        frame_index=r.frame_index,
-                        outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
-                        sop_uid=r.sop_instance_uid,
-                        payload=r.SerializeToString(),
-                        transient=r.rejection.code in TRANSIENT_CODES,
-                    )
-                    for r in results
-                ],
+        """One transaction for the group's results; a job that fails fails alone."""
+        built: list[tuple[Job, list[pb.Result], list[NewResult]]] = []
+        for job in group:
+            try:
+                results = self._build_results(job)
+                built.append((job, results, [self._row(r) for r in results]))
+            except Exception as e:
+                self._fail(job, e)
+        try:
+            stored: list[list[int] | None] = list(
+                self.journal.complete_many([(job.facts.input_id, rows) for job, _, rows in built])
             )
-            for job, results in built
-        ]
-        stored = self.journal.complete_many(items)
+        except Exception:
+            # One input's rows must not hold back the others': store them one at a time instead.
+            stored = []
+            for job, _, rows in built:
+                try:
+                    stored.append(self.journal.complete(job.facts.input_id, rows))
+                except Exception as e:
+                    self._fail(job, e)
+                    stored.append(None)
         disposed: list[tuple[int, str]] = []
         done: list[tuple[Job, list[pb.Result]]] = []
-        for (job, results), seqs in zip(built, stored, strict=True):
-            if not seqs:
-                # Already finished by another job for the same input: answer with what is stored, touch nothing.
-                log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
-                if job.future is not None:
-                    rows = self.journal.results_for_input(job.facts.input_id)
-                    job.future.set_result([stored_to_message(s) for s in rows])
+        for (job, results, _), seqs in zip(built, stored, strict=True):
+            if seqs is None:
                 continue
-            for r, seq in zip(results, seqs, strict=True):
-                r.sequence = seq
-            where = self._dispose(job, results[0])
-            if where is not None:
-                disposed.append((job.facts.input_id, where))
-            done.append((job, results))
-        self.journal.set_disposed_many(disposed)
+            try:
+                if not seqs:
+                    # Already finished by another job for the same input: answer with what is stored.
+                    log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
+                    if job.future is not None:
+                        earlier = self.journal.results_for_input(job.facts.input_id)
+                        job.future.set_result([stored_to_message(s) for s in earlier])
+                    continue
+                for r, seq in zip(results, seqs, strict=True):
+                    r.sequence = seq
+                where = self._dispose(job, results[0])
+                if where is not None:
+                    disposed.append((job.facts.input_id, where))
+                done.append((job, results))
+            except Exception as e:
+                self._fail(job, e)
+        try:
+            self.journal.set_disposed_many(disposed)
+        except Exception as e:  # the files are moved and the results stored; a rescan records the rest
+            log_failure(log, "recording where %d files went failed", len(disposed), error=e)
         for job, results in done:
             self._account(job, results)
-            if job.future is not None:
+            if job.future is not None and not job.future.done():
                 job.future.set_result(results)
+
+    @staticmethod
+    def _row(r: pb.Result) -> NewResult:
+        return NewResult(
+            frame_index=r.frame_index,
+            outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
+            sop_uid=r.sop_instance_uid,
+            payload=r.SerializeToString(),
+            transient=r.rejection.code in TRANSIENT_CODES,
+        )
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        log_failure(log, "input %d: storing its result failed", job.facts.input_id, error=error)
+        if job.future is not None and not job.future.done():
+            job.future.set_exception(error)
 
     def _build_results(self, job: Job) -> list[pb.Result]:
         prepared = job.prepared

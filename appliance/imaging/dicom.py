@@ -221,9 +221,12 @@ def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: S
     # One frame at a time: a long multi-frame series never sits decoded in its stored form all at once.
     for index, frame in enumerate(px.iter_pixels(ds, as_rgb=True)):
         if gray:
-            frame = _shrink_stored(frame, shrink)
             view = _lut_view(ds, index)
             span = top_level_span if view is ds or not voi else _voi_span(view)
+            if span is not None:
+                # Only under a window or VOI LUT: without one the display range is the frame's own
+                # minimum and maximum, which averaging would move (a single hot pixel would vanish).
+                frame = _shrink_stored(frame, shrink)
             shown = _gray(frame, view, span)
             if photometric == "MONOCHROME1":
                 np.subtract(1.0, shown, out=shown)  # high stored values are dark; look like MONOCHROME2

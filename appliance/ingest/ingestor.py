@@ -9,7 +9,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from appliance.config import WatchConfig
@@ -25,9 +25,24 @@ _CHUNK = 1 << 20
 HASH_WORKERS = 2
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+class FileChanged(Exception):
+    """The file is not the one that was screened: rewritten, replaced, or no longer a regular file."""
+
+
+def sha256_file(path: Path, expect: os.stat_result | None = None) -> str:
+    """The content hash; with `expect`, only of the very file that was screened (same inode, size, mtime)."""
+    # O_NONBLOCK: a FIFO swapped in after the screening must not block a hashing thread for good.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FileChanged("not a regular file")
+        if expect is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != (
+            expect.st_ino,
+            expect.st_size,
+            expect.st_mtime_ns,
+        ):
+            raise FileChanged("changed since it was screened")
+        h = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -54,15 +69,19 @@ class Ingestor:
         self._hashers = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._registrar = threading.Thread(target=self._register_loop, name="register", daemon=True)
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
         self._registrar.start()
 
     def stop(self) -> None:
+        """Stop taking files: what is not registered yet is dropped (the files stay, the next start's
+        rescan takes them); what is registered stays queued in the journal."""
+        self._stopping.set()
         self._queue.put(None)
-        self._thread.join(timeout=30)
-        self._registrar.join(timeout=30)
+        self._thread.join(timeout=10)
+        self._registrar.join(timeout=10)
         self._hashers.shutdown(wait=False, cancel_futures=True)
 
     def alive(self) -> bool:
@@ -74,6 +93,8 @@ class Ingestor:
 
     def _run(self) -> None:
         while (path := self._queue.get()) is not None:
+            if self._stopping.is_set():
+                continue  # drain to the end marker quickly
             try:
                 self._screen(path)
             except FileNotFoundError:
@@ -89,7 +110,7 @@ class Ingestor:
             return  # only regular files are inputs; opening a FIFO would block ingest for good
         if self._known(path, st):
             return
-        self._hashed.put((path, st, self._hashers.submit(sha256_file, path)))
+        self._hashed.put((path, st, self._hashers.submit(sha256_file, path, st)))
 
     def _known(self, path: Path, st: os.stat_result) -> bool:
         known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
@@ -103,10 +124,15 @@ class Ingestor:
     def _register_loop(self) -> None:
         while (item := self._hashed.get()) is not None:
             path, st, hashing = item
+            if self._stopping.is_set():
+                hashing.cancel()
+                continue
             try:
                 self._register(path, st, hashing.result())
-            except FileNotFoundError:
+            except (FileNotFoundError, CancelledError):
                 pass
+            except FileChanged as e:  # a new event offers it again once it is stable
+                log.debug("a file %s; it is taken again when stable", e)
             except Exception as e:  # one odd file must never stop ingest
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
 
@@ -122,11 +148,15 @@ class Ingestor:
             mtime_ns=st.st_mtime_ns,
             content_sha256=sha,
         )
-        if reg.duplicate_of is not None:
+        original = reg.duplicate_of
+        if original is not None and original.state == "queued" and original.path == str(path):
+            # The queued input's own file, offered again (touched, say): its job owns the file.
+            return
+        if original is not None:
             log.info(
                 "input %d is a duplicate of input %d (same content); not scored again",
                 reg.input.id,
-                reg.duplicate_of.id,
+                original.id,
             )
             self._dispose_again(reg.input, path)
             return

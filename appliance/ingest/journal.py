@@ -249,9 +249,12 @@ class Journal:
             return
         now = _now_ms()
         with self._transaction() as db:
+            # Never over a recorded move: a rescan may have moved the file aside first, and then the
+            # finisher finds nothing left to move (its '' must not erase where the file went).
             db.executemany(
-                "UPDATE inputs SET disposed_path = ?, updated_ms = ? WHERE id = ?",
-                [(_path_bytes(path), now, input_id) for input_id, path in items],
+                "UPDATE inputs SET disposed_path = ?, updated_ms = ? WHERE id = ? "
+                "AND (disposed_path IS NULL OR ? != '')",
+                [(_path_bytes(path), now, input_id, path) for input_id, path in items],
             )
 
     # --- results ----------------------------------------------------------------------------------

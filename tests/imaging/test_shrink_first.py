@@ -57,3 +57,21 @@ def test_shrink_target_only_for_area_shrinks() -> None:
         update={"preprocess": manifest.preprocess.model_copy(update={"interpolation": "cubic"})}
     )
     assert Preprocessor(cubic).shrink_target(2048, 2500) is None
+
+
+def test_without_a_window_the_frame_is_not_shrunk_first(tmp_path: Path) -> None:
+    """The display range is then the frame's own min and max, which averaging would move."""
+    import pydicom
+
+    (path,) = write_inputs(tmp_path, "radiograph", 1)
+    ds = pydicom.dcmread(path)
+    del ds.WindowCenter, ds.WindowWidth
+    pixels = ds.pixel_array.copy()
+    pixels[100, 100] = 4095  # one hot pixel sets the top of the range
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path)
+    manifest = load_manifest(TEST_MODEL).manifest
+    data = path.read_bytes()
+    fast = Preparer(manifest, LimitsConfig()).prepare(data).tensors[0]
+    exact = Preparer(manifest, LimitsConfig(), shrink_first=False).prepare(data).tensors[0]
+    assert np.array_equal(fast, exact)

@@ -156,3 +156,12 @@ def test_complete_many_stores_a_group_in_one_transaction_and_skips_finished_inpu
     j.set_disposed_many([(a, "/done/a"), (c, "")])
     with pytest.raises(ValueError):
         j.complete_many([(a, [])])
+
+
+def test_a_recorded_move_is_never_erased_by_a_later_empty_one(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    i = _register(j, "a", "sha")
+    j.set_disposed(i, "/processed/a")
+    j.set_disposed(i, "")  # the finisher found the file already moved by a rescan
+    row = j._reader().execute("SELECT disposed_path FROM inputs WHERE id = ?", (i,)).fetchone()
+    assert bytes(row[0]) == b"/processed/a"
