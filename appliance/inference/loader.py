@@ -30,6 +30,11 @@ def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: P
     manifest = loaded.manifest
     max_batch = min(config.max_batch or manifest.batching.max_batch, manifest.batching.max_batch)
     choice = choose_artifact(loaded, config, engines_dir)
+    best = choice.sidecar.throughput.get("best_batch") if choice.sidecar else None
+    if isinstance(best, int) and 1 <= best < max_batch:
+        # `make engine` measured this host: larger batches are no faster here, only slower to fill.
+        log.info("batching up to %d, the fastest batch `make engine` measured on this host", best)
+        max_batch = best
     # A passed-over artifact that `make engine` would fix is worth a warning in the journal.
     level = logging.WARNING if "run `make engine`" in choice.reason else logging.INFO
     log.log(level, "serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)

@@ -124,7 +124,8 @@ def onnxruntime_choice(folder: Path, onnx_sha: str, onnx_path: Path) -> tuple[Ch
     if sidecar.key.onnx_sha256 != onnx_sha:
         return None, f"the CPU model in {folder} was built from another version of {onnx_path.name}; run `make engine`"
     if not sidecar.artifact:
-        return None, "`make engine` found no quantized model within the manifest's tolerance, so FP32 is served"
+        reason = "`make engine` found no quantized model within the manifest's tolerance, so FP32 is served"
+        return Choice("onnxruntime", onnx_path, "fp32", reason, sidecar), ""
     path = folder / sidecar.artifact
     problem = _artifact_problem(path, sidecar)
     if problem:

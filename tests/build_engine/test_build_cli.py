@@ -46,6 +46,9 @@ def test_int8_build_writes_artifact_and_sidecar_with_the_gate(pipeline_model: Pa
     assert sidecar.gate["agreement"] >= 0.99 and sidecar.gate["max_abs_diff"] <= 0.05
     assert sidecar.gate["auc"]["lesion"]["fp32"] > 0.9  # labelled by sub-folder: lesion/ and none/
     assert sidecar.throughput["artifact_img_s"] > 0 and sidecar.throughput["fp32_onnxruntime_img_s"] > 0
+    # Measured per batch size, so the daemon batches no further than pays on this host.
+    assert sorted(map(int, sidecar.throughput["by_batch_img_s"])) == [1, 2, 4, 8, 16]
+    assert str(sidecar.throughput["best_batch"]) in sidecar.throughput["by_batch_img_s"]
     assert not list((int8_engines / "pipeline-test").glob(".build-*"))  # the work folder is gone
 
 
