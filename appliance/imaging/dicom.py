@@ -301,7 +301,8 @@ def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None) -> np.ndarray:
     """Shrink the stored integers first, so the LUTs and the float conversion run on the small image.
 
     Area averaging commutes with the rescale and with a window's linear part; it differs from shrinking
-    the displayed image only where a window clips or a VOI LUT/sigmoid bends within one averaged block,
+    the displayed image only where a window clips, or a LUT table (modality or VOI) or a sigmoid bends,
+    within one averaged block,
     and by the rounding of the average to an integer (at most half a stored unit). `make bench` measures
     the difference on full-size radiographs. Never a full-resolution float copy.
     """
