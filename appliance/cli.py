@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from appliance import __version__
 from appliance.config import Config, load_config
 from appliance.errors import ApplianceError, InferenceFailed
 from appliance.inference.loader import open_backend
-from appliance.inference.postprocess import activate, decide
+from appliance.inference.postprocess import decide
+from appliance.inference.runs import scores_in_batches
 from appliance.logging_setup import setup_logging
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
@@ -114,12 +113,8 @@ def _score(config: Config, files: list[Path]) -> int:
                 print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, e, times))))
                 failures += 1
                 continue
-            # Frames go through in chunks of the backend's max batch, as the batcher would send them.
-            rows: list[np.ndarray] = []
             t1 = time.perf_counter()
-            for start in range(0, len(prepared.tensors), backend.max_batch):
-                chunk = np.stack(prepared.tensors[start : start + backend.max_batch])
-                rows.extend(activate(backend.infer(chunk), manifest.output.activation))
+            rows = scores_in_batches(backend, prepared.tensors, manifest.output.activation)
             infer_ms = (time.perf_counter() - t1) * 1e3
             times = StageTimes(
                 decode_ms=prepared.decode_ms,

@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +39,7 @@ from appliance.inference.artifacts import (
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape
 from appliance.inference.onnxruntime import OnnxRuntimeBackend
-from appliance.inference.postprocess import activate
+from appliance.inference.runs import images_per_second, scores_in_batches
 from appliance.inference.tensorrt import TensorRtBackend, tensorrt_version
 from appliance.manifest import Accuracy, LoadedManifest, load_manifest
 from appliance.pipeline import Preparer
@@ -99,26 +99,6 @@ def tensorrt_host() -> tuple[bool, str]:
     return True, ""
 
 
-def run_scores(backend: Backend, tensors: Sequence[np.ndarray], activation: str) -> np.ndarray:
-    rows = []
-    for start in range(0, len(tensors), backend.max_batch):
-        rows.append(activate(backend.infer(np.stack(tensors[start : start + backend.max_batch])), activation))
-    return np.concatenate(rows)
-
-
-def throughput(
-    backend: Backend, sample: np.ndarray, batch: int | None = None, min_seconds: float = 1.5, min_runs: int = 3
-) -> float:
-    """Images per second at `batch` (default: the backend's max), after one warm-up batch."""
-    stack = np.repeat(sample[None], batch or backend.max_batch, axis=0)
-    backend.infer(stack)
-    runs, start = 0, time.perf_counter()
-    while runs < min_runs or time.perf_counter() - start < min_seconds:
-        backend.infer(stack)
-        runs += 1
-    return runs * len(stack) / (time.perf_counter() - start)
-
-
 def best_batch(backend: Backend, sample: np.ndarray) -> tuple[int, dict[int, float]]:
     """Throughput at 1, 2, 4 ... max; the smallest batch within 5% of the best (smaller waits less).
 
@@ -127,7 +107,7 @@ def best_batch(backend: Backend, sample: np.ndarray) -> tuple[int, dict[int, flo
     """
     sizes = sorted({*(2**i for i in range(backend.max_batch.bit_length()) if 2**i <= backend.max_batch),
                     backend.max_batch})  # fmt: skip
-    speeds = {b: throughput(backend, sample, b, min_seconds=0.5, min_runs=2) for b in sizes}
+    speeds = {b: images_per_second(backend, [sample], b, min_seconds=0.5, min_runs=2) for b in sizes}
     top = max(speeds.values())
     return min(b for b, v in speeds.items() if v >= 0.95 * top), speeds
 
@@ -220,8 +200,8 @@ class Builder:
         if self.reference is not None:
             return
         with self._ort(self.loaded.onnx_path) as fp32:
-            self.reference = run_scores(fp32, self.validation.tensors, self.manifest.output.activation)
-            self.fp32_speed = throughput(fp32, self.validation.tensors[0])
+            self.reference = scores_in_batches(fp32, self.validation.tensors, self.manifest.output.activation)
+            self.fp32_speed = images_per_second(fp32, self.validation.tensors[:1])
 
     def _ort(self, path: Path) -> OnnxRuntimeBackend:
         assert self.facts is not None
@@ -304,7 +284,7 @@ class Builder:
         """In auto mode, an INT8 CPU model slower than FP32 (tiny models: Q/DQ overhead) is not worth serving."""
         assert attempt.path is not None and self.validation is not None and self.fp32_speed
         with self._ort(attempt.path) as backend:
-            speed = throughput(backend, self.validation.tensors[0])
+            speed = images_per_second(backend, self.validation.tensors[:1])
         if self.o.precision != "auto" or speed >= self.fp32_speed:
             return attempt
         notes.append(
@@ -381,7 +361,7 @@ class Builder:
 
     def _gate(self, backend: Backend) -> GateReport:
         assert self.validation is not None and self.reference is not None
-        scores = run_scores(backend, self.validation.tensors, self.manifest.output.activation)
+        scores = scores_in_batches(backend, self.validation.tensors, self.manifest.output.activation)
         labels, note = self.validation.labels, self.validation.label_note
         return compare(self.manifest, self.reference, scores, labels, self.tolerance, note)
 
@@ -432,7 +412,7 @@ class Builder:
                     }
                 )
             with self._trt(final) if target == "tensorrt" else self._ort(final) as backend:
-                speed["artifact_img_s"] = throughput(backend, self.validation.tensors[0])
+                speed["artifact_img_s"] = images_per_second(backend, self.validation.tensors[:1])
             if self.fp32_speed:
                 speed["speedup_vs_fp32_onnxruntime"] = speed["artifact_img_s"] / self.fp32_speed
             size = final.stat().st_size

@@ -16,9 +16,10 @@ import numpy as np
 from appliance.bench.daemon_run import BenchDaemon
 from appliance.bench.inputs import WORKLOADS, write_inputs
 from appliance.bench.report import percentiles, text, write_json, write_png
-from appliance.bench.stages import backend_throughput, naive_loop, prepare_throughput
+from appliance.bench.stages import naive_loop, prepare_throughput
 from appliance.config import InferenceConfig, LimitsConfig, load_config
 from appliance.inference.loader import open_backend
+from appliance.inference.runs import images_per_second
 from appliance.logging_setup import quiet_pydicom
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
         figures["max_batch"] = backend.max_batch
-        figures["raw_batch1_img_s"] = backend_throughput(backend, samples, 1)
-        figures["raw_max_batch_img_s"] = backend_throughput(backend, samples, backend.max_batch)
+        figures["raw_batch1_img_s"] = images_per_second(backend, samples, 1, min_seconds=2.0)
+        figures["raw_max_batch_img_s"] = images_per_second(backend, samples, min_seconds=2.0)
     finally:
         backend.close()
     figures["single_infer_ms"] = 1000 / figures["raw_batch1_img_s"]

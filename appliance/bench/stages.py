@@ -1,5 +1,5 @@
-"""Each stage alone, on the same inputs: raw backend throughput, decode+preprocess on the whole host,
-and the loop a clinic would write by hand (the baseline the daemon's speed-up is measured against)."""
+"""Stages alone, on the same inputs: decode+preprocess on the whole host (threads, processes), and the
+loop a clinic would write by hand (the baseline the daemon's speed-up is measured against)."""
 
 from __future__ import annotations
 
@@ -15,23 +15,9 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from appliance.config import LimitsConfig
-from appliance.inference.backend import Backend
 from appliance.inference.onnxruntime import OnnxRuntimeBackend
 from appliance.manifest import Manifest
 from appliance.pipeline import Preparer
-
-
-def backend_throughput(backend: Backend, samples: Sequence[np.ndarray], batch: int, min_seconds: float = 2.0) -> float:
-    """Images per second for batches of `batch` real samples, no I/O, after one warm-up batch."""
-    batch = min(batch, backend.max_batch)
-    stack = np.stack([samples[i % len(samples)] for i in range(batch)])
-    backend.infer(stack)
-    done, start = 0, time.perf_counter()
-    while done < 3 * batch or time.perf_counter() - start < min_seconds:
-        backend.infer(stack)
-        done += batch
-    return done / (time.perf_counter() - start)
-
 
 _worker_preparer: Preparer | None = None
 

@@ -1,0 +1,38 @@
+"""Running a backend over many samples: in chunks of its max batch, and timed for images per second."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from appliance.inference.backend import Backend
+from appliance.inference.postprocess import activate
+
+
+def scores_in_batches(backend: Backend, tensors: Sequence[np.ndarray], activation: str) -> np.ndarray:
+    """Activated scores (N x labels) for samples sent in chunks of the backend's max batch, as the batcher would."""
+    rows = [
+        activate(backend.infer(np.stack(tensors[start : start + backend.max_batch])), activation)
+        for start in range(0, len(tensors), backend.max_batch)
+    ]
+    return np.concatenate(rows)
+
+
+def images_per_second(
+    backend: Backend,
+    samples: Sequence[np.ndarray],
+    batch: int | None = None,
+    min_seconds: float = 1.5,
+    min_runs: int = 3,
+) -> float:
+    """Throughput for batches of `batch` (default: the max) real samples, no I/O, after one warm-up batch."""
+    size = min(batch or backend.max_batch, backend.max_batch)
+    stack = np.stack([samples[i % len(samples)] for i in range(size)])
+    backend.infer(stack)
+    runs, start = 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - start < min_seconds:
+        backend.infer(stack)
+        runs += 1
+    return runs * size / (time.perf_counter() - start)
