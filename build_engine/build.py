@@ -40,6 +40,7 @@ from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape
 from appliance.inference.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.runs import images_per_second, scores_in_batches
+from appliance.inference.selection import Host
 from appliance.inference.tensorrt import TensorRtBackend, tensorrt_version
 from appliance.manifest import Accuracy, LoadedManifest, load_manifest
 from appliance.pipeline import Preparer
@@ -89,14 +90,7 @@ class Attempt:
     path: Path | None  # None: the FP32 ONNX itself
     report: GateReport
     excluded: list[str] = field(default_factory=list)
-
-
-def tensorrt_host() -> tuple[bool, str]:
-    if not tensorrt_version():
-        return False, "TensorRT is not installed on this host"
-    if cuda.gpu_count() == 0:
-        return False, "no CUDA GPU is visible on this host"
-    return True, ""
+    speed: float | None = None  # images/s at max batch, once measured
 
 
 def best_batch(backend: Backend, sample: np.ndarray) -> tuple[int, dict[int, float]]:
@@ -152,14 +146,14 @@ class Builder:
         return 0
 
     def _targets(self) -> list[Target]:
-        ok, why = tensorrt_host()
+        why = Host.probe().tensorrt_problem
         if self.o.target == "tensorrt":
-            if not ok:
+            if why:
                 raise BuildError(f"Cannot build for --target tensorrt: {why}.")
             return ["tensorrt"]
         if self.o.target == "onnxruntime":
             return ["onnxruntime"]
-        if not ok:
+        if why:
             self.out(f"targets   onnxruntime (CPU) only: {why}")
             return ["onnxruntime"]
         self.out("targets   onnxruntime (CPU) and tensorrt (GPU)")
@@ -217,7 +211,7 @@ class Builder:
             "recipe": BUILD_RECIPE,
             "target": target,
             "onnx": self.onnx_sha,
-            "calibration": self.calibration_hash(),
+            "calibration": self.calibration.digest,
             "validation": self.validation.digest,
             "manifest": self.manifest.model_dump(mode="json"),
             "tolerance": self.tolerance.model_dump(),
@@ -228,14 +222,6 @@ class Builder:
             "tensorrt": tensorrt_version() if target == "tensorrt" else None,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-    def calibration_hash(self) -> str:
-        """The calibration files and the preprocessing that turned them into tensors."""
-        assert self.calibration is not None
-        m = self.manifest
-        text = json.dumps([self.calibration.digest, len(self.calibration.tensors), m.input.model_dump(),
-                           m.preprocess.model_dump()], sort_keys=True)  # fmt: skip
-        return hashlib.sha256(text.encode()).hexdigest()
 
     # --- one target ----------------------------------------------------------------------------
 
@@ -285,18 +271,26 @@ class Builder:
         assert attempt.path is not None and self.validation is not None and self.fp32_speed
         with self._ort(attempt.path) as backend:
             speed = images_per_second(backend, self.validation.tensors[:1])
+        attempt.speed = speed
         if self.o.precision != "auto" or speed >= self.fp32_speed:
             return attempt
         notes.append(
             f"int8 passed the gate but ran at {speed:.0f} img/s against FP32's {self.fp32_speed:.0f} "
             f"({speed / self.fp32_speed:.2f}x), so FP32 is served"
         )
-        return Attempt("fp32", None, self._gate_ort(self.loaded.onnx_path))
+        return self._fp32_attempt()
+
+    def _fp32_attempt(self) -> Attempt:
+        """The FP32 ONNX served as is: gated as the reference against itself, not by running it again."""
+        assert self.validation is not None and self.reference is not None
+        v = self.validation
+        return Attempt("fp32", None, compare(self.manifest, self.reference, self.reference, v.labels, self.tolerance,
+                                             v.label_note))  # fmt: skip
 
     def _attempt(self, target: Target, precision: str, float_model: Path, work: Path, notes: list[str]) -> Attempt:
         assert self.calibration is not None
         if precision == "fp32" and target == "onnxruntime":
-            return Attempt("fp32", None, self._gate_ort(self.loaded.onnx_path))
+            return self._fp32_attempt()
         if precision == "int8":
             reader = TensorReader(self.manifest.input.name, self.calibration.tensors, batch=8)
             return self._int8_with_exclusions(target, float_model, work, reader, notes)
@@ -384,7 +378,7 @@ class Builder:
     def _publish(
         self, target: Target, attempt: Attempt, sidecar_path: Path, inputs: str, seconds: float, notes: list[str]
     ) -> None:
-        assert self.facts is not None and self.validation is not None
+        assert self.facts is not None and self.validation is not None and self.calibration is not None
         m = self.manifest
         # The old sidecar goes first: a crash below leaves no sidecar, never one naming the wrong file.
         sidecar_path.unlink(missing_ok=True)
@@ -393,7 +387,7 @@ class Builder:
             backend=target,
             precision=attempt.precision,
             onnx_sha256=self.onnx_sha,
-            calibration_sha256=self.calibration_hash() if attempt.precision == "int8" else "",
+            calibration_sha256=self.calibration.digest if attempt.precision == "int8" else "",
         )
         speed: dict[str, Any] = {"batch": self.facts.max_batch, "fp32_onnxruntime_img_s": self.fp32_speed}
         if attempt.path is not None:
@@ -411,8 +405,10 @@ class Builder:
                         "tensorrt_version": tensorrt_version(),
                     }
                 )
-            with self._trt(final) if target == "tensorrt" else self._ort(final) as backend:
-                speed["artifact_img_s"] = images_per_second(backend, self.validation.tensors[:1])
+            if attempt.speed is None:
+                with self._trt(final) if target == "tensorrt" else self._ort(final) as backend:
+                    attempt.speed = images_per_second(backend, self.validation.tensors[:1])
+            speed["artifact_img_s"] = attempt.speed
             if self.fp32_speed:
                 speed["speedup_vs_fp32_onnxruntime"] = speed["artifact_img_s"] / self.fp32_speed
             size = final.stat().st_size

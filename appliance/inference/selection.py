@@ -43,6 +43,15 @@ class Host:
     gpu_name: str
     compute_capability: str
 
+    @property
+    def tensorrt_problem(self) -> str:
+        """Why this host cannot run TensorRT plans; '' if it can."""
+        if not self.tensorrt_version:
+            return "TensorRT is not installed on this host"
+        if not self.gpu_name:
+            return "no CUDA GPU is visible on this host"
+        return ""
+
     @staticmethod
     def probe() -> Host:
         version = tensorrt_version()
@@ -74,10 +83,8 @@ def choose_artifact(loaded: LoadedManifest, inference: InferenceConfig, engines_
 
 
 def tensorrt_choice(folder: Path, onnx_sha: str, host: Host) -> tuple[Choice | None, str]:
-    if not host.tensorrt_version:
-        return None, "TensorRT is not installed on this host"
-    if not host.gpu_name:
-        return None, "no CUDA GPU is visible on this host"
+    if host.tensorrt_problem:
+        return None, host.tensorrt_problem
     sidecars = sorted(folder.glob("tensorrt-*.json"))
     if not sidecars:
         return None, f"no TensorRT plan in {folder}; run `make engine` to build one"
