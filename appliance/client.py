@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.results import result_to_dict
 from appliance.v1 import scoring_pb2 as pb
@@ -18,6 +19,23 @@ from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = os.environ.get("APPLIANCE_TARGET", "127.0.0.1:50051")
 RECONNECT_S = 2.0
+
+
+def wait_until_serving(target: str, alive: Callable[[], bool], timeout: float) -> bool:
+    """Poll grpc.health.v1 until the Scoring service says SERVING. False at the timeout, or as soon as
+    `alive` says the daemon's process is gone."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline and alive():
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service="appliance.v1.Scoring"), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    return False
 
 
 def format_result(r: pb.Result) -> str:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from appliance.client import wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -78,21 +78,12 @@ class BenchDaemon:
         self._reader.start()
 
     def _wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the daemon exited: {(self.root / 'daemon.log').read_text()[-2000:]}")
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service="appliance.v1.Scoring"), timeout=1)
-                    if status.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError("the daemon did not become ready")
+        assert self.proc is not None
+        proc = self.proc
+        if not wait_until_serving(f"127.0.0.1:{self.port}", lambda: proc.poll() is None, timeout):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited: {(self.root / 'daemon.log').read_text()[-2000:]}")
+            raise RuntimeError("the daemon did not become ready")
 
     def _read(self) -> None:
         assert self._channel is not None

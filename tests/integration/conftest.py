@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from appliance.client import wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -110,21 +109,12 @@ class Daemon:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service="appliance.v1.Scoring"), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"daemon not ready after {timeout}s:\n{self.log()}")
+        assert self.proc is not None
+        proc = self.proc
+        if not wait_until_serving(self.target, lambda: proc.poll() is None, timeout):
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{self.log()}")
+            raise AssertionError(f"daemon not ready after {timeout}s:\n{self.log()}")
 
     @property
     def target(self) -> str:
