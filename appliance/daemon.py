@@ -119,7 +119,7 @@ class Daemon:
         attempts = self.journal.count_attempt([row.id for row in pending]) if self.journal else {}
         for row in pending:
             facts = InputFacts(
-                input_id=row.id, source=row.source, file_name=row.file_name, content_sha256=row.content_sha256
+                input_id=row.id, source=row.source, file_name=row.file_name, content_hash=row.content_hash
             )
             assert row.path, "every input is journaled with its path"
             # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.

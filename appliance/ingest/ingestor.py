@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from appliance.config import WatchConfig
 from appliance.ingest import disposal
+from appliance.ingest.content_hash import FileChanged, digest_file
 from appliance.ingest.journal import InputRow, Journal
 from appliance.privacy import log_failure
 from appliance.results import InputFacts
@@ -21,31 +21,7 @@ from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 HASH_WORKERS = 2
-
-
-class FileChanged(Exception):
-    """The file is not the one that was screened: rewritten, replaced, or no longer a regular file."""
-
-
-def sha256_file(path: Path, expect: os.stat_result | None = None) -> str:
-    """The content hash; with `expect`, only of the very file that was screened (same inode, size, mtime)."""
-    # O_NONBLOCK: a FIFO swapped in after the screening must not block a hashing thread for good.
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise FileChanged("not a regular file")
-        if expect is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != (
-            expect.st_ino,
-            expect.st_size,
-            expect.st_mtime_ns,
-        ):
-            raise FileChanged("changed since it was screened")
-        h = hashlib.sha256()
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def display_name(path: Path) -> str:
@@ -57,7 +33,7 @@ def display_name(path: Path) -> str:
 class Ingestor:
     """Registrations are serial (one thread), so the same file reported twice is journaled once; the
     content hashes before them run in a small pool, since hashing a 10 MB radiograph costs as much CPU as
-    decoding it and hashlib releases the GIL while it works."""
+    decoding it and the hash releases the GIL while it works."""
 
     def __init__(self, config: WatchConfig, journal: Journal, submit: Callable[[InputFacts, Path], None]) -> None:
         self.config = config
@@ -110,7 +86,7 @@ class Ingestor:
             return  # only regular files are inputs; opening a FIFO would block ingest for good
         if self._known(path, st):
             return
-        self._hashed.put((path, st, self._hashers.submit(sha256_file, path, st)))
+        self._hashed.put((path, st, self._hashers.submit(digest_file, path, st)))
 
     def _known(self, path: Path, st: os.stat_result) -> bool:
         known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
@@ -136,7 +112,7 @@ class Ingestor:
             except Exception as e:  # one odd file must never stop ingest
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
 
-    def _register(self, path: Path, st: os.stat_result, sha: str) -> None:
+    def _register(self, path: Path, st: os.stat_result, digest: str) -> None:
         # Checked again here, serially: the same file may have been offered twice while it was hashed.
         if self._known(path, st):
             return
@@ -146,7 +122,7 @@ class Ingestor:
             file_name=display_name(path),
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            content_sha256=sha,
+            content_hash=digest,
         )
         original = reg.duplicate_of
         if original is not None and original.state == "queued" and original.path == str(path):
@@ -161,7 +137,7 @@ class Ingestor:
             self._dispose_again(reg.input, path)
             return
         self._submit(
-            InputFacts(input_id=reg.input.id, source="folder", file_name=display_name(path), content_sha256=sha), path
+            InputFacts(input_id=reg.input.id, source="folder", file_name=display_name(path), content_hash=digest), path
         )
 
     def _dispose_again(self, row: InputRow, path: Path) -> None:

@@ -14,7 +14,10 @@ from typing import Literal
 
 from appliance.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 (0.1.0) named the content column content_sha256 and held SHA-256 digests. Its rows keep
+# them: such content dropped again after the upgrade hashes differently and is scored once more.
+MIGRATIONS = {1: "ALTER TABLE inputs RENAME COLUMN content_sha256 TO content_hash;"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (
     id              INTEGER PRIMARY KEY,
@@ -23,7 +26,7 @@ CREATE TABLE IF NOT EXISTS inputs (
     file_name       TEXT NOT NULL,
     size            INTEGER NOT NULL,
     mtime_ns        INTEGER NOT NULL,
-    content_sha256  TEXT NOT NULL,
+    content_hash    TEXT NOT NULL,    -- BLAKE3-256, hex (appliance.ingest.content_hash)
     state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'failed', 'duplicate')),
     duplicate_of    INTEGER REFERENCES inputs(id),
     disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
@@ -33,7 +36,7 @@ CREATE TABLE IF NOT EXISTS inputs (
 );
 -- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
 -- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
-CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_sha256)
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
     WHERE state NOT IN ('duplicate', 'failed');
 CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
 CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
@@ -76,7 +79,7 @@ class InputRow:
     file_name: str
     size: int
     mtime_ns: int
-    content_sha256: str
+    content_hash: str
     state: str
     duplicate_of: int | None
 
@@ -114,7 +117,7 @@ class Counts:
     last_sequence: int
 
 
-_INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_sha256, state, duplicate_of"
+_INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of"
 
 
 class Journal:
@@ -133,6 +136,11 @@ class Journal:
         with self._write_lock:
             version = self._writer.execute("PRAGMA user_version").fetchone()[0]
             has_tables = self._writer.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inputs'").fetchone()[0]
+            if has_tables and version in MIGRATIONS:
+                self._writer.executescript(
+                    f"BEGIN; {MIGRATIONS[version]} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
+                version = SCHEMA_VERSION
             if has_tables and version != SCHEMA_VERSION:
                 self._writer.close()
                 raise ConfigError(
@@ -199,20 +207,19 @@ class Journal:
         file_name: str,
         size: int,
         mtime_ns: int,
-        content_sha256: str,
+        content_hash: str,
     ) -> Registration:
         """Record an input before any work on it. Content seen before becomes a 'duplicate' row."""
         now = _now_ms()
         with self._transaction() as db:
             first = db.execute(
-                f"SELECT {_INPUT_COLUMNS} FROM inputs "
-                "WHERE content_sha256 = ? AND state NOT IN ('duplicate', 'failed')",
-                (content_sha256,),
+                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE content_hash = ? AND state NOT IN ('duplicate', 'failed')",
+                (content_hash,),
             ).fetchone()
             state = "duplicate" if first else "queued"
-            fields = (source, path, file_name, size, mtime_ns, content_sha256, state, first[0] if first else None)
+            fields = (source, path, file_name, size, mtime_ns, content_hash, state, first[0] if first else None)
             cur = db.execute(
-                "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_sha256, state, "
+                "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_hash, state, "
                 "duplicate_of, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (source, _path_bytes(path), *fields[2:], now, now),
             )

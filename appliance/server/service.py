@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from appliance.ingest.content_hash import digest_bytes
 from appliance.ingest.journal import Journal
 from appliance.processing import Job, Processor
 from appliance.results import InputFacts, stored_to_message
@@ -77,7 +77,7 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     def _score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.Result:
         data = request.image
-        sha = hashlib.sha256(data).hexdigest()
+        digest = digest_bytes(data)
         path = self._spool(data)
         reg = self.journal.register(
             source="grpc",
@@ -85,14 +85,14 @@ class ScoringService(pb_grpc.ScoringServicer):
             file_name=request.file_name or "upload",
             size=len(data),
             mtime_ns=0,
-            content_sha256=sha,
+            content_hash=digest,
         )
         if reg.duplicate_of is not None:
             path.unlink(missing_ok=True)
             self.metrics.duplicates.inc()
             return self._wait_for_input(reg.duplicate_of.id, context)
         future: Future[list[pb.Result]] = Future()
-        facts = InputFacts(input_id=reg.input.id, source="grpc", file_name=reg.input.file_name, content_sha256=sha)
+        facts = InputFacts(input_id=reg.input.id, source="grpc", file_name=reg.input.file_name, content_hash=digest)
         self.processor.submit(Job(facts=facts, path=path, future=future))
         try:
             return future.result(timeout=SCORE_TIMEOUT_S)[0]

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
-from appliance.ingest.ingestor import FileChanged, sha256_file
+from appliance.ingest.content_hash import FileChanged, digest_file
 
 
 def test_hash_of_the_screened_file(tmp_path: Path) -> None:
     path = tmp_path / "a.dcm"
     path.write_bytes(b"x" * 3_000_000)
-    assert sha256_file(path, path.lstat()) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+    assert digest_file(path, path.lstat()) == blake3.blake3(b"x" * 3_000_000).hexdigest()
 
 
 def test_a_file_rewritten_after_screening_is_not_hashed_as_if_it_were_the_same(tmp_path: Path) -> None:
@@ -25,11 +25,11 @@ def test_a_file_rewritten_after_screening_is_not_hashed_as_if_it_were_the_same(t
     time.sleep(0.01)
     path.write_bytes(b"second, longer")
     with pytest.raises(FileChanged, match="changed since it was screened"):
-        sha256_file(path, screened)
+        digest_file(path, screened)
 
 
 def test_a_fifo_swapped_in_is_refused_at_once(tmp_path: Path) -> None:
     path = tmp_path / "a.dcm"
     os.mkfifo(path)  # no writer: a blocking open would hang for good
     with pytest.raises(FileChanged, match="not a regular file"):
-        sha256_file(path)
+        digest_file(path)

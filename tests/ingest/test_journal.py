@@ -12,9 +12,7 @@ from appliance.ingest.journal import Journal, NewResult
 
 
 def _register(j: Journal, name: str, sha: str, path: str | None = None) -> int:
-    reg = j.register(
-        source="folder", path=path or f"/in/{name}", file_name=name, size=10, mtime_ns=1, content_sha256=sha
-    )
+    reg = j.register(source="folder", path=path or f"/in/{name}", file_name=name, size=10, mtime_ns=1, content_hash=sha)
     return reg.input.id
 
 
@@ -41,7 +39,7 @@ def test_sequences_increase_without_gaps_and_survive_reopen(tmp_path: Path) -> N
 def test_same_content_is_a_duplicate_pointing_to_the_first(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite3")
     first = _register(j, "a.dcm", "same")
-    reg = j.register(source="folder", path="/in/b.dcm", file_name="b.dcm", size=10, mtime_ns=2, content_sha256="same")
+    reg = j.register(source="folder", path="/in/b.dcm", file_name="b.dcm", size=10, mtime_ns=2, content_hash="same")
     assert reg.input.state == "duplicate"
     assert reg.duplicate_of is not None and reg.duplicate_of.id == first
     assert j.counts().duplicates == 1
@@ -119,13 +117,13 @@ def test_a_transient_failure_lets_the_same_content_be_tried_again(tmp_path: Path
     j = Journal(tmp_path / "j.sqlite3")
     first = _register(j, "a", "same")
     j.complete(first, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x", transient=True)])
-    again = j.register(source="folder", path="/in/a2", file_name="a2", size=10, mtime_ns=3, content_sha256="same")
+    again = j.register(source="folder", path="/in/a2", file_name="a2", size=10, mtime_ns=3, content_hash="same")
     assert again.duplicate_of is None and again.input.state == "queued"
     rejected = _register(j, "b", "other")
     j.complete(rejected, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x")])
     assert (
         j.register(
-            source="folder", path="/in/b2", file_name="b2", size=10, mtime_ns=4, content_sha256="other"
+            source="folder", path="/in/b2", file_name="b2", size=10, mtime_ns=4, content_hash="other"
         ).duplicate_of
         is not None
     )  # a real rejection of the content stands
@@ -141,6 +139,33 @@ def test_a_journal_of_another_schema_version_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(ConfigError, match="schema version 99"):
         Journal(tmp_path / "j.sqlite3")
+
+
+def test_a_version_1_journal_is_migrated_in_place_and_keeps_its_inputs_and_results(tmp_path: Path) -> None:
+    import sqlite3
+
+    from appliance.ingest.journal import SCHEMA, SCHEMA_VERSION
+
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:  # as 0.1.0 wrote it
+        db.executescript(SCHEMA.replace("content_hash", "content_sha256"))
+        db.execute("PRAGMA user_version = 1")
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:
+        db.execute(
+            "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_sha256, state, created_ms, "
+            "updated_ms) VALUES ('folder', CAST('/in/a' AS BLOB), 'a', 10, 1, 'old-digest', 'scored', 1, 1)"
+        )
+        db.execute(
+            "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, created_ms) "
+            "VALUES (1, 0, 'scored', '1.2.3', x'00', 1)"
+        )
+    j = Journal(tmp_path / "j.sqlite3")
+    assert j.get_input(1) is not None and j.get_input(1).content_hash == "old-digest"  # type: ignore[union-attr]
+    assert j.last_sequence() == 1
+    again = j.register(source="folder", path="/in/a2", file_name="a2", size=10, mtime_ns=2, content_hash="old-digest")
+    assert again.duplicate_of is not None and again.duplicate_of.id == 1
+    j.close()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_complete_many_stores_a_group_in_one_transaction_and_skips_finished_inputs(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def test_dropped_dicom_png_and_jpeg_are_scored_and_streamed(make_daemon) -> None
         assert r.model_name == "pipeline-test" and r.backend == "onnxruntime"
         assert [s.label for s in r.scores] == ["lesion"] and 0.0 <= r.scores[0].score <= 1.0
         assert r.decision in (pb.DECISION_POSITIVE, pb.DECISION_NEGATIVE)
-        assert len(r.content_sha256) == 64 and r.timings.total_ms > 0 and r.timings.infer_ms > 0
+        assert len(r.content_hash) == 64 and r.timings.total_ms > 0 and r.timings.infer_ms > 0
     for name, ds in expected.items():
         r = by_name[name]
         assert r.sop_instance_uid == ds.SOPInstanceUID

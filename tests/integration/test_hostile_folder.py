@@ -43,7 +43,7 @@ def test_an_input_unfinished_at_several_starts_is_set_aside(make_daemon) -> None
         file_name="poison.png",
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
-        content_sha256="0" * 64,
+        content_hash="0" * 64,
     )
     for _ in range(3):
         journal.count_attempt([reg.input.id])
