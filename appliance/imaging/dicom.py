@@ -219,8 +219,16 @@ def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: S
     top_level_span = _voi_span(ds) if voi else None  # measured once, not per frame
     out: list[np.ndarray] = []
     # One frame at a time: a long multi-frame series never sits decoded in its stored form all at once.
-    for index, frame in enumerate(px.iter_pixels(ds, as_rgb=True)):
+    # Gray frames come as read-only views on the pixel bytes where pydicom can (native syntaxes): the
+    # steps below never write into their input. Colour keeps pydicom's own handling.
+    pixels = (
+        px.iter_pixels(ds, as_rgb=True, correct_unused_bits=False, view_only=True)
+        if gray
+        else px.iter_pixels(ds, as_rgb=True)
+    )
+    for index, frame in enumerate(pixels):
         if gray:
+            frame = _clear_unused_bits(frame, ds)
             view = _lut_view(ds, index)
             span = top_level_span if view is ds or not voi else _voi_span(view)
             if span is not None:
@@ -302,9 +310,14 @@ def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None) -> np.ndarray:
 
     Area averaging commutes with the rescale and with a window's linear part; it differs from shrinking
     the displayed image only where a window clips, or a LUT table (modality or VOI) or a sigmoid bends,
-    within one averaged block,
-    and by the rounding of the average to an integer (at most half a stored unit). `make bench` measures
-    the difference on full-size radiographs. Never a full-resolution float copy.
+    within one averaged block, and by the rounding of each mean to an integer (half a stored unit a step).
+    `make bench` measures the difference on full-size radiographs. Never a full-resolution float copy.
+
+    A frame at least four times the target on both axes is first halved by exact 2x2 means, OpenCV's
+    integer-factor INTER_AREA path: about 4x cheaper in all than one fractional INTER_AREA over 5 Mpixel.
+    For that an odd last row or column is dropped (half a stored pixel of shift). Measured against one
+    fractional step: the mean difference grows from 0.0003 to 0.0015 display units, the max stays; more
+    halvings save little more time and widen the averaging kernel (mean 0.004 at 8x).
     """
     if shrink is None or frame.ndim != 2 or frame.dtype.type not in _SHRINKABLE:
         return frame
@@ -312,7 +325,29 @@ def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None) -> np.ndarray:
     if target is None:
         return frame
     rows, cols = target
+    if frame.shape[0] >= 4 * rows and frame.shape[1] >= 4 * cols:
+        even = frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2]
+        frame = cv2.resize(even, (even.shape[1] // 2, even.shape[0] // 2), interpolation=cv2.INTER_AREA)
     return cv2.resize(frame, (cols, rows), interpolation=cv2.INTER_AREA)
+
+
+def _clear_unused_bits(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Values with only their Bits Stored significant (PS3.5 8.1.1), like pydicom's own correction, but
+    without its copy and two full passes when the unused high bits are already clear, as they nearly
+    always are: then the frame is returned as it is (possibly a read-only view on the file's bytes)."""
+    if frame.dtype.kind not in "iu":
+        return frame
+    stored = int(ds.get("BitsStored", 0) or 0)
+    allocated = frame.dtype.itemsize * 8
+    if not 0 < stored < allocated:
+        return frame
+    lo, hi = (0, (1 << stored) - 1) if frame.dtype.kind == "u" else (-(1 << (stored - 1)), (1 << (stored - 1)) - 1)
+    if frame.size == 0 or (lo <= int(frame.min()) and int(frame.max()) <= hi):
+        return frame
+    shift = allocated - stored
+    out = np.left_shift(frame, shift)
+    np.right_shift(out, shift, out=out)  # arithmetic for signed types: sign-extends from Bits Stored
+    return out
 
 
 def _gray(frame: np.ndarray, ds: Dataset, span: _Span | None) -> np.ndarray:
