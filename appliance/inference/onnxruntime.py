@@ -42,6 +42,9 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self._threads:
             options.intra_op_num_threads = self._threads
+        # ONNX Runtime's pool threads spin after each run by default, waiting for the next; in the daemon
+        # the decode workers need those cycles (measured: 14 ms of CPU per radiograph, a third of it all).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 str(self._path), sess_options=options, providers=["CPUExecutionProvider"]
