@@ -17,6 +17,11 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+try:  # Linux: full events tell a file renamed in from outside the folder from one being written
+    from watchdog.observers.inotify import InotifyObserver
+except ImportError:  # pragma: no cover - other platforms
+    InotifyObserver = None  # type: ignore[assignment,misc]
+
 from appliance.config import WatchConfig
 from appliance.privacy import log_failure
 
@@ -44,8 +49,8 @@ class _Candidate:
 
 
 class FolderWatcher:
-    """A close-write event makes a file ready at once; otherwise (polling observers, network shares,
-    files found by a rescan) it is ready when size and mtime hold still for ``stable_s``.
+    """A close-write event, or a rename into the folder, makes a file ready at once; otherwise (polling
+    observers, network shares, files found by a rescan) it is ready when size and mtime hold still for ``stable_s``.
 
     The same path may be reported more than once (event and rescan); the journal makes that harmless.
     """
@@ -58,7 +63,13 @@ class FolderWatcher:
         self._candidates: dict[Path, _Candidate] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._observer: BaseObserver = PollingObserver(timeout=config.poll_interval_s) if config.polling else Observer()
+        self._observer: BaseObserver = (
+            PollingObserver(timeout=config.poll_interval_s)
+            if config.polling
+            else InotifyObserver(generate_full_events=True)
+            if InotifyObserver is not None
+            else Observer()
+        )
         self._thread = threading.Thread(target=self._run, name="stabilizer", daemon=True)
         self._last_rescan = 0.0
 
@@ -187,8 +198,9 @@ class _Handler(FileSystemEventHandler):
             self.w.closed(self._path(event.src_path))
 
     def on_moved(self, event: FileSystemEvent) -> None:
-        # 'write x.part, rename to x.dcm' is how careful senders publish a finished file.
+        # 'write x.part, rename to x.dcm' is how careful senders publish a finished file, also when x.part
+        # was written outside the folder (then src_path is empty). An empty dest_path: moved out.
         if event.is_directory:
             self.w.rescan()
-        else:
+        elif event.dest_path:
             self.w.closed(self._path(event.dest_path))

@@ -55,6 +55,26 @@ def test_a_file_still_being_written_is_not_reported(watcher) -> None:
     assert seen.wait_for(path)
 
 
+def test_a_file_renamed_in_from_outside_the_folder_is_ready_at_once(tmp_path: Path) -> None:
+    """A sender that writes elsewhere on the same file system and renames in has finished: with inotify
+    no stability wait applies (stable_s is long here, so a wait would show)."""
+    config = WatchConfig(dir=tmp_path / "in", stable_s=30.0)
+    config.dir.mkdir()
+    seen = _Seen()
+    w = FolderWatcher(config, seen, exclude=[])
+    w.start()
+    try:
+        staged = tmp_path / "outside.dcm"
+        staged.write_bytes(b"x" * 1000)
+        os.replace(staged, config.dir / "outside.dcm")
+        assert seen.wait_for(config.dir / "outside.dcm", timeout=5.0)
+        os.replace(config.dir / "outside.dcm", tmp_path / "gone.dcm")  # moved out: nothing to report
+        time.sleep(0.3)
+        assert seen.paths == [config.dir / "outside.dcm"]
+    finally:
+        w.stop()
+
+
 def test_ignored_names_and_excluded_folders(watcher) -> None:
     w, seen = watcher
     (w.root / ".hidden.dcm").write_bytes(b"x")
