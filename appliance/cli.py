@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -16,6 +15,7 @@ from appliance.errors import ApplianceError, InferenceFailed
 from appliance.inference.loader import open_backend
 from appliance.inference.postprocess import decide
 from appliance.inference.runs import scores_in_batches
+from appliance.ingest.content_hash import digest_bytes
 from appliance.logging_setup import setup_logging
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
@@ -104,7 +104,7 @@ def _score(config: Config, files: list[Path]) -> int:
                 input_id=number,
                 source="offline",
                 file_name=path.name,
-                content_sha256=hashlib.sha256(data).hexdigest(),
+                content_hash=digest_bytes(data),
             )
             try:
                 prepared = preparer.prepare(data, path.name)
@@ -121,6 +121,7 @@ def _score(config: Config, files: list[Path]) -> int:
                 preprocess_ms=prepared.preprocess_ms,
                 infer_ms=infer_ms,
                 total_ms=(time.perf_counter() - t0) * 1e3,
+                batch_size=len(rows),
             )
             for index, row in enumerate(rows):
                 try:

@@ -282,6 +282,7 @@ class Processor:
                 queue_ms=timing.queue_ms,
                 infer_ms=timing.infer_ms,
                 total_ms=total_ms,
+                batch_size=timing.batch_size,
             )
             if error is not None or scores is None:
                 out.append(self._rejection(job, error, times, meta, index, len(job.frames)))
@@ -366,12 +367,12 @@ class Processor:
             else:
                 self.metrics.results.labels("rejected", r.rejection.code).inc()
                 log.warning(
-                    "input %d rejected: seq=%d code=%s reason=%s sha256=%s",
+                    "input %d rejected: seq=%d code=%s reason=%s content=%s",
                     job.facts.input_id,
                     r.sequence,
                     r.rejection.code,
                     r.rejection.message,
-                    job.facts.content_sha256[:16],
+                    job.facts.content_hash[:16],
                 )
         if job.prepared:
             self.metrics.stage.labels("decode").observe(job.prepared.decode_ms / 1e3)

@@ -26,7 +26,7 @@ class InputFacts:
     input_id: int
     source: str
     file_name: str
-    content_sha256: str
+    content_hash: str
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class StageTimes:
     queue_ms: float = 0.0
     infer_ms: float = 0.0
     total_ms: float = 0.0
+    batch_size: int = 0
 
 
 def _base(facts: InputFacts, manifest: Manifest, backend: str, times: StageTimes) -> pb.Result:
@@ -44,7 +45,7 @@ def _base(facts: InputFacts, manifest: Manifest, backend: str, times: StageTimes
         model_version=manifest.model.version,
         backend=backend,
         file_name=facts.file_name,
-        content_sha256=facts.content_sha256,
+        content_hash=facts.content_hash,
         source=facts.source,
         input_id=facts.input_id,
         created_unix_ms=time.time_ns() // 1_000_000,
@@ -54,6 +55,7 @@ def _base(facts: InputFacts, manifest: Manifest, backend: str, times: StageTimes
             queue_ms=times.queue_ms,
             infer_ms=times.infer_ms,
             total_ms=times.total_ms,
+            batch_size=times.batch_size,
         ),
     )
 

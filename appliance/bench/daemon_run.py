@@ -96,11 +96,18 @@ class BenchDaemon:
         except grpc.RpcError:
             pass
 
-    def drop(self, source: Path, name: str) -> float:
-        """Publish a file as a careful sender does (copy under a dot-name, rename); returns its close time."""
-        tmp = self.incoming / f".{name}.part"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, self.incoming / name)
+    def stage(self, source: Path, name: str) -> Path:
+        """Write a file beside the watch folder, on the same file system, as a careful sender does before
+        it publishes: the copying is the sender's work, so it is done before the clock starts."""
+        staged = self.root / "staging" / name
+        staged.parent.mkdir(exist_ok=True)
+        shutil.copyfile(source, staged)
+        return staged
+
+    def publish(self, staged: Path) -> float:
+        """Rename a staged file into the watch folder; returns that moment, the file's close as the daemon
+        sees it."""
+        os.replace(staged, self.incoming / staged.name)
         return time.time()
 
     def wait_for(self, count: int, timeout: float = 3600) -> None:
@@ -114,6 +121,13 @@ class BenchDaemon:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the daemon has used so far (all its threads)."""
+        assert self.proc is not None
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self._channel is not None:

@@ -190,6 +190,7 @@ class Timings(_message.Message):
     INFER_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
     QUEUE_MS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
     decode_ms: _builtins.float
     preprocess_ms: _builtins.float
     infer_ms: _builtins.float
@@ -198,6 +199,8 @@ class Timings(_message.Message):
     """from the input being picked up to the result being stored"""
     queue_ms: _builtins.float
     """waiting for a batch and the backend"""
+    batch_size: _builtins.int
+    """inputs in that batch: infer_ms / batch_size is this input's share"""
     def __init__(
         self,
         *,
@@ -206,10 +209,11 @@ class Timings(_message.Message):
         infer_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
         queue_ms: _builtins.float = ...,
+        batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ms", b"decode_ms", "infer_ms", b"infer_ms", "preprocess_ms", b"preprocess_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "decode_ms", b"decode_ms", "infer_ms", b"infer_ms", "preprocess_ms", b"preprocess_ms", "queue_ms", b"queue_ms", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,7 +258,7 @@ class Result(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     FILE_NAME_FIELD_NUMBER: _builtins.int
-    CONTENT_SHA256_FIELD_NUMBER: _builtins.int
+    CONTENT_HASH_FIELD_NUMBER: _builtins.int
     STUDY_INSTANCE_UID_FIELD_NUMBER: _builtins.int
     SERIES_INSTANCE_UID_FIELD_NUMBER: _builtins.int
     SOP_INSTANCE_UID_FIELD_NUMBER: _builtins.int
@@ -273,7 +277,8 @@ class Result(_message.Message):
     decision: Global___Decision.ValueType
     threshold: _builtins.float
     file_name: _builtins.str
-    content_sha256: _builtins.str
+    content_hash: _builtins.str
+    """BLAKE3-256 of the input's bytes, 64 hex digits (SHA-256 for inputs journaled by 0.1.0)"""
     study_instance_uid: _builtins.str
     series_instance_uid: _builtins.str
     sop_instance_uid: _builtins.str
@@ -312,7 +317,7 @@ class Result(_message.Message):
         threshold: _builtins.float = ...,
         timings: Global___Timings | None = ...,
         file_name: _builtins.str = ...,
-        content_sha256: _builtins.str = ...,
+        content_hash: _builtins.str = ...,
         study_instance_uid: _builtins.str = ...,
         series_instance_uid: _builtins.str = ...,
         sop_instance_uid: _builtins.str = ...,
@@ -326,7 +331,7 @@ class Result(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rejection", b"rejection", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "backend", b"backend", "content_sha256", b"content_sha256", "created_unix_ms", b"created_unix_ms", "decision", b"decision", "file_name", b"file_name", "findings", b"findings", "frame_count", b"frame_count", "frame_index", b"frame_index", "input_id", b"input_id", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "rejection", b"rejection", "scores", b"scores", "sequence", b"sequence", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "source", b"source", "study_instance_uid", b"study_instance_uid", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "backend", b"backend", "content_hash", b"content_hash", "created_unix_ms", b"created_unix_ms", "decision", b"decision", "file_name", b"file_name", "findings", b"findings", "frame_count", b"frame_count", "frame_index", b"frame_index", "input_id", b"input_id", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "rejection", b"rejection", "scores", b"scores", "sequence", b"sequence", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "source", b"source", "study_instance_uid", b"study_instance_uid", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
