@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: Config) -> int:
     from appliance.daemon import Daemon
+    from appliance.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()
 
     daemon = Daemon(config)
     try:
