@@ -69,7 +69,12 @@ class InferenceConfig(_Section):
     max_delay_ms: float = Field(
         5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."
     )
-    decode_workers: int = Field(2, ge=1, le=64, description="Threads that decode and preprocess inputs.")
+    decode_workers: int = Field(2, ge=1, le=64, description="Workers that decode and preprocess inputs.")
+    decode_with: Literal["processes", "threads"] = Field(
+        "processes",
+        description="processes: faster (no GIL) and a decoder crash costs one worker, not the daemon; "
+        "threads: less memory.",
+    )
 
 
 class LimitsConfig(_Section):

@@ -86,7 +86,7 @@ class Daemon:
         self.metrics.serve(config.server.host, config.server.metrics_port)
         # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
         threading.Thread(target=self._requeue, args=(pending,), name="requeue", daemon=True).start()
-        self.ingestor = Ingestor(config.watch, self.journal, self._submit)
+        self.ingestor = Ingestor(config.watch, self.journal, self.processor)
         self.ingestor.start()
         exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
         self.watcher = FolderWatcher(config.watch, self.ingestor.offer, exclude)
@@ -105,10 +105,6 @@ class Daemon:
             self.backend.name,
         )
         return self.server.port
-
-    def _submit(self, facts: InputFacts, path: Path) -> None:
-        assert self.processor is not None
-        self.processor.submit(Job(facts=facts, path=path))
 
     def _requeue(self, pending: list[InputRow]) -> None:
         """Inputs journaled but never finished (a crash, a power cut) are scored now, once."""

@@ -96,6 +96,11 @@ class MultiFrameRejected(InputRejected):
     default_message = "The input has several frames and the configuration rejects multi-frame inputs."
 
 
+class DecoderCrashed(InputRejected):
+    code = "decoder_crashed"
+    default_message = "Decoding this file crashed its worker process twice; it is set aside."
+
+
 class FileVanished(InputRejected):
     code = "file_vanished"
     default_message = "The file disappeared before it could be read."

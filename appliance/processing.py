@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from appliance.inference.postprocess import activate, decide
 from appliance.ingest import disposal
 from appliance.ingest.journal import Journal, NewResult
 from appliance.manifest import Manifest
-from appliance.pipeline import Prepared, Preparer
+from appliance.pipeline import Prepared
+from appliance.prepare_pool import PreparePool, ReadAhead
 from appliance.privacy import hashed, log_failure
 from appliance.results import InputFacts, StageTimes, rejected_result, scored_result, stored_to_message
 from appliance.server.metrics import Metrics
@@ -66,7 +68,6 @@ class Processor:
         self.backend_name = backend.name
         self.journal = journal
         self.metrics = metrics
-        self.preparer = Preparer(manifest, config.limits)
         activation = manifest.output.activation
         max_batch = backend.max_batch
         self.batcher = Batcher(
@@ -78,7 +79,7 @@ class Processor:
             on_batch=metrics.observe_batch,
         )
         workers = config.inference.decode_workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with)
         self._slots = threading.BoundedSemaphore(max(4 * max_batch, 2 * workers))
         self._finish_queue: queue.Queue[Job | None] = queue.Queue()
         self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
@@ -89,13 +90,14 @@ class Processor:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._preparing.warm()
         self.batcher.start()
         self._finisher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to ``timeout``); anything left stays queued in the journal."""
         self.wait_idle(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._preparing.close()
         self.batcher.stop()
         self._finish_queue.put(None)
         self._finisher.join(timeout=10)
@@ -110,8 +112,27 @@ class Processor:
     # --- the stages ---------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        """A journaled input: prepare it in the pool, then on to the batcher."""
         self._admit()
-        self._pool.submit(self._prepare, job)
+        self._preparing.prepare(job.path, job.facts.file_name).add_done_callback(functools.partial(self._prepared, job))
+
+    def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
+        """A watched file not yet journaled: hash and prepare it in one read. Takes a slot (blocking when
+        the stages are full) that ``take`` carries on or ``drop`` gives back."""
+        self._admit()
+        return self._preparing.read_ahead(path, screened, file_name)
+
+    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead) -> None:
+        """The read-ahead input is now journaled: on to the batcher (or to its rejection)."""
+        job = Job(facts=facts, path=path)
+        if ahead.prepared is None:
+            self._reject(job, ahead.error or CorruptImage())
+        else:
+            self._start(job, ahead.prepared)
+
+    def drop(self) -> None:
+        """A read-ahead that is not to be scored (known, duplicate, changed, failed): its slot back."""
+        self._release()
 
     def submit_rejected(self, job: Job, error: InputRejected) -> None:
         """Record a rejection decided before any decoding (e.g. a file that keeps crashing the daemon)."""
@@ -125,21 +146,17 @@ class Processor:
             self._in_flight += 1
             self.metrics.in_flight.set(self._in_flight)
 
-    def _prepare(self, job: Job) -> None:
+    def _prepared(self, job: Job, preparing: Future[Prepared]) -> None:
         try:
-            try:
-                self.preparer.check_size(job.path.stat().st_size)  # before reading it into memory
-                data = job.path.read_bytes()
-            except FileNotFoundError as e:
-                raise FileVanished() from e
-            job.prepared = self.preparer.prepare(data, job.facts.file_name)
-            del data
-            if not job.prepared.tensors:
-                raise CorruptImage("The image holds no frames.")
+            prepared = preparing.result()
         except Exception as e:  # the per-input error boundary: any failure rejects this input only
             self._reject(job, e)
             return
-        tensors = job.prepared.tensors
+        self._start(job, prepared)
+
+    def _start(self, job: Job, prepared: Prepared) -> None:
+        job.prepared = prepared
+        tensors = prepared.tensors
         job.frames = [None] * len(tensors)
         job.remaining = len(tensors)
         for index, tensor in enumerate(tensors):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import blake3
 
@@ -37,7 +38,12 @@ def digest_file(path: Path, expect: os.stat_result | None = None) -> str:
             expect.st_mtime_ns,
         ):
             raise FileChanged("changed since it was screened")
-        h = blake3.blake3()
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)  # releases the GIL on large chunks
+        return digest_stream(f)
+
+
+def digest_stream(f: BinaryIO) -> str:
+    """The hash of what is left to read in an open binary file, read in chunks (files too large to hold)."""
+    h = blake3.blake3()
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)  # releases the GIL on large chunks
     return h.hexdigest()

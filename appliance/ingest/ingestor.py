@@ -1,4 +1,4 @@
-"""Turns ready files into journaled inputs: skip what is known, hash, dedupe, hand new work to the processor."""
+"""Turns ready files into journaled inputs: skip what is known, read ahead (hash and prepare), dedupe, journal."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.config import WatchConfig
 from appliance.ingest import disposal
-from appliance.ingest.content_hash import FileChanged, digest_file
+from appliance.ingest.content_hash import FileChanged
 from appliance.ingest.journal import InputRow, Journal
 from appliance.privacy import log_failure
 from appliance.results import InputFacts
 from appliance.v1 import scoring_pb2 as pb
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from appliance.prepare_pool import ReadAhead
 
-HASH_WORKERS = 2
+log = logging.getLogger(__name__)
 
 
 def display_name(path: Path) -> str:
@@ -30,19 +31,29 @@ def display_name(path: Path) -> str:
     return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-class Ingestor:
-    """Registrations are serial (one thread), so the same file reported twice is journaled once; the
-    content hashes before them run in a small pool, since hashing a 10 MB radiograph costs as much CPU as
-    decoding it and the hash releases the GIL while it works."""
+class ReadAheadStage(Protocol):
+    """What the ingest needs of the processor (appliance.processing.Processor)."""
 
-    def __init__(self, config: WatchConfig, journal: Journal, submit: Callable[[InputFacts, Path], None]) -> None:
+    def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]: ...
+
+    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead) -> None: ...
+
+    def drop(self) -> None: ...
+
+
+class Ingestor:
+    """Screens ready files, has each new one hashed and prepared in one read by the processor's workers
+    (read-ahead), then journals them one at a time, in the order screened, so the same file reported
+    twice is journaled once and the same content twice is scored once. Only a journaled input goes on
+    to inference and a result; a crash before that leaves the file in the folder for the next rescan."""
+
+    def __init__(self, config: WatchConfig, journal: Journal, stage: ReadAheadStage) -> None:
         self.config = config
         self.journal = journal
-        self._submit = submit
+        self._stage = stage
         self._queue: queue.Queue[Path | None] = queue.Queue()
-        # Bounded: a burst waits here (as paths) rather than as a pile of finished hashes.
-        self._hashed: queue.Queue[tuple[Path, os.stat_result, Future[str]] | None] = queue.Queue(2 * HASH_WORKERS)
-        self._hashers = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
+        # Unbounded here: each entry holds one of the processor's slots, which bound them all.
+        self._ahead: queue.Queue[tuple[Path, os.stat_result, Future[ReadAhead]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._registrar = threading.Thread(target=self._register_loop, name="register", daemon=True)
         self._stopping = threading.Event()
@@ -58,7 +69,6 @@ class Ingestor:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self._registrar.join(timeout=10)
-        self._hashers.shutdown(wait=False, cancel_futures=True)
 
     def alive(self) -> bool:
         return self._thread.is_alive() and self._registrar.is_alive()
@@ -77,16 +87,16 @@ class Ingestor:
                 pass  # moved away or deleted between the event and now: nothing to do
             except Exception as e:  # one odd file must never stop ingest
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
-        self._hashed.put(None)
+        self._ahead.put(None)
 
     def _screen(self, path: Path) -> None:
-        """Cheap checks first; a file worth registering has its hash started in the pool."""
+        """Cheap checks first; a file worth registering is read ahead (blocking while the stages are full)."""
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):
             return  # only regular files are inputs; opening a FIFO would block ingest for good
         if self._known(path, st):
             return
-        self._hashed.put((path, st, self._hashers.submit(digest_file, path, st)))
+        self._ahead.put((path, st, self._stage.read_ahead(path, st, display_name(path))))
 
     def _known(self, path: Path, st: os.stat_result) -> bool:
         known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
@@ -98,36 +108,39 @@ class Ingestor:
         return True
 
     def _register_loop(self) -> None:
-        while (item := self._hashed.get()) is not None:
-            path, st, hashing = item
-            if self._stopping.is_set():
-                hashing.cancel()
-                continue
+        while (item := self._ahead.get()) is not None:
+            path, st, reading = item
+            taken = False
             try:
-                self._register(path, st, hashing.result())
-            except (FileNotFoundError, CancelledError):
+                if not self._stopping.is_set():
+                    taken = self._register(path, st, reading.result())
+            except FileNotFoundError:
                 pass
             except FileChanged as e:  # a new event offers it again once it is stable
                 log.debug("a file %s; it is taken again when stable", e)
             except Exception as e:  # one odd file must never stop ingest
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+            finally:
+                if not taken:
+                    self._stage.drop()
 
-    def _register(self, path: Path, st: os.stat_result, digest: str) -> None:
-        # Checked again here, serially: the same file may have been offered twice while it was hashed.
+    def _register(self, path: Path, st: os.stat_result, ahead: ReadAhead) -> bool:
+        """Journal the input; True when it went on to the processor."""
+        # Checked again here, serially: the same file may have been offered twice while it was read.
         if self._known(path, st):
-            return
+            return False
         reg = self.journal.register(
             source="folder",
             path=str(path),
             file_name=display_name(path),
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
-            content_hash=digest,
+            content_hash=ahead.digest,
         )
         original = reg.duplicate_of
         if original is not None and original.state == "queued" and original.path == str(path):
             # The queued input's own file, offered again (touched, say): its job owns the file.
-            return
+            return False
         if original is not None:
             log.info(
                 "input %d is a duplicate of input %d (same content); not scored again",
@@ -135,10 +148,12 @@ class Ingestor:
                 original.id,
             )
             self._dispose_again(reg.input, path)
-            return
-        self._submit(
-            InputFacts(input_id=reg.input.id, source="folder", file_name=display_name(path), content_hash=digest), path
+            return False
+        facts = InputFacts(
+            input_id=reg.input.id, source="folder", file_name=display_name(path), content_hash=ahead.digest
         )
+        self._stage.take(facts, path, ahead)
+        return True
 
     def _dispose_again(self, row: InputRow, path: Path) -> None:
         original = self.journal.get_input(row.duplicate_of) if row.duplicate_of else row
