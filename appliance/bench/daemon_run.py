@@ -25,6 +25,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_tree(root: int) -> list[int]:
+    """A process and its descendants (for the daemon: the forkserver and the decode workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])  # after the name
+    tree, frontier = [root], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree += children
+        frontier += children
+    return tree
+
+
 @dataclass
 class Arrival:
     file_name: str
@@ -39,6 +58,7 @@ class BenchDaemon:
     engines: Path
     max_delay_ms: float = 5.0
     decode_workers: int = 0
+    decode_with: str = "processes"
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
     arrivals: list[Arrival] = field(default_factory=list)
@@ -56,11 +76,12 @@ class BenchDaemon:
         workers = self.decode_workers or os.cpu_count() or 2
         config = self.root / "appliance.toml"
         config.write_text(
-            f'[watch]\ndir = "{self.incoming}"\nafter_scoring = "delete"\nstable_s = 0.2\n'
+            f'[watch]\ndir = "{self.incoming}"\nprocessed_dir = "{self.root / "processed"}"\nstable_s = 0.2\n'
             f'rejected_dir = "{self.root / "rejected"}"\n'
             f'[storage]\ndata_dir = "{self.root / "data"}"\n'
             f'[model]\ndir = "{self.model}"\nengines_dir = "{self.engines}"\n'
             f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
+            f'decode_with = "{self.decode_with}"\n'
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
             '[logging]\nlevel = "WARNING"\n'
         )
@@ -116,18 +137,30 @@ class BenchDaemon:
                 raise RuntimeError(f"only {len(self.arrivals)} of {count} results arrived")
 
     def peak_rss_mb(self) -> float:
+        """The sum of each process's peak resident memory: the daemon and its workers (an upper bound
+        on the peak of the whole, as the peaks need not coincide)."""
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        total_kb = 0
+        for pid in process_tree(self.proc.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total_kb += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return total_kb / 1024
 
     def cpu_seconds(self) -> float:
-        """User and system CPU time the daemon has used so far (all its threads)."""
+        """User and system CPU time the daemon and its worker processes have used so far (all threads)."""
         assert self.proc is not None
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = 0
+        for pid in process_tree(self.proc.pid):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self._channel is not None:

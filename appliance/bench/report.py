@@ -38,10 +38,9 @@ def text(figures: dict[str, Any]) -> str:
         ),
         f"  idle p50 budget        raw batch-1 inference {f['single_infer_ms']:.1f} + decode "
         f"{f['single_decode_ms']:.1f} + 5 ms = {f['latency_budget_ms']:.1f} ms",
-        "  daemon CPU (burst)     "
-        + "  ".join(f"{k} {v:.0%}" for k, v in f["stage_shares"].items())
-        + f"   ({f['daemon_cpu_ms_per_file']:.1f} ms a file)",
-        f"  peak RSS (daemon)      {f['peak_rss_mb']:.0f} MiB",
+        "  host time per file     " + "  ".join(f"{k} {v:.0%}" for k, v in f["stage_shares"].items()),
+        f"  CPU per file           {f['daemon_cpu_ms_per_file']:.1f} ms   (daemon and decode workers, burst)",
+        f"  peak RSS              {f['peak_rss_mb']:.0f} MiB   (daemon and decode workers, sum of each one's peak)",
     ]
     if "shrink_first_error" in f:
         e = f["shrink_first_error"]
@@ -82,7 +81,7 @@ def write_png(path: Path, figures: dict[str, Any]) -> None:
     shares = figures["stage_shares"]
     palette = [(90, 180, 90), (200, 160, 60), (60, 90, 200), (160, 160, 160)]
     left, bar_top, bar_width = 520, 80, 340
-    cv2.putText(img, "share of daemon CPU (burst)", (left, bar_top - 15), font, 0.5, (0, 0, 0), 1)
+    cv2.putText(img, "share of host time per file", (left, bar_top - 15), font, 0.5, (0, 0, 0), 1)
     offset = left
     for i, (name, share) in enumerate(shares.items()):
         w = int(bar_width * share)

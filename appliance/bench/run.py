@@ -43,19 +43,21 @@ def shrink_first_error(fast: Preparer, exact: Preparer, paths: list[Path]) -> di
     }
 
 
-def cpu_shares(timings: list[pb.Timings], cpu_s: float) -> dict[str, float]:
-    """Shares of the daemon's CPU time over the burst: decode, preprocess and each input's part of its
-    batch's inference, as the daemon timed them; the rest is ingest (watching, hashing, the journal),
-    storing, streaming and the threads' own overhead."""
-    total_ms = max(cpu_s * 1e3, 1e-9)
+def host_shares(e2e: float, prepare_alone: float, infer_alone: float, timings: list[pb.Timings]) -> dict[str, float]:
+    """How the host's time per file divides up over the burst. Each stage alone used the whole host, so
+    per file it costs 1/its rate of host time; the daemon spends 1/e2e; what is left over is the rest
+    (watching, hashing, the journal, moving files, streaming, and waits the pipeline did not hide).
+    Decode and preprocess split their share as the daemon timed them. On a GPU host, inference overlaps
+    the CPU's work instead of adding to it, and the rest is then understated."""
+    prepare = e2e / prepare_alone
     decode = sum(t.decode_ms for t in timings)
-    prep = sum(t.preprocess_ms for t in timings)
-    infer = sum(t.infer_ms / max(t.batch_size, 1) for t in timings)
+    split = decode / max(decode + sum(t.preprocess_ms for t in timings), 1e-9)
+    inference = e2e / infer_alone
     return {
-        "decode": decode / total_ms,
-        "preprocess": prep / total_ms,
-        "inference": infer / total_ms,
-        "rest": max(0.0, total_ms - decode - prep - infer) / total_ms,
+        "decode": prepare * split,
+        "preprocess": prepare * (1 - split),
+        "inference": inference,
+        "rest": max(0.0, 1.0 - prepare - inference),
     }
 
 
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["speedup_vs_naive"] = figures["e2e_files_s"] / figures["naive_files_s"]
     figures["latency_idle_ms"] = percentiles(idle)
     figures["latency_burst_ms"] = percentiles([(a.at - closes[a.file_name]) * 1e3 for a in burst])
-    figures["stage_shares"] = cpu_shares([a.result.timings for a in burst], burst_cpu_s)
+    figures["stage_shares"] = host_shares(
+        figures["e2e_files_s"], prepare_alone, figures["raw_max_batch_img_s"], [a.result.timings for a in burst]
+    )
     figures["daemon_cpu_ms_per_file"] = burst_cpu_s * 1e3 / len(burst)
 
     report = text(figures)
