@@ -77,6 +77,7 @@ class Processor:
             max_delay_ms=config.inference.max_delay_ms,
             capacity=4 * max_batch,
             on_batch=metrics.observe_batch,
+            coming=lambda: self._on_the_way > 0,
         )
         workers = config.inference.decode_workers
         self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with)
@@ -84,6 +85,7 @@ class Processor:
         self._finish_queue: queue.Queue[Job | None] = queue.Queue()
         self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
         self._in_flight = 0
+        self._on_the_way = 0  # admitted inputs not yet at the batcher (or rejected before it)
         self._in_flight_lock = threading.Lock()
         self._idle = threading.Condition(self._in_flight_lock)
 
@@ -132,6 +134,7 @@ class Processor:
 
     def drop(self) -> None:
         """A read-ahead that is not to be scored (known, duplicate, changed, failed): its slot back."""
+        self._arrived()
         self._release()
 
     def submit_rejected(self, job: Job, error: InputRejected) -> None:
@@ -144,6 +147,7 @@ class Processor:
         self._slots.acquire()
         with self._in_flight_lock:
             self._in_flight += 1
+            self._on_the_way += 1
             self.metrics.in_flight.set(self._in_flight)
 
     def _prepared(self, job: Job, preparing: Future[Prepared]) -> None:
@@ -161,6 +165,11 @@ class Processor:
         job.remaining = len(tensors)
         for index, tensor in enumerate(tensors):
             self.batcher.submit(tensor, functools.partial(self._frame_done, job, index))
+        self._arrived()
+
+    def _arrived(self) -> None:
+        with self._in_flight_lock:
+            self._on_the_way -= 1
 
     def _frame_done(
         self,
@@ -178,6 +187,7 @@ class Processor:
             self._finish_queue.put(job)
 
     def _reject(self, job: Job, error: BaseException) -> None:
+        self._arrived()
         job.frames = [(None, error, BatchTiming(0.0, 0.0, 0))]
         self._finish_queue.put(job)
 

@@ -48,13 +48,17 @@ class Batcher:
         max_delay_ms: float,
         capacity: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
+        coming: Callable[[], bool] | None = None,
     ) -> None:
+        """``coming`` says whether more samples are on their way (inputs still being read and prepared):
+        when none are and none wait, a batch starts at once rather than after ``max_delay_ms``."""
         self._backend = backend
         self._postprocess = postprocess
         self._max_batch = max(1, min(max_batch, backend.max_batch))
         self._max_delay = max_delay_ms / 1000.0
         self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=capacity)
         self._on_batch = on_batch
+        self._coming = coming or (lambda: True)
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
 
     @property
@@ -80,6 +84,8 @@ class Batcher:
         items = [first]
         deadline = time.perf_counter() + self._max_delay
         while len(items) < self._max_batch:
+            if self._queue.empty() and not self._coming():
+                break  # waiting could not fill the batch: a lone image goes now
             remaining = deadline - time.perf_counter()
             try:
                 nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
