@@ -51,6 +51,7 @@ from build_engine.model_check import ModelFacts, check_model
 from build_engine.quantize import (
     TensorReader,
     classifier_head,
+    last_convolutions,
     prepare_float_model,
     quantize,
     rank_sensitive_nodes,
@@ -62,6 +63,7 @@ from build_engine.tensorrt_build import build_plan
 Target = Literal["onnxruntime", "tensorrt"]
 CHAINS: dict[Target, list[str]] = {"onnxruntime": ["int8", "fp32"], "tensorrt": ["int8", "fp16", "fp32"]}
 EXCLUSION_STEPS = (3, 8)  # how many of the most sensitive layers to keep in float, after the head
+LAST_CONVOLUTIONS = 2  # kept in float with the head, before the sensitivity ranking is consulted
 BUILD_RECIPE = 2  # bump when the build changes in a way that should invalidate reused artifacts
 
 
@@ -311,7 +313,8 @@ class Builder:
         self, target: Target, float_model: Path, work: Path, reader: TensorReader, notes: list[str]
     ) -> Attempt:
         """INT8 with every weighted layer quantized; failing the gate, keep layers in float, step by step:
-        the classifier head, then also the 3, then the 8 layers whose inputs quantize worst (lowest SQNR)."""
+        the classifier head, then also the last 2 convolutions, then instead of those the 3, then the 8
+        layers whose inputs quantize worst (lowest SQNR)."""
         qdq = work / "int8.qdq.onnx"
         quantize(float_model, qdq, target, reader)
         attempt = self._make_and_gate(target, "int8", qdq, work)
@@ -326,7 +329,8 @@ class Builder:
         tried: list[list[str]] = []
         # Past half the weighted layers in float, the result is no longer an INT8 model worth the name.
         most = len(weighted_nodes(float_model)) // 2
-        for excluded in [head, *(head + ranked[:count] for count in EXCLUSION_STEPS)]:
+        tail = [n for n in last_convolutions(float_model, LAST_CONVOLUTIONS) if n not in head]
+        for excluded in [head, head + tail, *(head + ranked[:count] for count in EXCLUSION_STEPS)]:
             if not excluded or excluded in tried or len(excluded) > most:
                 continue
             tried.append(excluded)
