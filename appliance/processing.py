@@ -124,9 +124,10 @@ class Processor:
         self._admit()
         return self._preparing.read_ahead(path, screened, file_name)
 
-    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead) -> None:
-        """The read-ahead input is now journaled: on to the batcher (or to its rejection)."""
-        job = Job(facts=facts, path=path)
+    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float) -> None:
+        """The read-ahead input is now journaled: on to the batcher (or to its rejection). ``picked_up``:
+        when the ingest screened it (time.perf_counter)."""
+        job = Job(facts=facts, path=path, picked_up=picked_up)
         if ahead.prepared is None:
             self._reject(job, ahead.error or CorruptImage())
         else:

@@ -7,6 +7,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -36,7 +37,7 @@ class ReadAheadStage(Protocol):
 
     def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]: ...
 
-    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead) -> None: ...
+    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float) -> None: ...
 
     def drop(self) -> None: ...
 
@@ -53,7 +54,7 @@ class Ingestor:
         self._stage = stage
         self._queue: queue.Queue[Path | None] = queue.Queue()
         # Unbounded here: each entry holds one of the processor's slots, which bound them all.
-        self._ahead: queue.Queue[tuple[Path, os.stat_result, Future[ReadAhead]] | None] = queue.Queue()
+        self._ahead: queue.Queue[tuple[Path, os.stat_result, float, Future[ReadAhead]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._registrar = threading.Thread(target=self._register_loop, name="register", daemon=True)
         self._stopping = threading.Event()
@@ -96,7 +97,8 @@ class Ingestor:
             return  # only regular files are inputs; opening a FIFO would block ingest for good
         if self._known(path, st):
             return
-        self._ahead.put((path, st, self._stage.read_ahead(path, st, display_name(path))))
+        picked_up = time.perf_counter()
+        self._ahead.put((path, st, picked_up, self._stage.read_ahead(path, st, display_name(path))))
 
     def _known(self, path: Path, st: os.stat_result) -> bool:
         known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
@@ -109,11 +111,11 @@ class Ingestor:
 
     def _register_loop(self) -> None:
         while (item := self._ahead.get()) is not None:
-            path, st, reading = item
+            path, st, picked_up, reading = item
             taken = False
             try:
                 if not self._stopping.is_set():
-                    taken = self._register(path, st, reading.result())
+                    taken = self._register(path, st, reading.result(), picked_up)
             except FileNotFoundError:
                 pass
             except FileChanged as e:  # a new event offers it again once it is stable
@@ -124,7 +126,7 @@ class Ingestor:
                 if not taken:
                     self._stage.drop()
 
-    def _register(self, path: Path, st: os.stat_result, ahead: ReadAhead) -> bool:
+    def _register(self, path: Path, st: os.stat_result, ahead: ReadAhead, picked_up: float) -> bool:
         """Journal the input; True when it went on to the processor."""
         # Checked again here, serially: the same file may have been offered twice while it was read.
         if self._known(path, st):
@@ -152,7 +154,7 @@ class Ingestor:
         facts = InputFacts(
             input_id=reg.input.id, source="folder", file_name=display_name(path), content_hash=ahead.digest
         )
-        self._stage.take(facts, path, ahead)
+        self._stage.take(facts, path, ahead, picked_up)
         return True
 
     def _dispose_again(self, row: InputRow, path: Path) -> None:
