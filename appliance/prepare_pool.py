@@ -238,6 +238,9 @@ class PreparePool:
         if lone is not None:
             lone.shutdown(wait=False, cancel_futures=True)
 
+    def alive(self) -> bool:
+        return self._retrier.is_alive()
+
     def close(self) -> None:
         self._suspects.put(None)
         self._retrier.join(timeout=10)

@@ -105,7 +105,7 @@ class Processor:
         self._finisher.join(timeout=10)
 
     def alive(self) -> bool:
-        return self.batcher.alive() and self._finisher.is_alive()
+        return self.batcher.alive() and self._finisher.is_alive() and self._preparing.alive()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
