@@ -12,7 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -28,6 +36,16 @@ from appliance.privacy import log_failure
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
+# What inotify reports to us: creation, close after writing, renames. Not every write of a file being
+# written, nor our own workers opening and reading each input (4 more events a file, each through
+# watchdog's threads). The polling observer, which only compares listings, gets no filter.
+INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 
 
 class _StopRaceFilter(logging.Filter):
@@ -76,7 +94,12 @@ class FolderWatcher:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._observer.schedule(_Handler(self), str(self.root), recursive=self.config.recursive)
+        self._observer.schedule(
+            _Handler(self),
+            str(self.root),
+            recursive=self.config.recursive,
+            event_filter=None if self.config.polling else INOTIFY_EVENTS,
+        )
         self._observer.start()
         self._thread.start()
         # Files dropped while the daemon was down (or while the observer was starting).
