@@ -90,6 +90,7 @@ class Daemon:
         self.ingestor.start()
         exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
         self.watcher = FolderWatcher(config.watch, self.ingestor.offer, exclude)
+        self.ingestor.reconsider = self.watcher.consider
         self.watcher.start()
         self.ready = True
         self.server.set_serving(True)

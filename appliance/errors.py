@@ -98,7 +98,7 @@ class MultiFrameRejected(InputRejected):
 
 class DecoderCrashed(InputRejected):
     code = "decoder_crashed"
-    default_message = "Decoding this file crashed its worker process twice; it is set aside."
+    default_message = "Decoding this file crashed a worker process each time it was tried; it is set aside."
 
 
 class FileVanished(InputRejected):

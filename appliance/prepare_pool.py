@@ -11,6 +11,7 @@ A file from the watched folder is read once: the worker hashes the bytes it deco
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -153,6 +154,7 @@ class PreparePool:
         self._workers = workers
         self.mode = mode
         self._lock = threading.Lock()
+        self._closing = False
         self._generation = 0
         self._pool = self._new_pool(workers)
         self._suspects: queue.Queue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], Callable[[], Any]] | None]
@@ -186,12 +188,24 @@ class PreparePool:
         return self._submit(read_ahead, (str(path), key, file_name), crashed)
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], crashed: Callable[[], Any]) -> Future[Any]:
+        """The outer future always completes: with the result, the input's own error, or cancelled when
+        the pool is closing (the input then stays queued in the journal for the next start)."""
         outer: Future[Any] = Future()
-        with self._lock:
-            generation, pool = self._generation, self._pool
-        inner = pool.submit(fn, *args)
-        inner.add_done_callback(lambda f: self._settle(f, outer, generation, (fn, args, crashed)))
-        return outer
+        for _ in range(2):
+            with self._lock:
+                if self._closing:
+                    outer.cancel()
+                    return outer
+                generation, pool = self._generation, self._pool
+            try:
+                inner = pool.submit(fn, *args)
+            except BrokenProcessPool:  # a worker died between files, with nothing pending to notice it
+                self._renew(generation)
+                continue
+            inner.add_done_callback(functools.partial(self._settle, outer=outer, generation=generation,
+                                                      call=(fn, args, crashed)))  # fmt: skip
+            return outer
+        raise BrokenProcessPool("the decode pool broke again as soon as it was renewed")
 
     def _settle(
         self,
@@ -200,9 +214,15 @@ class PreparePool:
         generation: int,
         call: tuple[Callable[..., Any], tuple[Any, ...], Callable[[], Any]],
     ) -> None:
+        if inner.cancelled():  # shut down before it ran
+            outer.cancel()
+            return
         try:
             outer.set_result(inner.result())
         except BrokenProcessPool:
+            if self._closing:
+                outer.cancel()
+                return
             self._renew(generation)
             self._suspects.put((outer, *call))
         except BaseException as e:
@@ -211,7 +231,7 @@ class PreparePool:
     def _renew(self, generation: int) -> None:
         """Replace a broken pool once, whichever of its inputs notices first."""
         with self._lock:
-            if generation != self._generation:
+            if generation != self._generation or self._closing:
                 return
             log.error("a decode worker process died; each input it held is tried again alone")
             broken, self._pool = self._pool, self._new_pool(self._workers)
@@ -219,31 +239,41 @@ class PreparePool:
         broken.shutdown(wait=False, cancel_futures=True)
 
     def _retry_alone(self) -> None:
+        """Each input of a broken pool, alone in a fresh worker. A lone worker can also die of something
+        else (found dead from before, the OOM killer): an input is rejected only after killing two."""
         lone: Executor | None = None
         while (item := self._suspects.get()) is not None:
             outer, fn, args, crashed = item
-            lone = lone or self._new_pool(1)
-            try:
-                outer.set_result(lone.submit(fn, *args).result())
-            except BrokenProcessPool:
-                lone.shutdown(wait=False, cancel_futures=True)
-                lone = None
+            for _ in range(2):
+                lone = lone or self._new_pool(1)
+                try:
+                    result = lone.submit(fn, *args).result()
+                except BrokenProcessPool:
+                    lone.shutdown(wait=False, cancel_futures=True)
+                    lone = None
+                    continue
+                except BaseException as e:
+                    outer.set_exception(e)
+                else:
+                    outer.set_result(result)
+                break
+            else:
                 log.error("a file crashed its decode worker again, alone; it is rejected")
                 try:
                     outer.set_result(crashed())
                 except BaseException as e:
                     outer.set_exception(e)
-            except BaseException as e:
-                outer.set_exception(e)
         if lone is not None:
-            lone.shutdown(wait=False, cancel_futures=True)
+            lone.shutdown(wait=True, cancel_futures=True)
 
     def alive(self) -> bool:
         return self._retrier.is_alive()
 
     def close(self) -> None:
-        self._suspects.put(None)
-        self._retrier.join(timeout=10)
+        """Inputs not yet started are cancelled; those running finish; then the retries still queued."""
         with self._lock:
+            self._closing = True
             pool = self._pool
         pool.shutdown(wait=True, cancel_futures=True)
+        self._suspects.put(None)
+        self._retrier.join(timeout=30)

@@ -116,13 +116,22 @@ class Processor:
     def submit(self, job: Job) -> None:
         """A journaled input: prepare it in the pool, then on to the batcher."""
         self._admit()
-        self._preparing.prepare(job.path, job.facts.file_name).add_done_callback(functools.partial(self._prepared, job))
+        try:
+            preparing = self._preparing.prepare(job.path, job.facts.file_name)
+        except BaseException:
+            self.drop()
+            raise
+        preparing.add_done_callback(functools.partial(self._prepared, job))
 
     def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
         """A watched file not yet journaled: hash and prepare it in one read. Takes a slot (blocking when
         the stages are full) that ``take`` carries on or ``drop`` gives back."""
         self._admit()
-        return self._preparing.read_ahead(path, screened, file_name)
+        try:
+            return self._preparing.read_ahead(path, screened, file_name)
+        except BaseException:
+            self.drop()
+            raise
 
     def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float) -> None:
         """The read-ahead input is now journaled: on to the batcher (or to its rejection). ``picked_up``:
@@ -134,7 +143,8 @@ class Processor:
             self._start(job, ahead.prepared)
 
     def drop(self) -> None:
-        """A read-ahead that is not to be scored (known, duplicate, changed, failed): its slot back."""
+        """An admitted input that goes no further (a read-ahead known, duplicate, changed or failed, or
+        one the pool cancelled at stop): its slot back."""
         self._arrived()
         self._release()
 
@@ -152,6 +162,9 @@ class Processor:
             self.metrics.in_flight.set(self._in_flight)
 
     def _prepared(self, job: Job, preparing: Future[Prepared]) -> None:
+        if preparing.cancelled():  # stopping: the input stays queued in the journal for the next start
+            self.drop()
+            return
         try:
             prepared = preparing.result()
         except Exception as e:  # the per-input error boundary: any failure rejects this input only

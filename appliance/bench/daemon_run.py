@@ -139,28 +139,28 @@ class BenchDaemon:
     def peak_rss_mb(self) -> float:
         """The sum of each process's peak resident memory: the daemon and its workers (an upper bound
         on the peak of the whole, as the peaks need not coincide)."""
-        assert self.proc is not None
-        total_kb = 0
-        for pid in process_tree(self.proc.pid):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            total_kb += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        return total_kb / 1024
+        kb = sum(int(line.split()[1]) for text in self._tree_files("status") for line in text.splitlines()
+                 if line.startswith("VmHWM:"))  # fmt: skip
+        return kb / 1024
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the daemon and its worker processes have used so far (all threads)."""
-        assert self.proc is not None
         ticks = 0
-        for pid in process_tree(self.proc.pid):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
+        for stat in self._tree_files("stat"):
             fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
             ticks += int(fields[11]) + int(fields[12])
         return ticks / os.sysconf("SC_CLK_TCK")
+
+    def _tree_files(self, name: str) -> list[str]:
+        """/proc/<pid>/<name> of the daemon and each of its descendants still running."""
+        assert self.proc is not None
+        texts = []
+        for pid in process_tree(self.proc.pid):
+            try:
+                texts.append(Path(f"/proc/{pid}/{name}").read_text())
+            except OSError:
+                continue  # exited meanwhile
+        return texts
 
     def stop(self) -> None:
         if self._channel is not None:

@@ -8,6 +8,7 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -44,17 +45,22 @@ class ReadAheadStage(Protocol):
 
 class Ingestor:
     """Screens ready files, has each new one hashed and prepared in one read by the processor's workers
-    (read-ahead), then journals them one at a time, in the order screened, so the same file reported
-    twice is journaled once and the same content twice is scored once. Only a journaled input goes on
-    to inference and a result; a crash before that leaves the file in the folder for the next rescan."""
+    (read-ahead), then journals them one at a time as their read-aheads finish, so the same file reported
+    twice is journaled once and the same content twice is scored once, and a slow file holds up no other.
+    Only a journaled input goes on to inference and a result; a crash before that leaves the file in the
+    folder for the next rescan."""
 
     def __init__(self, config: WatchConfig, journal: Journal, stage: ReadAheadStage) -> None:
         self.config = config
         self.journal = journal
         self._stage = stage
+        # Set by the daemon to the watcher's stability check: for a file that changed while it was read.
+        self.reconsider: Callable[[Path], None] | None = None
         self._queue: queue.Queue[Path | None] = queue.Queue()
-        # Unbounded here: each entry holds one of the processor's slots, which bound them all.
-        self._ahead: queue.Queue[tuple[Path, os.stat_result, float, Future[ReadAhead]] | None] = queue.Queue()
+        # Finished read-aheads, unbounded: each holds one of the processor's slots, which bound them all.
+        self._done: queue.Queue[tuple[Path, os.stat_result, float, Future[ReadAhead]] | None] = queue.Queue()
+        self._outstanding = 0  # read-aheads started and not yet taken from _done
+        self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._registrar = threading.Thread(target=self._register_loop, name="register", daemon=True)
         self._stopping = threading.Event()
@@ -88,7 +94,7 @@ class Ingestor:
                 pass  # moved away or deleted between the event and now: nothing to do
             except Exception as e:  # one odd file must never stop ingest
                 log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
-        self._ahead.put(None)
+        self._done.put(None)
 
     def _screen(self, path: Path) -> None:
         """Cheap checks first; a file worth registering is read ahead (blocking while the stages are full)."""
@@ -98,7 +104,11 @@ class Ingestor:
         if self._known(path, st):
             return
         picked_up = time.perf_counter()
-        self._ahead.put((path, st, picked_up, self._stage.read_ahead(path, st, display_name(path))))
+        reading = self._stage.read_ahead(path, st, display_name(path))
+        with self._count_lock:
+            self._outstanding += 1
+        item = (path, st, picked_up, reading)
+        reading.add_done_callback(lambda _: self._done.put(item))
 
     def _known(self, path: Path, st: os.stat_result) -> bool:
         known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
@@ -110,21 +120,35 @@ class Ingestor:
         return True
 
     def _register_loop(self) -> None:
-        while (item := self._ahead.get()) is not None:
-            path, st, picked_up, reading = item
-            taken = False
-            try:
-                if not self._stopping.is_set():
-                    taken = self._register(path, st, reading.result(), picked_up)
-            except FileNotFoundError:
-                pass
-            except FileChanged as e:  # a new event offers it again once it is stable
-                log.debug("a file %s; it is taken again when stable", e)
-            except Exception as e:  # one odd file must never stop ingest
-                log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
-            finally:
-                if not taken:
-                    self._stage.drop()
+        ended = False
+        while True:
+            with self._count_lock:
+                if ended and self._outstanding == 0:
+                    return
+            item = self._done.get()
+            if item is None:
+                ended = True
+                continue
+            with self._count_lock:
+                self._outstanding -= 1
+            self._finish_read_ahead(*item)
+
+    def _finish_read_ahead(self, path: Path, st: os.stat_result, picked_up: float, reading: Future[ReadAhead]) -> None:
+        taken = False
+        try:
+            if not self._stopping.is_set() and not reading.cancelled():
+                taken = self._register(path, st, reading.result(), picked_up)
+        except FileNotFoundError:
+            pass
+        except FileChanged as e:  # rewritten, or its times set after closing (cp -p): taken again when stable
+            log.debug("a file %s; it is taken again when stable", e)
+            if self.reconsider is not None:
+                self.reconsider(path)
+        except Exception as e:  # one odd file must never stop ingest
+            log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+        finally:
+            if not taken:
+                self._stage.drop()
 
     def _register(self, path: Path, st: os.stat_result, ahead: ReadAhead, picked_up: float) -> bool:
         """Journal the input; True when it went on to the processor."""

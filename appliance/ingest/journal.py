@@ -137,9 +137,7 @@ class Journal:
             version = self._writer.execute("PRAGMA user_version").fetchone()[0]
             has_tables = self._writer.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inputs'").fetchone()[0]
             if has_tables and version in MIGRATIONS:
-                self._writer.executescript(
-                    f"BEGIN; {MIGRATIONS[version]} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
+                self._migrate(path, version)
                 version = SCHEMA_VERSION
             if has_tables and version != SCHEMA_VERSION:
                 self._writer.close()
@@ -149,6 +147,20 @@ class Journal:
                 )
             self._writer.executescript(SCHEMA)
             self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate(self, path: Path, version: int) -> None:
+        """One transaction: the journal is upgraded whole, or left as it was."""
+        step = MIGRATIONS[version]
+        try:
+            self._writer.executescript(f"BEGIN IMMEDIATE; {step} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.Error as e:
+            if self._writer.in_transaction:
+                self._writer.rollback()
+            self._writer.close()
+            raise ConfigError(
+                f"The journal {path} could not be upgraded from schema version {version} ({e}); it is unchanged. "
+                "Move it aside (its results stay readable with sqlite3) and start again."
+            ) from e
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)

@@ -61,12 +61,18 @@ def test_a_decode_worker_killed_mid_burst_costs_no_file(make_daemon) -> None:
     assert d.status().scored == BURST
 
 
-def test_decode_workers_leave_with_a_killed_daemon(make_daemon) -> None:
+def _scored_one(make_daemon):
+    """A daemon with its decode workers up: it has scored one file."""
     d = make_daemon()
     d.start()
     assert d.proc is not None
-    drop(d.incoming, "one.png", png_bytes(1, size=128))
+    drop(d.incoming, "first.png", png_bytes(11, size=128))
     assert d.collect(1, timeout=60)[0].outcome == pb.OUTCOME_SCORED
+    return d
+
+
+def test_decode_workers_leave_with_a_killed_daemon(make_daemon) -> None:
+    d = _scored_one(make_daemon)
     helpers = process_tree(d.proc.pid)[1:]
     assert helpers, "the daemon started no worker processes"
     d.kill()
@@ -74,3 +80,18 @@ def test_decode_workers_leave_with_a_killed_daemon(make_daemon) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in helpers):
         time.sleep(0.2)
     assert not any(_alive(p) for p in helpers), [p for p in helpers if _alive(p)]
+
+
+def test_decode_workers_killed_while_idle_cost_nothing(make_daemon) -> None:
+    """The OOM killer or an admin's kill between files: the next file finds the pool broken, renews it."""
+    d = _scored_one(make_daemon)
+    for pid in _workers(d.proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)  # the pool's manager notices and marks itself broken, with nothing pending
+    names = [f"after-{n}.png" for n in range(5)]
+    for n, name in enumerate(names):
+        drop(d.incoming, name, png_bytes(20 + n, size=128))
+    results = d.collect(6, timeout=60)
+    assert sorted(r.file_name for r in results[1:]) == names
+    assert all(r.outcome == pb.OUTCOME_SCORED for r in results)
+    assert "a decode worker process died" in d.log()
