@@ -17,7 +17,7 @@ DESCRIPTION = """\
 Build the fastest artifact this host can run for a model folder (model.toml + ONNX), behind an
 accuracy gate against the FP32 model, and write it under the engines folder with a JSON sidecar.
 
-On a CPU-only host: a quantized ONNX model (u8 activations, s8 per-channel weights) for ONNX Runtime.
+On a CPU-only host: a quantized ONNX model (s8 activations, s8 per-channel weights) for ONNX Runtime.
 Where `tensorrt` imports and a GPU is visible: also a TensorRT plan (INT8 from a Q/DQ model, strongly
 typed), keyed to that GPU, its compute capability and the TensorRT version. Running it again with
 nothing changed reuses what exists.
