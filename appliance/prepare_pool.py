@@ -3,7 +3,7 @@
 Processes, by default: on 2 cores `make bench` measured them faster than threads on full-size
 radiographs (pydicom's parsing is Python that holds the GIL), and a native decoder (JPEG, JPEG 2000,
 RLE) that crashes on a hostile file takes down one worker, not the daemon. After a worker dies, each
-input that was in the pool is tried again alone in a fresh process: the one that kills that too is
+input that was in the pool is tried again alone in a fresh process: one that kills two lone workers is
 rejected as decoder_crashed, the others are scored as usual.
 
 A file from the watched folder is read once: the worker hashes the bytes it decodes (`read_ahead`).
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["processes", "threads"]
 DAEMON_CHECK_S = 1.0
 Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the ingest screened it
+# A call to retry alone: the worker function, its arguments, and what to answer if it kills two workers.
+Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[], Any]]
 
 _preparer: Preparer | None = None  # one per worker process (or one shared by the threads)
 
@@ -157,8 +159,7 @@ class PreparePool:
         self._closing = False
         self._generation = 0
         self._pool = self._new_pool(workers)
-        self._suspects: queue.Queue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], Callable[[], Any]] | None]
-        self._suspects = queue.Queue()
+        self._suspects: queue.Queue[tuple[Future[Any], Call] | None] = queue.Queue()
         self._retrier = threading.Thread(target=self._retry_alone, name="prepare-retry", daemon=True)
         self._retrier.start()
 
@@ -202,18 +203,12 @@ class PreparePool:
             except BrokenProcessPool:  # a worker died between files, with nothing pending to notice it
                 self._renew(generation)
                 continue
-            inner.add_done_callback(functools.partial(self._settle, outer=outer, generation=generation,
-                                                      call=(fn, args, crashed)))  # fmt: skip
+            call: Call = (fn, args, crashed)
+            inner.add_done_callback(functools.partial(self._settle, outer=outer, generation=generation, call=call))
             return outer
         raise BrokenProcessPool("the decode pool broke again as soon as it was renewed")
 
-    def _settle(
-        self,
-        inner: Future[Any],
-        outer: Future[Any],
-        generation: int,
-        call: tuple[Callable[..., Any], tuple[Any, ...], Callable[[], Any]],
-    ) -> None:
+    def _settle(self, inner: Future[Any], outer: Future[Any], generation: int, call: Call) -> None:
         if inner.cancelled():  # shut down before it ran
             outer.cancel()
             return
@@ -224,7 +219,7 @@ class PreparePool:
                 outer.cancel()
                 return
             self._renew(generation)
-            self._suspects.put((outer, *call))
+            self._suspects.put((outer, call))
         except BaseException as e:
             outer.set_exception(e)
 
@@ -243,7 +238,7 @@ class PreparePool:
         else (found dead from before, the OOM killer): an input is rejected only after killing two."""
         lone: Executor | None = None
         while (item := self._suspects.get()) is not None:
-            outer, fn, args, crashed = item
+            outer, (fn, args, crashed) = item
             for _ in range(2):
                 lone = lone or self._new_pool(1)
                 try:
