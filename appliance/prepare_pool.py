@@ -141,7 +141,8 @@ def _hasher() -> ThreadPoolExecutor:
         return _hash_thread
 
 
-def _ready() -> int:
+def _ready(hold_s: float) -> int:
+    time.sleep(hold_s)  # busy, so that the pool starts another worker for the next call
     return os.getpid()
 
 
@@ -174,8 +175,10 @@ class PreparePool:
         return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=self._init_args)
 
     def warm(self) -> None:
-        """Start the workers now (imports, first fork) rather than on the first file."""
-        self._pool.submit(_ready).result(timeout=120)
+        """Start every worker now (imports, forks) rather than on the first files of a burst."""
+        calls = [self._pool.submit(_ready, 0.2) for _ in range(self._workers)]
+        for call in calls:
+            call.result(timeout=120)
 
     def prepare(self, path: Path, file_name: str) -> Future[Prepared]:
         return self._submit(prepare_file, (str(path), file_name), _decoder_crashed)

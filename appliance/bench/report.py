@@ -36,7 +36,7 @@ def text(figures: dict[str, Any]) -> str:
         "                         burst  p50 {p50:7.1f}  p95 {p95:7.1f}  p99 {p99:7.1f} ms".format(
             **f["latency_burst_ms"]
         ),
-        f"  idle p50 budget        raw batch-1 inference {f['single_infer_ms']:.1f} + decode "
+        f"  idle p50 budget        raw batch-1 inference {f['single_infer_ms']:.1f} + read+decode "
         f"{f['single_decode_ms']:.1f} + 5 ms = {f['latency_budget_ms']:.1f} ms",
         "  host time per file     " + "  ".join(f"{k} {v:.0%}" for k, v in f["stage_shares"].items()),
         f"  CPU per file           {f['daemon_cpu_ms_per_file']:.1f} ms   (daemon and decode workers, burst)",
