@@ -54,7 +54,13 @@ class ReadAhead:
     error: BaseException | None
 
 
-def _init_worker(manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None) -> None:
+def worker_initargs(manifest: Manifest, limits: LimitsConfig, processes: bool) -> tuple[Any, ...]:
+    """The arguments of `init_worker` for decode workers of this process (processes watch it to leave
+    with it; threads share its Preparer)."""
+    return (manifest, limits, (os.getpid(), _identity(os.getpid())) if processes else None)
+
+
+def init_worker(manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None) -> None:
     global _preparer
     if daemon is not None:  # a worker process
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
@@ -152,8 +158,7 @@ def _decoder_crashed() -> Any:
 
 class PreparePool:
     def __init__(self, manifest: Manifest, limits: LimitsConfig, workers: int, mode: Mode = "processes") -> None:
-        daemon = (os.getpid(), _identity(os.getpid())) if mode == "processes" else None
-        self._init_args = (manifest, limits, daemon)
+        self._init_args = worker_initargs(manifest, limits, mode == "processes")
         self._workers = workers
         self.mode = mode
         self._lock = threading.Lock()
@@ -166,13 +171,13 @@ class PreparePool:
 
     def _new_pool(self, workers: int) -> Executor:
         if self.mode == "threads":
-            _init_worker(*self._init_args)
+            init_worker(*self._init_args)
             return ThreadPoolExecutor(workers, thread_name_prefix="prepare")
         # forkserver: workers fork from a clean process that has the imaging modules loaded, never from
         # the daemon itself, whose gRPC and SQLite threads a fork would copy mid-flight.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=self._init_args)
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=self._init_args)
 
     def warm(self) -> None:
         """Start every worker now (imports, forks) rather than on the first files of a burst."""

@@ -16,23 +16,8 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from appliance.config import LimitsConfig
-from appliance.malloc_tuning import keep_freed_memory
 from appliance.manifest import Manifest
-from appliance.pipeline import Preparer
-
-_worker_preparer: Preparer | None = None
-
-
-def _init_worker(manifest: Manifest, limits: LimitsConfig) -> None:
-    global _worker_preparer
-    keep_freed_memory()  # as the daemon's workers have it
-    _worker_preparer = Preparer(manifest, limits)
-
-
-def _prepare_one(path: Path) -> tuple[float, float]:
-    assert _worker_preparer is not None
-    prepared = _worker_preparer.prepare(path.read_bytes())
-    return prepared.decode_ms, prepared.preprocess_ms
+from appliance.prepare_pool import init_worker, prepare_file, worker_initargs
 
 
 def prepare_throughput(
@@ -40,16 +25,18 @@ def prepare_throughput(
 ) -> float:
     """Files per second through decode + preprocess alone, with `workers` threads or processes."""
     workers = workers or os.cpu_count() or 1
+    initargs = worker_initargs(manifest, limits, kind == "process")  # the daemon's worker set-up and task
     pool: Executor
     if kind == "process":
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(manifest, limits))
+        pool = ProcessPoolExecutor(workers, initializer=init_worker, initargs=initargs)
     else:
-        _init_worker(manifest, limits)
+        init_worker(*initargs)
         pool = ThreadPoolExecutor(workers)
+    files, names = [str(p) for p in paths], [p.name for p in paths]
     with pool:
-        list(pool.map(_prepare_one, paths[: 2 * workers]))  # warm up (imports, pools, first decodes)
+        list(pool.map(prepare_file, files[: 2 * workers], names))  # warm up (imports, pools, first decodes)
         start = time.perf_counter()
-        list(pool.map(_prepare_one, paths))
+        list(pool.map(prepare_file, files, names))
         return len(paths) / (time.perf_counter() - start)
 
 
