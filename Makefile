@@ -9,7 +9,7 @@ MODEL ?=
 PRECISION ?= auto
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos model engine bench run test lint typecheck check-protos clean
+.PHONY: venv protos model engine bench gpu-check run test lint typecheck check-protos clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ WORKLOAD ?= mr radiograph
 bench: model
 	for w in $(WORKLOAD); do $(PY) -m appliance.bench --config $(CONFIG) --workload $$w \
 		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done
+
+# On a box with an NVIDIA GPU: the gpu tests, TensorRT builds of both models and the bench on TensorRT,
+# each step guarded (skipped with the reason where TensorRT or the GPU is missing), then one report table.
+gpu-check: model
+	$(PY) -m build_engine.gpu_check --config $(CONFIG)
 
 run: model
 	mkdir -p var/incoming

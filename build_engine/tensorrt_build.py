@@ -4,6 +4,10 @@ One code path for TensorRT 10.x and 11.x. Precision comes from the ONNX itself (
 so no INT8 calibrator and no precision builder flags (calibrators are deprecated since 10.1 and removed
 in 11; kINT8/kFP16 deprecated since 10.12 and removed in 11). The one call that differs: 10.x needs the
 STRONGLY_TYPED creation flag, 11.x networks are always strongly typed (the flag may be gone).
+
+The one precision switch kept is TF32, which TensorRT turns on by default (10.x and 11.x): it lets float32
+matrix products round their inputs to 10-bit mantissas. A plan we call "fp32" clears it, so it computes
+what ONNX Runtime FP32 computes.
 """
 
 from __future__ import annotations
@@ -24,9 +28,31 @@ def _network_flags(trt: Any) -> int:
     return 0 if strongly_typed is None else 1 << int(strongly_typed)
 
 
+PRECISIONS = ("int8", "fp16", "fp32")
+
+
+def _set_precision(trt: Any, config: Any, precision: str) -> None:
+    """Clear TF32 for an fp32 plan; leave int8 and fp16 plans to the types their ONNX holds.
+
+    In an int8 (Q/DQ) or fp16 plan, the layers the gate kept in float keep the float32 type their ONNX
+    gives them, and with TF32 on (the default) TensorRT may run their convolutions and matrix products in
+    TF32 on Ampere and later; the gate measures the plan as built, TF32 included, so that is what passed.
+    """
+    if precision not in PRECISIONS:
+        raise BuildError(f"Unknown TensorRT precision {precision!r}; one of {', '.join(PRECISIONS)}.")
+    if precision != "fp32":
+        return
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)  # kept in 11.1; looked up in case a later major drops it
+    if tf32 is None:
+        log.warning("TensorRT %s has no TF32 builder flag; the fp32 plan runs as TensorRT chooses", trt.__version__)
+        return
+    config.clear_flag(tf32)
+
+
 def build_plan(
     onnx_path: Path,
     *,
+    precision: str = "int8",
     input_name: str,
     sample_shape: tuple[int, ...],
     max_batch: int,
@@ -34,7 +60,11 @@ def build_plan(
     workspace_bytes: int,
     timing_cache: Path,
 ) -> bytes:
-    """Parse, configure (profile 1..max, workspace, timing cache), build; raise BuildError with the reason."""
+    """Parse, configure (profile 1..max, workspace, timing cache, TF32 off for fp32), build; raise BuildError.
+
+    ``precision`` is the precision the ONNX was made for ("int8" Q/DQ, "fp16" or "fp32"); the network's
+    types come from the ONNX either way, and only "fp32" changes the configuration (no TF32).
+    """
     trt = import_tensorrt()
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -49,6 +79,7 @@ def build_plan(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    _set_precision(trt, config, precision)
     profile = builder.create_optimization_profile()
     opt = max(1, min(opt_batch, max_batch))
     try:

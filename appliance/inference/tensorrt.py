@@ -4,12 +4,17 @@ Written against the TensorRT 10 Python API, which TensorRT 11 keeps for everythi
 (name-based I/O tensors, `set_input_shape`, `set_tensor_address`, `execute_async_v3`). Each slot is one
 execution context on its own CUDA stream with page-locked host and device buffers sized for the max
 batch; two slots let one batch's copies overlap the other's compute when two threads call `infer`.
+Every output gets a device buffer (TensorRT refuses to enqueue with any I/O address unset); only the
+manifest's output is copied back. A slot goes back to the pool only once its stream is idle, and
+`close()` waits for lent slots before freeing anything.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,9 @@ from appliance.inference.backend import Backend, TensorSpec
 log = logging.getLogger(__name__)
 
 SLOTS = 2
+# How long close() waits for each lent slot. A batch takes milliseconds; one busy this long is stuck,
+# and its buffers are left allocated rather than freed under it.
+DRAIN_S = 5.0
 
 
 def import_tensorrt() -> Any:
@@ -79,12 +87,82 @@ class _Slot:
     host_in: cuda.PinnedBuffer
     device_in: cuda.DeviceBuffer
     host_out: cuda.PinnedBuffer
-    device_out: cuda.DeviceBuffer
+    device_outs: dict[str, cuda.DeviceBuffer]  # every output tensor, the manifest's among them
+
+    def settle(self) -> None:
+        """Wait until this slot's stream has nothing queued, so its buffers can take the next batch.
+
+        Called after an error: the copy in or the engine may still be running. A failure here is
+        logged, not raised, so the error that brought us here is the one the caller sees.
+        """
+        try:
+            self.stream.synchronize()
+        except cuda.CudaError as e:
+            log.error("TensorRT slot: waiting for its stream after a failed batch also failed: %s", e)
 
     def close(self) -> None:
-        for part in (self.host_in, self.device_in, self.host_out, self.device_out, self.stream):
-            part.close()
+        parts: list[cuda.PinnedBuffer | cuda.DeviceBuffer | cuda.Stream]
+        parts = [self.host_in, self.device_in, self.host_out, *self.device_outs.values(), self.stream]
+        for part in parts:
+            try:
+                part.close()
+            except cuda.CudaError as e:  # free the rest regardless: one failure must not leak them all
+                log.error("TensorRT slot: freeing a buffer failed: %s", e)
+        # The context holds its engine (and that its runtime) alive, so contexts go before engines.
         self.context = None
+
+
+class _SlotPool:
+    """Lends slots one batch at a time; closing waits for lent slots before anything is freed."""
+
+    def __init__(self, slots: list[_Slot]) -> None:
+        self._slots = list(slots)
+        self._free = list(slots)
+        self._cond = threading.Condition()
+        self._closing = False  # take() refuses from now on
+        self._drained = False  # close() is past waiting: slots given back later are freed by the giver
+
+    def take(self) -> _Slot:
+        with self._cond:
+            while not self._free and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                raise BackendError("The TensorRT backend is closed.")
+            return self._free.pop()
+
+    def give_back(self, slot: _Slot) -> None:
+        with self._cond:
+            if not self._drained:
+                self._free.append(slot)
+                self._cond.notify_all()
+                return
+        # close() stopped waiting for this batch and left the slot allocated; its stream is idle now.
+        slot.close()
+
+    def close(self, wait_per_slot_s: float) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()  # a take() waiting for a slot raises instead of waiting on
+            deadline = time.monotonic() + wait_per_slot_s * len(self._slots)
+            while len(self._free) < len(self._slots):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            idle, self._free = self._free, []
+            self._drained = True
+        busy = len(self._slots) - len(idle)
+        if busy:
+            log.warning(
+                "closing the TensorRT backend: %d of %d slots still busy after %g s; their buffers stay "
+                "allocated (freed when their batch ends) rather than freed under a running batch",
+                busy,
+                len(self._slots),
+                wait_per_slot_s * len(self._slots),
+            )
+        for slot in idle:
+            slot.settle()
+            slot.close()
 
 
 class TensorRtBackend(Backend):
@@ -99,11 +177,11 @@ class TensorRtBackend(Backend):
         self._runtime: Any = None
         self._engine: Any = None
         self._spec: TensorSpec | None = None
+        self._outputs: list[str] = []
         self._sample_shape: tuple[int, ...] = ()
         self._max_batch = 1
         self._out_width = 0
-        self._slots: list[_Slot] = []
-        self._free: queue.Queue[_Slot] = queue.Queue()
+        self._pool: _SlotPool | None = None
 
     def _load_impl(self) -> None:
         trt = import_tensorrt()
@@ -116,27 +194,32 @@ class TensorRtBackend(Backend):
         self._runtime = trt.Runtime(make_logger(trt))
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
+            self._runtime = None
             raise ModelMismatchError(
                 f"TensorRT {trt.__version__} cannot load {self._path}: it is truncated or was built by another "
                 "TensorRT version; run `make engine` to rebuild it."
             )
+        slots: list[_Slot] = []
         try:
             self._describe(trt)
             for _ in range(SLOTS):
-                slot = self._make_slot()
-                self._slots.append(slot)
-                self._free.put(slot)
+                slots.append(self._make_slot())
         except BaseException:
-            self._close_impl()
+            for slot in slots:
+                slot.close()
+            self._engine = None
+            self._runtime = None
             raise
+        self._pool = _SlotPool(slots)
 
     def _describe(self, trt: Any) -> None:
         engine = self._engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1:
             raise ModelMismatchError(f"{self._path} has {len(inputs)} inputs; the appliance needs exactly one.")
-        if self._output_name not in names:
+        if self._output_name not in self._outputs:
             raise ModelMismatchError(f"{self._path} has no output named {self._output_name!r}.")
         name = inputs[0]
         try:
@@ -154,41 +237,57 @@ class TensorRtBackend(Backend):
         self._sample_shape = tuple(int(d) for d in shape[1:])
         self._spec = TensorSpec(name=name, shape=(None, *self._sample_shape), dtype=dtype)
 
+    def _output_bytes(self, context: Any, name: str) -> tuple[tuple[int, ...], int]:
+        """An output's shape at the max batch and the bytes it needs (types NumPy lacks included)."""
+        shape = tuple(int(d) for d in context.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise ModelMismatchError(f"{self._path}: output {name!r} has a shape that depends on the data {shape}.")
+        itemsize = self._engine.get_tensor_dtype(name).itemsize  # a fraction of a byte for INT4/FP4
+        if itemsize is None:
+            raise ModelMismatchError(f"{self._path}: output {name!r} has a type of unknown size.")
+        return shape, max(1, math.ceil(math.prod(shape) * itemsize))
+
     def _make_slot(self) -> _Slot:
-        assert self._spec is not None
+        spec = self._spec
+        if spec is None:
+            raise BackendError("The TensorRT plan was not described before its slots were made.")
         context = self._engine.create_execution_context()
         if context is None:
             raise BackendError(f"TensorRT could not create an execution context for {self._path} (GPU memory?).")
-        sample = int(np.prod(self._sample_shape))
-        if not context.set_input_shape(self._spec.name, (self._max_batch, *self._sample_shape)):
+        sample = math.prod(self._sample_shape)
+        # At the max batch every output has its largest shape, so each buffer is sized once.
+        if not context.set_input_shape(spec.name, (self._max_batch, *self._sample_shape)):
             raise ModelMismatchError(f"{self._path}: the plan does not accept a batch of {self._max_batch}.")
-        out_shape = tuple(context.get_tensor_shape(self._output_name))
-        if any(int(d) < 0 for d in out_shape):
-            raise ModelMismatchError(f"{self._path}: the output shape {list(out_shape)} depends on the data.")
-        self._out_width = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
+        sizes = {name: self._output_bytes(context, name) for name in self._outputs}
+        out_shape = sizes[self._output_name][0]
+        self._out_width = math.prod(out_shape[1:]) if len(out_shape) > 1 else 1
         made: list[cuda.Stream | cuda.PinnedBuffer | cuda.DeviceBuffer] = []
         try:
             stream = cuda.Stream()
             made.append(stream)
-            host_in = cuda.PinnedBuffer(self._max_batch * sample, self._spec.dtype)
+            host_in = cuda.PinnedBuffer(self._max_batch * sample, spec.dtype)
             made.append(host_in)
             device_in = cuda.DeviceBuffer(host_in.nbytes)
             made.append(device_in)
             host_out = cuda.PinnedBuffer(self._max_batch * self._out_width, np.dtype(np.float32))
             made.append(host_out)
-            device_out = cuda.DeviceBuffer(host_out.nbytes)
-            made.append(device_out)
+            device_outs: dict[str, cuda.DeviceBuffer] = {}
+            for name, (_, nbytes) in sizes.items():
+                device_outs[name] = cuda.DeviceBuffer(nbytes)
+                made.append(device_outs[name])
         except BaseException:
             for part in made:  # a failed allocation frees what this slot already holds
                 part.close()
             raise
         # Buffers are sized for the max batch, so addresses are set once; only the shape changes per batch.
-        context.set_tensor_address(self._spec.name, device_in.pointer)
-        context.set_tensor_address(self._output_name, device_out.pointer)
-        return _Slot(context, stream, host_in, device_in, host_out, device_out)
+        context.set_tensor_address(spec.name, device_in.pointer)
+        for name, buffer in device_outs.items():
+            context.set_tensor_address(name, buffer.pointer)
+        return _Slot(context, stream, host_in, device_in, host_out, device_outs)
 
     def _input_spec_impl(self) -> TensorSpec:
-        assert self._spec is not None
+        if self._spec is None:
+            raise BackendError("The TensorRT backend is not loaded.")
         return self._spec
 
     def _max_batch_impl(self) -> int:
@@ -198,32 +297,40 @@ class TensorRtBackend(Backend):
         return str(self._path)
 
     def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
-        assert self._spec is not None
-        n = batch.shape[0]
+        spec, pool = self._spec, self._pool
+        if spec is None or pool is None:  # closed by another thread since Backend.infer checked
+            raise BackendError("The TensorRT backend is closed.")
         # The current device is per thread; the batcher's thread is not the one that loaded the plan.
         cuda.check(cuda.runtime().cudaSetDevice(self._device))
-        slot = self._free.get()
+        slot = pool.take()
         try:
-            in_count = batch.size
-            out_count = n * self._out_width
-            slot.host_in.array[:in_count] = batch.reshape(-1)
-            if not slot.context.set_input_shape(self._spec.name, batch.shape):
-                raise BackendError(f"TensorRT refused the input shape {list(batch.shape)}.")
-            cuda.copy_to_device(slot.device_in, slot.host_in, batch.nbytes, slot.stream)
-            if not slot.context.execute_async_v3(slot.stream.address):
-                raise BackendError(f"TensorRT failed to enqueue a batch of {n}.")
-            cuda.copy_to_host(slot.host_out, slot.device_out, out_count * 4, slot.stream)
-            slot.stream.synchronize()
-            # Copy out: the pinned buffer is reused by the next batch.
-            return slot.host_out.array[:out_count].reshape(n, self._out_width).copy()
+            return self._run(slot, spec.name, batch)
+        except BaseException:
+            # The copy in or the engine may still be running on this slot's stream; the next batch
+            # given this slot would overwrite pinned input still being read.
+            slot.settle()
+            raise
         finally:
-            self._free.put(slot)
+            pool.give_back(slot)
+
+    def _run(self, slot: _Slot, input_name: str, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        out_count = n * self._out_width
+        slot.host_in.array[: batch.size] = batch.reshape(-1)
+        if not slot.context.set_input_shape(input_name, batch.shape):
+            raise BackendError(f"TensorRT refused the input shape {list(batch.shape)}.")
+        cuda.copy_to_device(slot.device_in, slot.host_in, batch.nbytes, slot.stream)
+        if not slot.context.execute_async_v3(slot.stream.address):
+            raise BackendError(f"TensorRT failed to enqueue a batch of {n}; its log above says why.")
+        cuda.copy_to_host(slot.host_out, slot.device_outs[self._output_name], out_count * 4, slot.stream)
+        slot.stream.synchronize()
+        # Copy out: the pinned buffer is reused by the next batch.
+        return slot.host_out.array[:out_count].reshape(n, self._out_width).copy()
 
     def _close_impl(self) -> None:
-        # Contexts before the engine before the runtime, as TensorRT requires.
-        for slot in self._slots:
-            slot.close()
-        self._slots.clear()
-        self._free = queue.Queue()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(DRAIN_S)
+        # A slot still busy holds its context, which holds the engine and runtime alive until it is freed.
         self._engine = None
         self._runtime = None
