@@ -64,6 +64,7 @@ class InferenceConfig(_Section):
         description="auto: a TensorRT plan built for this GPU, else the quantized CPU model, else the FP32 ONNX; "
         "onnxruntime: the best CPU artifact; tensorrt: a matching plan or refuse to start.",
     )
+    device: int = Field(0, ge=0, description="The CUDA device index TensorRT runs on (0: the first GPU).")
     threads: int = Field(0, ge=0, description="Backend intra-op threads; 0 lets the runtime choose (all cores).")
     max_batch: int = Field(0, ge=0, description="Cap on the batch size; 0 uses the manifest's max_batch.")
     max_delay_ms: float = Field(

@@ -13,7 +13,7 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.errors import ConfigError, RepeatedCrash
 from appliance.inference.backend import Backend
-from appliance.inference.loader import expected_sample_shape, open_backend
+from appliance.inference.loader import Served, expected_sample_shape, open_served
 from appliance.ingest.ingestor import Ingestor
 from appliance.ingest.journal import InputRow, Journal
 from appliance.ingest.watcher import FolderWatcher
@@ -51,6 +51,7 @@ class Daemon:
         self.metrics = Metrics()
         self.loaded: LoadedManifest | None = None
         self.backend: Backend | None = None
+        self.served: Served | None = None
         self.journal: Journal | None = None
         self.processor: Processor | None = None
         self.ingestor: Ingestor | None = None
@@ -66,7 +67,10 @@ class Daemon:
         _check_folders(config)
         self.loaded = load_manifest(config.model.dir)
         # Loading also runs one warm-up inference, so the first real image is not the slow one.
-        self.backend = open_backend(self.loaded, config.inference, config.model.engines_dir)
+        self.served = open_served(self.loaded, config.inference, config.model.engines_dir)
+        self.backend = self.served.backend
+        self.metrics.serving.labels(self.backend.name, self.served.precision).set(1)
+        self.metrics.passed_over.set(self.served.refused)
         self.journal = Journal(config.storage.data_dir / JOURNAL_NAME)
         self.processor = Processor(config, self.loaded.manifest, self.backend, self.journal, self.metrics)
         service = ScoringService(
@@ -154,6 +158,9 @@ class Daemon:
             max_batch=self.backend.max_batch,
             decision_rule=m.decision.rule,
             threshold=m.decision.threshold,
+            precision=self.served.precision if self.served else "",
+            served_because=self.served.reason if self.served else "",
+            passed_over=self.served.passed_over if self.served else [],
         )
 
     def status(self) -> pb.Status:

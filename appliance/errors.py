@@ -36,6 +36,11 @@ class ModelMismatchError(ManifestError):
     default_message = "The ONNX model does not match its manifest."
 
 
+class ArtifactRefused(ModelMismatchError):
+    code = "artifact_refused"
+    default_message = "The built artifact failed its load-time self-check; run `make engine`."
+
+
 class ModelMissingError(ManifestError):
     code = "model_missing"
     default_message = "The model file is missing; run `make model` to fetch it."

@@ -22,14 +22,15 @@ import numpy as np
 
 from appliance.config import LimitsConfig
 from appliance.errors import ApplianceError
-from appliance.inference import cuda
+from appliance.inference import cpu_class, cuda, self_check
 from appliance.inference.artifacts import (
-    ORT_RECORD,
     TIMING_CACHE,
     ArtifactKey,
+    SelfCheck,
     Sidecar,
     SidecarError,
     engines_folder,
+    onnxruntime_stem,
     read_sidecar,
     sha256_file,
     tensorrt_stem,
@@ -38,7 +39,7 @@ from appliance.inference.artifacts import (
 )
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape
-from appliance.inference.onnxruntime import OnnxRuntimeBackend
+from appliance.inference.onnxruntime import OnnxRuntimeBackend, runtime_version
 from appliance.inference.runs import images_per_second, scores_in_batches
 from appliance.inference.selection import Host
 from appliance.inference.tensorrt import TensorRtBackend, tensorrt_version
@@ -49,12 +50,14 @@ from build_engine.gate import GateReport, compare
 from build_engine.image_sets import ImageSet, load_set
 from build_engine.model_check import ModelFacts, check_model
 from build_engine.quantize import (
+    Recipe,
     TensorReader,
     classifier_head,
     last_convolutions,
     prepare_float_model,
     quantize,
     rank_sensitive_nodes,
+    recipe_for,
     to_fp16,
     weighted_nodes,
 )
@@ -64,7 +67,10 @@ Target = Literal["onnxruntime", "tensorrt"]
 CHAINS: dict[Target, list[str]] = {"onnxruntime": ["int8", "fp32"], "tensorrt": ["int8", "fp16", "fp32"]}
 EXCLUSION_STEPS = (3, 8)  # how many of the most sensitive layers to keep in float, after the head
 LAST_CONVOLUTIONS = 2  # kept in float with the head, before the sensitivity ranking is consulted
-BUILD_RECIPE = 2  # bump when the build changes in a way that should invalidate reused artifacts
+BUILD_RECIPE = 3  # bump when the build changes in a way that should invalidate reused artifacts
+# What INT8 should reach over FP32 on the CPU, by class (the default model, measured by `make engine`);
+# under it the build says why in a sentence.
+SPEEDUP_TARGET = {"vnni": 3.0, "saturating": 2.0}
 
 
 @dataclass
@@ -84,6 +90,8 @@ class BuildOptions:
     force: bool = False
     threads: int = 0
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    recipe_class: str = ""  # quantize CPU models as for this CPU class ('' = this host's); tests the other path
+    device: int = 0  # CUDA device for TensorRT builds
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Attempt:
     report: GateReport
     excluded: list[str] = field(default_factory=list)
     speed: float | None = None  # images/s at max batch, once measured
+    scores: np.ndarray | None = None  # activated scores on the validation set (None: the FP32 reference)
 
 
 def best_batch(backend: Backend, sample: np.ndarray) -> tuple[int, dict[int, float]]:
@@ -128,6 +137,10 @@ class Builder:
         self.validation: ImageSet | None = None
         self.reference: np.ndarray | None = None
         self.fp32_speed: float | None = None
+        self.cpu_class = cpu_class.detect()
+        self.recipe_class = options.recipe_class or self.cpu_class
+        if self.recipe_class not in cpu_class.CLASSES:
+            raise BuildError(f"Unknown CPU class {self.recipe_class!r}; one of {', '.join(cpu_class.CLASSES)}.")
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -142,13 +155,16 @@ class Builder:
             f"output {m.output.name} {self.facts.output_shape}; {self.facts.note}"
         )
         targets = self._targets()
+        if "onnxruntime" in targets:
+            forced = "" if self.recipe_class == self.cpu_class else f"; quantizing as for {self.recipe_class} (forced)"
+            self.out(f"cpu       {self.cpu_class}: {cpu_class.describe(self.cpu_class)}{forced}")
         self._load_images()
         for target in targets:
             self._build_target(target)
         return 0
 
     def _targets(self) -> list[Target]:
-        why = Host.probe().tensorrt_problem
+        why = Host.probe(self.o.device).tensorrt_problem
         if self.o.target == "tensorrt":
             if why:
                 raise BuildError(f"Cannot build for --target tensorrt: {why}.")
@@ -222,6 +238,9 @@ class Builder:
             "opt_batch": self.o.opt_batch,
             "workspace_mb": self.o.workspace_mb if target == "tensorrt" else None,
             "tensorrt": tensorrt_version() if target == "tensorrt" else None,
+            "cpu": [self.cpu_class, runtime_version(), self._recipe(target).to_dict()]
+            if target == "onnxruntime"
+            else None,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -229,9 +248,12 @@ class Builder:
 
     def _sidecar_path(self, target: Target) -> Path:
         if target == "onnxruntime":
-            return self.folder / ORT_RECORD
-        gpu = cuda.gpu_info(0)
+            return self.folder / f"{onnxruntime_stem(self.cpu_class)}.json"
+        gpu = cuda.gpu_info(self.o.device)
         return self.folder / f"{tensorrt_stem(gpu.name, gpu.compute_capability)}.json"
+
+    def _recipe(self, target: Target) -> Recipe:
+        return recipe_for(target, self.recipe_class if target == "onnxruntime" else "")
 
     def _build_target(self, target: Target) -> None:
         sidecar_path = self._sidecar_path(target)
@@ -262,9 +284,11 @@ class Builder:
             if attempt.report.passed and target == "onnxruntime" and attempt.path is not None:
                 attempt = self._faster_of(attempt, notes)
             if not attempt.report.passed:
+                why = [n for n in notes if n.startswith("INT8 cannot pass")]
                 raise GateFailed(
                     f"{target} {attempt.precision} is outside the tolerance in model.toml: "
                     f"{'; '.join(attempt.report.failures)} ({attempt.report.summary()})."
+                    + (f" {why[-1]}." if why else "")
                 )
             self._publish(target, attempt, sidecar_path, inputs, time.perf_counter() - started, notes)
 
@@ -304,10 +328,12 @@ class Builder:
 
     def _make_and_gate(self, target: Target, precision: str, onnx_path: Path, work: Path) -> Attempt:
         if target == "onnxruntime":
-            return Attempt(precision, onnx_path, self._gate_ort(onnx_path))
+            report, scores = self._gate_ort(onnx_path)
+            return Attempt(precision, onnx_path, report, scores=scores)
         plan = work / f"{precision}.plan"
-        plan.write_bytes(self._build_plan(onnx_path))
-        return Attempt(precision, plan, self._gate_trt(plan))
+        plan.write_bytes(self._build_plan(onnx_path, precision))
+        report, scores = self._gate_trt(plan)
+        return Attempt(precision, plan, report, scores=scores)
 
     def _int8_with_exclusions(
         self, target: Target, float_model: Path, work: Path, reader: TensorReader, notes: list[str]
@@ -316,7 +342,8 @@ class Builder:
         the classifier head, then also the last 2 convolutions, then instead of those the 3, then the 8
         layers whose inputs quantize worst (lowest SQNR)."""
         qdq = work / "int8.qdq.onnx"
-        quantize(float_model, qdq, target, reader)
+        recipe = self._recipe(target)
+        quantize(float_model, qdq, recipe, reader)
         attempt = self._make_and_gate(target, "int8", qdq, work)
         if attempt.report.passed:
             return attempt
@@ -337,18 +364,35 @@ class Builder:
             layers = f"{len(excluded)} layer{'s' if len(excluded) != 1 else ''}"
             self.out(f"{target:<9} int8: {attempt.report.summary()}; now keeping {layers} in float")
             candidate = work / f"int8-x{len(excluded)}.qdq.onnx"
-            quantize(float_model, candidate, target, reader, exclude=excluded)
+            quantize(float_model, candidate, recipe, reader, exclude=excluded)
             attempt = self._make_and_gate(target, "int8", candidate, work)
             attempt.excluded = excluded
             if attempt.report.passed:
                 notes.append(f"layers kept in float to pass the gate: {', '.join(excluded)}")
                 return attempt
+        notes.append(self._why_int8_failed(recipe, attempt, len(tried)))
         return attempt
 
-    def _build_plan(self, onnx_path: Path) -> bytes:
+    def _why_int8_failed(self, recipe: Recipe, attempt: Attempt, steps: int) -> str:
+        """One sentence, not only figures: what the recipe already did and what still moved too much."""
+        worst = attempt.report.failures[0] if attempt.report.failures else "outside the tolerance"
+        if recipe.flavour == "tensorrt":
+            kernels = "TensorRT's int8 kernels accumulate exactly in int32"
+        elif recipe.reduce_range:
+            kernels = f"on this {recipe.cpu_class} CPU the weights were already cut to 7 bits so no sum saturates"
+        else:
+            kernels = f"this {recipe.cpu_class} CPU's int8 kernels accumulate exactly in int32"
+        return (
+            f"INT8 cannot pass the gate here: {kernels}, so the loss is 8-bit rounding itself, and with up to "
+            f"{len(attempt.excluded)} layers kept in float over {steps} steps it still gave {worst} on these "
+            "validation images"
+        )
+
+    def _build_plan(self, onnx_path: Path, precision: str) -> bytes:
         assert self.facts is not None
         return build_plan(
             onnx_path,
+            precision=precision,
             input_name=self.manifest.input.name,
             sample_shape=expected_sample_shape(self.loaded),
             max_batch=self.facts.max_batch,
@@ -357,23 +401,25 @@ class Builder:
             timing_cache=self.o.engines_dir / f"{self._sidecar_path('tensorrt').stem}.{TIMING_CACHE}",
         )
 
-    def _gate(self, backend: Backend) -> GateReport:
+    def _gate(self, backend: Backend) -> tuple[GateReport, np.ndarray]:
         assert self.validation is not None and self.reference is not None
         scores = scores_in_batches(backend, self.validation.tensors, self.manifest.output.activation)
         labels, note = self.validation.labels, self.validation.label_note
-        return compare(self.manifest, self.reference, scores, labels, self.tolerance, note)
+        return compare(self.manifest, self.reference, scores, labels, self.tolerance, note), scores
 
-    def _gate_ort(self, path: Path) -> GateReport:
+    def _gate_ort(self, path: Path) -> tuple[GateReport, np.ndarray]:
         with self._ort(path) as backend:
             return self._gate(backend)
 
     def _trt(self, plan: Path) -> TensorRtBackend:
         assert self.facts is not None
-        backend = TensorRtBackend(plan, output_name=self.manifest.output.name, max_batch=self.facts.max_batch)
+        backend = TensorRtBackend(
+            plan, output_name=self.manifest.output.name, max_batch=self.facts.max_batch, device=self.o.device
+        )
         backend.load()
         return backend
 
-    def _gate_trt(self, plan: Path) -> GateReport:
+    def _gate_trt(self, plan: Path) -> tuple[GateReport, np.ndarray]:
         with self._trt(plan) as backend:
             return self._gate(backend)
 
@@ -392,23 +438,17 @@ class Builder:
             precision=attempt.precision,
             onnx_sha256=self.onnx_sha,
             calibration_sha256=self.calibration.digest if attempt.precision == "int8" else "",
+            **self._host_key(target),
         )
         speed: dict[str, Any] = {"batch": self.facts.max_batch, "fp32_onnxruntime_img_s": self.fp32_speed}
+        check = None
         if attempt.path is not None:
             suffix = ".onnx" if target == "onnxruntime" else ".plan"
-            stem = "onnxruntime-int8" if target == "onnxruntime" else sidecar_path.stem
+            stem = f"{sidecar_path.stem}-{attempt.precision}" if target == "onnxruntime" else sidecar_path.stem
             final = self.folder / f"{stem}{suffix}"
             write_atomic(final, attempt.path.read_bytes())
             artifact, artifact_sha = final.name, sha256_file(final)
-            if target == "tensorrt":
-                gpu = cuda.gpu_info(0)
-                key = key.model_copy(
-                    update={
-                        "gpu_name": gpu.name,
-                        "compute_capability": gpu.compute_capability,
-                        "tensorrt_version": tensorrt_version(),
-                    }
-                )
+            check = self._record_self_check(target, attempt, final, self.folder / f"{stem}.selfcheck.npz")
             if attempt.speed is None:
                 with self._trt(final) if target == "tensorrt" else self._ort(final) as backend:
                     attempt.speed = images_per_second(backend, self.validation.tensors[:1])
@@ -422,6 +462,8 @@ class Builder:
                 f"speed     batch {self.facts.max_batch}: {speed['artifact_img_s']:.1f} img/s vs FP32 on ONNX Runtime "
                 f"{self.fp32_speed:.1f} img/s ({speed.get('speedup_vs_fp32_onnxruntime', 0):.2f}x, same run)"
             )
+            if target == "onnxruntime" and attempt.precision == "int8":
+                notes.extend(self._under_target(speed.get("speedup_vs_fp32_onnxruntime", 0.0), attempt))
         else:
             self.out(f"artifact  none: the daemon serves the FP32 ONNX ({self.loaded.onnx_path}) on the CPU")
         served = attempt.path if attempt.path is not None else self.loaded.onnx_path
@@ -444,6 +486,8 @@ class Builder:
             max_batch=self.facts.max_batch,
             opt_batch=(self.o.opt_batch or self.facts.max_batch) if target == "tensorrt" else 0,
             excluded_nodes=attempt.excluded,
+            recipe=self._recipe(target).to_dict() if attempt.precision == "int8" else {},
+            self_check=check,
             built_unix=time.time(),
             build_seconds=round(seconds, 2),
             gate={**attempt.report.to_dict(), "tolerance": self.tolerance.model_dump()},
@@ -454,6 +498,42 @@ class Builder:
         for note in notes:
             self.out(f"note      {note}")
         self.out(f"wrote     {sidecar_path} ({key.precision}, built in {seconds:.0f} s)")
+
+    def _host_key(self, target: Target) -> dict[str, Any]:
+        if target == "onnxruntime":
+            return {"cpu_class": self.cpu_class, "onnxruntime_version": runtime_version()}
+        gpu = cuda.gpu_info(self.o.device)
+        return {
+            "gpu_name": gpu.name,
+            "compute_capability": gpu.compute_capability,
+            "sm_count": gpu.sm_count,
+            "tensorrt_version": tensorrt_version(),
+        }
+
+    def _record_self_check(self, target: Target, attempt: Attempt, artifact: Path, path: Path) -> SelfCheck:
+        """A few of the gate's images, those where the artifact strayed most from FP32, with its scores."""
+        assert self.validation is not None and self.reference is not None and attempt.scores is not None
+        picked = self_check.most_strayed(self.reference, attempt.scores)
+        inputs = [self.validation.tensors[i] for i in picked]
+        with self._trt(artifact) if target == "tensorrt" else self._ort(artifact) as backend:
+            check = self_check.record(backend, inputs, self.manifest.output.activation, path)
+        self.out(f"selfcheck {path.name}: {check.count} of the gate's images, rerun at every load")
+        return check
+
+    def _under_target(self, speedup: float, attempt: Attempt) -> list[str]:
+        """A sentence when INT8 is slower over FP32 than this CPU class's int8 kernels usually give."""
+        if self.cpu_class not in cpu_class.X86_CLASSES:
+            return []
+        target = SPEEDUP_TARGET["saturating" if self.cpu_class in cpu_class.SATURATING else "vnni"]
+        if speedup >= target:
+            return []
+        if speedup < 1 or not attempt.excluded:
+            why = "the model is too small for int8 math to save more than its quantize and dequantize steps cost"
+        else:
+            layers = f"{len(attempt.excluded)} layer{'s' if len(attempt.excluded) != 1 else ''}"
+            why = f"the {layers} kept in float to pass the gate run at FP32 speed"
+        return [f"int8 runs {speedup:.2f}x FP32 on this {self.cpu_class} CPU, under the {target:.0f}x its class "
+                f"aims for: {why}"]  # fmt: skip
 
     def _reuse(self, sidecar_path: Path, inputs: str) -> bool:
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.config import load_config
 from appliance.errors import ApplianceError
+from appliance.inference.cpu_class import CLASSES
 from appliance.logging_setup import quiet_pydicom
 from build_engine.build import Builder, BuildOptions, clean_stale_builds
 from build_engine.errors import BuildError, GateFailed
@@ -17,10 +18,13 @@ DESCRIPTION = """\
 Build the fastest artifact this host can run for a model folder (model.toml + ONNX), behind an
 accuracy gate against the FP32 model, and write it under the engines folder with a JSON sidecar.
 
-On a CPU-only host: a quantized ONNX model (s8 activations, s8 per-channel weights) for ONNX Runtime.
-Where `tensorrt` imports and a GPU is visible: also a TensorRT plan (INT8 from a Q/DQ model, strongly
-typed), keyed to that GPU, its compute capability and the TensorRT version. Running it again with
-nothing changed reuses what exists.
+On a CPU-only host: a quantized ONNX model for ONNX Runtime, with the recipe for this CPU's int8
+kernels (s8 activations; s8 per-channel weights, or 7-bit weights on x86 without VNNI, whose kernels
+saturate), keyed to the CPU class and the ONNX Runtime version it was gated on. Where `tensorrt` imports
+and a GPU is visible: also a TensorRT plan (INT8 from a Q/DQ model, strongly typed), keyed to that GPU,
+its compute capability, SM count and the TensorRT version. Each artifact stores a few of the gate's
+images with its scores on them; the daemon reruns them at every load and refuses an artifact whose
+scores moved. Running it again with nothing changed reuses what exists.
 
 Calibration and validation folders hold images as the scanner exports them (DICOM of any transfer
 syntax, PNG, JPEG, 16-bit), read through the daemon's own decoding and preprocessing, in sorted order.
@@ -93,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--engines", type=Path, help="output folder (default: the config's model.engines_dir)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument(
+        "--cpu-class",
+        choices=CLASSES,
+        help="quantize the CPU model with the recipe for this CPU class instead of this host's (to try the other "
+        "class's recipe; the artifact is still gated on and keyed to this host)",
+    )
+    p.add_argument("--device", type=int, default=0, help="CUDA device index for TensorRT (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even when an up-to-date artifact exists")
     p.add_argument("-v", "--verbose", action="store_true", help="log TensorRT and ONNX Runtime details")
     return p
@@ -137,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             threads=args.threads,
             limits=config.limits,
+            recipe_class=args.cpu_class or "",
+            device=args.device,
         )
         builder = Builder(options)
         clean_stale_builds(builder.folder)

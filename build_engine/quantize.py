@@ -1,9 +1,12 @@
 """Part 3: ONNX Runtime static quantization to Q/DQ ONNX, in the two flavours the targets need, and FP16.
 
 - TensorRT: symmetric int8 activations, per-channel symmetric int8 weights, float biases (TensorRT
-  fuses them itself).
+  fuses them itself); the outputs of weighted ops are not quantized again (TensorRT fuses the Q/DQ pair
+  into the next layer's input; a Q/DQ on the last Gemm would round the logits to int8).
 - CPU: symmetric s8 activations, per-channel s8 weights (ONNX Runtime's first choice for Q/DQ; as fast
-  here as u8 activations, and closer to FP32 on the default model).
+  here as u8 activations, and closer to FP32 on the default model). On CPU classes whose int8 kernels
+  sum pairs of u8 x s8 products in int16 (x86 without VNNI), full 8-bit weights saturate those sums, so
+  the recipe there is 7-bit weights (`reduce_range`), ONNX Runtime's documented remedy.
 Both put Q/DQ only on the weighted ops (Conv, Gemm, MatMul): that is where int8 kernels earn their
 speed, while Q/DQ around pooling, adds and the softmax cost accuracy for nothing (measured on the default
 VGG16: Q/DQ on every op agreed with FP32 on 56% of decisions, on the weighted ops only 98%).
@@ -31,11 +34,45 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization import qdq_loss_debug as qdq_debug
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from appliance.inference.cpu_class import SATURATING, describe
 from build_engine.errors import BuildError
 
 log = logging.getLogger(__name__)
 
 Flavour = Literal["onnxruntime", "tensorrt"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is quantized, recorded in its sidecar."""
+
+    flavour: Flavour
+    cpu_class: str  # the class the recipe was chosen for ('' for TensorRT)
+    reduce_range: bool
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flavour": self.flavour,
+            "activations": "s8, symmetric, per tensor (MinMax calibration)",
+            "weights": ("s7 (reduce_range)" if self.reduce_range else "s8") + ", symmetric, per channel",
+            "quantized_ops": WEIGHTED_OPS,
+            "chosen_for": self.cpu_class,
+            "reduce_range": self.reduce_range,
+            "why": self.why,
+        }
+
+
+def recipe_for(flavour: Flavour, cpu_class: str = "") -> Recipe:
+    """The recipe for a TensorRT plan, or for a CPU model on `cpu_class` (see appliance.inference.cpu_class)."""
+    if flavour == "tensorrt":
+        return Recipe("tensorrt", "", False, "TensorRT's int8 kernels accumulate in int32")
+    if cpu_class in SATURATING:
+        why = f"{describe(cpu_class)}: 7-bit weights keep the kernels' int16 pair sums from saturating"
+        return Recipe("onnxruntime", cpu_class, True, why)
+    return Recipe("onnxruntime", cpu_class, False, f"{describe(cpu_class)}: full 8-bit weights")
+
+
 WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 CALIBRATION_BATCH = 8
 
@@ -75,16 +112,22 @@ def prepare_float_model(source: Path, target: Path) -> str:
 def quantize(
     float_model: Path,
     target: Path,
-    flavour: Flavour,
+    recipe: Recipe,
     reader: TensorReader,
     exclude: Sequence[str] = (),
 ) -> None:
-    """Write the Q/DQ model for `flavour` to `target`."""
-    if flavour == "tensorrt":
-        options: dict[str, Any] = dict(
-            activation_type=QuantType.QInt8,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-        )
+    """Write the Q/DQ model for `recipe` to `target`."""
+    if recipe.flavour == "tensorrt":
+        # As ONNX Runtime's quantizer advises for TensorRT: no Q/DQ on the outputs of weighted ops, and a
+        # Q/DQ pair of its own for each consumer so TensorRT can fuse each into its layer.
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            "OpTypesToExcludeOutputQuantization": WEIGHTED_OPS,
+            "DedicatedQDQPair": True,
+        }
+        options: dict[str, Any] = dict(activation_type=QuantType.QInt8, extra_options=extra)
     else:
         # S8S8, ONNX Runtime's recommended first choice for Q/DQ. Measured on the default model (head in
         # float, 96 validation images): decisions agree 95/96 against u8 activations' 93/96, as fast.
@@ -102,6 +145,7 @@ def quantize(
             op_types_to_quantize=WEIGHTED_OPS,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=recipe.reduce_range,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=list(exclude),
             **options,

@@ -1,8 +1,9 @@
 """Built artifacts under `engines/<model>/`: where each lives, its JSON sidecar, and the key that binds it.
 
 `make engine` writes an artifact first and its sidecar last, both atomically; the daemon only loads an
-artifact whose sidecar exists, names it, matches its sha256 and was built from the ONNX file it serves.
-So a build that died half-way leaves nothing the daemon would load.
+artifact whose sidecar exists, names it, matches its sha256, was built from the ONNX file it serves and
+was gated on the hardware and runtime it would run on (the key). So a build that died half-way, or an
+engines folder copied from another box, leaves nothing the daemon would load.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SIDECAR_FORMAT = 1
-ORT_RECORD = "onnxruntime.json"
+# 2: CPU artifacts keyed to the CPU class and ONNX Runtime version, the recipe and the load-time self-check.
+SIDECAR_FORMAT = 2
 TIMING_CACHE = "timing-cache"  # engines/<plan stem>.timing-cache: per GPU, shared by all models
 
 Precision = Literal["int8", "fp16", "fp32"]
 
 
 class ArtifactKey(BaseModel):
-    """What an artifact was built for and from. GPU fields are empty for ONNX Runtime artifacts."""
+    """What an artifact was built and gated for and from; it is served only where all of it matches.
+
+    CPU fields are empty for TensorRT plans and GPU fields for ONNX Runtime artifacts.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,9 +37,23 @@ class ArtifactKey(BaseModel):
     precision: Precision
     onnx_sha256: str
     calibration_sha256: str = ""
+    cpu_class: str = Field("", description="The int8 kernel class the gate ran on (cpu_class.detect()).")
+    onnxruntime_version: str = ""
     gpu_name: str = ""
     compute_capability: str = ""
+    sm_count: int = Field(0, description="Multiprocessors: MIG slices and partitioned GPUs share a name, not this.")
     tensorrt_version: str = ""
+
+
+class SelfCheck(BaseModel):
+    """A few of the gate's own inputs and the artifact's scores on them, rerun at every load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(description="NumPy .npz beside the sidecar: `inputs` (N x sample) and `scores` (N x labels).")
+    sha256: str
+    count: int
+    tolerance: float = Field(description="Largest |score difference| accepted at load.")
 
 
 class Sidecar(BaseModel):
@@ -53,6 +71,8 @@ class Sidecar(BaseModel):
     max_batch: int
     opt_batch: int = 0
     excluded_nodes: list[str] = Field(default_factory=list)
+    recipe: dict[str, Any] = Field(default_factory=dict, description="How it was quantized, and for which CPU class.")
+    self_check: SelfCheck | None = None
     built_unix: float
     build_seconds: float
     gate: dict[str, Any] = Field(default_factory=dict)
@@ -84,6 +104,11 @@ def slug(text: str) -> str:
 def tensorrt_stem(gpu_name: str, compute_capability: str) -> str:
     """One plan per GPU model in a folder, so boxes with different GPUs can share an engines folder."""
     return f"tensorrt-{slug(gpu_name)}-sm{compute_capability.replace('.', '')}"
+
+
+def onnxruntime_stem(cpu_class: str) -> str:
+    """One CPU artifact per CPU class in a folder, for the same reason: 'onnxruntime-avx2'."""
+    return f"onnxruntime-{slug(cpu_class)}"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -1,17 +1,19 @@
-"""Opens the configured backend for a model and checks the graph against its manifest before serving."""
+"""Opens the best artifact for a model, checks its graph against the manifest and self-checks it before serving."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from appliance.config import InferenceConfig
-from appliance.errors import ModelMismatchError
+from appliance.errors import ArtifactRefused, BackendError, BackendUnavailable, ManifestError, ModelMismatchError
+from appliance.inference import self_check
 from appliance.inference.backend import Backend
 from appliance.inference.onnxruntime import OnnxRuntimeBackend
-from appliance.inference.selection import choose_artifact
+from appliance.inference.selection import Choice, Why, choose_artifact
 from appliance.inference.tensorrt import TensorRtBackend
 from appliance.manifest import LoadedManifest
 
@@ -25,41 +27,85 @@ def expected_sample_shape(loaded: LoadedManifest) -> tuple[int, int, int]:
     return (spec.height, spec.width, spec.channels)
 
 
+@dataclass
+class Served:
+    """The backend the daemon serves, and why: what `GetStatus` and the log report."""
+
+    backend: Backend
+    precision: str
+    reason: str
+    passed_over: list[str] = field(default_factory=list)
+    refused: int = 0  # built artifacts not served: another host's key, damaged, or failed to load or self-check
+
+
 def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path) -> Backend:
-    """Load the best artifact for this host and refuse one whose input/output do not match the manifest."""
+    """The best artifact for this host, loaded, matched against the manifest and self-checked."""
+    return open_served(loaded, config, engines_dir).backend
+
+
+def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path) -> Served:
+    """Try the selection's chain in order; an artifact that fails to load or its self-check is passed over
+    for the next, with the reason logged. The last in the chain (FP32, or the plan that `backend =
+    "tensorrt"` demands) refuses to start instead."""
+    selection = choose_artifact(loaded, config, engines_dir)
+    passed = [p.reason for p in selection.passed_over]
+    refused = sum(p.why not in (Why.NO_RUNTIME, Why.NONE_BUILT) for p in selection.passed_over)
+    for p in selection.passed_over:
+        # An artifact that exists but may not be served here is worth a warning in the journal.
+        quiet = p.why in (Why.NO_RUNTIME, Why.NONE_BUILT)
+        log.log(logging.INFO if quiet else logging.WARNING, "passed over: %s", p.reason)
+    for number, choice in enumerate(selection.chain, start=1):
+        try:
+            backend = _load_checked(loaded, config, choice)
+        except (BackendError, ManifestError) as e:
+            if number == len(selection.chain):
+                raise
+            log.warning("passed over %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, e)
+            passed.append(str(e).rstrip("."))
+            refused += 1
+            continue
+        log.info("serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)
+        manifest = loaded.manifest
+        log.info(
+            "loaded model %s %s on %s from %s (max batch %d)",
+            manifest.model.name,
+            manifest.model.version,
+            backend.name,
+            backend.artifact,
+            backend.max_batch,
+        )
+        return Served(backend, choice.precision, choice.reason, passed, refused)
+    raise BackendUnavailable("No artifact to serve.")  # unreachable: the chain always ends in a model
+
+
+def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choice) -> Backend:
     manifest = loaded.manifest
     max_batch = min(config.max_batch or manifest.batching.max_batch, manifest.batching.max_batch)
-    choice = choose_artifact(loaded, config, engines_dir)
     best = choice.sidecar.throughput.get("best_batch") if choice.sidecar else None
     if isinstance(best, int) and 1 <= best < max_batch:
         # `make engine` measured this host: larger batches are no faster here, only slower to fill.
         log.info("batching up to %d, the fastest batch `make engine` measured on this host", best)
         max_batch = best
-    # A passed-over artifact that `make engine` would fix is worth a warning in the journal.
-    level = logging.WARNING if "run `make engine`" in choice.reason else logging.INFO
-    log.log(level, "serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)
-    backend: Backend
-    if choice.backend == "tensorrt":
-        backend = TensorRtBackend(choice.path, output_name=manifest.output.name, max_batch=max_batch)
-    else:
-        backend = OnnxRuntimeBackend(
-            choice.path, output_name=manifest.output.name, max_batch=max_batch, threads=config.threads
-        )
-    backend.load()
+    backend = make_backend(choice.backend, choice.path, manifest.output.name, max_batch, config)
     try:
+        backend.load()
         check_backend_matches(backend, loaded)
-    except ModelMismatchError:
+        check = choice.sidecar.self_check if choice.sidecar and choice.sidecar.artifact else None
+        if check is not None:
+            problem = self_check.verify(backend, choice.path.parent, check, manifest.output.activation)
+            if problem:
+                raise ArtifactRefused(problem[0].upper() + problem[1:] + ".")
+            log.info("%s passed its self-check on %d of its gate's images", choice.path.name, check.count)
+    except BaseException:
         backend.close()
         raise
-    log.info(
-        "loaded model %s %s on %s from %s (max batch %d)",
-        manifest.model.name,
-        manifest.model.version,
-        backend.name,
-        backend.artifact,
-        backend.max_batch,
-    )
     return backend
+
+
+def make_backend(kind: str, path: Path, output_name: str, max_batch: int, config: InferenceConfig) -> Backend:
+    if kind == "tensorrt":
+        return TensorRtBackend(path, output_name=output_name, max_batch=max_batch, device=config.device)
+    return OnnxRuntimeBackend(path, output_name=output_name, max_batch=max_batch, threads=config.threads)
 
 
 def check_backend_matches(backend: Backend, loaded: LoadedManifest) -> None:

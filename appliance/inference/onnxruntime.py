@@ -22,6 +22,11 @@ def is_available() -> bool:
     return ort is not None
 
 
+def runtime_version() -> str:
+    """The installed ONNX Runtime version: part of a CPU artifact's key, as its kernels change with it."""
+    return str(ort.__version__) if ort is not None else ""
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 

@@ -38,6 +38,17 @@ class Metrics:
         self.in_flight = Gauge("appliance_inputs_in_flight", "Inputs being decoded, scored or stored.", registry=r)
         self.ready = Gauge("appliance_ready", "1 when the daemon serves, 0 while starting or stopping.", registry=r)
         self.streams = Gauge("appliance_result_streams", "Open StreamResults calls.", registry=r)
+        self.serving = Gauge(
+            "appliance_serving_artifact",
+            "1 for the artifact served, by backend and precision (alert on fp32 where int8 was built).",
+            ["backend", "precision"],
+            registry=r,
+        )
+        self.passed_over = Gauge(
+            "appliance_artifacts_passed_over",
+            "Built artifacts the daemon did not serve at load: another host's key, damaged, or a failed self-check.",
+            registry=r,
+        )
 
     def observe_batch(self, size: int, infer_ms: float) -> None:
         self.batch_size.observe(size)

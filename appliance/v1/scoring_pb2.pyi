@@ -352,6 +352,9 @@ class ModelInfo(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _builtins.int
     DECISION_RULE_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    SERVED_BECAUSE_FIELD_NUMBER: _builtins.int
+    PASSED_OVER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     description: _builtins.str
@@ -362,11 +365,19 @@ class ModelInfo(_message.Message):
     max_batch: _builtins.int
     decision_rule: _builtins.str
     threshold: _builtins.float
+    precision: _builtins.str
+    """int8, fp16 or fp32"""
+    served_because: _builtins.str
+    """why this artifact: gated on this CPU class, built for this GPU, ..."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """without the batch axis"""
+
+    @_builtins.property
+    def passed_over(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """each artifact not served, with why (other CPU class, failed self-check, ...)"""
 
     def __init__(
         self,
@@ -382,10 +393,13 @@ class ModelInfo(_message.Message):
         max_batch: _builtins.int = ...,
         decision_rule: _builtins.str = ...,
         threshold: _builtins.float = ...,
+        precision: _builtins.str = ...,
+        served_because: _builtins.str = ...,
+        passed_over: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "backend", b"backend", "decision_rule", b"decision_rule", "description", b"description", "input_layout", b"input_layout", "input_shape", b"input_shape", "labels", b"labels", "max_batch", b"max_batch", "name", b"name", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "backend", b"backend", "decision_rule", b"decision_rule", "description", b"description", "input_layout", b"input_layout", "input_shape", b"input_shape", "labels", b"labels", "max_batch", b"max_batch", "name", b"name", "passed_over", b"passed_over", "precision", b"precision", "served_because", b"served_because", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,76 @@
+"""The load-time self-check: an artifact reruns a few of its accuracy gate's own inputs and must give the
+scores it gave when it was gated.
+
+This catches what no key can: another kernel path on a CPU that reports the same class, a runtime or
+driver upgrade, a silently broken build or an artifact altered with its hash rewritten. The inputs are
+the validation images where the artifact strayed most from FP32, where a change of kernels shows first.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from appliance.inference.artifacts import SelfCheck, sha256_file, write_atomic
+from appliance.inference.backend import Backend
+from appliance.inference.postprocess import activate
+
+COUNT = 4
+# The same artifact on the same kernels reproduces its scores to about 1e-6 (thread counts change the
+# order of float sums); another kernel path on a quantized model moves the sensitive inputs by 1e-2 or more.
+TOLERANCE = 2e-3
+
+
+def most_strayed(reference: np.ndarray, scores: np.ndarray, count: int = COUNT) -> list[int]:
+    """Indices of the `count` rows whose scores differ most from the reference, in their original order."""
+    worst = np.abs(reference.astype(np.float64) - scores.astype(np.float64)).max(axis=1)
+    return sorted(int(i) for i in np.argsort(-worst, kind="stable")[:count])
+
+
+def scores_of(backend: Backend, inputs: np.ndarray, activation: str) -> np.ndarray:
+    """One input a batch, as at build time: a batch's size can change which kernels run."""
+    return np.concatenate([activate(backend.infer(inputs[i : i + 1]), activation) for i in range(len(inputs))])
+
+
+def record(
+    backend: Backend, inputs: Sequence[np.ndarray], activation: str, path: Path, tolerance: float = TOLERANCE
+) -> SelfCheck:
+    """Run `inputs` through the artifact as served and store both beside its sidecar."""
+    stacked = np.stack(inputs)
+    scores = scores_of(backend, stacked, activation)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, inputs=stacked, scores=scores)
+    write_atomic(path, buffer.getvalue())
+    return SelfCheck(file=path.name, sha256=sha256_file(path), count=len(stacked), tolerance=tolerance)
+
+
+def verify(backend: Backend, folder: Path, check: SelfCheck, activation: str) -> str:
+    """'' when the loaded artifact reproduces its recorded scores, else one sentence saying why not."""
+    path = folder / check.file
+    name = Path(backend.artifact).name
+    if not path.is_file():
+        return f"{name}: its self-check file {path.name} is missing; run `make engine` to rebuild it"
+    if sha256_file(path) != check.sha256:
+        return f"{name}: its self-check file {path.name} does not match its sidecar; run `make engine` to rebuild it"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            inputs, expected = data["inputs"], data["scores"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{name}: its self-check file {path.name} is unreadable ({e}); run `make engine` to rebuild it"
+    got = scores_of(backend, inputs.astype(backend.input_spec.dtype, copy=False), activation)
+    if got.shape != expected.shape:
+        return f"{name} gives {got.shape[1]} scores an image, its self-check recorded {expected.shape[1]}"
+    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    diff = np.where(np.isfinite(diff), diff, np.inf)
+    worst = float(diff.max())
+    if worst > check.tolerance:
+        moved = int((diff.max(axis=1) > check.tolerance).sum())
+        return (
+            f"{name} failed its self-check: on {moved} of {len(inputs)} of its gate's images its scores moved by up "
+            f"to {worst:.4f} from those recorded when it was gated (tolerance {check.tolerance}), so this host runs "
+            "it differently (other kernels, runtime or driver) or the file changed; run `make engine`"
+        )
+    return ""

@@ -1,0 +1,68 @@
+"""The quantization recipe follows the CPU's int8 kernels, and both x86 paths are built and gated on any host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from appliance.inference import cpu_class
+from appliance.inference.artifacts import onnxruntime_stem, read_sidecar
+from build_engine.quantize import recipe_for
+
+from .conftest import INT8, build
+
+HOST = cpu_class.detect()
+RECORD = Path("pipeline-test") / f"{onnxruntime_stem(HOST)}.json"
+
+
+@pytest.mark.parametrize("name", cpu_class.CLASSES)
+def test_seven_bit_weights_exactly_where_int8_kernels_saturate(name: str) -> None:
+    recipe = recipe_for("onnxruntime", name)
+    assert recipe.reduce_range == (name in ("x86-64", "avx2", "avx512"))
+    assert recipe.cpu_class == name and recipe.why
+    assert recipe_for("tensorrt").reduce_range is False
+
+
+def _int8_weight_range(model: Path) -> tuple[int, int]:
+    """Smallest and largest stored int8 weight over the model's quantized initializers."""
+    graph = onnx.load(str(model)).graph
+    values = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    weights = [v for v in values if v.size > 1]  # zero points are scalars
+    return min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+
+
+@pytest.mark.parametrize("recipe_class", ["avx2", "avx512-vnni"])
+def test_each_x86_recipe_is_built_gated_and_keyed_to_this_host(
+    pipeline_model: Path, tmp_path: Path, recipe_class: str
+) -> None:
+    """One of the two is this host's own recipe, the other forced: both are quantized, gated and recorded here."""
+    r = build("--model", pipeline_model, "--engines", tmp_path, *INT8, "--cpu-class", recipe_class)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sidecar = read_sidecar(tmp_path / RECORD)
+    saturating = recipe_class == "avx2"
+    assert sidecar.recipe["chosen_for"] == recipe_class and sidecar.recipe["reduce_range"] is saturating
+    assert ("s7 (reduce_range)" in sidecar.recipe["weights"]) is saturating
+    # The key says where it was gated, whatever recipe was forced: the daemon serves it only here.
+    assert sidecar.key.cpu_class == HOST
+    low, high = _int8_weight_range(tmp_path / "pipeline-test" / sidecar.artifact)
+    if saturating:
+        assert low >= -64 and high <= 64  # 7 bits (symmetric): every u8 x s8 pair sum fits in int16
+    else:
+        assert low < -64 or high > 64  # the full 8 bits are used
+    if recipe_class != HOST:
+        assert f"quantizing as for {recipe_class} (forced)" in r.stdout
+
+
+def test_the_model_s_own_gate_either_passes_or_says_why(pipeline_model: Path, tmp_path: Path) -> None:
+    """With pipeline-test's own tolerances the outcome is a figure of this CPU; the behaviour is not."""
+    r = build("--model", pipeline_model, "--engines", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sidecar = read_sidecar(tmp_path / RECORD)
+    assert sidecar.gate["passed"]
+    if sidecar.key.precision == "int8":
+        assert sidecar.self_check is not None and sidecar.recipe["chosen_for"] == HOST
+    else:  # FP32 served: a sentence says whether INT8 failed the gate or was slower than FP32
+        assert any(n.startswith("INT8 cannot pass the gate here") or "so FP32 is served" in n for n in sidecar.notes)

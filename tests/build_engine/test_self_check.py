@@ -1,0 +1,92 @@
+"""The load-time self-check on real artifacts: an intact one is served, one whose outputs moved is refused
+and the next in the chain served, with the reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from appliance.config import InferenceConfig
+from appliance.inference import cpu_class
+from appliance.inference.artifacts import onnxruntime_stem, read_sidecar, sha256_file
+from appliance.inference.loader import open_served
+from appliance.manifest import load_manifest
+
+RECORD = f"{onnxruntime_stem(cpu_class.detect())}.json"
+
+
+@pytest.fixture
+def engines(int8_engines: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "engines"
+    shutil.copytree(int8_engines, copy)
+    return copy
+
+
+def _alter_weights(engines: Path) -> None:
+    """Scale the first quantized layer's weights and rewrite the sidecar's hash to match: a key and a hash
+    check cannot tell this from the gated artifact; only running it can."""
+    folder = engines / "pipeline-test"
+    record = folder / RECORD
+    raw = json.loads(record.read_text())
+    artifact = folder / raw["artifact"]
+    model = onnx.load(str(artifact))
+    scale = next(t for t in model.graph.initializer if t.name.endswith("_scale") and "weight" in t.name.lower())
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+    onnx.save(model, str(artifact))
+    raw["artifact_sha256"] = sha256_file(artifact)
+    record.write_text(json.dumps(raw))
+
+
+def test_an_intact_artifact_passes_its_self_check_and_is_served(
+    pipeline_model: Path, engines: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    served = open_served(load_manifest(pipeline_model), InferenceConfig(), engines)
+    with served.backend:
+        assert served.precision == "int8" and served.refused == 0
+    assert "passed its self-check on 4 of its gate's images" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime"])
+def test_an_artifact_whose_outputs_moved_is_refused_for_the_next_in_the_chain(
+    pipeline_model: Path, engines: Path, caplog: pytest.LogCaptureFixture, backend: str
+) -> None:
+    _alter_weights(engines)
+    served = open_served(load_manifest(pipeline_model), InferenceConfig(backend=backend), engines)
+    with served.backend:
+        assert served.precision == "fp32" and served.backend.artifact == str(pipeline_model / "model.onnx")
+    assert served.refused == 1
+    (reason,) = [p for p in served.passed_over if "self-check" in p]
+    assert "failed its self-check: on" in reason and "run `make engine`" in reason
+    assert "failed its self-check" in caplog.text  # the same sentence in the log
+
+
+def test_a_self_check_file_that_does_not_match_its_sidecar_is_refused(pipeline_model: Path, engines: Path) -> None:
+    folder = engines / "pipeline-test"
+    check = read_sidecar(folder / RECORD).self_check
+    assert check is not None
+    with np.load(folder / check.file) as data:
+        inputs, scores = data["inputs"], data["scores"]
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, inputs=inputs, scores=scores + 0.5)  # expectations forged to match altered weights
+    (folder / check.file).write_bytes(buffer.getvalue())
+    served = open_served(load_manifest(pipeline_model), InferenceConfig(), engines)
+    with served.backend:
+        assert served.precision == "fp32"
+    assert any("self-check file" in p and "does not match its sidecar" in p for p in served.passed_over)
+
+
+def test_the_same_artifact_reproduces_its_scores_with_any_thread_count(pipeline_model: Path, engines: Path) -> None:
+    """The tolerance is tight because the same kernels give the same scores, however the work is split."""
+    for threads in (1, 2):
+        served = open_served(load_manifest(pipeline_model), InferenceConfig(threads=threads), engines)
+        with served.backend:
+            assert served.precision == "int8" and served.refused == 0
