@@ -59,6 +59,8 @@ class BenchDaemon:
     max_delay_ms: float = 5.0
     decode_workers: int = 0
     decode_with: str = "processes"
+    backend: str = "auto"  # the config's inference.backend: `make gpu-check` benches TensorRT by name
+    device: int = 0
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
     arrivals: list[Arrival] = field(default_factory=list)
@@ -81,6 +83,7 @@ class BenchDaemon:
             f'[storage]\ndata_dir = "{self.root / "data"}"\n'
             f'[model]\ndir = "{self.model}"\nengines_dir = "{self.engines}"\n'
             f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
+            f'backend = "{self.backend}"\ndevice = {self.device}\n'
             f'decode_with = "{self.decode_with}"\n'
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
             '[logging]\nlevel = "WARNING"\n'

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["single_decode_ms"] = float(np.median(single_ms))  # read + decode + preprocess
     figures["shrink_first_error"] = shrink_first_error(preparer, Preparer(manifest, limits, shrink_first=False),
                                                        burst_paths[:8])  # fmt: skip
-    backend = open_backend(loaded, InferenceConfig(), config.model.engines_dir)
+    chosen = InferenceConfig(backend=config.inference.backend, device=config.inference.device)
+    backend = open_backend(loaded, chosen, config.model.engines_dir)
     try:
         figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
         figures["max_batch"] = backend.max_batch
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["naive_files_s"] = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
 
     print("the daemon: idle latency, then the burst ...", flush=True)
-    daemon = BenchDaemon(work / "daemon", model_dir, config.model.engines_dir, max_delay_ms=args.max_delay_ms)
+    daemon = BenchDaemon(work / "daemon", model_dir, config.model.engines_dir, max_delay_ms=args.max_delay_ms,
+                         backend=config.inference.backend, device=config.inference.device)  # fmt: skip
     daemon.start()
     try:
         idle = []

@@ -90,3 +90,18 @@ def test_the_same_artifact_reproduces_its_scores_with_any_thread_count(pipeline_
         served = open_served(load_manifest(pipeline_model), InferenceConfig(threads=threads), engines)
         with served.backend:
             assert served.precision == "int8" and served.refused == 0
+
+
+def test_an_artifact_that_fails_to_load_is_passed_over_for_the_next(pipeline_model: Path, engines: Path) -> None:
+    """As a TensorRT plan that no longer deserializes (a driver or library change under the same version)
+    falls back to the CPU model in `auto` instead of stopping the start."""
+    record = engines / "pipeline-test" / RECORD
+    raw = json.loads(record.read_text())
+    artifact = record.parent / raw["artifact"]
+    artifact.write_bytes(b"not an ONNX model at all")
+    raw["artifact_sha256"] = sha256_file(artifact)
+    record.write_text(json.dumps(raw))
+    served = open_served(load_manifest(pipeline_model), InferenceConfig(), engines)
+    with served.backend:
+        assert served.precision == "fp32" and served.refused == 1
+    assert any("ONNX Runtime could not load" in p for p in served.passed_over)
