@@ -31,6 +31,7 @@ check-protos: protos
 model: $(STAMP)
 	$(PY) models/brain-mri-vgg16/fetch.py
 	$(PY) models/brain-mri-vgg16/image_sets.py
+	$(PY) models/brain-mri-vgg16/brain_slices.py
 	$(PY) models/pipeline-test/synth.py
 
 # The fastest artifact this host runs, behind the accuracy gate: engines/<model>/ (python -m build_engine --help).

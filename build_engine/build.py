@@ -384,9 +384,22 @@ class Builder:
             kernels = f"this {recipe.cpu_class} CPU's int8 kernels accumulate exactly in int32"
         return (
             f"INT8 cannot pass the gate here: {kernels}, so the loss is 8-bit rounding itself, and with up to "
-            f"{len(attempt.excluded)} layers kept in float over {steps} steps it still gave {worst} on these "
-            "validation images"
+            f"{len(attempt.excluded)} layers kept in float over {steps} steps it still gave {worst}"
+            f"{self._where_it_moved(attempt)}"
         )
+
+    def _where_it_moved(self, attempt: Attempt) -> str:
+        """Which images moved past the score tolerance, by how sure FP32 was of them."""
+        if attempt.scores is None or self.reference is None:
+            return ""
+        moved = np.abs(attempt.scores - self.reference).max(axis=1) > self.tolerance.max_abs_diff
+        if not moved.any():
+            return ""
+        sure = self.reference.max(axis=1)[moved]
+        where = f": {int(moved.sum())} of {len(moved)} images moved by more than {self.tolerance.max_abs_diff}"
+        if sure.max() < 0.9:  # short of saturation the output is steep: small changes inside move it most
+            where += f", all with a top FP32 score between {sure.min():.2f} and {sure.max():.2f}"
+        return where
 
     def _build_plan(self, onnx_path: Path, precision: str) -> bytes:
         assert self.facts is not None

@@ -59,6 +59,8 @@ class GateReport:
         drops = [v["drop"] for v in self.auc.values() if v["drop"] is not None]
         if drops:
             text += f", worst AUC drop {max(drops):+.4f}"
+        elif self.auc:
+            text += ", no AUC (every image has the same label)"
         elif self.auc_note:
             text += ", no AUC (unlabelled)"
         return text

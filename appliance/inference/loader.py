@@ -94,7 +94,7 @@ def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choic
         if check is not None:
             problem = self_check.verify(backend, choice.path.parent, check, manifest.output.activation)
             if problem:
-                raise ArtifactRefused(problem[0].upper() + problem[1:] + ".")
+                raise ArtifactRefused(problem + ".")
             log.info("%s passed its self-check on %d of its gate's images", choice.path.name, check.count)
     except BaseException:
         backend.close()

@@ -48,29 +48,29 @@ def record(
 
 
 def verify(backend: Backend, folder: Path, check: SelfCheck, activation: str) -> str:
-    """'' when the loaded artifact reproduces its recorded scores, else one sentence saying why not."""
+    """'' when the loaded artifact reproduces its recorded scores, else one sentence saying why not (no full stop)."""
     path = folder / check.file
     name = Path(backend.artifact).name
     if not path.is_file():
-        return f"{name}: its self-check file {path.name} is missing; run `make engine` to rebuild it"
+        return f"The self-check file {path.name} of {name} is missing; run `make engine` to rebuild it"
     if sha256_file(path) != check.sha256:
-        return f"{name}: its self-check file {path.name} does not match its sidecar; run `make engine` to rebuild it"
+        return f"The self-check file {path.name} of {name} does not match its sidecar; run `make engine` to rebuild it"
     try:
         with np.load(path, allow_pickle=False) as data:
             inputs, expected = data["inputs"], data["scores"]
     except (OSError, ValueError, KeyError) as e:
-        return f"{name}: its self-check file {path.name} is unreadable ({e}); run `make engine` to rebuild it"
+        return f"The self-check file {path.name} of {name} is unreadable ({e}); run `make engine` to rebuild it"
     got = scores_of(backend, inputs.astype(backend.input_spec.dtype, copy=False), activation)
     if got.shape != expected.shape:
-        return f"{name} gives {got.shape[1]} scores an image, its self-check recorded {expected.shape[1]}"
+        return f"The artifact {name} gives {got.shape[1]} scores an image, its self-check recorded {expected.shape[1]}"
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
     diff = np.where(np.isfinite(diff), diff, np.inf)
     worst = float(diff.max())
     if worst > check.tolerance:
         moved = int((diff.max(axis=1) > check.tolerance).sum())
         return (
-            f"{name} failed its self-check: on {moved} of {len(inputs)} of its gate's images its scores moved by up "
-            f"to {worst:.4f} from those recorded when it was gated (tolerance {check.tolerance}), so this host runs "
-            "it differently (other kernels, runtime or driver) or the file changed; run `make engine`"
+            f"The artifact {name} failed its self-check: on {moved} of {len(inputs)} of its gate's images its scores "
+            f"moved by up to {worst:.4f} from those recorded when it was gated (tolerance {check.tolerance}), so this "
+            "host runs it differently (other kernels, runtime or driver) or the file changed; run `make engine`"
         )
     return ""

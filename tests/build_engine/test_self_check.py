@@ -10,15 +10,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from appliance.config import InferenceConfig
 from appliance.inference import cpu_class
 from appliance.inference.artifacts import onnxruntime_stem, read_sidecar, sha256_file
 from appliance.inference.loader import open_served
 from appliance.manifest import load_manifest
+
+from ..tampering import alter_weights
 
 RECORD = f"{onnxruntime_stem(cpu_class.detect())}.json"
 
@@ -28,21 +28,6 @@ def engines(int8_engines: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "engines"
     shutil.copytree(int8_engines, copy)
     return copy
-
-
-def _alter_weights(engines: Path) -> None:
-    """Scale the first quantized layer's weights and rewrite the sidecar's hash to match: a key and a hash
-    check cannot tell this from the gated artifact; only running it can."""
-    folder = engines / "pipeline-test"
-    record = folder / RECORD
-    raw = json.loads(record.read_text())
-    artifact = folder / raw["artifact"]
-    model = onnx.load(str(artifact))
-    scale = next(t for t in model.graph.initializer if t.name.endswith("_scale") and "weight" in t.name.lower())
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
-    onnx.save(model, str(artifact))
-    raw["artifact_sha256"] = sha256_file(artifact)
-    record.write_text(json.dumps(raw))
 
 
 def test_an_intact_artifact_passes_its_self_check_and_is_served(
@@ -59,7 +44,7 @@ def test_an_intact_artifact_passes_its_self_check_and_is_served(
 def test_an_artifact_whose_outputs_moved_is_refused_for_the_next_in_the_chain(
     pipeline_model: Path, engines: Path, caplog: pytest.LogCaptureFixture, backend: str
 ) -> None:
-    _alter_weights(engines)
+    alter_weights(engines / "pipeline-test" / RECORD)
     served = open_served(load_manifest(pipeline_model), InferenceConfig(backend=backend), engines)
     with served.backend:
         assert served.precision == "fp32" and served.backend.artifact == str(pipeline_model / "model.onnx")

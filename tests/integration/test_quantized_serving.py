@@ -3,18 +3,15 @@ daemon's refusals of artifacts it must not load."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from appliance.config import LimitsConfig
-from appliance.inference.artifacts import onnxruntime_stem, read_sidecar, sha256_file
+from appliance.inference.artifacts import onnxruntime_stem, read_sidecar
 from appliance.inference.cpu_class import detect
 from appliance.inference.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.postprocess import activate
@@ -23,6 +20,7 @@ from appliance.pipeline import Preparer
 from appliance.v1 import scoring_pb2 as pb
 from build_engine.gate import compare
 
+from ..tampering import alter_weights
 from .conftest import DEFAULT_MODEL, REPO, TEST_MODEL
 
 STEM = onnxruntime_stem(detect())
@@ -36,7 +34,7 @@ def _build(*args: object) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not (DEFAULT_MODEL / "model.onnx").is_file() or not (DEFAULT_MODEL / "calibration").is_dir(),
+    not (DEFAULT_MODEL / "model.onnx").is_file() or not (DEFAULT_MODEL / "validation-brain").is_dir(),
     reason="run `make model` to fetch the default model and make its image sets",
 )
 def test_daemon_serves_the_int8_default_model_within_the_tolerance_of_fp32(make_daemon) -> None:
@@ -60,7 +58,7 @@ def test_daemon_serves_the_int8_default_model_within_the_tolerance_of_fp32(make_
     assert model.artifact.endswith(f"{STEM}-int8.onnx") and model.precision == "int8"
     assert f"passed the accuracy gate on this {detect()} CPU" in model.served_because
     # The gate's own validation images, dropped as a scanner would: the daemon must reproduce its figures.
-    validation = sorted((DEFAULT_MODEL / "validation").iterdir())
+    validation = sorted(p for p in (DEFAULT_MODEL / "validation-brain").rglob("*") if p.is_file())
     for path in validation:
         shutil.copy(path, d.incoming / path.name)
     results = d.collect(len(validation), timeout=600)
@@ -114,15 +112,7 @@ def test_an_artifact_whose_outputs_moved_fails_its_self_check_and_fp32_is_served
     d = make_daemon()
     engines = d.root / "engines"
     _pipeline_int8(engines)
-    record = engines / "pipeline-test" / f"{STEM}.json"
-    raw = json.loads(record.read_text())
-    artifact = record.parent / raw["artifact"]
-    model = onnx.load(str(artifact))
-    scale = next(t for t in model.graph.initializer if t.name.endswith("_scale") and "weight" in t.name.lower())
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
-    onnx.save(model, str(artifact))
-    raw["artifact_sha256"] = sha256_file(artifact)
-    record.write_text(json.dumps(raw))
+    alter_weights(engines / "pipeline-test" / f"{STEM}.json")
 
     d.start()
     assert "failed its self-check" in d.log() and "serving onnxruntime fp32 (model.onnx)" in d.log()
