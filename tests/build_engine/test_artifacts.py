@@ -27,6 +27,7 @@ def _sidecar() -> Sidecar:
         calibration_sha256="b" * 64,
         gpu_name="NVIDIA H100 80GB HBM3",
         compute_capability="9.0",
+        sm_count=132,
         tensorrt_version="10.16.1.11",
     )
     return Sidecar(
@@ -63,8 +64,9 @@ def test_plan_names_follow_the_gpu() -> None:
     [
         (None, "does not exist"),
         ("{not json", "not readable JSON"),
-        ('{"format": 99}', "not a sidecar of format 1"),
-        ('{"format": 1, "model": "m"}', "malformed"),
+        ('{"format": 99}', "not a sidecar of format 2"),
+        ('{"format": 1, "model": "m"}', "not a sidecar of format 2"),  # keyed to no CPU class: rebuilt
+        ('{"format": 2, "model": "m"}', "malformed"),
     ],
 )
 def test_bad_sidecars_are_refused_with_a_reason(tmp_path: Path, content: str | None, message: str) -> None:

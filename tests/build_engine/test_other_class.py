@@ -9,8 +9,6 @@ would, to show the self-check is the second lock.
 from __future__ import annotations
 
 import json
-import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +18,10 @@ import pytest
 from appliance.inference import cpu_class
 from appliance.inference.artifacts import onnxruntime_stem
 
+from ..cpu_emulation import AS_AVX2, needs_as_avx2
 from ..integration.conftest import REPO
 from .conftest import INT8, build
 
-AS_AVX2 = REPO.parent / "shared" / "tools" / "as-avx2"
 PROBE = """
 import sys
 from pathlib import Path
@@ -36,16 +34,11 @@ print(detect(), served.precision, *served.passed_over, sep="\\n")
 """
 
 pytestmark = [
-    pytest.mark.skipif(platform.machine() != "x86_64", reason="QEMU's Haswell model runs x86-64 code only"),
     pytest.mark.skipif(
         cpu_class.detect() in cpu_class.SATURATING,
         reason="this CPU has no VNNI, and QEMU cannot emulate a CPU with more than the host has",
     ),
-    pytest.mark.skipif(not AS_AVX2.is_file(), reason="../shared/tools/as-avx2 is not beside this checkout"),
-    pytest.mark.skipif(
-        shutil.which("qemu-x86_64") is None and shutil.which("apt-get") is None,
-        reason="needs qemu-user (apt-get install qemu-user) to run as an AVX2-only CPU",
-    ),
+    needs_as_avx2,
 ]
 
 

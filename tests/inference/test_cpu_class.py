@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ import pytest
 from appliance.inference import cpu_class
 from appliance.inference.cpu_class import classify
 
+from ..cpu_emulation import AS_AVX2, needs_as_avx2
 from ..integration.conftest import REPO
 
-AS_AVX2 = REPO.parent / "shared" / "tools" / "as-avx2"
 HASWELL = {"AVX2": True, "FMA3": True}
 SKX = {**HASWELL, "AVX512F": True, "AVX512BW": True}
 ICL = {**SKX, "AVX512VNNI": True}
@@ -54,12 +53,7 @@ def test_this_host_has_a_known_class() -> None:
         assert cpu_class.detect() in cpu_class.X86_CLASSES
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="QEMU's Haswell model runs x86-64 code only")
-@pytest.mark.skipif(not AS_AVX2.is_file(), reason="../shared/tools/as-avx2 is not beside this checkout")
-@pytest.mark.skipif(
-    shutil.which("qemu-x86_64") is None and shutil.which("apt-get") is None,
-    reason="needs qemu-user (apt-get install qemu-user) to run as an AVX2-only CPU",
-)
+@needs_as_avx2
 def test_as_an_avx2_only_cpu_the_class_is_avx2(tmp_path: Path) -> None:
     """QEMU reports a Haswell through CPUID while /proc/cpuinfo keeps the host's flags: the class follows CPUID."""
     code = "from appliance.inference.cpu_class import detect; print(detect())"
