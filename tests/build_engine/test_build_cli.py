@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from appliance.inference.artifacts import onnxruntime_stem, read_sidecar, sha256_file
 from appliance.inference.cpu_class import detect
@@ -214,3 +215,22 @@ def test_tensorrt_target_without_tensorrt_says_why(pipeline_model: Path, tmp_pat
 def test_sidecar_json_is_plain_and_readable(int8_engines: Path) -> None:
     raw = json.loads((int8_engines / RECORD).read_text())
     assert {"key", "gate", "throughput", "artifact", "inputs_sha256"} <= raw.keys()
+
+
+def test_a_model_below_opset_13_is_refused_before_quantizing(pipeline_model: Path, tmp_path: Path) -> None:
+    """Per-channel int8 needs QuantizeLinear's `axis`, which opset 13 brought."""
+    model = _model_copy(pipeline_model, tmp_path)
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["logit"]),
+        ],
+        "opset12",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 64, 64])],
+        [helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch", 1])],
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    (model / "model.onnx").write_bytes(onnx_model.SerializeToString())
+    r = build("--model", model, "--engines", tmp_path / "e")
+    assert r.returncode == 2
+    assert "uses ONNX opset 12; per-channel int8 (QuantizeLinear with an axis) needs opset 13" in r.stderr

@@ -8,9 +8,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from appliance.config import LimitsConfig
 from appliance.inference import cpu_class
 from appliance.inference.artifacts import onnxruntime_stem, read_sidecar
-from build_engine.quantize import recipe_for
+from appliance.manifest import load_manifest
+from appliance.pipeline import Preparer
+from build_engine.image_sets import load_set
+from build_engine.quantize import WEIGHTED_OPS, TensorReader, prepare_float_model, quantize, recipe_for
 
 from .conftest import build
 
@@ -70,3 +74,22 @@ def test_the_model_s_own_gate_either_passes_or_says_why(pipeline_model: Path, tm
         assert sidecar.self_check is not None and sidecar.recipe["chosen_for"] == HOST
     else:  # FP32 served: a sentence says whether INT8 failed the gate or was slower than FP32
         assert any(n.startswith("INT8 cannot pass the gate here") or "so FP32 is served" in n for n in sidecar.notes)
+
+
+def test_the_tensorrt_flavour_leaves_the_outputs_of_weighted_ops_in_float(pipeline_model: Path, tmp_path: Path) -> None:
+    """As ONNX Runtime's quantizer advises for TensorRT: a Q/DQ after the last Gemm would round the logits
+    to int8, and each consumer gets a Q/DQ pair of its own to fuse."""
+    float_model = tmp_path / "float.onnx"
+    prepare_float_model(pipeline_model / "model.onnx", float_model)
+    tensors = load_set(pipeline_model / "calibration", Preparer(load_manifest(pipeline_model).manifest,
+                       LimitsConfig()), what="calibration", limit=16).tensors  # fmt: skip
+    qdq = tmp_path / "trt.onnx"
+    quantize(float_model, qdq, recipe_for("tensorrt"), TensorReader("image", tensors, batch=8))
+    graph = onnx.load(str(qdq)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    weighted = [n for n in graph.node if n.op_type in WEIGHTED_OPS]
+    assert weighted and all(producers[i].op_type == "DequantizeLinear" for n in weighted for i in n.input[:2])
+    consumers = [n.op_type for n in graph.node for w in weighted if set(w.output) & set(n.input)]
+    assert "QuantizeLinear" not in consumers  # nothing quantizes what a weighted op produces
+    (logit,) = [o.name for o in graph.output]
+    assert producers[logit].op_type != "DequantizeLinear"  # the scores come out of float math
