@@ -48,7 +48,7 @@ from appliance.pipeline import Preparer
 from build_engine.errors import BuildError, GateFailed
 from build_engine.gate import GateReport, compare
 from build_engine.image_sets import ImageSet, load_set
-from build_engine.model_check import ModelFacts, check_model
+from build_engine.model_check import MIN_OPSET, ModelFacts, check_model
 from build_engine.quantize import (
     Recipe,
     TensorReader,
@@ -237,7 +237,7 @@ class Builder:
             "max_batch": self.facts.max_batch,
             "opt_batch": self.o.opt_batch,
             "workspace_mb": self.o.workspace_mb if target == "tensorrt" else None,
-            "tensorrt": tensorrt_version() if target == "tensorrt" else None,
+            "tensorrt": [tensorrt_version(), self._host_key("tensorrt")] if target == "tensorrt" else None,
             "cpu": [self.cpu_class, runtime_version(), self._recipe(target).to_dict()]
             if target == "onnxruntime"
             else None,
@@ -250,7 +250,7 @@ class Builder:
         if target == "onnxruntime":
             return self.folder / f"{onnxruntime_stem(self.cpu_class)}.json"
         gpu = cuda.gpu_info(self.o.device)
-        return self.folder / f"{tensorrt_stem(gpu.name, gpu.compute_capability)}.json"
+        return self.folder / f"{tensorrt_stem(gpu.name, gpu.compute_capability, gpu.sm_count)}.json"
 
     def _recipe(self, target: Target) -> Recipe:
         return recipe_for(target, self.recipe_class if target == "onnxruntime" else "")
@@ -261,6 +261,15 @@ class Builder:
         if not self.o.force and self._reuse(sidecar_path, inputs):
             return
         chain = CHAINS[target] if self.o.precision == "auto" else [self.o.precision]
+        assert self.facts is not None
+        if "int8" in chain and self.facts.opset < MIN_OPSET:
+            why = (f"per-channel int8 (QuantizeLinear with an axis) needs ONNX opset {MIN_OPSET} or later and "
+                   f"{self.loaded.onnx_path.name} uses opset {self.facts.opset}: re-export it, or convert it with "
+                   "onnx.version_converter")  # fmt: skip
+            if chain == ["int8"]:
+                raise BuildError(why[0].upper() + why[1:] + ".")
+            self.out(f"{target:<9} int8 skipped: {why}")
+            chain = [c for c in chain if c != "int8"]
         if target == "onnxruntime" and chain == ["fp16"]:
             raise BuildError("FP16 is not built for ONNX Runtime on the CPU (it is slower than FP32 there).")
         self._fp32_reference()
@@ -286,11 +295,11 @@ class Builder:
             if attempt.report.passed and target == "onnxruntime" and attempt.path is not None:
                 attempt = self._faster_of(attempt, notes)
             if not attempt.report.passed:
-                why = [n for n in notes if n.startswith("INT8 cannot pass")]
+                sentences = [n for n in notes if n.startswith("INT8 cannot pass")]
                 raise GateFailed(
                     f"{target} {attempt.precision} is outside the tolerance in model.toml: "
                     f"{'; '.join(attempt.report.failures)} ({attempt.report.summary()})."
-                    + (f" {why[-1]}." if why else "")
+                    + (f" {sentences[-1]}." if sentences else "")
                 )
             self._publish(target, attempt, sidecar_path, inputs, time.perf_counter() - started, notes)
 
@@ -560,6 +569,16 @@ class Builder:
         return [f"int8 runs {speedup:.2f}x FP32 on this {self.cpu_class} CPU, under the {target:.0f}x its class "
                 f"aims for: {why}"]  # fmt: skip
 
+    def _self_check_problem(self, sidecar: Sidecar, artifact: Path) -> str:
+        """Why the daemon would refuse this artifact at load ('' if it would not): the same check it runs."""
+        if sidecar.self_check is None:
+            return f"{artifact.name} has no self-check recorded"
+        try:
+            with self._trt(artifact) if sidecar.key.backend == "tensorrt" else self._ort(artifact) as backend:
+                return self_check.verify(backend, artifact.parent, sidecar.self_check, self.manifest.output.activation)
+        except ApplianceError as e:
+            return f"{artifact.name} does not load ({e})"
+
     def _reuse(self, sidecar_path: Path, inputs: str) -> bool:
         try:
             sidecar = read_sidecar(sidecar_path)
@@ -570,6 +589,11 @@ class Builder:
         if sidecar.artifact:
             path = self.folder / sidecar.artifact
             if not path.is_file() or sha256_file(path) != sidecar.artifact_sha256:
+                return False
+            problem = self._self_check_problem(sidecar, path)
+            if problem:
+                # What the daemon refused, `make engine` must not call up to date: it rebuilds.
+                self.out(f"{sidecar.key.backend:<9} rebuilding: {problem}")
                 return False
         what = sidecar.artifact or "FP32 ONNX served as is"
         self.out(

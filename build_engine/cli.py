@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
         help="quantize the CPU model with the recipe for this CPU class instead of this host's (to try the other "
         "class's recipe; the artifact is still gated on and keyed to this host)",
     )
-    p.add_argument("--device", type=int, default=0, help="CUDA device index for TensorRT (default 0)")
+    p.add_argument("--device", type=int, help="CUDA device index for TensorRT (default: the config's inference.device)")
     p.add_argument("--force", action="store_true", help="rebuild even when an up-to-date artifact exists")
     p.add_argument("-v", "--verbose", action="store_true", help="log TensorRT and ONNX Runtime details")
     return p
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             limits=config.limits,
             recipe_class=args.cpu_class or "",
-            device=args.device,
+            device=config.inference.device if args.device is None else args.device,
         )
         builder = Builder(options)
         clean_stale_builds(builder.folder)

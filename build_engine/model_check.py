@@ -11,7 +11,7 @@ from appliance.inference.loader import expected_sample_shape
 from appliance.manifest import LoadedManifest
 from build_engine.errors import BuildError
 
-MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the `axis` attribute)
+MIN_OPSET = 13  # for INT8: per-channel QuantizeLinear/DequantizeLinear (the `axis` attribute)
 _DTYPES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
@@ -76,9 +76,4 @@ def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
     else:
         raise BuildError(f"{path}: the batch axis is fixed at {in_dims[0]}; export it as dynamic (or 1).")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if opset < MIN_OPSET:
-        raise BuildError(
-            f"{path} uses ONNX opset {opset}; per-channel int8 (QuantizeLinear with an axis) needs opset "
-            f"{MIN_OPSET} or later: re-export it, or convert it with onnx.version_converter."
-        )
     return ModelFacts(opset, in_dims, out_dims, dynamic, max_batch, note)

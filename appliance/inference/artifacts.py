@@ -53,7 +53,7 @@ class SelfCheck(BaseModel):
     file: str = Field(description="NumPy .npz beside the sidecar: `inputs` (N x sample) and `scores` (N x labels).")
     sha256: str
     count: int
-    tolerance: float = Field(description="Largest |score difference| accepted at load.")
+    tolerance: float = Field(gt=0, le=0.05, description="Largest |score difference| accepted at load.")
 
 
 class Sidecar(BaseModel):
@@ -101,9 +101,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
 
 
-def tensorrt_stem(gpu_name: str, compute_capability: str) -> str:
-    """One plan per GPU model in a folder, so boxes with different GPUs can share an engines folder."""
-    return f"tensorrt-{slug(gpu_name)}-sm{compute_capability.replace('.', '')}"
+def tensorrt_stem(gpu_name: str, compute_capability: str, sm_count: int = 0) -> str:
+    """One plan per GPU model in a folder, so boxes with different GPUs can share an engines folder. The
+    multiprocessor count tells apart GPUs that share a name: Jetson Orin modules, MIG slices."""
+    mp = f"-{sm_count}mp" if sm_count else ""
+    return f"tensorrt-{slug(gpu_name)}-sm{compute_capability.replace('.', '')}{mp}"
 
 
 def onnxruntime_stem(cpu_class: str) -> str:

@@ -48,12 +48,7 @@ def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Pa
     for the next, with the reason logged. The last in the chain (FP32, or the plan that `backend =
     "tensorrt"` demands) refuses to start instead."""
     selection = choose_artifact(loaded, config, engines_dir)
-    passed = [p.reason for p in selection.passed_over]
-    refused = sum(p.why not in (Why.NO_RUNTIME, Why.NONE_BUILT) for p in selection.passed_over)
-    for p in selection.passed_over:
-        # An artifact that exists but may not be served here is worth a warning in the journal.
-        quiet = p.why in (Why.NO_RUNTIME, Why.NONE_BUILT)
-        log.log(logging.INFO if quiet else logging.WARNING, "passed over: %s", p.reason)
+    failed: list[str] = []
     for number, choice in enumerate(selection.chain, start=1):
         try:
             backend = _load_checked(loaded, config, choice)
@@ -61,10 +56,20 @@ def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Pa
             if number == len(selection.chain):
                 raise
             log.warning("passed over %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, e)
-            passed.append(str(e).rstrip("."))
-            refused += 1
+            failed.append(str(e).rstrip("."))
             continue
-        log.info("serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, choice.reason)
+        # Only what ranks above the served artifact is worth a warning (and the metric): a CPU model of
+        # another class beside a good TensorRT plan is no loss.
+        refused = failed[:]
+        for p in selection.passed_over:
+            worse = p.tier >= choice.tier or p.why in (Why.NO_RUNTIME, Why.NONE_BUILT)
+            log.log(logging.INFO if worse else logging.WARNING, "passed over: %s", p.reason)
+            if not worse:
+                refused.append(p.reason)
+        reason = choice.reason
+        if failed:
+            reason = f"{reason}; what ranks above it failed at load: {'; '.join(failed)}"
+        log.info("serving %s %s (%s): %s", choice.backend, choice.precision, choice.path.name, reason)
         manifest = loaded.manifest
         log.info(
             "loaded model %s %s on %s from %s (max batch %d)",
@@ -74,7 +79,8 @@ def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Pa
             backend.artifact,
             backend.max_batch,
         )
-        return Served(backend, choice.precision, choice.reason, passed, refused)
+        passed = [p.reason for p in selection.passed_over] + failed
+        return Served(backend, choice.precision, reason, passed, len(refused))
     raise BackendUnavailable("No artifact to serve.")  # unreachable: the chain always ends in a model
 
 
@@ -90,8 +96,13 @@ def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choic
     try:
         backend.load()
         check_backend_matches(backend, loaded)
-        check = choice.sidecar.self_check if choice.sidecar and choice.sidecar.artifact else None
-        if check is not None:
+        if choice.sidecar is not None and choice.sidecar.artifact:
+            check = choice.sidecar.self_check
+            if check is None:  # every built artifact carries one; a sidecar without it was not written by us
+                raise ArtifactRefused(
+                    f"The artifact {choice.path.name} has no self-check in its sidecar; run `make engine` to "
+                    "rebuild it."
+                )
             problem = self_check.verify(backend, choice.path.parent, check, manifest.output.activation)
             if problem:
                 raise ArtifactRefused(problem + ".")

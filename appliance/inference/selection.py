@@ -10,6 +10,7 @@ self-check fails.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,10 @@ class Why(enum.Enum):
 class PassedOver:
     why: Why
     reason: str
+    tier: int = 0  # 0: a TensorRT plan, 1: a quantized CPU model (an FP32 ONNX is tier 2 and never passed over)
+    # With `backend = "onnxruntime"`: a CPU model that names a quantized artifact it may not serve here
+    # refuses the start; a record that only says FP32 is served does not (FP32 needs no gating).
+    blocks_onnxruntime: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Choice:
     precision: str
     reason: str
     sidecar: Sidecar | None = None
+    tier: int = 2  # as PassedOver.tier
 
 
 @dataclass
@@ -121,12 +127,12 @@ def choose_artifact(
     cpu, passed = onnxruntime_choice(folder, onnx_sha, loaded.onnx_path, host)
     if cpu is not None:
         selection.chain.append(cpu)
-    elif inference.backend == "onnxruntime" and passed.why is Why.OTHER_HOST:
+    elif inference.backend == "onnxruntime" and passed.blocks_onnxruntime:
         raise ModelMismatchError(passed.reason[0].upper() + passed.reason[1:] + ".")
     else:
         selection.passed_over.append(passed)
     if not selection.chain or selection.chain[-1].path != loaded.onnx_path:
-        why = "; ".join(p.reason for p in selection.passed_over) or "the FP32 model, the reference"
+        why = "no artifact before it may be served here" if selection.passed_over else "the FP32 model, the reference"
         selection.chain.append(Choice("onnxruntime", loaded.onnx_path, "fp32", why))
     return selection
 
@@ -137,19 +143,19 @@ def tensorrt_choice(folder: Path, onnx_sha: str, host: Host) -> tuple[Choice | N
     sidecars = sorted(folder.glob("tensorrt-*.json"))
     if not sidecars:
         return None, PassedOver(Why.NONE_BUILT, f"no TensorRT plan in {folder}; run `make engine` to build one")
-    mine = folder / f"{tensorrt_stem(host.gpu_name, host.compute_capability)}.json"
+    mine = folder / f"{tensorrt_stem(host.gpu_name, host.compute_capability, host.sm_count)}.json"
     if mine not in sidecars:
         others = []
         for path in sidecars:
             try:
                 key = read_sidecar(path).key
-                others.append(f"{key.gpu_name} (compute {key.compute_capability})")
+                others.append(f"{key.gpu_name} (compute {key.compute_capability}, {key.sm_count} SMs)")
             except SidecarError:
                 others.append(path.name)
         return None, PassedOver(
             Why.OTHER_HOST,
             f"the TensorRT plans in {folder} were built for {', '.join(others)}, not this {host.gpu_name} "
-            f"(compute {host.compute_capability}); run `make engine` to build one for this GPU",
+            f"(compute {host.compute_capability}, {host.sm_count} SMs); run `make engine` to build one for this GPU",
         )
     try:
         sidecar = read_sidecar(mine)
@@ -163,11 +169,12 @@ def tensorrt_choice(folder: Path, onnx_sha: str, host: Host) -> tuple[Choice | N
             f"{plan.name} was built with TensorRT {key.tensorrt_version}, this host has "
             f"{host.tensorrt_version}; run `make engine` to rebuild it",
         )
-    if key.sm_count and host.sm_count and key.sm_count != host.sm_count:
+    if key.sm_count != host.sm_count:
         return None, PassedOver(
             Why.OTHER_HOST,
-            f"{plan.name} was built for a {key.gpu_name} with {key.sm_count} multiprocessors, this one (a MIG "
-            f"slice or partition?) has {host.sm_count}; run `make engine` to build one for it",
+            f"{plan.name} was built for a {key.gpu_name} with {key.sm_count} multiprocessors, this one has "
+            f"{host.sm_count} (another module of the same name, a MIG slice or a partition); run `make engine` to "
+            "build one for it",
         )
     if key.onnx_sha256 != onnx_sha:
         return None, PassedOver(
@@ -177,37 +184,45 @@ def tensorrt_choice(folder: Path, onnx_sha: str, host: Host) -> tuple[Choice | N
     if problem:
         return None, PassedOver(Why.DAMAGED, problem)
     reason = f"{key.precision} plan built for this {host.gpu_name}"
-    return Choice("tensorrt", plan, key.precision, reason, sidecar), PassedOver(Why.NONE_BUILT, "")
+    return Choice("tensorrt", plan, key.precision, reason, sidecar, tier=0), PassedOver(Why.NONE_BUILT, "")
 
 
 def onnxruntime_choice(folder: Path, onnx_sha: str, onnx_path: Path, host: Host) -> tuple[Choice | None, PassedOver]:
     record = folder / f"{onnxruntime_stem(host.cpu_class)}.json"
     here = f"this {host.cpu_class} CPU with ONNX Runtime {host.onnxruntime_version}"
     if not record.exists():
-        others = [_gated_on(path) for path in sorted(folder.glob("onnxruntime-*.json"))]
-        if (folder / LEGACY_ORT_RECORD).exists():
-            others.append("an unrecorded CPU class (built before CPU models were keyed to it)")
+        others = sorted(folder.glob("onnxruntime-*.json"))
+        gated_on = [_gated_on(path) for path in others]
+        legacy = folder / LEGACY_ORT_RECORD
+        if legacy.exists():
+            others.append(legacy)
+            gated_on.append("an unrecorded CPU class (built before CPU models were keyed to it)")
         if others:
             return None, PassedOver(
                 Why.OTHER_HOST,
-                f"the CPU models in {folder} were gated on {', '.join(others)}, not {here} (int8 kernels differ "
+                f"the CPU models in {folder} were gated on {', '.join(gated_on)}, not {here} (int8 kernels differ "
                 "between CPU classes); run `make engine` to build one for this CPU",
+                tier=1,
+                blocks_onnxruntime=any(_names_artifact(path) for path in others),
             )
-        return None, PassedOver(Why.NONE_BUILT, f"no quantized CPU model in {folder}; `make engine` builds one")
+        return None, PassedOver(Why.NONE_BUILT, f"no quantized CPU model in {folder}; `make engine` builds one", tier=1)
     try:
         sidecar = read_sidecar(record)
     except SidecarError as e:
-        return None, PassedOver(Why.DAMAGED, f"{e}; run `make engine` to rebuild it")
+        return None, PassedOver(Why.DAMAGED, f"{e}; run `make engine` to rebuild it", tier=1)
     key = sidecar.key
     if key.cpu_class != host.cpu_class or key.onnxruntime_version != host.onnxruntime_version:
         return None, PassedOver(
             Why.OTHER_HOST,
             f"the CPU model in {folder} was gated on {_gated_on(record)}, not {here}; run `make engine` to rebuild it",
+            tier=1,
+            blocks_onnxruntime=bool(sidecar.artifact),
         )
     if key.onnx_sha256 != onnx_sha:
         return None, PassedOver(
             Why.STALE,
             f"the CPU model in {folder} was built from another version of {onnx_path.name}; run `make engine`",
+            tier=1,
         )
     if not sidecar.artifact:
         reason = "`make engine` found no quantized model within the manifest's tolerance, so FP32 is served"
@@ -215,9 +230,17 @@ def onnxruntime_choice(folder: Path, onnx_sha: str, onnx_path: Path, host: Host)
     path = folder / sidecar.artifact
     problem = _artifact_problem(path, sidecar)
     if problem:
-        return None, PassedOver(Why.DAMAGED, problem)
+        return None, PassedOver(Why.DAMAGED, problem, tier=1)
     reason = f"{key.precision} CPU model that passed the accuracy gate on {here}"
-    return Choice("onnxruntime", path, key.precision, reason, sidecar), PassedOver(Why.NONE_BUILT, "")
+    return Choice("onnxruntime", path, key.precision, reason, sidecar, tier=1), PassedOver(Why.NONE_BUILT, "")
+
+
+def _names_artifact(record: Path) -> bool:
+    """Whether a CPU record, of any format, names a quantized artifact (unreadable: assume it does)."""
+    try:
+        return bool(json.loads(record.read_text(encoding="utf-8")).get("artifact", True))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _gated_on(record: Path) -> str:

@@ -217,7 +217,7 @@ def test_sidecar_json_is_plain_and_readable(int8_engines: Path) -> None:
     assert {"key", "gate", "throughput", "artifact", "inputs_sha256"} <= raw.keys()
 
 
-def test_a_model_below_opset_13_is_refused_before_quantizing(pipeline_model: Path, tmp_path: Path) -> None:
+def test_a_model_below_opset_13_is_not_quantized(pipeline_model: Path, tmp_path: Path) -> None:
     """Per-channel int8 needs QuantizeLinear's `axis`, which opset 13 brought."""
     model = _model_copy(pipeline_model, tmp_path)
     graph = helper.make_graph(
@@ -231,6 +231,15 @@ def test_a_model_below_opset_13_is_refused_before_quantizing(pipeline_model: Pat
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
     (model / "model.onnx").write_bytes(onnx_model.SerializeToString())
-    r = build("--model", model, "--engines", tmp_path / "e")
+    r = build("--model", model, "--engines", tmp_path / "e", "--precision", "int8")
     assert r.returncode == 2
-    assert "uses ONNX opset 12; per-channel int8 (QuantizeLinear with an axis) needs opset 13" in r.stderr
+    assert (
+        "Per-channel int8 (QuantizeLinear with an axis) needs ONNX opset 13 or later and model.onnx uses opset 12"
+        in r.stderr
+    )
+    # In auto, INT8 alone is skipped: FP32 needs no per-channel quantization.
+    r = build("--model", model, "--engines", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    assert (
+        "int8 skipped: per-channel int8" in r.stdout and read_sidecar(tmp_path / "e" / RECORD).key.precision == "fp32"
+    )

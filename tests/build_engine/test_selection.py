@@ -109,6 +109,20 @@ def test_backend_onnxruntime_with_only_another_class_s_artifact_refuses_to_start
         choose_artifact(load_manifest(pipeline_model), ORT, engines)
 
 
+def test_backend_onnxruntime_starts_on_fp32_when_the_other_record_serves_fp32_only(
+    pipeline_model: Path, engines: Path
+) -> None:
+    """FP32 needs no gating: a record from another class or runtime that only says `FP32 is served` is no
+    reason to refuse the start."""
+    record = engines / "pipeline-test" / f"{HERE}.json"
+    raw = json.loads(record.read_text())
+    raw["artifact"], raw["key"]["precision"], raw["key"]["onnxruntime_version"] = "", "fp32", "1.17.0"
+    record.write_text(json.dumps(raw))
+    selection = choose_artifact(load_manifest(pipeline_model), ORT, engines)
+    assert [c.precision for c in selection.chain] == ["fp32"]
+    assert any("ONNX Runtime 1.17.0" in p.reason for p in selection.passed_over)
+
+
 def test_an_artifact_gated_on_another_onnx_runtime_is_passed_over(pipeline_model: Path, engines: Path) -> None:
     record = engines / "pipeline-test" / f"{HERE}.json"
     raw = json.loads(record.read_text())
@@ -137,7 +151,7 @@ def test_backend_tensorrt_on_a_host_without_it_refuses_to_start(pipeline_model: 
 def _plan_for(
     folder: Path, gpu: str, cc: str, trt: str, onnx_sha: str, data: bytes = b"plan", sm_count: int = 132
 ) -> Path:
-    stem = tensorrt_stem(gpu, cc)
+    stem = tensorrt_stem(gpu, cc, sm_count)
     plan = folder / f"{stem}.plan"
     plan.write_bytes(data)
     key = ArtifactKey(backend="tensorrt", precision="int8", onnx_sha256=onnx_sha, gpu_name=gpu,
@@ -160,11 +174,11 @@ def test_a_plan_for_this_gpu_and_tensorrt_is_chosen(tmp_path: Path) -> None:
 
 
 def test_a_plan_for_another_gpu_is_refused_with_make_engine(tmp_path: Path) -> None:
-    _plan_for(tmp_path, "NVIDIA A100-SXM4-40GB", "8.0", "10.16.1.11", "s" * 64)
+    _plan_for(tmp_path, "NVIDIA A100-SXM4-40GB", "8.0", "10.16.1.11", "s" * 64, sm_count=108)
     choice, passed = tensorrt_choice(tmp_path, "s" * 64, H100)
     why = passed.reason
     assert choice is None
-    assert "built for NVIDIA A100-SXM4-40GB (compute 8.0), not this NVIDIA H100 80GB HBM3" in why
+    assert "built for NVIDIA A100-SXM4-40GB (compute 8.0, 108 SMs), not this NVIDIA H100 80GB HBM3" in why
     assert "run `make engine`" in why
 
 
@@ -175,11 +189,16 @@ def test_a_plan_from_another_tensorrt_version_is_refused(tmp_path: Path) -> None
     assert choice is None and "built with TensorRT 10.8.0.43, this host has 10.16.1.11" in why
 
 
-def test_a_plan_for_another_slice_of_the_same_gpu_is_refused(tmp_path: Path) -> None:
+def test_a_plan_for_another_module_or_slice_of_the_same_name_is_refused(tmp_path: Path) -> None:
+    """Jetson Orin modules and MIG slices share a name and compute capability; the SM count tells them apart,
+    in the key and in the file name, so boxes of each can share a folder."""
     _plan_for(tmp_path, H100.gpu_name, "9.0", "10.16.1.11", "s" * 64, sm_count=66)  # a MIG 3g slice, say
     choice, passed = tensorrt_choice(tmp_path, "s" * 64, H100)
     assert choice is None and passed.why is Why.OTHER_HOST
-    assert "with 66 multiprocessors, this one (a MIG slice or partition?) has 132" in passed.reason
+    assert "(compute 9.0, 66 SMs), not this NVIDIA H100 80GB HBM3 (compute 9.0, 132 SMs)" in passed.reason
+    mine = _plan_for(tmp_path, H100.gpu_name, "9.0", "10.16.1.11", "s" * 64)  # now one for this one too
+    choice, _ = tensorrt_choice(tmp_path, "s" * 64, H100)
+    assert choice is not None and choice.path == mine
 
 
 def test_a_truncated_plan_is_refused(tmp_path: Path) -> None:
@@ -192,7 +211,7 @@ def test_a_truncated_plan_is_refused(tmp_path: Path) -> None:
 
 def test_a_sidecar_that_is_not_json_is_refused(tmp_path: Path) -> None:
     _plan_for(tmp_path, H100.gpu_name, "9.0", "10.16.1.11", "s" * 64)
-    (tmp_path / f"{tensorrt_stem(H100.gpu_name, '9.0')}.json").write_text("{")
+    (tmp_path / f"{tensorrt_stem(H100.gpu_name, '9.0', 132)}.json").write_text("{")
     choice, passed = tensorrt_choice(tmp_path, "s" * 64, H100)
     why = passed.reason
     assert choice is None and "not readable JSON" in why

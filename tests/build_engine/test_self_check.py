@@ -19,6 +19,7 @@ from appliance.inference.loader import open_served
 from appliance.manifest import load_manifest
 
 from ..tampering import alter_weights
+from .conftest import INT8, build
 
 RECORD = f"{onnxruntime_stem(cpu_class.detect())}.json"
 
@@ -51,6 +52,7 @@ def test_an_artifact_whose_outputs_moved_is_refused_for_the_next_in_the_chain(
     assert served.refused == 1
     (reason,) = [p for p in served.passed_over if "self-check" in p]
     assert "failed its self-check: on" in reason and "run `make engine`" in reason
+    assert "failed at load: The artifact" in served.reason  # GetStatus' served_because says why FP32
     assert "failed its self-check" in caplog.text  # the same sentence in the log
 
 
@@ -90,3 +92,28 @@ def test_an_artifact_that_fails_to_load_is_passed_over_for_the_next(pipeline_mod
     with served.backend:
         assert served.precision == "fp32" and served.refused == 1
     assert any("ONNX Runtime could not load" in p for p in served.passed_over)
+
+
+def test_an_artifact_without_a_self_check_is_refused(pipeline_model: Path, engines: Path) -> None:
+    record = engines / "pipeline-test" / RECORD
+    raw = json.loads(record.read_text())
+    raw["self_check"] = None  # nulled, as by someone who also rewrote the artifact's hash
+    record.write_text(json.dumps(raw))
+    served = open_served(load_manifest(pipeline_model), InferenceConfig(), engines)
+    with served.backend:
+        assert served.precision == "fp32" and served.refused == 1
+    assert "has no self-check in its sidecar" in served.reason  # why FP32, in GetStatus' served_because
+
+
+def test_make_engine_rebuilds_what_the_daemon_would_refuse(pipeline_model: Path, engines: Path) -> None:
+    """`make engine` must not call up to date an artifact whose self-check fails: that would leave the
+    daemon on FP32 with no way out but --force."""
+    check = read_sidecar(engines / "pipeline-test" / RECORD).self_check
+    assert check is not None
+    (engines / "pipeline-test" / check.file).unlink()
+    r = build("--model", pipeline_model, "--engines", engines, *INT8)
+    assert r.returncode == 0, r.stderr
+    assert "rebuilding: The self-check file" in r.stdout and "up to date" not in r.stdout
+    served = open_served(load_manifest(pipeline_model), InferenceConfig(), engines)
+    with served.backend:
+        assert served.precision == "int8"
