@@ -453,6 +453,10 @@ class Builder:
         backend.load()
         return backend
 
+    def _open(self, target: Target, path: Path) -> Backend:
+        """A loaded backend for a built artifact (or the FP32 ONNX on the CPU)."""
+        return self._trt(path) if target == "tensorrt" else self._ort(path)
+
     def _gate_trt(self, plan: Path) -> tuple[GateReport, np.ndarray]:
         with self._trt(plan) as backend:
             return self._gate(backend)
@@ -476,22 +480,28 @@ class Builder:
         )
         speed: dict[str, Any] = {"batch": self.facts.max_batch, "fp32_onnxruntime_img_s": self.fp32_speed}
         check = None
+        served = self.loaded.onnx_path
         if attempt.path is not None:
             suffix = ".onnx" if target == "onnxruntime" else ".plan"
             stem = f"{sidecar_path.stem}-{attempt.precision}" if target == "onnxruntime" else sidecar_path.stem
-            final = self.folder / f"{stem}{suffix}"
-            write_atomic(final, attempt.path.read_bytes())
-            artifact, artifact_sha = final.name, sha256_file(final)
-            check = self._record_self_check(target, attempt, final, self.folder / f"{stem}.selfcheck.npz")
-            if attempt.speed is None:
-                with self._trt(final) if target == "tensorrt" else self._ort(final) as backend:
+            served = self.folder / f"{stem}{suffix}"
+            write_atomic(served, attempt.path.read_bytes())
+            artifact, artifact_sha = served.name, sha256_file(served)
+        # One load of what the daemon will serve, for its self-check, its speed and its best batch.
+        backend = self._open(target, served)
+        with backend:
+            if attempt.path is not None:
+                check = self._record_self_check(backend, attempt, self.folder / f"{stem}.selfcheck.npz")
+                if attempt.speed is None:
                     attempt.speed = images_per_second(backend, self.validation.tensors[:1])
+            chosen, by_batch = best_batch(backend, self.validation.tensors[0])
+        if attempt.path is not None:
             speed["artifact_img_s"] = attempt.speed
             if self.fp32_speed:
                 speed["speedup_vs_fp32_onnxruntime"] = speed["artifact_img_s"] / self.fp32_speed
-            size = final.stat().st_size
+            size = served.stat().st_size
             fp32_size = self.loaded.onnx_path.stat().st_size
-            self.out(f"artifact  {final} ({size / 2**20:.1f} MiB; the FP32 ONNX is {fp32_size / 2**20:.1f} MiB)")
+            self.out(f"artifact  {served} ({size / 2**20:.1f} MiB; the FP32 ONNX is {fp32_size / 2**20:.1f} MiB)")
             self.out(
                 f"speed     batch {self.facts.max_batch}: {speed['artifact_img_s']:.1f} img/s vs FP32 on ONNX Runtime "
                 f"{self.fp32_speed:.1f} img/s ({speed.get('speedup_vs_fp32_onnxruntime', 0):.2f}x, same run)"
@@ -500,9 +510,6 @@ class Builder:
                 notes.extend(self._under_target(speed.get("speedup_vs_fp32_onnxruntime", 0.0), attempt))
         else:
             self.out(f"artifact  none: the daemon serves the FP32 ONNX ({self.loaded.onnx_path}) on the CPU")
-        served = attempt.path if attempt.path is not None else self.loaded.onnx_path
-        with self._trt(served) if target == "tensorrt" else self._ort(served) as backend:
-            chosen, by_batch = best_batch(backend, self.validation.tensors[0])
         speed["by_batch_img_s"] = {str(b): v for b, v in by_batch.items()}
         speed["best_batch"] = chosen
         self.out(
@@ -544,13 +551,12 @@ class Builder:
             "tensorrt_version": tensorrt_version(),
         }
 
-    def _record_self_check(self, target: Target, attempt: Attempt, artifact: Path, path: Path) -> SelfCheck:
+    def _record_self_check(self, backend: Backend, attempt: Attempt, path: Path) -> SelfCheck:
         """A few of the gate's images, those where the artifact strayed most from FP32, with its scores."""
         assert self.validation is not None and self.reference is not None and attempt.scores is not None
         picked = self_check.most_strayed(self.reference, attempt.scores)
         inputs = [self.validation.tensors[i] for i in picked]
-        with self._trt(artifact) if target == "tensorrt" else self._ort(artifact) as backend:
-            check = self_check.record(backend, inputs, self.manifest.output.activation, path)
+        check = self_check.record(backend, inputs, self.manifest.output.activation, path)
         self.out(f"selfcheck {path.name}: {check.count} of the gate's images, rerun at every load")
         return check
 
@@ -571,10 +577,8 @@ class Builder:
 
     def _self_check_problem(self, sidecar: Sidecar, artifact: Path) -> str:
         """Why the daemon would refuse this artifact at load ('' if it would not): the same check it runs."""
-        if sidecar.self_check is None:
-            return f"{artifact.name} has no self-check recorded"
         try:
-            with self._trt(artifact) if sidecar.key.backend == "tensorrt" else self._ort(artifact) as backend:
+            with self._open(sidecar.key.backend, artifact) as backend:
                 return self_check.verify(backend, artifact.parent, sidecar.self_check, self.manifest.output.activation)
         except ApplianceError as e:
             return f"{artifact.name} does not load ({e})"

@@ -19,6 +19,7 @@ from appliance.config import InferenceConfig
 from appliance.errors import BackendUnavailable, ModelMismatchError
 from appliance.inference import cpu_class, cuda
 from appliance.inference.artifacts import (
+    ArtifactKey,
     Sidecar,
     SidecarError,
     engines_folder,
@@ -214,7 +215,7 @@ def onnxruntime_choice(folder: Path, onnx_sha: str, onnx_path: Path, host: Host)
     if key.cpu_class != host.cpu_class or key.onnxruntime_version != host.onnxruntime_version:
         return None, PassedOver(
             Why.OTHER_HOST,
-            f"the CPU model in {folder} was gated on {_gated_on(record)}, not {here}; run `make engine` to rebuild it",
+            f"the CPU model in {folder} was gated on {_cpu_of(key)}, not {here}; run `make engine` to rebuild it",
             tier=1,
             blocks_onnxruntime=bool(sidecar.artifact),
         )
@@ -245,9 +246,12 @@ def _names_artifact(record: Path) -> bool:
 
 def _gated_on(record: Path) -> str:
     try:
-        key = read_sidecar(record).key
+        return _cpu_of(read_sidecar(record).key)
     except SidecarError:
         return f"{record.name} (unreadable)"
+
+
+def _cpu_of(key: ArtifactKey) -> str:
     return f"{key.cpu_class or 'an unknown'} CPU with ONNX Runtime {key.onnxruntime_version or 'unknown'}"
 
 

@@ -48,10 +48,15 @@ def record(
     return SelfCheck(file=path.name, sha256=sha256_file(path), count=len(stacked), tolerance=tolerance)
 
 
-def verify(backend: Backend, folder: Path, check: SelfCheck, activation: str) -> str:
-    """'' when the loaded artifact reproduces its recorded scores, else one sentence saying why not (no full stop)."""
-    path = folder / check.file
+def verify(backend: Backend, folder: Path, check: SelfCheck | None, activation: str) -> str:
+    """'' when the loaded artifact reproduces its recorded scores, else one sentence saying why not (no full stop).
+
+    A built artifact without a self-check is refused too: every sidecar `make engine` writes carries one.
+    """
     name = Path(backend.artifact).name
+    if check is None:
+        return f"The artifact {name} has no self-check in its sidecar; run `make engine` to rebuild it"
+    path = folder / check.file
     if not path.is_file():
         return f"The self-check file {path.name} of {name} is missing; run `make engine` to rebuild it"
     if sha256_file(path) != check.sha256:
