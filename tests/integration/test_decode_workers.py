@@ -43,12 +43,17 @@ def test_a_decode_worker_killed_mid_burst_costs_no_file(make_daemon) -> None:
     d.start()
     assert d.proc is not None
     names = [f"w-{n:03d}.png" for n in range(BURST)]
-    for n, name in enumerate(names):
+    half = BURST // 2
+    for n, name in enumerate(names[:half]):
         drop(d.incoming, name, png_bytes(3000 + n, size=1024, bit16=True))
     first = d.collect(2, timeout=60)
     workers = _workers(d.proc.pid)
     assert workers, "no decode worker processes found"
     os.kill(workers[0], signal.SIGKILL)
+    # The rest of the burst after the kill: a worker that had already decoded its share of the first half
+    # dies idle, and only the next file handed to the pool can notice it (before, this raced the burst).
+    for n, name in enumerate(names[half:], start=half):
+        drop(d.incoming, name, png_bytes(3000 + n, size=1024, bit16=True))
 
     results = d.collect(BURST, timeout=120)
     counts = Counter(r.file_name for r in results)
