@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ppliance/v1/scoring.proto\x12\x0c\x61ppliance.v1\"0\n\x0cScoreRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tfile_name\x18\x02 \x01(\t\".\n\x14StreamResultsRequest\x12\x16\n\x0esince_sequence\x18\x01 \x01(\x04\"I\n\x10GetResultRequest\x12\x12\n\x08sequence\x18\x01 \x01(\x04H\x00\x12\x1a\n\x10sop_instance_uid\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x13\n\x11ListModelsRequest\"\x12\n\x10GetStatusRequest\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"}\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08infer_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc6\x04\n\x06Result\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.appliance.v1.Outcome\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12(\n\x06scores\x18\x06 \x03(\x0b\x32\x18.appliance.v1.LabelScore\x12(\n\x08\x64\x65\x63ision\x18\x07 \x01(\x0e\x32\x16.appliance.v1.Decision\x12\x10\n\x08\x66indings\x18\x08 \x03(\t\x12\x11\n\tthreshold\x18\t \x01(\x02\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.appliance.v1.Timings\x12\x11\n\tfile_name\x18\x0b \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x0c \x01(\t\x12\x1a\n\x12study_instance_uid\x18\r \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x0e \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x0f \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x10 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x11 \x01(\r\x12\x13\n\x0b\x66rame_count\x18\x12 \x01(\r\x12*\n\trejection\x18\x13 \x01(\x0b\x32\x17.appliance.v1.Rejection\x12\x17\n\x0f\x63reated_unix_ms\x18\x14 \x01(\x03\x12\x0e\n\x06source\x18\x15 \x01(\t\x12\x10\n\x08input_id\x18\x16 \x01(\x04\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x05 \x01(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x14\n\x0cinput_layout\x18\x07 \x01(\t\x12\x13\n\x0binput_shape\x18\x08 \x03(\x03\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x15\n\rdecision_rule\x18\n \x01(\t\x12\x11\n\tthreshold\x18\x0b \x01(\x02\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x16\n\x0eserved_because\x18\r \x01(\t\x12\x13\n\x0bpassed_over\x18\x0e \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.appliance.v1.ModelInfo\"\xe8\x01\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\x12\x12\n\nduplicates\x18\x07 \x01(\x04\x12\x15\n\rlast_sequence\x18\x08 \x01(\x04\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x11\n\twatch_dir\x18\n \x01(\t\x12\r\n\x05ready\x18\x0b \x01(\x08*L\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_SCORED\x10\x01\x12\x14\n\x10OUTCOME_REJECTED\x10\x02*n\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_NEGATIVE\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_POSITIVE\x10\x02\x12\x1a\n\x16\x44\x45\x43ISION_INDETERMINATE\x10\x03\x32\xe8\x02\n\x07Scoring\x12\x39\n\x05Score\x12\x1a.appliance.v1.ScoreRequest\x1a\x14.appliance.v1.Result\x12K\n\rStreamResults\x12\".appliance.v1.StreamResultsRequest\x1a\x14.appliance.v1.Result0\x01\x12\x41\n\tGetResult\x12\x1e.appliance.v1.GetResultRequest\x1a\x14.appliance.v1.Result\x12O\n\nListModels\x12\x1f.appliance.v1.ListModelsRequest\x1a .appliance.v1.ListModelsResponse\x12\x41\n\tGetStatus\x12\x1e.appliance.v1.GetStatusRequest\x1a\x14.appliance.v1.Statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ppliance/v1/scoring.proto\x12\x0c\x61ppliance.v1\"0\n\x0cScoreRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tfile_name\x18\x02 \x01(\t\".\n\x14StreamResultsRequest\x12\x16\n\x0esince_sequence\x18\x01 \x01(\x04\"I\n\x10GetResultRequest\x12\x12\n\x08sequence\x18\x01 \x01(\x04H\x00\x12\x1a\n\x10sop_instance_uid\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x13\n\x11ListModelsRequest\"\x12\n\x10GetStatusRequest\"\x14\n\x12ReloadModelRequest\"`\n\x13ReloadModelResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"}\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08infer_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc6\x04\n\x06Result\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.appliance.v1.Outcome\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12(\n\x06scores\x18\x06 \x03(\x0b\x32\x18.appliance.v1.LabelScore\x12(\n\x08\x64\x65\x63ision\x18\x07 \x01(\x0e\x32\x16.appliance.v1.Decision\x12\x10\n\x08\x66indings\x18\x08 \x03(\t\x12\x11\n\tthreshold\x18\t \x01(\x02\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.appliance.v1.Timings\x12\x11\n\tfile_name\x18\x0b \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x0c \x01(\t\x12\x1a\n\x12study_instance_uid\x18\r \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x0e \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x0f \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x10 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x11 \x01(\r\x12\x13\n\x0b\x66rame_count\x18\x12 \x01(\r\x12*\n\trejection\x18\x13 \x01(\x0b\x32\x17.appliance.v1.Rejection\x12\x17\n\x0f\x63reated_unix_ms\x18\x14 \x01(\x03\x12\x0e\n\x06source\x18\x15 \x01(\t\x12\x10\n\x08input_id\x18\x16 \x01(\x04\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x05 \x01(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x14\n\x0cinput_layout\x18\x07 \x01(\t\x12\x13\n\x0binput_shape\x18\x08 \x03(\x03\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x15\n\rdecision_rule\x18\n \x01(\t\x12\x11\n\tthreshold\x18\x0b \x01(\x02\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x16\n\x0eserved_because\x18\r \x01(\t\x12\x13\n\x0bpassed_over\x18\x0e \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.appliance.v1.ModelInfo\"\x94\x02\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\x12\x12\n\nduplicates\x18\x07 \x01(\x04\x12\x15\n\rlast_sequence\x18\x08 \x01(\x04\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x11\n\twatch_dir\x18\n \x01(\t\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x10\n\x08problems\x18\x0c \x03(\t\x12\x18\n\x10model_generation\x18\r \x01(\x04*L\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_SCORED\x10\x01\x12\x14\n\x10OUTCOME_REJECTED\x10\x02*n\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_NEGATIVE\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_POSITIVE\x10\x02\x12\x1a\n\x16\x44\x45\x43ISION_INDETERMINATE\x10\x03\x32\xbc\x03\n\x07Scoring\x12\x39\n\x05Score\x12\x1a.appliance.v1.ScoreRequest\x1a\x14.appliance.v1.Result\x12K\n\rStreamResults\x12\".appliance.v1.StreamResultsRequest\x1a\x14.appliance.v1.Result0\x01\x12\x41\n\tGetResult\x12\x1e.appliance.v1.GetResultRequest\x1a\x14.appliance.v1.Result\x12O\n\nListModels\x12\x1f.appliance.v1.ListModelsRequest\x1a .appliance.v1.ListModelsResponse\x12\x41\n\tGetStatus\x12\x1e.appliance.v1.GetStatusRequest\x1a\x14.appliance.v1.Status\x12R\n\x0bReloadModel\x12 .appliance.v1.ReloadModelRequest\x1a!.appliance.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'appliance.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1641
-  _globals['_OUTCOME']._serialized_end=1717
-  _globals['_DECISION']._serialized_start=1719
-  _globals['_DECISION']._serialized_end=1829
+  _globals['_OUTCOME']._serialized_start=1805
+  _globals['_OUTCOME']._serialized_end=1881
+  _globals['_DECISION']._serialized_start=1883
+  _globals['_DECISION']._serialized_end=1993
   _globals['_SCOREREQUEST']._serialized_start=44
   _globals['_SCOREREQUEST']._serialized_end=92
   _globals['_STREAMRESULTSREQUEST']._serialized_start=94
@@ -45,20 +45,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_end=236
   _globals['_GETSTATUSREQUEST']._serialized_start=238
   _globals['_GETSTATUSREQUEST']._serialized_end=256
-  _globals['_LABELSCORE']._serialized_start=258
-  _globals['_LABELSCORE']._serialized_end=300
-  _globals['_TIMINGS']._serialized_start=302
-  _globals['_TIMINGS']._serialized_end=427
-  _globals['_REJECTION']._serialized_start=429
-  _globals['_REJECTION']._serialized_end=471
-  _globals['_RESULT']._serialized_start=474
-  _globals['_RESULT']._serialized_end=1056
-  _globals['_MODELINFO']._serialized_start=1059
-  _globals['_MODELINFO']._serialized_end=1341
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1343
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1404
-  _globals['_STATUS']._serialized_start=1407
-  _globals['_STATUS']._serialized_end=1639
-  _globals['_SCORING']._serialized_start=1832
-  _globals['_SCORING']._serialized_end=2192
+  _globals['_RELOADMODELREQUEST']._serialized_start=258
+  _globals['_RELOADMODELREQUEST']._serialized_end=278
+  _globals['_RELOADMODELRESPONSE']._serialized_start=280
+  _globals['_RELOADMODELRESPONSE']._serialized_end=376
+  _globals['_LABELSCORE']._serialized_start=378
+  _globals['_LABELSCORE']._serialized_end=420
+  _globals['_TIMINGS']._serialized_start=422
+  _globals['_TIMINGS']._serialized_end=547
+  _globals['_REJECTION']._serialized_start=549
+  _globals['_REJECTION']._serialized_end=591
+  _globals['_RESULT']._serialized_start=594
+  _globals['_RESULT']._serialized_end=1176
+  _globals['_MODELINFO']._serialized_start=1179
+  _globals['_MODELINFO']._serialized_end=1461
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1463
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1524
+  _globals['_STATUS']._serialized_start=1527
+  _globals['_STATUS']._serialized_end=1803
+  _globals['_SCORING']._serialized_start=1996
+  _globals['_SCORING']._serialized_end=2440
 # @@protoc_insertion_point(module_scope)

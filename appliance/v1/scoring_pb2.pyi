@@ -160,6 +160,51 @@ class GetStatusRequest(_message.Message):
 Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 
 @_typing.final
+class ReloadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelRequest: _TypeAlias = ReloadModelRequest  # noqa: Y015
+
+@_typing.final
+class ReloadModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELOADED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    reloaded: _builtins.bool
+    """false: the new model was refused and the old one keeps serving"""
+    message: _builtins.str
+    """one sentence: what now serves, or why the new model was refused"""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """the model serving after the call"""
+
+    def __init__(
+        self,
+        *,
+        reloaded: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        model: Global___ModelInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "model", b"model", "reloaded", b"reloaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelResponse: _TypeAlias = ReloadModelResponse  # noqa: Y015
+
+@_typing.final
 class LabelScore(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -440,6 +485,8 @@ class Status(_message.Message):
     UPTIME_S_FIELD_NUMBER: _builtins.int
     WATCH_DIR_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    MODEL_GENERATION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     backend: _builtins.str
     queue_depth: _builtins.int
@@ -454,8 +501,16 @@ class Status(_message.Message):
     uptime_s: _builtins.float
     watch_dir: _builtins.str
     ready: _builtins.bool
+    model_generation: _builtins.int
+    """how many times the model was reloaded since the start"""
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why the daemon is not taking new inputs now (data disk full, watch folder gone, ...), one sentence
+        each; empty when all is well. Health reports NOT_SERVING while any is listed.
+        """
+
     def __init__(
         self,
         *,
@@ -470,10 +525,12 @@ class Status(_message.Message):
         uptime_s: _builtins.float = ...,
         watch_dir: _builtins.str = ...,
         ready: _builtins.bool = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+        model_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "duplicates", b"duplicates", "last_sequence", b"last_sequence", "model", b"model", "queue_depth", b"queue_depth", "ready", b"ready", "rejected", b"rejected", "scored", b"scored", "uptime_s", b"uptime_s", "version", b"version", "watch_dir", b"watch_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "duplicates", b"duplicates", "last_sequence", b"last_sequence", "model", b"model", "model_generation", b"model_generation", "problems", b"problems", "queue_depth", b"queue_depth", "ready", b"ready", "rejected", b"rejected", "scored", b"scored", "uptime_s", b"uptime_s", "version", b"version", "watch_dir", b"watch_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,11 @@ class ScoringStub:
                 request_serializer=appliance_dot_v1_dot_scoring__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=appliance_dot_v1_dot_scoring__pb2.Status.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/appliance.v1.Scoring/ReloadModel',
+                request_serializer=appliance_dot_v1_dot_scoring__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=appliance_dot_v1_dot_scoring__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServicer:
@@ -97,6 +102,14 @@ class ScoringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Loads the configured model again (a new ONNX or a rebuilt artifact) beside the one serving,
+        self-checks and warms it, then swaps it in between batches. Needs an admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +137,11 @@ def add_ScoringServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=appliance_dot_v1_dot_scoring__pb2.GetStatusRequest.FromString,
                     response_serializer=appliance_dot_v1_dot_scoring__pb2.Status.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=appliance_dot_v1_dot_scoring__pb2.ReloadModelRequest.FromString,
+                    response_serializer=appliance_dot_v1_dot_scoring__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +279,33 @@ class Scoring:
             '/appliance.v1.Scoring/GetStatus',
             appliance_dot_v1_dot_scoring__pb2.GetStatusRequest.SerializeToString,
             appliance_dot_v1_dot_scoring__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.v1.Scoring/ReloadModel',
+            appliance_dot_v1_dot_scoring__pb2.ReloadModelRequest.SerializeToString,
+            appliance_dot_v1_dot_scoring__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
