@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -49,6 +50,12 @@ class WatchConfig(_Section):
 
 class StorageConfig(_Section):
     data_dir: Path = Field(Path("var/data"), description="Holds the journal (SQLite, WAL).")
+    min_free_mb: int = Field(
+        256,
+        ge=0,
+        description="Low-water mark of free space on the data, processed and rejected folders' disks: below it "
+        "new files wait in the watch folder and health says NOT_SERVING until space is freed.",
+    )
 
 
 class ModelConfig(_Section):
@@ -85,13 +92,80 @@ class LimitsConfig(_Section):
     multiframe: Literal["per_frame", "reject"] = Field(
         "per_frame", description="Score each frame of a multi-frame input, or reject such inputs."
     )
+    worker_memory_mb: int = Field(
+        3072,
+        ge=0,
+        description="Data memory (RLIMIT_DATA) each decode worker process may use; a file that needs more is "
+        "rejected as decode_out_of_memory. 0: no cap. Not applied with decode_with = 'threads'.",
+    )
+    decode_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="Decoding and preprocessing one file may take this long before it is rejected as "
+        "decode_timeout. 0: no limit. Not applied with decode_with = 'threads'.",
+    )
 
 
 class ServerConfig(_Section):
-    host: str = Field("127.0.0.1", description="gRPC listen address; 0.0.0.0 to serve the clinic's network.")
+    host: str = Field(
+        "127.0.0.1",
+        description="gRPC listen address; 0.0.0.0 to serve the clinic's network (then TLS and tokens are required).",
+    )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Prometheus /metrics listen address: loopback unless a scraper elsewhere needs it."
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
-    max_message_mb: int = Field(512, gt=0, description="Largest image accepted by Score.")
+    max_message_mb: int = Field(
+        64,
+        gt=0,
+        le=1024,
+        description="Largest image accepted by Score. gRPC holds a whole request before any check runs, "
+        "so this times max_scores bounds what Score calls can hold at once.",
+    )
+    tls_cert: Path | None = Field(None, description="Server certificate (PEM, with its chain); `make certs` makes it.")
+    tls_key: Path | None = Field(None, description="The server certificate's private key (PEM, mode 0600).")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="CA of the terminals' certificates: set, every terminal must present one (mutual TLS) and "
+        "its token must be the one made for that certificate's name.",
+    )
+    require_token: bool | None = Field(
+        None, description="Every call but health needs a terminal token; default: yes unless host is loopback."
+    )
+    tokens_file: Path | None = Field(
+        None, description="Hashes of the terminal tokens (`appliance token`); default: <storage.data_dir>/tokens.json."
+    )
+    insecure: bool = Field(
+        False,
+        description="Lab only: serve plaintext without tokens on a non-loopback host. Logged loudly at each start.",
+    )
+    max_streams: int = Field(2048, ge=1, description="Open StreamResults calls, all terminals together.")
+    max_streams_per_terminal: int = Field(64, ge=1, description="Open StreamResults calls per token (or per host).")
+    max_scores: int = Field(8, ge=1, le=256, description="Score calls in flight, all terminals together.")
+    score_rate_per_terminal: float = Field(
+        20.0, gt=0, description="Score calls per second one token may make on average (bursts of twice that)."
+    )
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def tokens_required(self) -> bool:
+        if self.require_token is not None:
+            return self.require_token
+        return not self.loopback_only and not self.insecure
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this box can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class LoggingConfig(_Section):
@@ -126,6 +200,14 @@ class Config(_Section):
                 "storage": self.storage.model_copy(update={"data_dir": fix(self.storage.data_dir)}),
                 "model": self.model.model_copy(
                     update={"dir": fix(self.model.dir), "engines_dir": fix(self.model.engines_dir)}
+                ),
+                "server": self.server.model_copy(
+                    update={
+                        key: fix(value)
+                        for key in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file")
+                        if (value := getattr(self.server, key)) is not None
+                    }
+                    | {"tokens_file": fix(self.server.tokens_file or self.storage.data_dir / "tokens.json")}
                 ),
             }
         )

@@ -26,6 +26,17 @@ class ConfigError(ApplianceError):
     default_message = "The configuration is invalid."
 
 
+class JournalDamaged(ConfigError):
+    """The journal is missing, truncated, malformed or another one than the marker beside it names.
+    Restarting cannot fix it (exit 2 stops systemd's restarts); `appliance journal recover` does."""
+
+    code = "journal_damaged"
+    default_message = (
+        "The journal is damaged; run `appliance journal recover --config <the daemon's config>` to set it aside "
+        "and salvage what can be read."
+    )
+
+
 class ManifestError(ApplianceError):
     code = "manifest_invalid"
     default_message = "The model manifest is invalid."
@@ -101,6 +112,29 @@ class MultiFrameRejected(InputRejected):
     default_message = "The input has several frames and the configuration rejects multi-frame inputs."
 
 
+class InflatesTooLarge(InputRejected):
+    code = "inflates_too_large"
+    default_message = (
+        "The Deflated DICOM data set inflates far beyond the pixel data its header declares; it is refused as a "
+        "decompression bomb."
+    )
+
+
+class ExcessPixelData(InputRejected):
+    code = "excess_pixel_data"
+    default_message = "The DICOM Pixel Data holds more frames than its header declares (Number of Frames)."
+
+
+class DecodeOutOfMemory(InputRejected):
+    code = "decode_out_of_memory"
+    default_message = "Decoding this file ran out of the memory a decode worker may use (limits.worker_memory_mb)."
+
+
+class DecodeTimeout(InputRejected):
+    code = "decode_timeout"
+    default_message = "Decoding this file took longer than the configured limit (limits.decode_timeout_s)."
+
+
 class DecoderCrashed(InputRejected):
     code = "decoder_crashed"
     default_message = "Decoding this file crashed a worker process each time it was tried; it is set aside."
@@ -126,6 +160,13 @@ class RepeatedCrash(InputRejected):
 class InferenceFailed(InputRejected):
     code = "inference_failed"
     default_message = "The backend failed to score this input."
+
+
+class StorageFull(ApplianceError):
+    """A result or an input could not be written for want of space; it is retried once space returns."""
+
+    code = "storage_full"
+    default_message = "The appliance's disk is full; the result is stored and streamed once space is freed."
 
 
 # --- inference backends ---------------------------------------------------------------------

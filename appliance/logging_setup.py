@@ -23,6 +23,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, json_format: bool) -> None:
+    """Our lines at `level`; pydicom and watchdog, whose lines can carry patient data, held back whatever it is."""
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
         handler.setFormatter(_JsonFormatter())
@@ -31,6 +32,9 @@ def setup_logging(level: str, json_format: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # watchdog logs every event's path at DEBUG, and a scanner may name a file after its patient; our own
+    # lines name inputs by their journal id only.
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
     quiet_pydicom()
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.config import LimitsConfig
-from appliance.errors import InputTooLarge
+from appliance.errors import DecodeOutOfMemory, InputTooLarge
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodeLimits, ImageMeta
@@ -34,7 +34,10 @@ class Preparer:
         self.shrink_first = shrink_first
         self.max_bytes = int(limits.max_file_mb * 1024 * 1024)
         self.limits = DecodeLimits(
-            max_pixels=limits.max_pixels, max_frames=limits.max_frames, multiframe=limits.multiframe
+            max_pixels=limits.max_pixels,
+            max_frames=limits.max_frames,
+            multiframe=limits.multiframe,
+            max_file_bytes=self.max_bytes,
         )
         self.preprocessor = Preprocessor(manifest)
 
@@ -48,14 +51,19 @@ class Preparer:
     def prepare(self, data: bytes, name: str = "") -> Prepared:
         self.check_size(len(data))
         t0 = time.perf_counter()
-        image = decode(
-            data,
-            limits=self.limits,
-            preprocess=self.manifest.preprocess,
-            name=name,
-            shrink=self.preprocessor.shrink_target if self.shrink_first else None,
-        )
-        t1 = time.perf_counter()
-        tensors = tuple(self.preprocessor(frame) for frame in image.frames)
+        try:
+            image = decode(
+                data,
+                limits=self.limits,
+                preprocess=self.manifest.preprocess,
+                name=name,
+                shrink=self.preprocessor.shrink_target if self.shrink_first else None,
+            )
+            t1 = time.perf_counter()
+            tensors = tuple(self.preprocessor(frame) for frame in image.frames)
+        except MemoryError:
+            # Past a decode worker's cap (limits.worker_memory_mb), or the host's memory: this input's
+            # fault. `from None`: the error's traceback would keep the frames' arrays alive.
+            raise DecodeOutOfMemory() from None
         t2 = time.perf_counter()
         return Prepared(tensors=tensors, meta=image.meta, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3)

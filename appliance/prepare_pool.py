@@ -6,6 +6,9 @@ RLE) that crashes on a hostile file takes down one worker, not the daemon. After
 input that was in the pool is tried again alone in a fresh process: one that kills two lone workers is
 rejected as decoder_crashed, the others are scored as usual.
 
+Each worker process may use limits.worker_memory_mb of data memory (a file that needs more is rejected
+as decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); threads have neither.
+
 A file from the watched folder is read once: the worker hashes the bytes it decodes (`read_ahead`).
 """
 
@@ -16,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import resource
 import signal
 import stat
 import threading
@@ -28,8 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance.config import LimitsConfig
-from appliance.errors import CorruptImage, DecoderCrashed, FileVanished, InputRejected
+from appliance.errors import CorruptImage, DecodeOutOfMemory, DecoderCrashed, DecodeTimeout, FileVanished, InputRejected
 from appliance.ingest.content_hash import FileChanged, digest_bytes, digest_file, digest_stream
+from appliance.logging_setup import quiet_pydicom
 from appliance.malloc_tuning import keep_freed_memory
 from appliance.manifest import Manifest
 from appliance.pipeline import Prepared, Preparer
@@ -43,6 +48,11 @@ Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the inge
 Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[], Any]]
 
 _preparer: Preparer | None = None  # one per worker process (or one shared by the threads)
+_timeout_s = 0.0  # a worker process's limit per file; 0: none
+_armed = False  # SIGALRM ends a file only while one is being prepared
+# A decoder stuck in native code never returns to Python, where SIGALRM's handler runs: past this many
+# times the limit in CPU seconds the kernel ends the worker (SIGXCPU), and the pool's retries take over.
+CPU_BACKSTOP = 4
 
 
 @dataclass(frozen=True)
@@ -61,13 +71,60 @@ def worker_initargs(manifest: Manifest, limits: LimitsConfig, processes: bool) -
 
 
 def init_worker(manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None) -> None:
-    global _preparer
+    global _preparer, _timeout_s
+    quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
+    _preparer = Preparer(manifest, limits)
     if daemon is not None:  # a worker process
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         keep_freed_memory()
+        _limit_self(limits)
         _exit_with(*daemon)
-    _preparer = Preparer(manifest, limits)
+
+
+def _limit_self(limits: LimitsConfig) -> None:
+    """Memory cap and time limit of a worker process. RLIMIT_DATA, not RLIMIT_AS: the address space also
+    counts what threads and libraries reserve without using (glibc's 64 MiB per-thread arenas, OpenCV's
+    pool), which says little of the memory a decode takes."""
+    global _timeout_s
+    # A core dump of a decode worker would hold a patient's image and header: never written.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    if limits.worker_memory_mb > 0:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = limits.worker_memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    if limits.decode_timeout_s > 0:
+        _timeout_s = limits.decode_timeout_s
+        signal.signal(signal.SIGALRM, _overtime)
+
+
+class _Overtime(BaseException):
+    """SIGALRM's exception: a BaseException, so that no library's `except Exception` swallows it."""
+
+
+def _overtime(signum: int, frame: object) -> None:
+    if _armed:
+        raise _Overtime()
+
+
+def _timed(fn: Callable[..., Prepared], *args: Any) -> Prepared:
+    """`fn(*args)` under the worker's time limit (none in threads: signals reach the main thread only)."""
+    global _armed
+    if not _timeout_s or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    cpu_limit = resource.getrlimit(resource.RLIMIT_CPU)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    backstop = int(usage.ru_utime + usage.ru_stime + CPU_BACKSTOP * _timeout_s) + 1
+    if cpu_limit[1] == resource.RLIM_INFINITY or backstop <= cpu_limit[1]:
+        resource.setrlimit(resource.RLIMIT_CPU, (backstop, cpu_limit[1]))
+    _armed = True
+    signal.setitimer(signal.ITIMER_REAL, _timeout_s)
+    try:
+        return fn(*args)
+    finally:
+        _armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_CPU, cpu_limit)
 
 
 def _identity(pid: int) -> str:
@@ -93,7 +150,13 @@ def _exit_with(pid: int, identity: str) -> None:
 
 def _prepare(data: bytes, file_name: str) -> Prepared:
     assert _preparer is not None, "the worker was not initialized"
-    prepared = _preparer.prepare(data, file_name)
+    try:
+        prepared = _timed(_preparer.prepare, data, file_name)
+    except _Overtime:
+        # Raised between two bytecodes: the worker's state is whole, and it goes on with the next file.
+        raise DecodeTimeout(
+            f"Decoding and preprocessing the file took longer than {_timeout_s:g} s (limits.decode_timeout_s)."
+        ) from None
     if not prepared.tensors:
         raise CorruptImage("The image holds no frames.")
     return prepared
@@ -107,6 +170,8 @@ def prepare_file(path: str, file_name: str) -> Prepared:
         data = Path(path).read_bytes()
     except FileNotFoundError as e:
         raise FileVanished() from e
+    except MemoryError:  # the file alone is more than the worker may hold (limits.worker_memory_mb)
+        raise DecodeOutOfMemory() from None
     return _prepare(data, file_name)
 
 
@@ -124,7 +189,11 @@ def read_ahead(path: str, screened: Screened, file_name: str) -> ReadAhead:
             _preparer.check_size(st.st_size)
         except InputRejected as e:  # too large to hold: hashed as a stream, never prepared
             return ReadAhead(digest_stream(f), None, e)
-        data = f.read()
+        try:
+            data = f.read()
+        except MemoryError:  # the file alone is more than the worker may hold: hashed as a stream
+            f.seek(0)
+            return ReadAhead(digest_stream(f), None, DecodeOutOfMemory())
     # Hashed beside the decoding (BLAKE3 releases the GIL): a lone file's latency is the longer of the
     # two, not their sum; a burst costs the same CPU either way.
     hashing = _hasher().submit(digest_bytes, data)

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import logging
+import math
+import zlib
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 import pydicom
 import pydicom.pixels as px
-from pydicom import uid
-from pydicom.dataset import Dataset
+from pydicom import encaps, filereader, uid
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import BaseTag
 
 from appliance.errors import (
     CorruptDicom,
+    ExcessPixelData,
     ImageTooLarge,
+    InflatesTooLarge,
     InputRejected,
     MultiFrameRejected,
     NoPixelData,
@@ -25,10 +32,15 @@ from appliance.errors import (
 )
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta, ShrinkTo
 from appliance.manifest import Preprocess
+from appliance.privacy import header_value
 
 log = logging.getLogger(__name__)
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# What a Deflated data set may inflate to beyond the pixel data its header declares: the header itself
+# (an enhanced multi-frame object's per-frame groups run to megabytes) and any elements after the pixels.
+HEADER_ALLOWANCE = 16 << 20
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 # Values far outside any stored range: pydicom's windowing sends them to the two ends of its output range,
@@ -67,10 +79,13 @@ class _Span(NamedTuple):
     lut: bool
 
 
-def parse(data: bytes, *, force: bool = False) -> Dataset:
-    """Bytes -> dataset whose file meta names its transfer syntax; CorruptDicom if pydicom cannot read it."""
+def parse(data: bytes, *, force: bool = False, limits: DecodeLimits | None = None) -> Dataset:
+    """Bytes -> dataset whose file meta names its transfer syntax; CorruptDicom if pydicom cannot read it.
+    A Deflated data set is inflated here, within bounds set by its header and `limits` (InflatesTooLarge)."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        ds = _inflated(data, force, limits or DecodeLimits())
+        if ds is None:
+            ds = pydicom.dcmread(io.BytesIO(data), force=force)
         if "TransferSyntaxUID" not in ds.file_meta:
             # No file meta (old archives): the syntax is the encoding pydicom found while reading.
             implicit, little = ds.original_encoding
@@ -79,7 +94,7 @@ def parse(data: bytes, *, force: bool = False) -> Dataset:
                 if implicit
                 else (uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
             )
-    except MemoryError:
+    except (InputRejected, MemoryError):
         raise
     except Exception as e:  # pydicom raises many types for malformed files; all of them mean "unreadable"
         raise CorruptDicom(
@@ -88,11 +103,79 @@ def parse(data: bytes, *, force: bool = False) -> Dataset:
     return ds
 
 
+def _inflated(data: bytes, force: bool, limits: DecodeLimits) -> Dataset | None:
+    """A Deflated Explicit VR Little Endian file, read with its inflation bounded; None for any other syntax.
+
+    pydicom inflates such a data set whole, unbounded, before anything of it is known: a megabyte of
+    deflated zeros became gigabytes. Here the first HEADER_ALLOWANCE bytes are inflated, the header in
+    them is checked against the limits, and the rest may inflate to what that header declares, no more.
+    """
+    fp = io.BytesIO(data)
+    preamble = filereader.read_preamble(fp, force)
+    # pydicom's own reader of the file meta: the syntax seen here is the one dcmread would act on.
+    meta = filereader._read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
+        return None
+    allowed = limits.max_file_bytes + HEADER_ALLOWANCE
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks = [inflater.decompress(memoryview(data)[fp.tell() :], min(HEADER_ALLOWANCE, allowed) + 1)]
+    header, pixels_at = _header_of(chunks[0])
+    if pixels_at is not None:
+        _check_limits(header, limits)  # image_too_large before a byte more is inflated
+        allowed = min(allowed, pixels_at + _declared_bytes(header) + HEADER_ALLOWANCE)
+    elif not inflater.eof:
+        raise InflatesTooLarge(
+            f"The Deflated DICOM header inflates past {HEADER_ALLOWANCE >> 20} MiB without reaching its pixel data; "
+            "it is refused as a decompression bomb."
+        )
+    size = len(chunks[0])
+    while size <= allowed and (chunk := inflater.decompress(inflater.unconsumed_tail, allowed - size + 1)):
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > allowed:
+        raise InflatesTooLarge(
+            f"The Deflated DICOM data set inflates past {allowed:,} bytes, more than its header declares "
+            "(or limits.max_file_mb allows); it is refused as a decompression bomb."
+        )
+    if not inflater.eof:
+        raise CorruptDicom("The Deflated DICOM data set is truncated: its deflate stream ends early.")
+    inflated = b"".join(chunks)
+    del chunks
+    dataset = filereader.read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    ds = FileDataset(io.BytesIO(), dataset, preamble, meta, is_implicit_VR=False, is_little_endian=True)
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _header_of(head: bytes) -> tuple[Dataset, int | None]:
+    """The elements before the pixel data in the first inflated bytes, and where the pixel data starts
+    (None if it is not in them)."""
+
+    def at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+        return tag in _PIXEL_TAGS
+
+    fp = io.BytesIO(head)
+    header = filereader.read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=at_pixels)
+    # read_dataset steps back to the element it stopped at; without one it reads to the end
+    return header, (fp.tell() if fp.tell() < len(head) else None)
+
+
+def _declared_bytes(ds: Dataset) -> int:
+    """Rows x Columns x Samples x Frames x Bits Allocated / 8 of a header; 0 if it does not say."""
+    try:
+        values = [int(ds.get(k) or 1) for k in ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames")]
+        bits = int(ds.get("BitsAllocated") or 8)
+    except (TypeError, ValueError):
+        return 0
+    count = math.prod(values)
+    return max(0, count * bits // 8 + 8)
+
+
 def read_dicom(
     data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None = None
 ) -> DecodedImage:
     """A DICOM Part 10 file -> display-ready frames. Raises an InputRejected subclass for a bad file."""
-    return decode_dataset(parse(data), limits=limits, preprocess=preprocess, shrink=shrink)
+    return decode_dataset(parse(data, limits=limits), limits=limits, preprocess=preprocess, shrink=shrink)
 
 
 def decode_dataset(
@@ -114,8 +197,17 @@ def decode_dataset(
 
 
 def _undecodable(ds: Dataset, error: BaseException) -> CorruptDicom:
-    syntax = _syntax_name(ds) or "unknown syntax"
+    syntax = _syntax_label(ds.file_meta.get("TransferSyntaxUID")) if hasattr(ds, "file_meta") else "unknown syntax"
     return CorruptDicom(f"The DICOM pixel data could not be decoded ({syntax}: {type(error).__name__}).")
+
+
+def _syntax_label(syntax: uid.UID | None) -> str:
+    """A transfer syntax as a message may show it: pydicom's name for a standard one, else a valid UID."""
+    if not syntax:
+        return "unknown syntax"
+    if syntax.name != str(syntax):
+        return f"{syntax.name} ({syntax})"
+    return f"{header_value('TransferSyntaxUID', syntax)} (not a standard one)"
 
 
 def _syntax_name(ds: Dataset) -> str:
@@ -151,7 +243,12 @@ def _check_pixels_present(ds: Dataset) -> None:
     if ("Rows" in ds and "Columns" in ds) or "Image Storage" in sop_class.name:
         # Image attributes but no pixels: an image object whose end was cut off, not a report.
         raise CorruptDicom("The DICOM file is truncated: it describes an image but its Pixel Data is missing.")
-    kind = str(ds.get("Modality", "") or sop_class.name or "this object")
+    if ds.get("Modality"):
+        kind = header_value("Modality", ds.Modality)
+    elif sop_class:
+        kind = sop_class.name if sop_class.name != str(sop_class) else header_value("SOPClassUID", sop_class)
+    else:
+        kind = "this object"
     raise NoPixelData(f"The DICOM object ({kind}) holds no image (no Pixel Data), e.g. a report or RT plan.")
 
 
@@ -192,8 +289,7 @@ def _check_decoder(ds: Dataset) -> None:
     if "PixelData" not in ds:
         return  # float pixel data is never compressed
     syntax = ds.file_meta.TransferSyntaxUID
-    # pydicom names the standard syntaxes; a private one is just its UID
-    label = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else f"{syntax} (not a standard one)"
+    label = _syntax_label(syntax)
     try:
         decoder = px.get_decoder(syntax)
     except NotImplementedError as e:
@@ -205,14 +301,50 @@ def _check_decoder(ds: Dataset) -> None:
         )
 
 
+def _check_pixel_length(ds: Dataset, frames: int) -> None:
+    """Native pixel data must hold what the header declares (Rows x Columns x Samples x Frames x Bits
+    Allocated) and not a whole frame more: pydicom would read extra frames, or guess at another layout."""
+    if "PixelData" not in ds:
+        return
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax == uid.RLELossless:
+        # One fragment per frame (PS3.5 A.4.2); other encapsulated syntaxes may split a frame over several
+        # fragments, and they are decoded one frame at a time, never more than Number of Frames.
+        fp = io.BytesIO(ds.PixelData)
+        encaps.parse_basic_offsets(fp)
+        fragments, _ = encaps.parse_fragments(fp)
+        if fragments > frames:
+            raise ExcessPixelData(
+                f"The RLE Pixel Data holds {fragments:,} fragments, one per frame, but its header declares "
+                f"{frames:,} frames."
+            )
+    if syntax.is_encapsulated:
+        return
+    expected = int(get_expected_length(ds, unit="bytes"))
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise CorruptDicom(
+            f"The DICOM Pixel Data holds {actual:,} bytes, fewer than the {expected:,} its header declares; "
+            "the file is truncated or inconsistent."
+        )
+    frame_bytes = max(1, expected // frames)
+    if actual - expected >= frame_bytes:
+        raise ExcessPixelData(
+            f"The DICOM Pixel Data holds {actual:,} bytes, {(actual - expected) // frame_bytes:,} frames more than "
+            f"the {frames:,} ({expected:,} bytes) its header declares."
+        )
+
+
 def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None) -> DecodedImage:
     _check_pixels_present(ds)
     meta = _meta(ds)
     frames = _check_limits(ds, limits)
     _check_decoder(ds)
+    _check_pixel_length(ds, frames)
     photometric = meta.photometric.upper()
     if photometric not in _GRAY + _COLOR:
-        raise UnsupportedPixelFormat(f"Photometric interpretation {photometric or '(missing)'} is not supported.")
+        label = header_value("PhotometricInterpretation", photometric)
+        raise UnsupportedPixelFormat(f"Photometric interpretation {label} is not supported.")
     gray = photometric in _GRAY
     top = 1.0 if gray else _color_top(ds, photometric)
     voi = gray and preprocess.dicom_window == "voi"
@@ -221,12 +353,13 @@ def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: S
     # One frame at a time: a long multi-frame series never sits decoded in its stored form all at once.
     # Gray frames come as read-only views on the pixel bytes where pydicom can (native syntaxes): the
     # steps below never write into their input. Colour keeps pydicom's own handling.
+    # Never past Number of Frames: pydicom would go on to whatever more the pixel data holds.
     pixels = (
-        px.iter_pixels(ds, as_rgb=True, correct_unused_bits=False, view_only=True)
+        px.iter_pixels(ds, as_rgb=True, correct_unused_bits=False, view_only=True, allow_excess_frames=False)
         if gray
-        else px.iter_pixels(ds, as_rgb=True)
+        else px.iter_pixels(ds, as_rgb=True, allow_excess_frames=False)
     )
-    for index, frame in enumerate(pixels):
+    for index, frame in enumerate(itertools.islice(pixels, frames)):
         if gray:
             frame = _clear_unused_bits(frame, ds)
             view = _lut_view(ds, index)
@@ -399,6 +532,6 @@ def _color(frame: np.ndarray, ds: Dataset, photometric: str, top: float) -> np.n
     if photometric == "PALETTE COLOR":
         frame = px.apply_color_lut(frame, ds)[..., :3]  # an alpha palette, if any, is dropped
     if frame.ndim != 3 or frame.shape[-1] != 3:
-        raise UnsupportedPixelFormat(f"A {photometric} frame has shape {frame.shape}; expected rows x columns x 3.")
+        raise UnsupportedPixelFormat(f"A colour frame has shape {frame.shape}; expected rows x columns x 3.")
     shown = np.multiply(frame, np.float32(1.0 / top), dtype=np.float32)
     return np.clip(shown, 0.0, 1.0, out=shown)

@@ -40,6 +40,7 @@ class DecodeLimits:
     max_pixels: int = 80_000_000  # per frame; a decompression bomb is refused before decoding
     max_frames: int = 512
     multiframe: Literal["per_frame", "reject"] = "per_frame"
+    max_file_bytes: int = 2048 << 20  # caps what a Deflated DICOM data set may inflate to
 
 
 # (rows, columns) of a frame -> the size preprocessing will shrink it to, or None if it will not shrink
