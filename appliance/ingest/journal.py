@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, JournalDamaged
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # Version 1 (0.1.0) named the content column content_sha256 and held SHA-256 digests. Its rows keep
@@ -52,7 +56,45 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
 );
 CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+
+-- The journal's identity (journal_id, created_ms), matched at start against the marker file beside it.
+CREATE TABLE IF NOT EXISTS meta (
+    key             TEXT PRIMARY KEY,
+    value           TEXT NOT NULL
+);
 """
+
+# SQLite's words for a file whose pages are not what they should be: never transient, never retried.
+_DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+RECOVER_COMMAND = "appliance journal recover --config <the daemon's config>"
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """True for an error that says the file is damaged (not a busy lock, a full disk, a constraint)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return type(error) is sqlite3.DatabaseError or (code is not None and code & 0xFF in _DAMAGE_CODES)
+
+
+def damaged_sentence(path: Path, what: str) -> str:
+    """The one sentence a refusal carries: what is wrong and the command that recovers."""
+    return (
+        f"The journal {path} {what}; nothing was changed: run `{RECOVER_COMMAND}` to set it aside, "
+        "salvage what can be read and continue the sequence numbers after the last one issued."
+    )
+
+
+class SequenceReserve(Protocol):
+    """Keeps, outside the journal, a ceiling above every sequence number it ever issued, so that a
+    journal rebuilt after damage never hands a terminal a number it has already seen."""
+
+    def ceiling(self) -> int: ...
+
+    def reserve(self, top: int, committed: int) -> None:
+        """Make a ceiling >= ``top`` durable before returning (``committed``: the highest number stored)."""
+
+    def closed(self, committed: int) -> None:
+        """The journal is closed; the highest number it stored is ``committed``."""
+
 
 Source = Literal["folder", "grpc"]
 
@@ -126,13 +168,29 @@ class Journal:
     ``changed`` is notified after every commit that adds results, so streams wake without polling.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reserve: SequenceReserve | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self.changed = threading.Condition()
-        self._writer = self._connect()
+        self._reserve = reserve
+        self._problem: str | None = None
+        self._problem_lock = threading.Lock()
+        self._on_damage: list[Callable[[str], None]] = []
+        self._last_counts = Counts(0, 0, 0, 0, 0)
+        try:
+            self._writer = self._connect()
+            self._open()
+        except sqlite3.Error as e:
+            # A header or a schema page that SQLite cannot read: a sentence, never a traceback.
+            if getattr(self, "_writer", None) is not None:
+                self._writer.close()
+            raise JournalDamaged(damaged_sentence(path, f"cannot be opened ({e})")) from e
+        self._committed = self.issued()
+
+    def _open(self) -> None:
+        path = self.path
         with self._write_lock:
             version = self._writer.execute("PRAGMA user_version").fetchone()[0]
             has_tables = self._writer.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inputs'").fetchone()[0]
@@ -147,6 +205,64 @@ class Journal:
                 )
             self._writer.executescript(SCHEMA)
             self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # A new journal (or one from before identities) gets its identity once; it never changes.
+            self._writer.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('journal_id', ?), ('created_ms', ?)",
+                (uuid.uuid4().hex, str(_now_ms())),
+            )
+
+    # --- identity and damage ----------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """The random id given to this journal when it was created."""
+        row = self._read_one("SELECT value FROM meta WHERE key = 'journal_id'", ())
+        assert row is not None, "every opened journal has an identity"
+        return str(row[0])
+
+    def issued(self) -> int:
+        """The highest sequence number ever issued (AUTOINCREMENT's record; above MAX(seq) after a recovery)."""
+        row = self._read_one(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM results), 0), "
+            "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'results'), 0))",
+            (),
+        )
+        return int(row[0]) if row else 0
+
+    def problem(self) -> str | None:
+        """None while the journal works; once SQLite reported damage, the sentence to show in health and
+        GetStatus. From then on the journal takes no writes: no file is taken or moved away."""
+        return self._problem
+
+    def on_damage(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(sentence)`` once, in the thread that found it, when the journal turns out damaged
+        (never under the journal's lock: it may read the journal)."""
+        self._on_damage.append(listener)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            with self._problem_lock:
+                first = self._problem is None
+                if first:
+                    self._problem = damaged_sentence(self.path, f"is damaged ({e}); the appliance takes no new files")
+            assert self._problem is not None
+            if first:
+                log.error("%s", self._problem)
+                for listener in self._on_damage:
+                    listener(self._problem)
+            raise JournalDamaged(self._problem) from e
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self._guard():
+            return self._reader().execute(sql, params).fetchall()
+
+    def _read_one(self, sql: str, params: Sequence[Any]) -> Any:
+        with self._guard():
+            return self._reader().execute(sql, params).fetchone()
 
     def _migrate(self, path: Path, version: int) -> None:
         """One transaction: the journal is upgraded whole, or left as it was."""
@@ -179,17 +295,31 @@ class Journal:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock:
+        if self._problem is not None:
+            raise JournalDamaged(self._problem)
+        with self._guard(), self._write_lock:
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield self._writer
             except BaseException:
-                self._writer.execute("ROLLBACK")
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
                 raise
             self._writer.execute("COMMIT")
 
+    def set_reserve(self, reserve: SequenceReserve) -> None:
+        """From now on no number above ``reserve.ceiling()`` is committed before the reserve is raised."""
+        with self._write_lock:
+            self._reserve = reserve
+
     def close(self) -> None:
         with self._write_lock:
+            if self._reserve is not None:
+                reserve, self._reserve = self._reserve, None
+                try:
+                    reserve.closed(self._committed)
+                except OSError as e:  # the marker keeps its last ceiling, which is still above every number
+                    log.warning("the journal marker could not be updated at stop: %s", e.strerror)
             self._writer.close()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -200,14 +330,12 @@ class Journal:
 
     def find_file(self, path: str, size: int, mtime_ns: int) -> InputRow | None:
         """An input already journaled for this very file (same path, size and mtime), if any."""
-        row = (
-            self._reader()
-            .execute(
-                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE path = ? AND size = ? AND mtime_ns = ? "
-                "ORDER BY id DESC LIMIT 1",
-                (_path_bytes(path), size, mtime_ns),
-            )
-            .fetchone()
+        if self._problem is not None:  # the gate to taking a file: none is taken while damaged
+            raise JournalDamaged(self._problem)
+        row = self._read_one(
+            f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE path = ? AND size = ? AND mtime_ns = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (_path_bytes(path), size, mtime_ns),
         )
         return _row(row) if row else None
 
@@ -242,9 +370,7 @@ class Journal:
 
     def pending(self) -> list[InputRow]:
         """Inputs journaled but never finished: what a crash left in flight, in arrival order."""
-        rows = (
-            self._reader().execute(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE state = 'queued' ORDER BY id").fetchall()
-        )
+        rows = self._read(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE state = 'queued' ORDER BY id", ())
         return [_row(r) for r in rows]
 
     def count_attempt(self, input_ids: list[int]) -> dict[int, int]:
@@ -257,7 +383,7 @@ class Journal:
         return {int(i): int(n) for i, n in rows}
 
     def get_input(self, input_id: int) -> InputRow | None:
-        row = self._reader().execute(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE id = ?", (input_id,)).fetchone()
+        row = self._read_one(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE id = ?", (input_id,))
         return _row(row) if row else None
 
     def set_disposed(self, input_id: int, disposed_path: str) -> None:
@@ -314,68 +440,61 @@ class Journal:
                         assert c.lastrowid is not None
                         seqs.append(c.lastrowid)
                 out.append(seqs)
+            top = max((max(s) for s in out if s), default=0)
+            if self._reserve is not None and top > self._reserve.ceiling():
+                # Before COMMIT: no number is ever stored (and streamed) above the marker's ceiling.
+                self._reserve.reserve(top, self._committed)
+        self._committed = max(self._committed, top)
         if any(out):
             with self.changed:
                 self.changed.notify_all()
         return out
 
     def results_after(self, seq: int, limit: int = 256) -> list[StoredResult]:
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, limit),
-            )
-            .fetchall()
+        rows = self._read(
+            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
         )
         return [StoredResult(*r) for r in rows]
 
     def results_for_input(self, input_id: int) -> list[StoredResult]:
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE input_id = ? ORDER BY seq",
-                (input_id,),
-            )
-            .fetchall()
+        rows = self._read(
+            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE input_id = ? ORDER BY seq",
+            (input_id,),
         )
         return [StoredResult(*r) for r in rows]
 
     def result_by_seq(self, seq: int) -> StoredResult | None:
-        row = (
-            self._reader()
-            .execute("SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq = ?", (seq,))
-            .fetchone()
-        )
+        row = self._read_one("SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq = ?", (seq,))
         return StoredResult(*row) if row else None
 
     def result_by_sop_uid(self, sop_uid: str) -> StoredResult | None:
-        row = (
-            self._reader()
-            .execute(
-                "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE sop_uid = ? "
-                "ORDER BY seq LIMIT 1",
-                (sop_uid,),
-            )
-            .fetchone()
+        row = self._read_one(
+            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE sop_uid = ? ORDER BY seq LIMIT 1",
+            (sop_uid,),
         )
         return StoredResult(*row) if row else None
 
     def last_sequence(self) -> int:
-        row = self._reader().execute("SELECT COALESCE(MAX(seq), 0) FROM results").fetchone()
+        row = self._read_one("SELECT COALESCE(MAX(seq), 0) FROM results", ())
         return int(row[0])
 
     def counts(self) -> Counts:
-        db = self._reader()
-        by_state = dict(db.execute("SELECT state, COUNT(*) FROM inputs GROUP BY state").fetchall())
-        by_outcome = dict(db.execute("SELECT outcome, COUNT(*) FROM results GROUP BY outcome").fetchall())
-        return Counts(
+        """The counts; on a damaged journal the last ones read, so GetStatus still answers (with the problem)."""
+        try:
+            by_state = dict(self._read("SELECT state, COUNT(*) FROM inputs GROUP BY state", ()))
+            by_outcome = dict(self._read("SELECT outcome, COUNT(*) FROM results GROUP BY outcome", ()))
+            last = self.last_sequence()
+        except JournalDamaged:
+            return self._last_counts
+        self._last_counts = Counts(
             queued=int(by_state.get("queued", 0)),
             scored=int(by_outcome.get("scored", 0)),
             rejected=int(by_outcome.get("rejected", 0)),
             duplicates=int(by_state.get("duplicate", 0)),
-            last_sequence=self.last_sequence(),
+            last_sequence=last,
         )
+        return self._last_counts
 
     def wait_for_results(self, after_seq: int, timeout: float) -> None:
         """Block until a result past ``after_seq`` exists or the timeout passes."""
