@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, CorruptImage, FileVanished, InferenceFailed, InputRejected
+from appliance.errors import (
+    ApplianceError,
+    CorruptImage,
+    DecodeTimeout,
+    FileVanished,
+    InferenceFailed,
+    InputRejected,
+    StorageFull,
+)
+from appliance.faults import STORAGE, Faults
 from appliance.imaging.types import ImageMeta
 from appliance.inference.backend import Backend
 from appliance.inference.batcher import Batcher, BatchTiming
@@ -33,7 +42,8 @@ from appliance.v1 import scoring_pb2 as pb
 log = logging.getLogger(__name__)
 
 # Rejections that say nothing about the content: the same bytes dropped again are tried again.
-TRANSIENT_CODES = frozenset({FileVanished.code, InferenceFailed.code, ApplianceError.code})
+# A busy box can time a decode out that a quiet one finishes: the same content sent again is tried again.
+TRANSIENT_CODES = frozenset({FileVanished.code, InferenceFailed.code, ApplianceError.code, DecodeTimeout.code})
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Job:
 
 
 FINISH_GROUP = 64  # results stored per journal transaction at most
+RETRY_S = 1.0  # how often results held back by a full disk are tried again once it has space
 
 
 class Processor:
@@ -58,16 +69,28 @@ class Processor:
 
     ``submit`` blocks once ``capacity`` inputs are in flight: a burst of thousands of files waits
     in the folder and the journal, not in memory.
+
+    Results that cannot be stored for want of space are held (with their slots) and stored once
+    ``faults`` says the disk has space again: never dropped, never stuck until a restart.
     """
 
     def __init__(
-        self, config: Config, manifest: Manifest, backend: Backend, journal: Journal, metrics: Metrics
+        self,
+        config: Config,
+        manifest: Manifest,
+        backend: Backend,
+        journal: Journal,
+        metrics: Metrics,
+        faults: Faults | None = None,
     ) -> None:
         self.config = config
         self.manifest = manifest
         self.backend_name = backend.name
         self.journal = journal
         self.metrics = metrics
+        self.faults = faults or Faults()
+        self._held: list[Job] = []  # finished jobs whose results wait for space; the finisher's own
+        self._held_count = 0  # len(_held), read by other threads under _in_flight_lock
         activation = manifest.output.activation
         max_batch = backend.max_batch
         self.batcher = Batcher(
@@ -78,6 +101,7 @@ class Processor:
             capacity=4 * max_batch,
             on_batch=metrics.observe_batch,
             coming=lambda: self._on_the_way > 0,
+            tag=(manifest, backend.name),
         )
         workers = config.inference.decode_workers
         self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with)
@@ -91,6 +115,17 @@ class Processor:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
+    def swap_model(self, manifest: Manifest, backend: Backend, timeout: float = 120.0) -> bool:
+        """Score with another model (same input and preprocessing) from the next batch on; what was
+        submitted before runs on the old one. The old backend is closed once no batch uses it."""
+        activation = manifest.output.activation
+        old = self.batcher.swap(backend, lambda raw: activate(raw, activation), (manifest, backend.name), timeout)
+        if old is None:
+            return False
+        self.manifest, self.backend_name = manifest, backend.name  # for rejections from now on
+        old.close()
+        return True
+
     def start(self) -> None:
         self._preparing.warm()
         self.batcher.start()
@@ -98,18 +133,32 @@ class Processor:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to ``timeout``); anything left stays queued in the journal."""
-        self.wait_idle(timeout)
+        if not self.wait_idle(timeout):
+            with self._in_flight_lock:
+                left = self._in_flight - self._held_count
+            log.warning(
+                "stopping with %d inputs still in the stages after %.0f s; they stay queued in the journal "
+                "and are scored at the next start",
+                left,
+                timeout,
+            )
         self._preparing.close()
         self.batcher.stop()
-        self._finish_queue.put(None)
-        self._finisher.join(timeout=10)
+        if self._finisher.is_alive():  # not started when the daemon's start failed after building it
+            self._finish_queue.put(None)
+            self._finisher.join(timeout=10)
 
     def alive(self) -> bool:
         return self.batcher.alive() and self._finisher.is_alive() and self._preparing.alive()
 
+    def in_flight(self) -> int:
+        with self._in_flight_lock:
+            return self._in_flight
+
     def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is in flight but results waiting for disk space (those can't finish now)."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+            return self._idle.wait_for(lambda: self._in_flight <= self._held_count, timeout)
 
     # --- the stages ---------------------------------------------------------------------------------
 
@@ -207,12 +256,20 @@ class Processor:
 
     def _finish_loop(self) -> None:
         """Store results in groups: whatever finished while the last group was being written goes into
-        the next one transaction, so a burst costs one fsync per group, not per file."""
-        while True:
-            job = self._finish_queue.get()
-            if job is None:
-                return
-            group, stopping = [job], False
+        the next one transaction, so a burst costs one fsync per group, not per file. Results held back
+        by a full disk go first into the next group once it has space (checked every RETRY_S)."""
+        stopping = False
+        while not stopping:
+            try:
+                job = self._finish_queue.get(timeout=RETRY_S if self._held else None)
+            except queue.Empty:
+                job = None
+                if self.faults.holds(STORAGE):
+                    continue
+            else:
+                if job is None:
+                    break
+            group = [job] if job is not None else []
             while len(group) < FINISH_GROUP:
                 try:
                     more = self._finish_queue.get_nowait()
@@ -222,17 +279,48 @@ class Processor:
                     stopping = True
                     break
                 group.append(more)
-            try:
-                self._finish_group(group)
-            except Exception as e:  # never lose the finisher: fail the callers still waiting, keep going
-                for failed in group:
-                    if failed.future is None or not failed.future.done():
-                        self._fail(failed, e)
-            finally:
-                for _ in group:
+            if self._held and not self.faults.holds(STORAGE):
+                group = self._held + group
+                self._set_held([])
+            if group:
+                self._store(group)
+        self._abandon_held()
+
+    def _store(self, group: list[Job]) -> None:
+        held: list[Job] = []
+        try:
+            held = self._finish_group(group)
+        except Exception as e:  # never lose the finisher: fail the callers still waiting, keep going
+            for failed in group:
+                if failed.future is None or not failed.future.done():
+                    self._fail(failed, e)
+        finally:
+            kept = {id(job) for job in held}
+            for job in group:
+                if id(job) not in kept:
                     self._release()
-            if stopping:
-                return
+        if held:
+            self._set_held(self._held + held)
+
+    def _set_held(self, held: list[Job]) -> None:
+        self._held = held
+        with self._in_flight_lock:
+            self._held_count = len(held)
+            self._idle.notify_all()
+
+    def _abandon_held(self) -> None:
+        """Stopping with results that found no space: their inputs stay queued for the next start."""
+        if not self._held:
+            return
+        log.warning(
+            "stopping with %d results not stored for want of disk space; their inputs stay queued in the "
+            "journal and are scored at the next start",
+            len(self._held),
+        )
+        held, self._held = self._held, []
+        for _ in held:
+            self._release()
+        self._set_held([])
 
     def _release(self) -> None:
         self._slots.release()
@@ -242,8 +330,9 @@ class Processor:
             if self._in_flight == 0:
                 self._idle.notify_all()
 
-    def _finish_group(self, group: list[Job]) -> None:
-        """One transaction for the group's results; a job that fails fails alone."""
+    def _finish_group(self, group: list[Job]) -> list[Job]:
+        """One transaction for the group's results; a job that fails fails alone. Returns the jobs whose
+        results found no disk space: they are held and stored later."""
         built: list[tuple[Job, list[pb.Result], list[NewResult]]] = []
         for job in group:
             try:
@@ -251,18 +340,27 @@ class Processor:
                 built.append((job, results, [self._row(r) for r in results]))
             except Exception as e:
                 self._fail(job, e)
+        held: list[Job] = []
         try:
             stored: list[list[int] | None] = list(
                 self.journal.complete_many([(job.facts.input_id, rows) for job, _, rows in built])
             )
-        except Exception:
+        except Exception as e:
+            if self.faults.report(e):  # the disk is full: the whole group waits for space
+                for job, _, _ in built:
+                    self._hold(job)
+                return [job for job, _, _ in built]
             # One input's rows must not hold back the others': store them one at a time instead.
             stored = []
             for job, _, rows in built:
                 try:
                     stored.append(self.journal.complete(job.facts.input_id, rows))
                 except Exception as e:
-                    self._fail(job, e)
+                    if self.faults.report(e):
+                        self._hold(job)
+                        held.append(job)
+                    else:
+                        self._fail(job, e)
                     stored.append(None)
         disposed: list[tuple[int, str]] = []
         done: list[tuple[Job, list[pb.Result]]] = []
@@ -273,7 +371,7 @@ class Processor:
                 if not seqs:
                     # Already finished by another job for the same input: answer with what is stored.
                     log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
-                    if job.future is not None:
+                    if job.future is not None and not job.future.done():
                         earlier = self.journal.results_for_input(job.facts.input_id)
                         job.future.set_result([stored_to_message(s) for s in earlier])
                     continue
@@ -288,11 +386,20 @@ class Processor:
         try:
             self.journal.set_disposed_many(disposed)
         except Exception as e:  # the files are moved and the results stored; a rescan records the rest
-            log_failure(log, "recording where %d files went failed", len(disposed), error=e)
+            if not self.faults.report(e):
+                log_failure(log, "recording where %d files went failed", len(disposed), error=e)
         for job, results in done:
             self._account(job, results)
             if job.future is not None and not job.future.done():
                 job.future.set_result(results)
+        return held
+
+    def _hold(self, job: Job) -> None:
+        """A result that found no space is kept for a retry; a Score call waiting on it is answered now
+        (it is still stored and streamed once the disk has space)."""
+        log.debug("input %d: its result waits for disk space", job.facts.input_id)
+        if job.future is not None and not job.future.done():
+            job.future.set_exception(StorageFull())
 
     @staticmethod
     def _row(r: pb.Result) -> NewResult:
@@ -328,16 +435,19 @@ class Processor:
             if error is not None or scores is None:
                 out.append(self._rejection(job, error, times, meta, index, len(job.frames)))
                 continue
+            # The model that ran this frame's batch (a reload may have swapped another in since).
+            scored_by: tuple[Manifest, str] = timing.scored_by or (self.manifest, self.backend_name)  # type: ignore[assignment]
+            manifest, backend_name = scored_by
             try:
-                decision = decide(scores, self.manifest)
+                decision = decide(scores, manifest)
             except ValueError as e:
                 out.append(self._rejection(job, InferenceFailed(str(e)), times, meta, index, len(job.frames)))
                 continue
             out.append(
                 scored_result(
                     job.facts,
-                    self.manifest,
-                    self.backend_name,
+                    manifest,
+                    backend_name,
                     meta or ImageMeta(source_format=""),
                     decision,
                     times,
@@ -386,7 +496,8 @@ class Processor:
                 where = disposal.dispose_scored(job.path, job.facts.input_id, self.config.watch)
             return where
         except OSError as e:  # the result is stored; a failed move is retried by the next rescan
-            log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)
+            if not self.faults.report(e):
+                log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)
             return None
 
     def _account(self, job: Job, results: list[pb.Result]) -> None:

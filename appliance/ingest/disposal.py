@@ -37,10 +37,15 @@ def _copy_then_remove(src: Path, target: Path) -> None:
     import shutil
 
     tmp = target.with_name(f".{target.name}.moving")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        # A disk that filled mid-copy must not keep the partial copy: it is the space needed to retry.
+        tmp.unlink(missing_ok=True)
+        raise
     src.unlink()
 
 
@@ -60,7 +65,9 @@ def dispose_rejected(src: Path, input_id: int, code: str, message: str, config: 
     """Move a rejected file aside with a '.reason.txt' beside it, whatever after_scoring says."""
     if not src.exists():
         return ""
-    target = _move(src, config.rejected_dir, input_id)
-    reason = target.with_name(target.name + ".reason.txt")
+    # The reason first: where it cannot be written (a full disk) the file stays in the watch folder and
+    # the whole disposal is retried, rather than a rejected file lying there without its reason.
+    config.rejected_dir.mkdir(parents=True, exist_ok=True)
+    reason = _unique_target(config.rejected_dir, input_id, src.name + ".reason.txt")
     reason.write_text(f"input_id: {input_id}\ncode: {code}\nreason: {message}\n", encoding="utf-8")
-    return str(target)
+    return str(_move(src, config.rejected_dir, input_id))

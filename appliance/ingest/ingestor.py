@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.config import WatchConfig
+from appliance.faults import Faults
 from appliance.ingest import disposal
 from appliance.ingest.content_hash import FileChanged
 from appliance.ingest.journal import InputRow, Journal
@@ -48,12 +49,20 @@ class Ingestor:
     (read-ahead), then journals them one at a time as their read-aheads finish, so the same file reported
     twice is journaled once and the same content twice is scored once, and a slow file holds up no other.
     Only a journaled input goes on to inference and a result; a crash before that leaves the file in the
-    folder for the next rescan."""
+    folder for the next rescan.
 
-    def __init__(self, config: WatchConfig, journal: Journal, stage: ReadAheadStage) -> None:
+    While ``faults`` says no input can be stored (a full disk), a file offered is left where it is and
+    remembered (``held_back``); ``retake`` offers those again once it can."""
+
+    def __init__(
+        self, config: WatchConfig, journal: Journal, stage: ReadAheadStage, faults: Faults | None = None
+    ) -> None:
         self.config = config
         self.journal = journal
         self._stage = stage
+        self.faults = faults or Faults()
+        self._held_back: set[Path] = set()
+        self._held_lock = threading.Lock()
         # Set by the daemon to the watcher's stability check: for a file that changed while it was read.
         self.reconsider: Callable[[Path], None] | None = None
         self._queue: queue.Queue[Path | None] = queue.Queue()
@@ -84,6 +93,22 @@ class Ingestor:
         """Called by the watcher for each completely written file."""
         self._queue.put(path)
 
+    def held_back(self) -> int:
+        """Files left in the folder while a fault stopped intake, to be taken when it is over."""
+        with self._held_lock:
+            return len(self._held_back)
+
+    def retake(self) -> None:
+        """Intake may go on: offer again what was left in the folder meanwhile."""
+        with self._held_lock:
+            paths, self._held_back = sorted(self._held_back), set()
+        for path in paths:
+            self._queue.put(path)
+
+    def _hold_back(self, path: Path) -> None:
+        with self._held_lock:
+            self._held_back.add(path)
+
     def _run(self) -> None:
         while (path := self._queue.get()) is not None:
             if self._stopping.is_set():
@@ -93,11 +118,17 @@ class Ingestor:
             except FileNotFoundError:
                 pass  # moved away or deleted between the event and now: nothing to do
             except Exception as e:  # one odd file must never stop ingest
-                log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+                if self.faults.report(e):
+                    self._hold_back(path)
+                else:
+                    log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
         self._done.put(None)
 
     def _screen(self, path: Path) -> None:
         """Cheap checks first; a file worth registering is read ahead (blocking while the stages are full)."""
+        if not self.faults.accepting():
+            self._hold_back(path)
+            return
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):
             return  # only regular files are inputs; opening a FIFO would block ingest for good
@@ -145,13 +176,19 @@ class Ingestor:
             if self.reconsider is not None:
                 self.reconsider(path)
         except Exception as e:  # one odd file must never stop ingest
-            log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+            if self.faults.report(e):  # not journaled: the file waits in the folder for space
+                self._hold_back(path)
+            else:
+                log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
         finally:
             if not taken:
                 self._stage.drop()
 
     def _register(self, path: Path, st: os.stat_result, ahead: ReadAhead, picked_up: float) -> bool:
         """Journal the input; True when it went on to the processor."""
+        if not self.faults.accepting():  # the disk filled while it was read: it waits in the folder
+            self._hold_back(path)
+            return False
         # Checked again here, serially: the same file may have been offered twice while it was read.
         if self._known(path, st):
             return False

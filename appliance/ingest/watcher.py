@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - other platforms
     InotifyObserver = None  # type: ignore[assignment,misc]
 
 from appliance.config import WatchConfig
+from appliance.faults import WATCH_DIR, Faults
 from appliance.privacy import log_failure
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,24 @@ class FolderWatcher:
     observers, network shares, files found by a rescan) it is ready when size and mtime hold still for ``stable_s``.
 
     The same path may be reported more than once (event and rescan); the journal makes that harmless.
+
+    The folder itself is checked every tick: deleted, renamed away or unmounted, it is a fault in ``faults``
+    (health NOT_SERVING); when a folder is there again under that path (a new one, or a mount), the watch is
+    set up on it anew (an inotify watch follows the old folder's inode, not the path) and it is rescanned.
     """
 
-    def __init__(self, config: WatchConfig, on_ready: Callable[[Path], None], exclude: list[Path]) -> None:
+    def __init__(
+        self,
+        config: WatchConfig,
+        on_ready: Callable[[Path], None],
+        exclude: list[Path],
+        faults: Faults | None = None,
+    ) -> None:
         self.config = config
         self.root = config.dir
         self._on_ready = on_ready
         self._exclude = [p.resolve() for p in exclude]
+        self.faults = faults or Faults()
         self._candidates: dict[Path, _Candidate] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -90,20 +102,33 @@ class FolderWatcher:
         )
         self._thread = threading.Thread(target=self._run, name="stabilizer", daemon=True)
         self._last_rescan = 0.0
+        self._armed: tuple[int, int] | None = None  # (st_dev, st_ino) of the folder being watched
+        self._rescan_asked = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._arm()
+        self._observer.start()
+        self._thread.start()
+        # Files dropped while the daemon was down (or while the observer was starting).
+        self.rescan()
+
+    def _arm(self) -> None:
+        """Watch the folder now at ``root``, dropping any watch on an earlier one."""
+        st = os.stat(self.root)
+        self._observer.unschedule_all()
         self._observer.schedule(
             _Handler(self),
             str(self.root),
             recursive=self.config.recursive,
             event_filter=None if self.config.polling else INOTIFY_EVENTS,
         )
-        self._observer.start()
-        self._thread.start()
-        # Files dropped while the daemon was down (or while the observer was starting).
-        self.rescan()
+        self._armed = (st.st_dev, st.st_ino)
+
+    def request_rescan(self) -> None:
+        """Rescan at the next tick (e.g. once a fault that kept files in the folder is over)."""
+        self._rescan_asked.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,12 +194,44 @@ class FolderWatcher:
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
             try:
+                if not self._check_folder():
+                    continue
                 self._tick()
                 every = self.config.rescan_interval_s
-                if every and time.monotonic() - self._last_rescan >= every:
+                if self._rescan_asked.is_set() or (every and time.monotonic() - self._last_rescan >= every):
+                    self._rescan_asked.clear()
                     self.rescan()
             except Exception as e:  # the watcher must survive anything the filesystem does
                 log_failure(log, "watcher tick failed", error=e)
+
+    def _check_folder(self) -> bool:
+        """True while the watched folder is there; re-arms the watch on a folder that came (back) under
+        its path."""
+        try:
+            st = os.stat(self.root)
+            there = stat.S_ISDIR(st.st_mode)
+        except OSError:
+            there = False
+        if not there:
+            self.faults.set(
+                WATCH_DIR,
+                f"The watch folder {self.root} is missing (deleted, renamed or unmounted); no new files are "
+                "taken until it is back.",
+            )
+            return False
+        # An inode number is reused at once by a folder deleted and made again: a watch whose emitter
+        # ended (inotify's delete-self, the poller losing the folder) or a fault seen says so instead.
+        if (st.st_dev, st.st_ino) != self._armed or self.faults.holds(WATCH_DIR) or not self._watching():
+            self._arm()
+            if not self.faults.holds(WATCH_DIR):  # replaced between two ticks, or mounted over
+                log.warning("the watch folder %s was replaced; watching the new one", self.root)
+            self.faults.clear(WATCH_DIR, f"The watch folder {self.root} is back; watching it again.")
+            self.rescan()
+        return True
+
+    def _watching(self) -> bool:
+        emitters = list(self._observer.emitters)
+        return bool(emitters) and all(e.is_alive() for e in emitters)
 
     def _tick(self) -> None:
         now = time.monotonic()

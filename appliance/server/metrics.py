@@ -44,6 +44,17 @@ class Metrics:
             ["backend", "precision"],
             registry=r,
         )
+        self.faults = Gauge(
+            "appliance_faults",
+            "1 while a fault holds (health NOT_SERVING), by kind: storage (disk full), watch_dir (folder missing).",
+            ["kind"],
+            registry=r,
+        )
+        self.held_back = Gauge(
+            "appliance_files_held_back",
+            "Files left in the watch folder while a fault stops intake; taken once it is over.",
+            registry=r,
+        )
         self.passed_over = Gauge(
             "appliance_artifacts_passed_over",
             "Built artifacts the daemon did not serve at load: another host's key, damaged, or a failed self-check.",
