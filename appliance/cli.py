@@ -20,6 +20,7 @@ from appliance.logging_setup import setup_logging
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
 from appliance.results import InputFacts, StageTimes, rejected_result, result_to_dict, scored_result
+from appliance.server.tokens import Scope, TokenStore
 
 log = logging.getLogger("appliance")
 
@@ -36,6 +37,29 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="Validate the config and the model, then exit.")
     check.add_argument("--config", type=Path, default=None)
+
+    token = sub.add_parser("token", help="Terminal tokens: add (printed once), list, revoke (no restart needed).")
+    config_of = argparse.ArgumentParser(add_help=False)
+    config_of.add_argument("--config", type=Path, default=None, help="The daemon's config (where the tokens are).")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    add = token_sub.add_parser("add", parents=[config_of], help="Make a token for a terminal and print it once.")
+    add.add_argument("name", help="The terminal's name (its certificate's name under mutual TLS).")
+    add.add_argument("--scope", choices=[s.name for s in Scope], default="read", help="read, score or admin.")
+    token_sub.add_parser("list", parents=[config_of], help="Every terminal's token: name, scope, made, revoked.")
+    revoke = token_sub.add_parser(
+        "revoke", parents=[config_of], help="Revoke a terminal's token; the daemon refuses it at once."
+    )
+    revoke.add_argument("name")
+
+    journal = sub.add_parser("journal", help="Check the journal, or recover a damaged one (daemon stopped).")
+    journal_sub = journal.add_subparsers(dest="journal_command", required=True)
+    for name, text in (
+        ("check", "Print what is wrong with the journal (exit 2) or 'ok', as a start would."),
+        ("recover", "Set a damaged journal aside, salvage its readable rows, continue the numbering after it."),
+    ):
+        journal_sub.add_parser(name, help=text).add_argument(
+            "--config", type=Path, default=None, help="The daemon's config (where its data_dir is)."
+        )
 
     score = sub.add_parser("score", help="Score files offline (no daemon) and print one JSON object per result.")
     score.add_argument("files", nargs="+", type=Path)
@@ -55,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(config)
         if args.command == "check-config":
             return _check(config)
+        if args.command == "token":
+            return _token(config, args)
+        if args.command == "journal":
+            return _journal(config, args.journal_command)
         return _score(config, args.files)
     except ApplianceError as e:
         logging.basicConfig()
@@ -79,11 +107,55 @@ def _run(config: Config) -> int:
     return 0
 
 
+def _token(config: Config, args: argparse.Namespace) -> int:
+    assert config.server.tokens_file is not None, "Config.resolved sets it"
+    store = TokenStore(config.server.tokens_file)
+    if args.token_command == "add":
+        token = store.add(args.name, Scope[args.scope])
+        print(token)
+        print(
+            f"# the {args.scope} token of terminal {args.name!r}: shown this once, only its hash is kept "
+            f"({store.path}). Give it to the terminal as APPLIANCE_TOKEN or --token.",
+            file=sys.stderr,
+        )
+        return 0
+    if args.token_command == "revoke":
+        store.revoke(args.name)
+        print(f"revoked the token of terminal {args.name!r}; calls with it are refused from now on")
+        return 0
+    for r in store.records():
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_unix))
+        state = (
+            "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(r.revoked_unix)) if r.revoked_unix else "live"
+        )
+        print(f"{r.name:<24} {r.scope:<6} made {made}  {state}")
+    return 0
+
+
 def _check(config: Config) -> int:
+    from appliance.server.tls import check_exposure, credentials
+
+    assert config.server.tokens_file is not None, "Config.resolved sets it"
+    check_exposure(config.server, TokenStore(config.server.tokens_file))
+    credentials(config.server)  # the certificate and key are readable and the key is private
     loaded = load_manifest(config.model.dir)
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     backend.close()
     print(f"ok: model {loaded.manifest.model.name} {loaded.manifest.model.version} matches its manifest")
+    return 0
+
+
+def _journal(config: Config, command: str) -> int:
+    """`journal check`: the daemon's own start-up verdict; `journal recover`: set aside, salvage, continue."""
+    from appliance.ingest import journal_guard
+
+    path = config.storage.data_dir / journal_guard.JOURNAL_NAME
+    if command == "check":
+        problem = journal_guard.check(path)
+        print(f"appliance: {problem}" if problem else f"ok: the journal {path} is sound")
+        return EXIT_CONFIG if problem else 0
+    for line in journal_guard.recover(path):
+        print(line)
     return 0
 
 

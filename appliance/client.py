@@ -8,7 +8,9 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,11 +23,87 @@ DEFAULT_TARGET = os.environ.get("APPLIANCE_TARGET", "127.0.0.1:50051")
 RECONNECT_S = 2.0
 
 
-def wait_until_serving(target: str, alive: Callable[[], bool], timeout: float) -> bool:
+@dataclass(frozen=True)
+class Connection:
+    """Where the appliance is and how this terminal proves who it is."""
+
+    target: str
+    ca: Path | None = None  # the clinic's CA: set, the channel is TLS
+    cert: Path | None = None  # this terminal's certificate and key, for mutual TLS
+    key: Path | None = None
+    token: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.ca is None:
+            if self.cert or self.key:
+                raise OSError("--cert and --key need --ca (the CA that signed the appliance's certificate).")
+            channel = grpc.insecure_channel(self.target)
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(),
+                private_key=self.key.read_bytes() if self.key else None,
+                certificate_chain=self.cert.read_bytes() if self.cert else None,
+            )
+            channel = grpc.secure_channel(self.target, creds)
+        if self.token:
+            return grpc.intercept_channel(channel, _Bearer(self.token))
+        return channel
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """The token on every call, as 'authorization: Bearer …' (plain metadata, so it works over loopback too)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
+def explain(e: grpc.RpcError) -> str:
+    """What went wrong, in words a terminal's user can act on."""
+    code, details = e.code(), e.details() or ""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return f"refused: {details}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return (
+                "the appliance's certificate is not signed by the CA given (--ca), or does not name the address "
+                "dialled (--target); check both with IT."
+            )
+        if "WRONG_VERSION_NUMBER" in details or ("Ssl handshake failed" in details and "PACKET_LENGTH" in details):
+            return "the appliance does not speak TLS on that port; drop --ca or check the port."
+        if "CERTIFICATE_REQUIRED" in details or "HANDSHAKE_FAILURE" in details or "certificate" in details.lower():
+            return "the appliance wants this terminal's certificate: pass --cert and --key (make certs TERMINAL=...)."
+        if "Ssl handshake failed" in details or "SSL" in details:
+            return f"the TLS handshake failed: {details}"
+        return f"cannot reach the appliance at the target given (it may be down, or speak TLS: pass --ca): {details}"
+    return f"{code.name}: {details}"
+
+
+def wait_until_serving(target: str | Connection, alive: Callable[[], bool], timeout: float) -> bool:
     """Poll grpc.health.v1 until the Scoring service says SERVING. False at the timeout, or as soon as
     `alive` says the daemon's process is gone."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
+    connection = target if isinstance(target, Connection) else Connection(target)
+    with connection.channel() as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline and alive():
             try:
@@ -56,12 +134,12 @@ def stream(stub: pb_grpc.ScoringStub, since: int) -> Iterator[pb.Result]:
     return stub.StreamResults(pb.StreamResultsRequest(since_sequence=since))
 
 
-def _watch(target: str, since: int, as_json: bool, follow_reconnect: bool, limit: int) -> int:
+def _watch(connection: Connection, since: int, as_json: bool, follow_reconnect: bool, limit: int) -> int:
     """Follow the stream; on a dropped connection resume after the last result seen, so nothing is missed."""
     last = since
     shown = 0
     while True:
-        with grpc.insecure_channel(target) as channel:
+        with connection.channel() as channel:
             stub = pb_grpc.ScoringStub(channel)
             try:
                 for r in stream(stub, last):
@@ -71,8 +149,8 @@ def _watch(target: str, since: int, as_json: bool, follow_reconnect: bool, limit
                     if limit and shown >= limit:
                         return 0
             except grpc.RpcError as e:
-                if not follow_reconnect:
-                    print(f"appliance-client: {e.code().name}: {e.details()}", file=sys.stderr)
+                if not follow_reconnect or e.code() in _FINAL:
+                    print(f"appliance-client: {explain(e)}", file=sys.stderr)
                     return 1
                 print(
                     f"appliance-client: connection lost ({e.code().name}); resuming after #{last}",
@@ -81,9 +159,21 @@ def _watch(target: str, since: int, as_json: bool, follow_reconnect: bool, limit
         time.sleep(RECONNECT_S)
 
 
+_FINAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # retrying will not help
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
     p = argparse.ArgumentParser(prog="appliance-client", description=__doc__)
     p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the appliance (env APPLIANCE_TARGET).")
+    p.add_argument("--ca", default=env("APPLIANCE_CA"), help="The clinic's CA certificate: use TLS (APPLIANCE_CA).")
+    p.add_argument("--cert", default=env("APPLIANCE_CERT"), help="This terminal's certificate (APPLIANCE_CERT).")
+    p.add_argument("--key", default=env("APPLIANCE_KEY"), help="This terminal's private key (APPLIANCE_KEY).")
+    p.add_argument("--token", default=env("APPLIANCE_TOKEN"), help="This terminal's token (APPLIANCE_TOKEN).")
     p.add_argument("--json", action="store_true", help="One JSON object per result instead of a line of text.")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("watch", help="Print every result as it arrives; reconnects and resumes by itself.")
@@ -98,16 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--sop-uid")
     sub.add_parser("status", help="Model, backend, queue depth and counts.")
     sub.add_parser("models", help="The model being served.")
+    sub.add_parser("reload", help="Load the configured model again and swap it in (needs an admin token).")
     args = p.parse_args(argv)
+    connection = Connection(args.target, _path(args.ca), _path(args.cert), _path(args.key), args.token)
 
     try:
         if args.command == "watch":
             since = args.since
             if since is None:  # live only: start from the newest stored result
-                with grpc.insecure_channel(args.target) as ch:
+                with connection.channel() as ch:
                     since = pb_grpc.ScoringStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).last_sequence
-            return _watch(args.target, since, args.json, not args.no_reconnect, args.limit)
-        with grpc.insecure_channel(args.target) as channel:
+            return _watch(connection, since, args.json, not args.no_reconnect, args.limit)
+        with connection.channel() as channel:
             stub = pb_grpc.ScoringStub(channel)
             if args.command == "score":
                 data = args.file.read_bytes()
@@ -124,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from google.protobuf.json_format import MessageToDict
 
+            if args.command == "reload":
+                answer = stub.ReloadModel(pb.ReloadModelRequest(), timeout=600)
+                print(answer.message)
+                return 0 if answer.reloaded else 1
             msg = (
                 stub.GetStatus(pb.GetStatusRequest(), timeout=10)
                 if args.command == "status"
@@ -137,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
     except grpc.RpcError as e:
-        print(f"appliance-client: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"appliance-client: {explain(e)}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"appliance-client: {e}", file=sys.stderr)

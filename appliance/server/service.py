@@ -1,36 +1,82 @@
-"""The `appliance.v1.Scoring` gRPC service: score, stream (resumable), look up, describe."""
+"""The `appliance.v1.Scoring` gRPC service (asyncio): score, stream (resumable), look up, describe, reload.
+
+Every call runs on the server's event loop; what blocks (the journal, waiting for a score, loading a
+model) runs in thread pools of its own, so hundreds of open streams hold no thread, and health checks
+and status calls always answer.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sqlite3
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import grpc
+from grpc import aio
 
+from appliance.config import ServerConfig
+from appliance.errors import ApplianceError
 from appliance.ingest.content_hash import digest_bytes
 from appliance.ingest.journal import Journal
 from appliance.processing import Job, Processor
 from appliance.results import InputFacts, stored_to_message
+from appliance.server.auth import Caller, caller
+from appliance.server.feed import PAGE, ResultFeed
 from appliance.server.metrics import Metrics
+from appliance.server.tokens import Scope
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-STREAM_WAKE_S = 0.5  # how often an idle stream checks that its client is still there
-# Each open stream holds one server thread; past this many, new ones are refused so that Score,
-# GetStatus and health checks always find a free thread.
-MAX_STREAMS = 48
-# Score calls wait for their result, holding a thread too; with the streams this leaves threads for
-# health checks and GetStatus (see grpc_server.MAX_WORKERS).
-MAX_SCORES = 8
+STREAM_WAKE_S = 5.0  # an idle stream looks again this often (a missed wake-up costs at most this)
 SCORE_TIMEOUT_S = 120.0
+LOOKUP_THREADS = 4
+LOCAL = Caller("local", Scope.admin)  # where no token is required (a loopback-only appliance)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the service asks the daemon (the daemon owns these; the service only calls them)."""
+
+    model_info: Callable[[], pb.ModelInfo]
+    status: Callable[[], pb.Status]
+    problem: Callable[[], str | None]  # why new inputs are not taken now (disk full, ...), else None
+    reload: Callable[[], pb.ReloadModelResponse]
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, sentence: str) -> None:
+        super().__init__(sentence)
+        self.code = code
+        self.sentence = sentence
+
+
+class _TokenBucket:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.level = 2 * rate
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.level = min(2 * self.rate, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level < 1:
+            return False
+        self.level -= 1
+        return True
 
 
 class ScoringService(pb_grpc.ScoringServicer):
@@ -39,116 +85,205 @@ class ScoringService(pb_grpc.ScoringServicer):
         journal: Journal,
         processor: Processor,
         spool_dir: Path,
-        model_info: pb.ModelInfo,
-        status: Callable[[], pb.Status],
+        hooks: Hooks,
         metrics: Metrics,
+        limits: ServerConfig,
     ) -> None:
         self.journal = journal
         self.processor = processor
         self.spool_dir = spool_dir
-        self.model_info = model_info
-        self.status = status
+        self.hooks = hooks
         self.metrics = metrics
-        self._streams = 0
-        self._streams_lock = threading.Lock()
-        self._score_slots = threading.BoundedSemaphore(MAX_SCORES)
+        self.limits = limits
+        self.feed: ResultFeed | None = None  # set once the server's loop runs (bind)
+        self._streams: defaultdict[str, int] = defaultdict(int)
+        self._scores = 0
+        self._rates: dict[str, _TokenBucket] = {}
+        # Score waits for its result (up to SCORE_TIMEOUT_S); lookups must never queue behind those waits.
+        self._scoring = ThreadPoolExecutor(limits.max_scores, thread_name_prefix="grpc-score")
+        self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="grpc-lookup")
         spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.feed = ResultFeed(self.journal, loop)
+        self.feed.start()
+
+    def close(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
+        self._scoring.shutdown(wait=False, cancel_futures=True)
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+
+    async def _blocking(self, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # --- Score ----------------------------------------------------------------------------------------
+
+    async def Score(self, request: pb.ScoreRequest, context: aio.ServicerContext[Any, Any]) -> pb.Result:
+        who = caller.get(LOCAL)
+        if not request.image:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.image is empty.")
+        problem = self.hooks.problem()
+        if problem:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"Not taking images now: {problem}")
+        bucket = self._rates.setdefault(who.name, _TokenBucket(self.limits.score_rate_per_terminal))
+        if not bucket.take():
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"More than {self.limits.score_rate_per_terminal:g} Score calls per second from this terminal; "
+                "slow down.",
+            )
+        if self._scores >= self.limits.max_scores:
+            await _abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.limits.max_scores} Score calls are running; retry."
+            )
+        self._scores += 1
+        gone = threading.Event()  # the call ended (cancelled, deadline): a waiting thread stops early
+        try:
+            return await self._blocking(self._scoring, self._score, request.image, request.file_name, gone.is_set)
+        except _Refusal as e:
+            await _abort(context, e.code, e.sentence)
+        finally:
+            gone.set()
+            self._scores -= 1
 
     def _spool(self, data: bytes) -> Path:
         # Written durably before it is journaled, so a Score in flight survives a crash like a dropped file.
         path = self.spool_dir / f"{uuid.uuid4().hex}.bin"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _Refusal(
+                grpc.StatusCode.UNAVAILABLE, f"The image could not be stored on the appliance ({e.strerror}); retry."
+            ) from e
         return path
 
-    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.Result:
-        if not request.image:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.image is empty.")
-        if not self._score_slots.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_SCORES} Score calls are running; try again.")
-        try:
-            return self._score(request, context)
-        finally:
-            self._score_slots.release()
-
-    def _score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.Result:
-        data = request.image
+    def _score(self, data: bytes, file_name: str, gone: Callable[[], bool]) -> pb.Result:
         digest = digest_bytes(data)
         path = self._spool(data)
-        reg = self.journal.register(
-            source="grpc",
-            path=str(path),
-            file_name=request.file_name or "upload",
-            size=len(data),
-            mtime_ns=0,
-            content_hash=digest,
-        )
+        try:
+            reg = self.journal.register(
+                source="grpc",
+                path=str(path),
+                file_name=file_name or "upload",
+                size=len(data),
+                mtime_ns=0,
+                content_hash=digest,
+            )
+        except (sqlite3.Error, ApplianceError) as e:  # the journal's disk full or damaged: said on health too
+            path.unlink(missing_ok=True)
+            raise _Refusal(
+                grpc.StatusCode.UNAVAILABLE, "The image could not be journaled on the appliance; retry later."
+            ) from e
         if reg.duplicate_of is not None:
             path.unlink(missing_ok=True)
             self.metrics.duplicates.inc()
-            return self._wait_for_input(reg.duplicate_of.id, context)
+            return self._wait_for_input(reg.duplicate_of.id, gone)
         future: Future[list[pb.Result]] = Future()
         facts = InputFacts(input_id=reg.input.id, source="grpc", file_name=reg.input.file_name, content_hash=digest)
         self.processor.submit(Job(facts=facts, path=path, future=future))
         try:
             return future.result(timeout=SCORE_TIMEOUT_S)[0]
         except FutureTimeout:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Scoring took too long; the result will be streamed.")
+            raise _Refusal(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "Scoring took too long; the result will be streamed."
+            ) from None
         except Exception as e:
-            context.abort(grpc.StatusCode.INTERNAL, f"Storing the result failed: {type(e).__name__}.")
-        raise AssertionError("unreachable: context.abort raises")
+            why = (
+                e.message
+                if isinstance(e, ApplianceError)
+                else f"The result could not be stored yet ({type(e).__name__}); it is kept and will be streamed."
+            )
+            raise _Refusal(grpc.StatusCode.UNAVAILABLE, why) from e
 
-    def _wait_for_input(self, input_id: int, context: grpc.ServicerContext) -> pb.Result:
+    def _wait_for_input(self, input_id: int, gone: Callable[[], bool]) -> pb.Result:
         """The same content was sent before: answer with its result, waiting if it is still in flight."""
-        for _ in range(int(SCORE_TIMEOUT_S / STREAM_WAKE_S)):
+        deadline = time.monotonic() + SCORE_TIMEOUT_S
+        while time.monotonic() < deadline and not gone():
             seen = self.journal.last_sequence()  # read first, so a result stored meanwhile wakes the wait
             stored = self.journal.results_for_input(input_id)
             if stored:
                 return stored_to_message(stored[0])
-            if not context.is_active():
-                break
-            self.journal.wait_for_results(seen, STREAM_WAKE_S)
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The earlier copy of this image is still being scored.")
-        raise AssertionError("unreachable")
+            self.journal.wait_for_results(seen, 0.5)
+        raise _Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "The earlier copy of this image is still being scored.")
 
-    def StreamResults(self, request: pb.StreamResultsRequest, context: grpc.ServicerContext) -> Iterator[pb.Result]:
-        last = request.since_sequence
-        with self._streams_lock:
-            if self._streams >= MAX_STREAMS:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_STREAMS} result streams are open already.")
-            self._streams += 1
+    # --- StreamResults ----------------------------------------------------------------------------------
+
+    async def StreamResults(
+        self, request: pb.StreamResultsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Result]:
+        assert self.feed is not None, "bind() runs before the server starts"
+        who = caller.get(LOCAL)
+        total = sum(self._streams.values())
+        if total >= self.limits.max_streams:
+            await _abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.limits.max_streams} result streams are open."
+            )
+        if self._streams[who.name] >= self.limits.max_streams_per_terminal:
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"This terminal has {self.limits.max_streams_per_terminal} result streams open already; "
+                "close one first.",
+            )
+        self._streams[who.name] += 1
         self.metrics.streams.inc()
+        last = request.since_sequence
         try:
-            while context.is_active():
-                batch = self.journal.results_after(last)
-                for stored in batch:
-                    yield stored_to_message(stored)
-                    last = stored.seq
+            await context.send_initial_metadata(())  # the terminal knows its stream is open before any result
+            while True:
+                batch = self.feed.after(last)
+                if batch is None:  # behind the shared window: a page from the journal
+                    rows = await self._blocking(self._lookups, self.journal.results_after, last, PAGE)
+                    batch = [stored_to_message(r) for r in rows]
+                for message in batch:
+                    yield message
+                    last = message.sequence
                 if not batch:
-                    self.journal.wait_for_results(last, STREAM_WAKE_S)
+                    await self.feed.wait_past(last, STREAM_WAKE_S)
         finally:
             self.metrics.streams.dec()
-            with self._streams_lock:
-                self._streams -= 1
+            self._streams[who.name] -= 1
+            if not self._streams[who.name]:
+                del self._streams[who.name]
 
-    def GetResult(self, request: pb.GetResultRequest, context: grpc.ServicerContext) -> pb.Result:
+    # --- lookups ------------------------------------------------------------------------------------
+
+    async def GetResult(self, request: pb.GetResultRequest, context: aio.ServicerContext[Any, Any]) -> pb.Result:
         key = request.WhichOneof("key")
         if key == "sequence":
-            stored = self.journal.result_by_seq(request.sequence)
+            stored = await self._blocking(self._lookups, self.journal.result_by_seq, request.sequence)
         elif key == "sop_instance_uid":
-            stored = self.journal.result_by_sop_uid(request.sop_instance_uid)
+            stored = await self._blocking(self._lookups, self.journal.result_by_sop_uid, request.sop_instance_uid)
         else:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Give a sequence or a sop_instance_uid.")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "Give a sequence or a sop_instance_uid.")
         if stored is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"No result for that {key}.")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"No result for that {key}.")
         return stored_to_message(stored)
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self.model_info])
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self.hooks.model_info()])
 
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
-        return self.status()
+    async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext[Any, Any]) -> pb.Status:
+        status: pb.Status = await self._blocking(self._lookups, self.hooks.status)
+        return status
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ReloadModelResponse:
+        answer: pb.ReloadModelResponse = await asyncio.get_running_loop().run_in_executor(None, self.hooks.reload)
+        return answer
+
+
+async def _abort(context: aio.ServicerContext[Any, Any], code: grpc.StatusCode, sentence: str) -> NoReturn:
+    await context.abort(code, sentence)
+    raise AssertionError("unreachable: abort raises")

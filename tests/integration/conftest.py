@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from appliance.client import wait_until_serving
+from appliance.client import Connection, wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -47,6 +47,8 @@ class Daemon:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    # TLS and token for the test's own calls (ca, cert, key, token), where the daemon asks for them.
+    credentials: dict[str, object] = field(default_factory=dict)
 
     @property
     def incoming(self) -> Path:
@@ -111,7 +113,7 @@ class Daemon:
     def wait_ready(self, timeout: float = 60.0) -> None:
         assert self.proc is not None
         proc = self.proc
-        if not wait_until_serving(self.target, lambda: proc.poll() is None, timeout):
+        if not wait_until_serving(self.connection, lambda: proc.poll() is None, timeout):
             if proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {proc.returncode}:\n{self.log()}")
             raise AssertionError(f"daemon not ready after {timeout}s:\n{self.log()}")
@@ -123,8 +125,12 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def connection(self) -> Connection:
+        return Connection(self.target, **self.credentials)  # type: ignore[arg-type]
+
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target)
+        return self.connection.channel()
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:

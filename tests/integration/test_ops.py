@@ -45,7 +45,13 @@ def test_prometheus_metrics_count_results_by_outcome(make_daemon) -> None:
     drop(d.incoming, "ok.png", png_bytes(1))
     drop(d.incoming, "empty.png", b"")
     d.collect(2)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    # The counters move just after the results are committed (and may be streamed): read until they have.
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if "appliance_result_latency_seconds_count 2.0" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert 'appliance_results_total{code="",outcome="scored"} 1.0' in text
     assert 'appliance_results_total{code="empty_file",outcome="rejected"} 1.0' in text
     assert "appliance_ready 1.0" in text
