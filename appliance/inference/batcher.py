@@ -24,6 +24,16 @@ class BatchTiming:
     queue_ms: float  # from submit to the batch starting
     infer_ms: float  # the whole batch's inference
     batch_size: int
+    scored_by: object = None  # the tag given with the backend that ran the batch (which model scored it)
+
+
+@dataclass
+class _Swap:
+    backend: Backend
+    postprocess: Callable[[np.ndarray], np.ndarray]
+    tag: object
+    done: threading.Event
+    old: Backend | None = None
 
 
 @dataclass
@@ -49,11 +59,15 @@ class Batcher:
         capacity: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
         coming: Callable[[], bool] | None = None,
+        tag: object = None,
     ) -> None:
         """``coming`` says whether more samples are on their way (inputs still being read and prepared):
-        when none are and none wait, a batch starts at once rather than after ``max_delay_ms``."""
+        when none are and none wait, a batch starts at once rather than after ``max_delay_ms``. ``tag``
+        goes with each batch's timing (the processor says with it which model scored)."""
         self._backend = backend
         self._postprocess = postprocess
+        self._tag = tag
+        self._configured_batch = max_batch
         self._max_batch = max(1, min(max_batch, backend.max_batch))
         self._max_delay = max_delay_ms / 1000.0
         self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=capacity)
@@ -71,6 +85,16 @@ class Batcher:
     def submit(self, sample: np.ndarray, done: Done) -> None:
         self._queue.put(_Item(sample, done, time.perf_counter()))
 
+    def swap(
+        self, backend: Backend, postprocess: Callable[[np.ndarray], np.ndarray], tag: object, timeout: float
+    ) -> Backend | None:
+        """Serve with another backend from the next batch on: samples submitted before this call run on
+        the old one, samples after it on the new one. Returns the old backend (the caller closes it), or
+        None if the batcher did not reach the swap within ``timeout`` (it still happens later)."""
+        swap = _Swap(backend, postprocess, tag, threading.Event())
+        self._queue.put(swap)
+        return swap.old if swap.done.wait(timeout) else None
+
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop."""
         if self._thread.is_alive():
@@ -80,7 +104,8 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
+    def _gather(self, first: _Item) -> tuple[list[_Item], object]:
+        """A batch, and the control item (stop, swap) that ended it early, if any."""
         items = [first]
         deadline = time.perf_counter() + self._max_delay
         while len(items) < self._max_batch:
@@ -91,21 +116,29 @@ class Batcher:
                 nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if nxt is _STOP:
-                return items, True
-            assert isinstance(nxt, _Item)
+            if not isinstance(nxt, _Item):
+                return items, nxt
             items.append(nxt)
-        return items, False
+        return items, None
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            assert isinstance(first, _Item)
-            items, stopping = self._gather(first)
-            self._run_batch(items)
+        control: object = None
+        while control is not _STOP:
+            item = self._queue.get()
+            control = None
+            if isinstance(item, _Item):
+                items, control = self._gather(item)
+                self._run_batch(items)
+            else:
+                control = item
+            if isinstance(control, _Swap):
+                self._apply(control)
+
+    def _apply(self, swap: _Swap) -> None:
+        swap.old = self._backend
+        self._backend, self._postprocess, self._tag = swap.backend, swap.postprocess, swap.tag
+        self._max_batch = max(1, min(self._configured_batch, swap.backend.max_batch))
+        swap.done.set()
 
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()
@@ -120,7 +153,9 @@ class Batcher:
         if self._on_batch is not None:
             self._on_batch(len(items), infer_ms)
         for i, it in enumerate(items):
-            timing = BatchTiming(queue_ms=(started - it.submitted) * 1e3, infer_ms=infer_ms, batch_size=len(items))
+            timing = BatchTiming(
+                queue_ms=(started - it.submitted) * 1e3, infer_ms=infer_ms, batch_size=len(items), scored_by=self._tag
+            )
             try:
                 it.done(None if scores is None else scores[i], error, timing)
             except Exception:
