@@ -8,6 +8,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,7 +64,9 @@ class GrpcServer:
             ],
         )
         self.service.bind(asyncio.get_running_loop())
-        pb_grpc.add_ScoringServicer_to_server(self.service, self.server)
+        handlers = _scoring_handlers(self.service)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -109,3 +112,28 @@ class GrpcServer:
     def _close_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+class _Capture:
+    """Stands in for a server to take the generated code's method handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, _name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = handlers
+
+
+def _scoring_handlers(service: ScoringService) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated handlers, but StreamResults sends the bytes the feed encoded once per result."""
+    capture = _Capture()
+    pb_grpc.add_ScoringServicer_to_server(service, capture)
+    handlers = dict(capture.handlers)
+    stream = handlers["StreamResults"]
+    assert stream.unary_stream is not None
+    handlers["StreamResults"] = grpc.unary_stream_rpc_method_handler(
+        stream.unary_stream, request_deserializer=stream.request_deserializer, response_serializer=bytes
+    )
+    return handlers

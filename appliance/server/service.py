@@ -32,7 +32,7 @@ from appliance.ingest.journal import Journal
 from appliance.processing import Job, Processor
 from appliance.results import InputFacts, stored_to_message
 from appliance.server.auth import Caller, caller
-from appliance.server.feed import PAGE, ResultFeed
+from appliance.server.feed import PAGE, ResultFeed, encoded
 from appliance.server.metrics import Metrics
 from appliance.server.tokens import Scope
 from appliance.v1 import scoring_pb2 as pb
@@ -218,7 +218,8 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def StreamResults(
         self, request: pb.StreamResultsRequest, context: aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.Result]:
+    ) -> AsyncIterator[bytes]:
+        """Yields encoded Results (grpc_server registers this method with a pass-through serializer)."""
         assert self.feed is not None, "bind() runs before the server starts"
         who = caller.get(LOCAL)
         total = sum(self._streams.values())
@@ -242,10 +243,10 @@ class ScoringService(pb_grpc.ScoringServicer):
                 batch = self.feed.after(last)
                 if batch is None:  # behind the shared window: a page from the journal
                     rows = await self._blocking(self._lookups, self.journal.results_after, last, PAGE)
-                    batch = [stored_to_message(r) for r in rows]
-                for message in batch:
-                    yield message
-                    last = message.sequence
+                    batch = [(r.seq, encoded(r)) for r in rows]
+                for seq, data in batch:
+                    yield data
+                    last = seq
                 if not batch:
                     await self.feed.wait_past(last, STREAM_WAKE_S)
         finally:
