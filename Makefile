@@ -9,7 +9,7 @@ MODEL ?=
 PRECISION ?= auto
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos model engine bench gpu-check run test lint typecheck check-protos clean
+.PHONY: venv protos model engine bench fuzz gpu-check certs run test lint typecheck check-protos clean
 
 venv: $(STAMP)
 
@@ -45,10 +45,23 @@ bench: model
 	for w in $(WORKLOAD); do $(PY) -m appliance.bench --config $(CONFIG) --workload $$w \
 		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done
 
+# Mutated DICOM/PNG/JPEG/TIFF inputs through decode + preprocess, each in a worker with memory and time limits;
+# prints outcomes by code and saves each finding to tests/fuzz/regressions/ (make fuzz CASES=N SEED=S JOBS=J).
+CASES ?= 2000
+SEED ?= 0
+fuzz: model
+	$(PY) -m tests.fuzz.campaign --cases $(CASES) --seed $(SEED) $(if $(JOBS),--jobs $(JOBS))
+
 # On a box with an NVIDIA GPU: the gpu tests, TensorRT builds of both models and the bench on TensorRT,
 # each step guarded (skipped with the reason where TensorRT or the GPU is missing), then one report table.
 gpu-check: model
 	$(PY) -m build_engine.gpu_check --config $(CONFIG)
+
+# TLS for the clinic's network: `make certs` makes the private CA (first time) and this box's server
+# certificate; `make certs TERMINAL=name` a terminal's certificate. Keep $(CERTS)/ca/ off the box.
+CERTS ?= certs
+certs: $(STAMP)
+	$(PY) -m appliance.certs --out $(CERTS) $(if $(TERMINAL),--terminal $(TERMINAL))
 
 run: model
 	mkdir -p var/incoming

@@ -335,12 +335,40 @@ def _check_pixel_length(ds: Dataset, frames: int) -> None:
         )
 
 
+_JP2_SIGNATURE = b"\x00\x00\x00\x0c\x6a\x50\x20\x20"
+
+
+def _check_jp2_boxes(ds: Dataset) -> None:
+    """JPEG 2000 frames wrapped in JP2 boxes: pydicom walks the boxes to the codestream before decoding and
+    loops for good on a box whose length is below its own 8-byte header. Walk them first, bounded."""
+    if ds.file_meta.get("TransferSyntaxUID") not in uid.JPEG2000TransferSyntaxes:
+        return
+    try:
+        fragments = encaps.generate_fragments(ds.PixelData)
+        for fragment in fragments:
+            if not fragment.startswith(_JP2_SIGNATURE):
+                continue
+            offset = 12
+            while offset < len(fragment):
+                length = int.from_bytes(fragment[offset : offset + 4], "big")
+                if fragment[offset + 4 : offset + 8] == b"jp2c":
+                    break
+                if length < 8:
+                    raise CorruptDicom(
+                        "A JPEG 2000 frame's JP2 box structure is corrupt (a box shorter than its header)."
+                    )
+                offset += length
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CorruptDicom("The encapsulated JPEG 2000 pixel data is corrupt.") from e
+
+
 def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None) -> DecodedImage:
     _check_pixels_present(ds)
     meta = _meta(ds)
     frames = _check_limits(ds, limits)
     _check_decoder(ds)
     _check_pixel_length(ds, frames)
+    _check_jp2_boxes(ds)
     photometric = meta.photometric.upper()
     if photometric not in _GRAY + _COLOR:
         label = header_value("PhotometricInterpretation", photometric)
@@ -431,6 +459,9 @@ def _voi_span(ds: Dataset) -> _Span | None:
         # A malformed window is common in the wild; the image is still readable without it.
         log.warning("ignoring an unusable VOI LUT or window (%s); using the image's own range", type(e).__name__)
         return None
+    if not (math.isfinite(span.lo) and math.isfinite(span.hi)):
+        log.warning("ignoring a window that is not a finite number; using the image's own range")
+        return None
     return span if span.hi != span.lo else None
 
 
@@ -500,6 +531,9 @@ def _gray(frame: np.ndarray, ds: Dataset, span: _Span | None) -> np.ndarray:
                 values = px.apply_voi_lut(values, ds, index=0, prefer_lut=True)
         shown[top : top + band] = values
     stored_float = not np.issubdtype(frame.dtype, np.integer)  # Float Pixel Data may hold NaN or inf
+    if not stored_float and not (math.isfinite(shown.min()) and math.isfinite(shown.max())):
+        # Integers made NaN or infinite by the modality LUT: a rescale of NaN, infinity or far out of range.
+        raise CorruptDicom("The Rescale Slope or Intercept (modality LUT) turns the pixels into non-finite numbers.")
     if span is not None:
         lo, hi = span.lo, span.hi
     else:

@@ -107,6 +107,8 @@ def read_raster(data: bytes, kind: str, *, limits: DecodeLimits, preprocess: Pre
     except (InputRejected, MemoryError):
         raise
     except Exception as e:  # cv2.error and friends: the file's fault
+        if isinstance(e, cv2.error) and getattr(e, "code", None) == cv2.Error.StsNoMem:
+            raise MemoryError from e  # the worker's memory cap, not a corrupt file
         raise CorruptImage(f"The {kind.upper()} data could not be decoded ({type(e).__name__}).") from e
 
 
