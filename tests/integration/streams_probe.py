@@ -1,7 +1,7 @@
 """Measure (not a test): N terminals and one stalled reader follow a burst of files; prints the other
 terminals' lag and the daemon's memory.
 
-    .venv/bin/python -m tests.integration.streams_probe --streams 500 --files 2000
+    .venv/bin/python -m tests.integration.streams_probe --streams 500 --files 2000 [--rate 20]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _mass_process(target: str, streams: int, files: int, ready: Connection, done
     asyncio.run(_mass(target, streams, files, ready, done))
 
 
-async def _run(d: Daemon, streams: int, files: int) -> None:
+async def _run(d: Daemon, streams: int, files: int, rate: float) -> None:
     assert d.proc is not None
     pid = d.proc.pid
     ready_r, ready_w = multiprocessing.Pipe(duplex=False)
@@ -127,9 +127,14 @@ async def _run(d: Daemon, streams: int, files: int) -> None:
     tasks = [asyncio.create_task(follow(c)) for c in calls]
     t0 = time.perf_counter()
     cpu0 = _cpu_s(pid)
-    await loop.run_in_executor(
-        None, lambda: [drop(d.incoming, f"b{i:05d}.png", png_bytes(50_000 + i)) for i in range(files)]
-    )
+
+    def burst() -> None:
+        for i in range(files):
+            if rate:  # paced like a scanner's export instead of all at once
+                time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            drop(d.incoming, f"b{i:05d}.png", png_bytes(50_000 + i))
+
+    await loop.run_in_executor(None, burst)
     counts = await asyncio.gather(*tasks)
     took = time.perf_counter() - t0
     daemon_cpu = _cpu_s(pid) - cpu0
@@ -141,7 +146,10 @@ async def _run(d: Daemon, streams: int, files: int) -> None:
     stalled.cancel()
     await channel.close()
     lags.sort()
-    print(f"{streams} streams ({streams - MEASURED} in a second process) + 1 stalled, {files} files in {took:.1f} s")
+    paced = f" at {rate:g}/s" if rate else ""
+    print(
+        f"{streams} streams ({streams - MEASURED} in another process) + 1 stalled, {files} files{paced}: {took:.1f} s"
+    )
     print(f"every stream got every result: {all(c == files for c in [*counts, *mass_counts])}")
     print(f"stalled reader, resumed after the burst: {len(missed)} results, in order: {missed == sorted(missed)}")
     print(
@@ -161,6 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--streams", type=int, default=500)
     p.add_argument("--files", type=int, default=2000)
+    p.add_argument("--rate", type=float, default=0.0, help="Files per second (0: as fast as they can be written).")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Daemon(
@@ -170,7 +179,7 @@ def main() -> None:
         )
         d.start()
         try:
-            asyncio.run(_run(d, args.streams, args.files))
+            asyncio.run(_run(d, args.streams, args.files, args.rate))
         finally:
             d.stop()
 
