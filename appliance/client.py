@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from appliance.config import is_loopback
 from appliance.results import result_to_dict
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
@@ -37,6 +38,11 @@ class Connection:
         if self.ca is None:
             if self.cert or self.key:
                 raise OSError("--cert and --key need --ca (the CA that signed the appliance's certificate).")
+            if self.token and not is_loopback(self.target.rsplit(":", 1)[0]):
+                raise OSError(
+                    "refusing to send the token in the clear to another machine: pass --ca (the clinic's CA) "
+                    "to use TLS."
+                )
             channel = grpc.insecure_channel(self.target)
         else:
             creds = grpc.ssl_channel_credentials(

@@ -76,6 +76,7 @@ class Daemon:
             written.append(watch.processed_dir)
         self.faults = Faults(written, config.storage.min_free_mb)
         self._accepting = True
+        self._faults_lock = threading.Lock()  # listeners run in whichever thread saw the change
         self.faults.subscribe(self._faults_changed)
 
     # --- start --------------------------------------------------------------------------------------
@@ -286,7 +287,12 @@ class Daemon:
             self.server.set_serving(self.healthy())
 
     def _faults_changed(self) -> None:
-        """A fault began or ended (called in the thread that noticed it)."""
+        """A fault began or ended (called in the thread that noticed it; one at a time, and reconciled by
+        the run loop's checks, so two changes at once cannot leave health saying the older one)."""
+        with self._faults_lock:
+            self._reconcile_faults()
+
+    def _reconcile_faults(self) -> None:
         for kind in self.faults.kinds(seen=True):
             self.metrics.faults.labels(kind).set(1 if self.faults.holds(kind) else 0)
         self._update_health()
@@ -308,6 +314,8 @@ class Daemon:
             log.warning("checking free space failed: %s", type(e).__name__)
         if self.ingestor is not None:
             self.metrics.held_back.set(self.ingestor.held_back())
+        if self.ready:
+            self._faults_changed()
 
     # --- run and stop -------------------------------------------------------------------------------
 

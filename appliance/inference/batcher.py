@@ -32,8 +32,10 @@ class _Swap:
     backend: Backend
     postprocess: Callable[[np.ndarray], np.ndarray]
     tag: object
+    lock: threading.Lock
     done: threading.Event
     old: Backend | None = None
+    cancelled: bool = False  # the caller stopped waiting: the swap must not happen later
 
 
 @dataclass
@@ -90,10 +92,20 @@ class Batcher:
     ) -> Backend | None:
         """Serve with another backend from the next batch on: samples submitted before this call run on
         the old one, samples after it on the new one. Returns the old backend (the caller closes it), or
-        None if the batcher did not reach the swap within ``timeout`` (it still happens later)."""
-        swap = _Swap(backend, postprocess, tag, threading.Event())
-        self._queue.put(swap)
-        return swap.old if swap.done.wait(timeout) else None
+        None if the batcher did not reach the swap within ``timeout``: then it never happens, and the
+        caller still owns ``backend``."""
+        swap = _Swap(backend, postprocess, tag, threading.Lock(), threading.Event())
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(swap, timeout=timeout)
+        except queue.Full:
+            return None
+        swap.done.wait(max(0.0, deadline - time.monotonic()))
+        with swap.lock:
+            if not swap.done.is_set():
+                swap.cancelled = True
+                return None
+        return swap.old
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop."""
@@ -135,10 +147,16 @@ class Batcher:
                 self._apply(control)
 
     def _apply(self, swap: _Swap) -> None:
+        with swap.lock:
+            if swap.cancelled:
+                return
+            self._swap_in(swap)
+            swap.done.set()
+
+    def _swap_in(self, swap: _Swap) -> None:
         swap.old = self._backend
         self._backend, self._postprocess, self._tag = swap.backend, swap.postprocess, swap.tag
         self._max_batch = max(1, min(self._configured_batch, swap.backend.max_batch))
-        swap.done.set()
 
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from appliance.errors import ConfigError
 from appliance.server.tokens import Scope, TokenStore
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ class AuthInterceptor(aio.ServerInterceptor):
             except Refused as e:
                 log.warning("refused %s from %s: %s", method, _host(context.peer()), e.log_reason)
                 await context.abort(e.code, e.sentence)
+            except ConfigError as e:  # the tokens file cannot be read: every call is refused until it can
+                log.error("%s", e.message)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "The appliance cannot check tokens now; tell IT.")
             caller.set(who)
 
         return check

@@ -189,12 +189,18 @@ class ScoringService(pb_grpc.ScoringServicer):
         future: Future[list[pb.Result]] = Future()
         facts = InputFacts(input_id=reg.input.id, source="grpc", file_name=reg.input.file_name, content_hash=digest)
         self.processor.submit(Job(facts=facts, path=path, future=future))
+        deadline = time.monotonic() + SCORE_TIMEOUT_S
         try:
-            return future.result(timeout=SCORE_TIMEOUT_S)[0]
-        except FutureTimeout:
-            raise _Refusal(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "Scoring took too long; the result will be streamed."
-            ) from None
+            while True:  # in short waits, so a thread whose caller left is free again at once
+                try:
+                    return future.result(timeout=0.5)[0]
+                except FutureTimeout:
+                    if gone() or time.monotonic() > deadline:
+                        raise _Refusal(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, "Scoring took too long; the result will be streamed."
+                        ) from None
+        except _Refusal:
+            raise
         except Exception as e:
             why = (
                 e.message
@@ -259,6 +265,8 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def GetResult(self, request: pb.GetResultRequest, context: aio.ServicerContext[Any, Any]) -> pb.Result:
         key = request.WhichOneof("key")
+        if key == "sequence" and request.sequence >= 2**63:  # past SQLite's integers: none is stored there
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "No result for that sequence.")
         if key == "sequence":
             stored = await self._blocking(self._lookups, self.journal.result_by_seq, request.sequence)
         elif key == "sop_instance_uid":
@@ -281,10 +289,30 @@ class ScoringService(pb_grpc.ScoringServicer):
     async def ReloadModel(
         self, request: pb.ReloadModelRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ReloadModelResponse:
-        answer: pb.ReloadModelResponse = await asyncio.get_running_loop().run_in_executor(None, self.hooks.reload)
-        return answer
+        # On a daemon thread, not an executor's: a reload still loading at shutdown must not hold the exit.
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[pb.ReloadModelResponse] = loop.create_future()
+
+        def reload() -> None:
+            try:
+                result = self.hooks.reload()
+                loop.call_soon_threadsafe(_settle, answer, result, None)
+            except BaseException as e:  # handed to the call, which answers with it
+                loop.call_soon_threadsafe(_settle, answer, None, e)
+
+        threading.Thread(target=reload, name="reload", daemon=True).start()
+        return await answer
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], code: grpc.StatusCode, sentence: str) -> NoReturn:
     await context.abort(code, sentence)
     raise AssertionError("unreachable: abort raises")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the call was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

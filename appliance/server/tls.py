@@ -30,10 +30,10 @@ def credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     if server.tls_cert is None or server.tls_key is None:
         raise ConfigError("Set both server.tls_cert and server.tls_key (`make certs` makes them), or neither.")
-    if server.tls_key.stat().st_mode & 0o077:
-        raise ConfigError(f"server.tls_key: {server.tls_key} is readable by other users; chmod 600 it.")
     cert = _read(server.tls_cert, "tls_cert")
     key = _read(server.tls_key, "tls_key")
+    if server.tls_key.stat().st_mode & 0o077:
+        raise ConfigError(f"server.tls_key: {server.tls_key} is readable by other users; chmod 600 it.")
     client_ca = _read(server.tls_client_ca, "tls_client_ca") if server.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
@@ -54,7 +54,12 @@ def check_exposure(server: ServerConfig, tokens: TokenStore) -> None:
             f"server.host = {server.host!r} is reachable from the network, so the appliance serves only TLS: set "
             "server.tls_cert and server.tls_key (`make certs` makes them), or listen on 127.0.0.1."
         )
-    if server.tokens_required and not tokens.active():
+    if not server.tokens_required:
+        raise ConfigError(
+            f"server.require_token = false on server.host = {server.host!r}, which the network can reach, would "
+            "let anyone in: remove it (or set server.insecure = true, for a lab only)."
+        )
+    if not tokens.active():
         raise ConfigError(
             f"server.host = {server.host!r} is reachable from the network and no terminal token exists yet: "
             "run `appliance token add NAME --scope read` for each terminal (tokens live in "

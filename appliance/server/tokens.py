@@ -7,12 +7,15 @@ reversed or guessed, so a plain hash is enough (a slow password hash would only 
 from __future__ import annotations
 
 import enum
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,7 +94,10 @@ class TokenStore:
     def _read(self) -> list[TokenRecord]:
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
-            return [TokenRecord(**r) for r in raw["tokens"]]
+            records = [TokenRecord(**r) for r in raw["tokens"]]
+            for r in records:
+                Scope[r.scope]
+            return records
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -101,9 +107,21 @@ class TokenStore:
 
     # --- `appliance token` ----------------------------------------------------------------------
 
+    @contextmanager
+    def _editing(self) -> Iterator[None]:
+        """One `appliance token` at a time: a revoke racing an add must not be lost."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def add(self, name: str, scope: Scope) -> str:
         """Make a token for a terminal and return it; only its hash is kept."""
         check_name(name)
+        with self._editing():
+            return self._add(name, scope)
+
+    def _add(self, name: str, scope: Scope) -> str:
         records = self._read()
         if any(r.name == name and r.revoked_unix is None for r in records):
             raise ConfigError(f"Terminal {name!r} has a token already; revoke it first to make a new one.")
@@ -114,6 +132,10 @@ class TokenStore:
 
     def revoke(self, name: str) -> int:
         """Revoke every live token of a terminal; returns how many."""
+        with self._editing():
+            return self._revoke(name)
+
+    def _revoke(self, name: str) -> int:
         records = self._read()
         now = int(time.time())
         revoked = [r for r in records if r.name == name and r.revoked_unix is None]

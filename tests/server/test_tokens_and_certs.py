@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.certs import make_server, make_terminal
+from appliance.client import Connection
 from appliance.config import ServerConfig, is_loopback
 from appliance.errors import ConfigError
 from appliance.server.tls import check_exposure
@@ -70,4 +71,12 @@ def test_the_network_needs_tls_and_tokens_unless_a_lab_says_insecure(tmp_path: P
     tokens.add("ward-1", Scope.read)
     check_exposure(tls, tokens)
     check_exposure(ServerConfig(host="0.0.0.0", insecure=True), tokens)
+    with pytest.raises(ConfigError, match="would let anyone in"):
+        check_exposure(tls.model_copy(update={"require_token": False}), tokens)
     assert not ServerConfig(host="0.0.0.0", insecure=True).tokens_required
+
+
+def test_the_client_never_sends_a_token_in_the_clear_to_another_machine() -> None:
+    with pytest.raises(OSError, match="in the clear"):
+        Connection("10.0.0.5:50051", token="apl_x").channel()
+    Connection("127.0.0.1:50051", token="apl_x").channel().close()  # loopback: no one else can read it
