@@ -14,7 +14,7 @@ import grpc
 from grpc import aio
 
 from appliance.errors import ConfigError
-from appliance.server.tokens import Scope, TokenStore
+from appliance.server.tokens import Scope, TokenRecord, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class Caller:
 
     name: str
     scope: Scope
+    admitted: bool = False  # the service's admission ran before the request was read
 
 
 caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
@@ -46,17 +47,21 @@ class Refused(Exception):
 
 
 class Authorizer:
+    """Two steps: the token (its metadata arrives before the request, so a refusal never holds a request's
+    bytes), then, once the call runs, the certificate the token must go with under mutual TLS."""
+
     def __init__(self, tokens: TokenStore, required: bool, bind_to_certificate: bool) -> None:
         self.tokens = tokens
         self.required = required
         self.bind_to_certificate = bind_to_certificate
 
-    def check(self, method: str, metadata: Any, auth_context: Mapping[str, Iterable[bytes]], peer: str) -> Caller:
+    def check_token(self, method: str, metadata: Any) -> TokenRecord | None:
+        """The caller's live token, with the scope ``method`` needs; None where no token is required."""
         need = NEEDS.get(method, Scope.read)
         token = _bearer(metadata)
         if token is None:
             if not self.required:
-                return Caller(f"host:{_host(peer)}", Scope.admin)
+                return None
             raise Refused(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "This appliance needs a terminal token on every call: send it as 'authorization: Bearer <token>' "
@@ -76,6 +81,18 @@ class Authorizer:
                 f"The token of terminal {record.name!r} was revoked; ask IT for a new one.",
                 f"revoked token of {record.name!r}",
             )
+        if record.level < need:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Terminal {record.name!r} has {_a(record.scope)} token; {method.rsplit('/', 1)[-1]} needs "
+                f"{_a(need.name)} token.",
+                f"{record.scope} token of {record.name!r} for a {need.name} call",
+            )
+        return record
+
+    def caller(self, record: TokenRecord | None, auth_context: Mapping[str, Iterable[bytes]], peer: str) -> Caller:
+        if record is None:
+            return Caller(f"host:{_host(peer)}", Scope.admin)
         if self.bind_to_certificate:
             names = [n.decode("utf-8", "replace") for n in auth_context.get("x509_common_name", ())]
             if record.name not in names:
@@ -85,14 +102,7 @@ class Authorizer:
                     "each terminal uses its own certificate and token.",
                     f"token of {record.name!r} with the certificate of {names!r}",
                 )
-        if record.level < need:
-            raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"Terminal {record.name!r} has {_a(record.scope)} token; {method.rsplit('/', 1)[-1]} needs "
-                f"{_a(need.name)} token.",
-                f"{record.scope} token of {record.name!r} for a {need.name} call",
-            )
-        return Caller(record.name, record.level)
+        return Caller(record.name, record.level, admitted=True)
 
 
 def _a(word: str) -> str:
@@ -114,12 +124,21 @@ def _host(peer: str) -> str:
     return rest.rsplit(":", 1)[0] if ":" in rest else rest
 
 
-class AuthInterceptor(aio.ServerInterceptor):
-    """Wraps each method's handler in one of the same shape (a unary handler answering a streaming call
-    is a known grpcio pitfall) that checks the caller before the method runs."""
+# The service's admission of a terminal's call before its request is read (Score's rate and concurrency):
+# a Refused, or None to go ahead.
+Admit = Callable[[str, str], "Refused | None"]
 
-    def __init__(self, authorizer: Authorizer) -> None:
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Checks each call before its method runs. The token (and the service's admission of a terminal's call)
+    is checked as the call arrives: a refusal then answers without reading the request, so an unknown
+    caller cannot make the appliance hold a large Score image. The certificate binding is checked when the
+    call runs (the peer's certificate is only known then), by a wrapper of the method's own shape (a unary
+    handler answering a streaming call is a known grpcio pitfall)."""
+
+    def __init__(self, authorizer: Authorizer, admit: Admit | None = None) -> None:
         self.authorizer = authorizer
+        self.admit = admit
 
     async def intercept_service(
         self,
@@ -130,23 +149,48 @@ class AuthInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler  # probes need no token
-        return _guarded(handler, self._check(method))
+        try:
+            record = self.authorizer.check_token(method, handler_call_details.invocation_metadata)
+            refused = self.admit(method, record.name) if self.admit and record is not None else None
+        except Refused as e:
+            refused = e
+        except ConfigError as e:  # the tokens file cannot be read: every call is refused until it can
+            log.error("%s", e.message)
+            refused = Refused(
+                grpc.StatusCode.UNAVAILABLE, "The appliance cannot check tokens now; tell IT.", "tokens unreadable"
+            )
+        if refused is not None:
+            log.warning("refused %s: %s", method, refused.log_reason)
+            return _refusal(handler, refused)
+        return _guarded(handler, self._bind(record))
 
-    def _check(self, method: str) -> Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]:
+    def _bind(self, record: TokenRecord | None) -> Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]:
         async def check(context: aio.ServicerContext[Any, Any]) -> None:
             try:
-                who = self.authorizer.check(
-                    method, context.invocation_metadata(), context.auth_context(), context.peer()
-                )
+                who = self.authorizer.caller(record, context.auth_context(), context.peer())
             except Refused as e:
-                log.warning("refused %s from %s: %s", method, _host(context.peer()), e.log_reason)
+                log.warning("refused a call from %s: %s", _host(context.peer()), e.log_reason)
                 await context.abort(e.code, e.sentence)
-            except ConfigError as e:  # the tokens file cannot be read: every call is refused until it can
-                log.error("%s", e.message)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "The appliance cannot check tokens now; tell IT.")
             caller.set(who)
 
         return check
+
+
+def _refusal(handler: grpc.RpcMethodHandler, refused: Refused) -> grpc.RpcMethodHandler:
+    """A handler that answers with the refusal without reading the request: it takes the request as a
+    stream it never reads, and answers in the method's own response shape."""
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+
+    async def abort(_requests: Any, context: aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(refused.code, refused.sentence)
+
+    async def abort_stream(_requests: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await context.abort(refused.code, refused.sentence)
+        yield  # unreachable: makes this a generator, as a streaming method is
+
+    if handler.unary_unary or handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, **kw)
+    return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
 
 
 def _guarded(

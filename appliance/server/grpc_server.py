@@ -53,7 +53,7 @@ class GrpcServer:
             self.tokens, required=config.tokens_required, bind_to_certificate=config.tls_client_ca is not None
         )
         self.server = aio.server(
-            interceptors=[AuthInterceptor(authorizer)],
+            interceptors=[AuthInterceptor(authorizer, admit=self.service.admit)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -31,7 +31,7 @@ from appliance.ingest.content_hash import digest_bytes
 from appliance.ingest.journal import Journal
 from appliance.processing import Job, Processor
 from appliance.results import InputFacts, stored_to_message
-from appliance.server.auth import Caller, caller
+from appliance.server.auth import Caller, Refused, caller
 from appliance.server.feed import PAGE, ResultFeed, encoded
 from appliance.server.metrics import Metrics
 from appliance.server.tokens import Scope
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 STREAM_WAKE_S = 5.0  # an idle stream looks again this often (a missed wake-up costs at most this)
 SCORE_TIMEOUT_S = 120.0
 LOOKUP_THREADS = 4
+SCORE_METHOD = "/appliance.v1.Scoring/Score"
 LOCAL = Caller("local", Scope.admin)  # where no token is required (a loopback-only appliance)
 
 
@@ -119,22 +120,40 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     # --- Score ----------------------------------------------------------------------------------------
 
+    def admit(self, method: str, terminal: str) -> Refused | None:
+        """A terminal's call as it arrives, before its request is read (from the auth interceptor)."""
+        if method != SCORE_METHOD:
+            return None
+        return self._admit_score(terminal)
+
+    def _admit_score(self, terminal: str) -> Refused | None:
+        problem = self.hooks.problem()
+        if problem:
+            return Refused(grpc.StatusCode.UNAVAILABLE, f"Not taking images now: {problem}", "not taking images")
+        bucket = self._rates.setdefault(terminal, _TokenBucket(self.limits.score_rate_per_terminal))
+        if not bucket.take():
+            return Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"More than {self.limits.score_rate_per_terminal:g} Score calls per second from this terminal; "
+                "slow down.",
+                f"Score rate of {terminal!r}",
+            )
+        if self._scores >= self.limits.max_scores:
+            return Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.limits.max_scores} Score calls are running; retry.",
+                "Score calls all running",
+            )
+        return None
+
     async def Score(self, request: pb.ScoreRequest, context: aio.ServicerContext[Any, Any]) -> pb.Result:
         who = caller.get(LOCAL)
         if not request.image:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.image is empty.")
-        problem = self.hooks.problem()
-        if problem:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"Not taking images now: {problem}")
-        bucket = self._rates.setdefault(who.name, _TokenBucket(self.limits.score_rate_per_terminal))
-        if not bucket.take():
-            await _abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"More than {self.limits.score_rate_per_terminal:g} Score calls per second from this terminal; "
-                "slow down.",
-            )
-        if self._scores >= self.limits.max_scores:
+        refused = None if who.admitted else self._admit_score(who.name)
+        if refused is not None:
+            await _abort(context, refused.code, refused.sentence)
+        if self._scores >= self.limits.max_scores:  # others were admitted while this request was read
             await _abort(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.limits.max_scores} Score calls are running; retry."
             )
