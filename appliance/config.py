@@ -120,8 +120,8 @@ class ServerConfig(_Section):
         64,
         gt=0,
         le=1024,
-        description="Largest image accepted by Score. gRPC holds a whole request before any check runs, "
-        "so this times max_scores bounds what Score calls can hold at once.",
+        description="Largest image accepted by Score; this times max_scores bounds what Score calls hold at once "
+        "(a call without a valid token, or past its terminal's limits, is refused before its image is read).",
     )
     tls_cert: Path | None = Field(None, description="Server certificate (PEM, with its chain); `make certs` makes it.")
     tls_key: Path | None = Field(None, description="The server certificate's private key (PEM, mode 0600).")
