@@ -90,7 +90,9 @@ class Authorizer:
             )
         return record
 
-    def caller(self, record: TokenRecord | None, auth_context: Mapping[str, Iterable[bytes]], peer: str) -> Caller:
+    def caller(
+        self, record: TokenRecord | None, auth_context: Mapping[str, Iterable[bytes]], peer: str, admitted: bool
+    ) -> Caller:
         if record is None:
             return Caller(f"host:{_host(peer)}", Scope.admin)
         if self.bind_to_certificate:
@@ -102,7 +104,7 @@ class Authorizer:
                     "each terminal uses its own certificate and token.",
                     f"token of {record.name!r} with the certificate of {names!r}",
                 )
-        return Caller(record.name, record.level, admitted=True)
+        return Caller(record.name, record.level, admitted=admitted)
 
 
 def _a(word: str) -> str:
@@ -167,7 +169,8 @@ class AuthInterceptor(aio.ServerInterceptor):
     def _bind(self, record: TokenRecord | None) -> Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]:
         async def check(context: aio.ServicerContext[Any, Any]) -> None:
             try:
-                who = self.authorizer.caller(record, context.auth_context(), context.peer())
+                admitted = self.admit is not None and record is not None
+                who = self.authorizer.caller(record, context.auth_context(), context.peer(), admitted)
             except Refused as e:
                 log.warning("refused a call from %s: %s", _host(context.peer()), e.log_reason)
                 await context.abort(e.code, e.sentence)
