@@ -7,22 +7,21 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 
 from appliance import __version__
 from appliance.config import Config
-from appliance.errors import ApplianceError, ConfigError, RepeatedCrash
-from appliance.faults import STORAGE, Faults
+from appliance.errors import ApplianceError, ConfigError
+from appliance.faults import Faults
 from appliance.inference.backend import Backend
 from appliance.inference.loader import Served, expected_sample_shape, open_served
 from appliance.ingest.ingestor import Ingestor
-from appliance.ingest.journal import InputRow, Journal
+from appliance.ingest.intake import Intake
+from appliance.ingest.journal import Journal
 from appliance.ingest.journal_guard import open_journal
 from appliance.ingest.watcher import FolderWatcher
 from appliance.manifest import LoadedManifest, load_manifest
-from appliance.processing import Job, Processor
-from appliance.results import InputFacts
+from appliance.processing import Processor
 from appliance.server.grpc_server import GrpcServer
 from appliance.server.metrics import Metrics
 from appliance.server.service import Hooks, ScoringService
@@ -34,7 +33,6 @@ from appliance.v1 import scoring_pb2 as pb
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.sqlite3"
-MAX_ATTEMPTS = 3  # starts that may find the same input unfinished before it is set aside
 CHECK_S = 1.0  # how often the run loop checks free space and the stages
 # systemd kills the service TimeoutStopSec (60 s) after SIGTERM: a graceful stop gives up well before that.
 STOP_LIMIT_S = 40.0
@@ -63,6 +61,7 @@ class Daemon:
         self.served: Served | None = None
         self.journal: Journal | None = None
         self.processor: Processor | None = None
+        self.intake: Intake | None = None
         self.ingestor: Ingestor | None = None
         self.watcher: FolderWatcher | None = None
         self.server: GrpcServer | None = None
@@ -99,11 +98,14 @@ class Daemon:
         self.processor = Processor(
             config, self.loaded.manifest, self.backend, self.journal, self.metrics, faults=self.faults
         )
+        self.intake = Intake(
+            self.journal, self.processor, config.watch, on_duplicate=self.metrics.duplicates.inc, faults=self.faults
+        )
         hooks = Hooks(
             model_info=self.model_info, status=self.status, problem=self.intake_problem, reload=self.reload_model
         )
         service = ScoringService(
-            self.journal, self.processor, config.storage.data_dir / "spool", hooks, self.metrics, config.server
+            self.journal, self.intake, config.storage.data_dir / "spool", hooks, self.metrics, config.server
         )
         self.server = GrpcServer(service, config.server)
         # Read before the server and the watcher start: only what the last run left, never a new input.
@@ -113,8 +115,8 @@ class Daemon:
         self.server.start()
         self.metrics.serve(config.server.metrics_host, config.server.metrics_port)
         # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
-        threading.Thread(target=self._requeue, args=(pending,), name="requeue", daemon=True).start()
-        self.ingestor = Ingestor(config.watch, self.journal, self.processor, faults=self.faults)
+        threading.Thread(target=self.intake.requeue, args=(pending, self.stopping), name="requeue", daemon=True).start()
+        self.ingestor = Ingestor(self.journal, self.processor, self.intake, faults=self.faults)
         self.ingestor.start()
         exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
         self.watcher = FolderWatcher(config.watch, self.ingestor.offer, exclude, faults=self.faults)
@@ -137,46 +139,6 @@ class Daemon:
             self.backend.name,
         )
         return self.server.port
-
-    def _requeue(self, pending: list[InputRow]) -> None:
-        """Inputs journaled but never finished (a crash, a power cut) are scored now, once."""
-        assert self.processor is not None
-        if not pending:
-            return
-        log.info("requeueing %d inputs left in flight by the last run", len(pending))
-        attempts = self._count_attempt([row.id for row in pending])
-        if attempts is None:
-            return
-        for row in pending:
-            facts = InputFacts(
-                input_id=row.id, source=row.source, file_name=row.file_name, content_hash=row.content_hash
-            )
-            assert row.path, "every input is journaled with its path"
-            # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
-            if self.stopping.is_set():
-                return
-            job = Job(facts=facts, path=Path(row.path))
-            if attempts.get(row.id, 0) > MAX_ATTEMPTS:
-                # It was in flight at each of the last starts: likely what killed the process (OOM, a crash
-                # in a native decoder). Set it aside instead of crash-looping on it.
-                log.error("input %d was unfinished at %d starts in a row; rejecting it", row.id, attempts[row.id])
-                self.processor.submit_rejected(job, RepeatedCrash())
-            else:
-                self.processor.submit(job)
-
-    def _count_attempt(self, input_ids: list[int]) -> dict[int, int] | None:
-        """The journal's count of starts that found these inputs unfinished; on a full disk, once it has
-        space again (None when stopping meanwhile)."""
-        assert self.journal is not None
-        while True:
-            try:
-                return self.journal.count_attempt(input_ids)
-            except Exception as e:
-                if not self.faults.report(e):
-                    raise
-            while self.faults.holds(STORAGE):
-                if self.stopping.wait(CHECK_S):
-                    return None
 
     def _clean_spool(self, keep: set[str | None]) -> None:
         """Score requests spooled but never journaled (a crash in between) were never answered: drop them."""

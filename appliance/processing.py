@@ -35,7 +35,7 @@ from appliance.manifest import Manifest
 from appliance.pipeline import Prepared
 from appliance.prepare_pool import PreparePool, ReadAhead
 from appliance.privacy import hashed, log_failure
-from appliance.results import InputFacts, StageTimes, rejected_result, scored_result, stored_to_message
+from appliance.results import InputFacts, StageTimes, outcome_of, rejected_result, scored_result, stored_to_message
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
 
@@ -162,8 +162,18 @@ class Processor:
 
     # --- the stages ---------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
-        """A journaled input: prepare it in the pool, then on to the batcher."""
+    def submit(
+        self,
+        facts: InputFacts,
+        path: Path,
+        *,
+        answer: Future[list[pb.Result]] | None = None,
+        picked_up: float | None = None,
+    ) -> None:
+        """A journaled input: prepare it in the pool, then on to the batcher. ``answer`` gets its results."""
+        job = Job(facts=facts, path=path, future=answer)
+        if picked_up is not None:
+            job.picked_up = picked_up
         self._admit()
         try:
             preparing = self._preparing.prepare(job.path, job.facts.file_name)
@@ -182,10 +192,12 @@ class Processor:
             self.drop()
             raise
 
-    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float) -> None:
+    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float | None = None) -> None:
         """The read-ahead input is now journaled: on to the batcher (or to its rejection). ``picked_up``:
         when the ingest screened it (time.perf_counter)."""
-        job = Job(facts=facts, path=path, picked_up=picked_up)
+        job = Job(facts=facts, path=path)
+        if picked_up is not None:
+            job.picked_up = picked_up
         if ahead.prepared is None:
             self._reject(job, ahead.error or CorruptImage())
         else:
@@ -197,10 +209,10 @@ class Processor:
         self._arrived()
         self._release()
 
-    def submit_rejected(self, job: Job, error: InputRejected) -> None:
+    def submit_rejected(self, facts: InputFacts, path: Path, error: InputRejected) -> None:
         """Record a rejection decided before any decoding (e.g. a file that keeps crashing the daemon)."""
         self._admit()
-        self._reject(job, error)
+        self._reject(Job(facts=facts, path=path), error)
 
     def _admit(self) -> None:
         """Take a slot (blocking when the stages are full); ``_release`` gives it back."""
@@ -481,20 +493,9 @@ class Processor:
     def _dispose(self, job: Job, first: pb.Result) -> str | None:
         """Move the file aside; returns where it went ('' for gone), None if the move failed."""
         try:
-            if job.facts.source == "grpc":
-                job.path.unlink(missing_ok=True)  # the spooled copy of a Score request
-                where = ""
-            elif first.outcome == pb.OUTCOME_REJECTED:
-                where = disposal.dispose_rejected(
-                    job.path,
-                    job.facts.input_id,
-                    first.rejection.code,
-                    first.rejection.message,
-                    self.config.watch,
-                )
-            else:
-                where = disposal.dispose_scored(job.path, job.facts.input_id, self.config.watch)
-            return where
+            return disposal.dispose(
+                job.path, job.facts.input_id, job.facts.source, outcome_of(first), self.config.watch
+            )
         except OSError as e:  # the result is stored; a failed move is retried by the next rescan
             if not self.faults.report(e):
                 log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from appliance.errors import ApplianceError
 from appliance.imaging.types import ImageMeta
 from appliance.inference.postprocess import Scores, Verdict
+from appliance.ingest.disposal import Outcome
 from appliance.ingest.journal import StoredResult
 from appliance.manifest import Manifest
 from appliance.v1 import scoring_pb2 as pb
@@ -119,3 +120,14 @@ def result_to_dict(result: pb.Result) -> dict[str, object]:
     from google.protobuf.json_format import MessageToDict
 
     return MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=False)
+
+
+def outcome_of(result: pb.Result) -> Outcome:
+    """What the disposal policy needs of a result."""
+    if result.outcome == pb.OUTCOME_REJECTED:
+        return Outcome(rejected=True, code=result.rejection.code, message=result.rejection.message)
+    return Outcome(rejected=False)
+
+
+def stored_outcome(stored: StoredResult) -> Outcome:
+    return outcome_of(pb.Result.FromString(stored.payload))

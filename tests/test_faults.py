@@ -19,7 +19,7 @@ from appliance.faults import STORAGE, Faults, is_disk_full
 from appliance.inference.loader import open_backend
 from appliance.ingest.journal import Journal
 from appliance.manifest import load_manifest
-from appliance.processing import Job, Processor
+from appliance.processing import Processor
 from appliance.results import InputFacts
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
@@ -137,7 +137,7 @@ def _submit(processor: Processor, journal: Journal, folder: Path, seed: int) -> 
     )
     future: Future[list[pb.Result]] = Future()
     facts = InputFacts(input_id=reg.input.id, source="folder", file_name=path.name, content_hash=f"hash-{seed}")
-    processor.submit(Job(facts=facts, path=path, future=future))
+    processor.submit(facts, path, answer=future)
     return reg.input.id, future
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import WatchConfig
@@ -47,6 +48,27 @@ def _copy_then_remove(src: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     src.unlink()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """All of an input's result that decides where its file goes."""
+
+    rejected: bool
+    code: str = ""
+    message: str = ""
+
+
+def dispose(src: Path, input_id: int, source: str, outcome: Outcome | None, config: WatchConfig) -> str:
+    """The one disposal policy, for a scored input and for a duplicate of one alike: a Score request's
+    spooled copy is deleted; a rejected file is set aside with its reason; a scored one follows
+    ``after_scoring``. Returns where the file is now ('' when gone)."""
+    if source == "grpc":
+        src.unlink(missing_ok=True)
+        return ""
+    if outcome is not None and outcome.rejected:
+        return dispose_rejected(src, input_id, outcome.code, outcome.message, config)
+    return dispose_scored(src, input_id, config)
 
 
 def dispose_scored(src: Path, input_id: int, config: WatchConfig) -> str:

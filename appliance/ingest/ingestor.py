@@ -13,14 +13,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.config import WatchConfig
 from appliance.faults import Faults
-from appliance.ingest import disposal
 from appliance.ingest.content_hash import FileChanged
-from appliance.ingest.journal import InputRow, Journal
+from appliance.ingest.intake import Arrival, Intake
+from appliance.ingest.journal import Journal
 from appliance.privacy import log_failure
-from appliance.results import InputFacts
-from appliance.v1 import scoring_pb2 as pb
 
 if TYPE_CHECKING:
     from appliance.prepare_pool import ReadAhead
@@ -35,31 +32,28 @@ def display_name(path: Path) -> str:
 
 
 class ReadAheadStage(Protocol):
-    """What the ingest needs of the processor (appliance.processing.Processor)."""
+    """What the folder's way in needs of the processor (appliance.processing.Processor): a slot of the
+    stages and a read-ahead in it, or the slot back."""
 
     def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]: ...
-
-    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float) -> None: ...
 
     def drop(self) -> None: ...
 
 
 class Ingestor:
-    """Screens ready files, has each new one hashed and prepared in one read by the processor's workers
-    (read-ahead), then journals them one at a time as their read-aheads finish, so the same file reported
-    twice is journaled once and the same content twice is scored once, and a slow file holds up no other.
+    """The watched folder's way in. Screens ready files, has each new one hashed and prepared in one read by
+    the processor's workers (read-ahead), then submits them to the intake one at a time as their read-aheads
+    finish, so the same file reported twice is journaled once and a slow file holds up no other.
     Only a journaled input goes on to inference and a result; a crash before that leaves the file in the
     folder for the next rescan.
 
     While ``faults`` says no input can be stored (a full disk), a file offered is left where it is and
     remembered (``held_back``); ``retake`` offers those again once it can."""
 
-    def __init__(
-        self, config: WatchConfig, journal: Journal, stage: ReadAheadStage, faults: Faults | None = None
-    ) -> None:
-        self.config = config
+    def __init__(self, journal: Journal, stage: ReadAheadStage, intake: Intake, faults: Faults | None = None) -> None:
         self.journal = journal
         self._stage = stage
+        self.intake = intake
         self.faults = faults or Faults()
         self._held_back: set[Path] = set()
         self._held_lock = threading.Lock()
@@ -147,7 +141,7 @@ class Ingestor:
             return False
         if known.state != "queued":
             # Stored before a crash but not yet moved aside: finish the disposal, score nothing.
-            self._dispose_again(known, path)
+            self.intake.dispose_again(known, path)
         return True
 
     def _register_loop(self) -> None:
@@ -192,38 +186,13 @@ class Ingestor:
         # Checked again here, serially: the same file may have been offered twice while it was read.
         if self._known(path, st):
             return False
-        reg = self.journal.register(
+        arrival = Arrival(
             source="folder",
-            path=str(path),
+            path=path,
             file_name=display_name(path),
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
             content_hash=ahead.digest,
         )
-        original = reg.duplicate_of
-        if original is not None and original.state == "queued" and original.path == str(path):
-            # The queued input's own file, offered again (touched, say): its job owns the file.
-            return False
-        if original is not None:
-            log.info(
-                "input %d is a duplicate of input %d (same content); not scored again",
-                reg.input.id,
-                original.id,
-            )
-            self._dispose_again(reg.input, path)
-            return False
-        facts = InputFacts(
-            input_id=reg.input.id, source="folder", file_name=display_name(path), content_hash=ahead.digest
-        )
-        self._stage.take(facts, path, ahead, picked_up)
-        return True
-
-    def _dispose_again(self, row: InputRow, path: Path) -> None:
-        original = self.journal.get_input(row.duplicate_of) if row.duplicate_of else row
-        stored = self.journal.results_for_input(original.id) if original else []
-        first = pb.Result.FromString(stored[0].payload) if stored else None
-        if first is not None and first.outcome == pb.OUTCOME_REJECTED:
-            where = disposal.dispose_rejected(path, row.id, first.rejection.code, first.rejection.message, self.config)
-        else:
-            where = disposal.dispose_scored(path, row.id, self.config)
-        self.journal.set_disposed(row.id, where)
+        submitted = self.intake.submit(arrival, ahead=ahead, picked_up=picked_up)
+        return submitted.duplicate_of is None and not submitted.already_queued

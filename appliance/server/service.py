@@ -28,9 +28,9 @@ from grpc import aio
 from appliance.config import ServerConfig
 from appliance.errors import ApplianceError
 from appliance.ingest.content_hash import digest_bytes
+from appliance.ingest.intake import Arrival, Intake
 from appliance.ingest.journal import Journal
-from appliance.processing import Job, Processor
-from appliance.results import InputFacts, stored_to_message
+from appliance.results import stored_to_message
 from appliance.server.auth import Caller, Refused, caller
 from appliance.server.feed import PAGE, ResultFeed, encoded
 from appliance.server.metrics import Metrics
@@ -84,14 +84,14 @@ class ScoringService(pb_grpc.ScoringServicer):
     def __init__(
         self,
         journal: Journal,
-        processor: Processor,
+        intake: Intake,
         spool_dir: Path,
         hooks: Hooks,
         metrics: Metrics,
         limits: ServerConfig,
     ) -> None:
         self.journal = journal
-        self.processor = processor
+        self.intake = intake
         self.spool_dir = spool_dir
         self.hooks = hooks
         self.metrics = metrics
@@ -187,27 +187,19 @@ class ScoringService(pb_grpc.ScoringServicer):
     def _score(self, data: bytes, file_name: str, gone: Callable[[], bool]) -> pb.Result:
         digest = digest_bytes(data)
         path = self._spool(data)
+        future: Future[list[pb.Result]] = Future()
+        arrival = Arrival(
+            source="grpc", path=path, file_name=file_name or "upload", size=len(data), content_hash=digest
+        )
         try:
-            reg = self.journal.register(
-                source="grpc",
-                path=str(path),
-                file_name=file_name or "upload",
-                size=len(data),
-                mtime_ns=0,
-                content_hash=digest,
-            )
+            submitted = self.intake.submit(arrival, answer=future)
         except (sqlite3.Error, ApplianceError) as e:  # the journal's disk full or damaged: said on health too
             path.unlink(missing_ok=True)
             raise _Refusal(
                 grpc.StatusCode.UNAVAILABLE, "The image could not be journaled on the appliance; retry later."
             ) from e
-        if reg.duplicate_of is not None:
-            path.unlink(missing_ok=True)
-            self.metrics.duplicates.inc()
-            return self._wait_for_input(reg.duplicate_of.id, gone)
-        future: Future[list[pb.Result]] = Future()
-        facts = InputFacts(input_id=reg.input.id, source="grpc", file_name=reg.input.file_name, content_hash=digest)
-        self.processor.submit(Job(facts=facts, path=path, future=future))
+        if submitted.duplicate_of is not None:
+            return self._wait_for_input(submitted.duplicate_of, gone)
         deadline = time.monotonic() + SCORE_TIMEOUT_S
         try:
             while True:  # in short waits, so a thread whose caller left is free again at once
