@@ -11,16 +11,19 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.config import Config, load_config
-from appliance.errors import ApplianceError, InferenceFailed
+from appliance.errors import ApplianceError
+from appliance.inference.batcher import BatchTiming
 from appliance.inference.loader import open_backend
-from appliance.inference.postprocess import decide
 from appliance.inference.runs import scores_in_batches
 from appliance.ingest.content_hash import digest_bytes
 from appliance.logging_setup import setup_logging
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
-from appliance.results import InputFacts, StageTimes, rejected_result, result_to_dict, scored_result
+from appliance.results import InputFacts, StageTimes, result_to_dict
+from appliance.scoring.building import build_results, rejection
+from appliance.scoring.job import Frame
 from appliance.server.tokens import Scope, TokenStore
+from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger("appliance")
 
@@ -185,38 +188,17 @@ def _score(config: Config, files: list[Path]) -> int:
                 prepared = preparer.prepare(data, path.name)
             except ApplianceError as e:
                 times = StageTimes(total_ms=(time.perf_counter() - t0) * 1e3)
-                print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, e, times))))
+                print(json.dumps(result_to_dict(rejection(facts, manifest, backend.name, e, times, None))))
                 failures += 1
                 continue
             t1 = time.perf_counter()
             rows = scores_in_batches(backend, prepared.tensors, manifest.output.activation)
-            infer_ms = (time.perf_counter() - t1) * 1e3
-            times = StageTimes(
-                decode_ms=prepared.decode_ms,
-                preprocess_ms=prepared.preprocess_ms,
-                infer_ms=infer_ms,
-                total_ms=(time.perf_counter() - t0) * 1e3,
-                batch_size=len(rows),
-            )
-            for index, row in enumerate(rows):
-                try:
-                    scores = decide(row, manifest)
-                except ValueError as e:
-                    err = InferenceFailed(str(e))
-                    print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, err, times))))
-                    failures += 1
-                    continue
-                result = scored_result(
-                    facts,
-                    manifest,
-                    backend.name,
-                    prepared.meta,
-                    scores,
-                    times,
-                    frame_index=index,
-                    frame_count=len(rows),
-                )
+            timing = BatchTiming(queue_ms=0.0, infer_ms=(time.perf_counter() - t1) * 1e3, batch_size=len(rows))
+            frames: list[Frame | None] = [(row, None, timing) for row in rows]
+            # The daemon's own result builder: an offline score is the daemon's result exactly.
+            for result in build_results(facts, prepared, frames, t0, (manifest, backend.name)):
                 print(json.dumps(result_to_dict(result)))
+                failures += result.outcome != pb.OUTCOME_SCORED
     return 1 if failures else 0
 
 

@@ -21,7 +21,7 @@ from appliance.ingest.journal import Journal
 from appliance.ingest.journal_guard import open_journal
 from appliance.ingest.watcher import FolderWatcher
 from appliance.manifest import LoadedManifest, load_manifest
-from appliance.processing import Processor
+from appliance.scoring.stages import ScoringStages
 from appliance.server.grpc_server import GrpcServer
 from appliance.server.metrics import Metrics
 from appliance.server.service import Hooks, ScoringService
@@ -60,7 +60,7 @@ class Daemon:
         self.backend: Backend | None = None
         self.served: Served | None = None
         self.journal: Journal | None = None
-        self.processor: Processor | None = None
+        self.processor: ScoringStages | None = None
         self.intake: Intake | None = None
         self.ingestor: Ingestor | None = None
         self.watcher: FolderWatcher | None = None
@@ -95,7 +95,7 @@ class Daemon:
         self.backend = self.served.backend
         self.metrics.serving.labels(self.backend.name, self.served.precision).set(1)
         self.metrics.passed_over.set(self.served.refused)
-        self.processor = Processor(
+        self.processor = ScoringStages(
             config, self.loaded.manifest, self.backend, self.journal, self.metrics, faults=self.faults
         )
         self.intake = Intake(

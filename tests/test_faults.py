@@ -19,8 +19,8 @@ from appliance.faults import STORAGE, Faults, is_disk_full
 from appliance.inference.loader import open_backend
 from appliance.ingest.journal import Journal
 from appliance.manifest import load_manifest
-from appliance.processing import Processor
 from appliance.results import InputFacts
+from appliance.scoring.stages import ScoringStages
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
 
@@ -107,7 +107,7 @@ class _FullJournal(Journal):
 
 
 @pytest.fixture
-def stages(tmp_path: Path) -> Iterator[tuple[Processor, _FullJournal, Faults, Path]]:
+def stages(tmp_path: Path) -> Iterator[tuple[ScoringStages, _FullJournal, Faults, Path]]:
     config = Config(
         watch=WatchConfig(dir=tmp_path / "in", processed_dir=tmp_path / "done", rejected_dir=tmp_path / "rejected"),
         storage=StorageConfig(data_dir=tmp_path / "data"),
@@ -119,7 +119,7 @@ def stages(tmp_path: Path) -> Iterator[tuple[Processor, _FullJournal, Faults, Pa
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = _FullJournal(tmp_path / "data" / "journal.sqlite3")
     faults = Faults()
-    processor = Processor(config, loaded.manifest, backend, journal, Metrics(), faults=faults)
+    processor = ScoringStages(config, loaded.manifest, backend, journal, Metrics(), faults=faults)
     processor.start()
     try:
         yield processor, journal, faults, config.watch.dir
@@ -129,7 +129,7 @@ def stages(tmp_path: Path) -> Iterator[tuple[Processor, _FullJournal, Faults, Pa
         journal.close()
 
 
-def _submit(processor: Processor, journal: Journal, folder: Path, seed: int) -> tuple[int, Future[list[pb.Result]]]:
+def _submit(processor: ScoringStages, journal: Journal, folder: Path, seed: int) -> tuple[int, Future[list[pb.Result]]]:
     path = folder / f"{seed}.png"
     path.write_bytes(png_bytes(seed))
     reg = journal.register(
@@ -167,7 +167,7 @@ def test_stopping_while_the_disk_is_full_leaves_the_input_queued(stages, caplog)
     with pytest.raises(StorageFull):
         future.result(timeout=60)
     assert faults.holds(STORAGE)
-    caplog.set_level(logging.WARNING, logger="appliance.processing")
+    caplog.set_level(logging.WARNING, logger="appliance.scoring")
     processor.stop(timeout=30)  # does not wait for what can't be stored
     assert "1 results not stored for want of disk space" in caplog.text
     assert [row.id for row in journal.pending()] == [input_id]

@@ -32,7 +32,7 @@ def display_name(path: Path) -> str:
 
 
 class ReadAheadStage(Protocol):
-    """What the folder's way in needs of the processor (appliance.processing.Processor): a slot of the
+    """What the folder's way in needs of the processor (appliance.scoring.stages.ScoringStages): a slot of the
     stages and a read-ahead in it, or the slot back."""
 
     def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]: ...

@@ -26,7 +26,7 @@ from appliance.v1 import scoring_pb2 as pb
 
 if TYPE_CHECKING:
     from appliance.prepare_pool import ReadAhead
-    from appliance.processing import Processor
+    from appliance.scoring.stages import ScoringStages
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Intake:
     def __init__(
         self,
         journal: Journal,
-        processor: Processor,
+        processor: ScoringStages,
         watch: WatchConfig,
         on_duplicate: Callable[[], None],
         faults: Faults | None = None,

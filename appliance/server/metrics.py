@@ -61,9 +61,24 @@ class Metrics:
             registry=r,
         )
 
-    def observe_batch(self, size: int, infer_ms: float) -> None:
+    # --- what the scoring stages report (appliance.scoring.observer.ScoringObserver) ------------------
+
+    def on_in_flight(self, count: int) -> None:
+        self.in_flight.set(count)
+
+    def on_batch(self, size: int, infer_ms: float) -> None:
         self.batch_size.observe(size)
         self.stage.labels("infer").observe(infer_ms / 1e3)
+
+    def on_result(self, outcome: str, code: str) -> None:
+        self.results.labels(outcome, code).inc()
+
+    def on_finished(self, seconds: float, decode_ms: float | None, preprocess_ms: float | None) -> None:
+        self.latency.observe(seconds)
+        if decode_ms is not None:
+            self.stage.labels("decode").observe(decode_ms / 1e3)
+        if preprocess_ms is not None:
+            self.stage.labels("preprocess").observe(preprocess_ms / 1e3)
 
     def serve(self, host: str, port: int) -> None:
         if port:

@@ -18,7 +18,7 @@ from appliance.ingest.content_hash import digest_bytes
 from appliance.ingest.intake import MAX_ATTEMPTS, Arrival, Intake
 from appliance.ingest.journal import Journal
 from appliance.manifest import load_manifest
-from appliance.processing import Processor
+from appliance.scoring.stages import ScoringStages
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
 from tests.integration.conftest import TEST_MODEL, png_bytes
@@ -45,7 +45,7 @@ def stages(tmp_path: Path) -> Iterator[Stages]:
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
     metrics = Metrics()
-    processor = Processor(config, loaded.manifest, backend, journal, metrics, faults=Faults())
+    processor = ScoringStages(config, loaded.manifest, backend, journal, metrics, faults=Faults())
     processor.start()
     intake = Intake(journal, processor, config.watch, on_duplicate=metrics.duplicates.inc)
     try:

@@ -1,0 +1,246 @@
+"""Finishing: results are built, stored in groups (one transaction, one fsync per group), the files moved
+aside, and what happened reported to the observer and the log. Results that cannot be stored for want of
+space are held (with their slots) and stored once the disk has space again: never dropped, never stuck
+until a restart."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from appliance.config import WatchConfig
+from appliance.errors import StorageFull
+from appliance.faults import STORAGE, Faults
+from appliance.ingest import disposal
+from appliance.ingest.journal import Journal, NewResult
+from appliance.privacy import hashed, log_failure
+from appliance.results import outcome_of, stored_to_message
+from appliance.scoring.admission import Admission
+from appliance.scoring.building import Scorer, build_results, journal_row
+from appliance.scoring.job import Job
+from appliance.scoring.observer import ScoringObserver
+from appliance.v1 import scoring_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+FINISH_GROUP = 64  # results stored per journal transaction at most
+RETRY_S = 1.0  # how often results held back by a full disk are tried again once it has space
+
+
+class Finisher:
+    def __init__(
+        self,
+        journal: Journal,
+        watch: WatchConfig,
+        admission: Admission,
+        observer: ScoringObserver,
+        current: Callable[[], Scorer],
+        faults: Faults,
+    ) -> None:
+        self.journal = journal
+        self.watch = watch
+        self.admission = admission
+        self.observer = observer
+        self.current = current  # the model serving now, for inputs rejected before any batch
+        self.faults = faults
+        self._held: list[Job] = []  # finished jobs whose results wait for space; this thread's own
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():  # not started when the daemon's start failed after building it
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _finish_loop(self) -> None:
+        """Store results in groups: whatever finished while the last group was being written goes into
+        the next one transaction, so a burst costs one fsync per group, not per file. Results held back
+        by a full disk go first into the next group once it has space (checked every RETRY_S)."""
+        stopping = False
+        while not stopping:
+            try:
+                job = self._queue.get(timeout=RETRY_S if self._held else None)
+            except queue.Empty:
+                job = None
+                if self.faults.holds(STORAGE):
+                    continue
+            else:
+                if job is None:
+                    break
+            group = [job] if job is not None else []
+            while len(group) < FINISH_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                group.append(more)
+            if self._held and not self.faults.holds(STORAGE):
+                group = self._held + group
+                self._set_held([])
+            if group:
+                self._store(group)
+        self._abandon_held()
+
+    def _store(self, group: list[Job]) -> None:
+        held: list[Job] = []
+        try:
+            held = self._finish_group(group)
+        except Exception as e:  # never lose the finisher: fail the callers still waiting, keep going
+            for failed in group:
+                if failed.future is None or not failed.future.done():
+                    self._fail(failed, e)
+        finally:
+            kept = {id(job) for job in held}
+            for job in group:
+                if id(job) not in kept:
+                    self.admission.release()
+        if held:
+            self._set_held(self._held + held)
+
+    def _set_held(self, held: list[Job]) -> None:
+        self._held = held
+        self.admission.set_held(len(held))
+
+    def _abandon_held(self) -> None:
+        """Stopping with results that found no space: their inputs stay queued for the next start."""
+        if not self._held:
+            return
+        log.warning(
+            "stopping with %d results not stored for want of disk space; their inputs stay queued in the "
+            "journal and are scored at the next start",
+            len(self._held),
+        )
+        held, self._held = self._held, []
+        for _ in held:
+            self.admission.release()
+        self._set_held([])
+
+    def _finish_group(self, group: list[Job]) -> list[Job]:
+        """One transaction for the group's results; a job that fails fails alone. Returns the jobs whose
+        results found no disk space: they are held and stored later."""
+        built: list[tuple[Job, list[pb.Result], list[NewResult]]] = []
+        for job in group:
+            try:
+                results = build_results(job.facts, job.prepared, job.frames, job.picked_up, self.current())
+                built.append((job, results, [journal_row(r) for r in results]))
+            except Exception as e:
+                self._fail(job, e)
+        held: list[Job] = []
+        try:
+            stored: list[list[int] | None] = list(
+                self.journal.complete_many([(job.facts.input_id, rows) for job, _, rows in built])
+            )
+        except Exception as e:
+            if self.faults.report(e):  # the disk is full: the whole group waits for space
+                for job, _, _ in built:
+                    self._hold(job)
+                return [job for job, _, _ in built]
+            # One input's rows must not hold back the others': store them one at a time instead.
+            stored = []
+            for job, _, rows in built:
+                try:
+                    stored.append(self.journal.complete(job.facts.input_id, rows))
+                except Exception as e:
+                    if self.faults.report(e):
+                        self._hold(job)
+                        held.append(job)
+                    else:
+                        self._fail(job, e)
+                    stored.append(None)
+        disposed: list[tuple[int, str]] = []
+        done: list[tuple[Job, list[pb.Result]]] = []
+        for (job, results, _), seqs in zip(built, stored, strict=True):
+            if seqs is None:
+                continue
+            try:
+                if not seqs:
+                    # Already finished by another job for the same input: answer with what is stored.
+                    log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
+                    if job.future is not None and not job.future.done():
+                        earlier = self.journal.results_for_input(job.facts.input_id)
+                        job.future.set_result([stored_to_message(s) for s in earlier])
+                    continue
+                for r, seq in zip(results, seqs, strict=True):
+                    r.sequence = seq
+                where = self._dispose(job, results[0])
+                if where is not None:
+                    disposed.append((job.facts.input_id, where))
+                done.append((job, results))
+            except Exception as e:
+                self._fail(job, e)
+        try:
+            self.journal.set_disposed_many(disposed)
+        except Exception as e:  # the files are moved and the results stored; a rescan records the rest
+            if not self.faults.report(e):
+                log_failure(log, "recording where %d files went failed", len(disposed), error=e)
+        for job, results in done:
+            self._account(job, results)
+            if job.future is not None and not job.future.done():
+                job.future.set_result(results)
+        return held
+
+    def _hold(self, job: Job) -> None:
+        """A result that found no space is kept for a retry; a Score call waiting on it is answered now
+        (it is still stored and streamed once the disk has space)."""
+        log.debug("input %d: its result waits for disk space", job.facts.input_id)
+        if job.future is not None and not job.future.done():
+            job.future.set_exception(StorageFull())
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        log_failure(log, "input %d: storing its result failed", job.facts.input_id, error=error)
+        if job.future is not None and not job.future.done():
+            job.future.set_exception(error)
+
+    def _dispose(self, job: Job, first: pb.Result) -> str | None:
+        """Move the file aside; returns where it went ('' for gone), None if the move failed."""
+        try:
+            return disposal.dispose(job.path, job.facts.input_id, job.facts.source, outcome_of(first), self.watch)
+        except OSError as e:  # the result is stored; a failed move is retried by the next rescan
+            if not self.faults.report(e):
+                log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)
+            return None
+
+    def _account(self, job: Job, results: list[pb.Result]) -> None:
+        elapsed = time.perf_counter() - job.picked_up
+        prepared = job.prepared
+        self.observer.on_finished(
+            elapsed, prepared.decode_ms if prepared else None, prepared.preprocess_ms if prepared else None
+        )
+        for r in results:
+            if r.outcome == pb.OUTCOME_SCORED:
+                self.observer.on_result("scored", "")
+                log.info(
+                    "input %d frame %d scored: seq=%d decision=%s findings=%s sop=%s %.0f ms",
+                    job.facts.input_id,
+                    r.frame_index,
+                    r.sequence,
+                    pb.Decision.Name(r.decision).removeprefix("DECISION_").lower(),
+                    ",".join(r.findings),
+                    hashed(r.sop_instance_uid),
+                    elapsed * 1e3,
+                )
+            else:
+                self.observer.on_result("rejected", r.rejection.code)
+                log.warning(
+                    "input %d rejected: seq=%d code=%s reason=%s content=%s",
+                    job.facts.input_id,
+                    r.sequence,
+                    r.rejection.code,
+                    r.rejection.message,
+                    job.facts.content_hash[:16],
+                )

@@ -1,0 +1,31 @@
+"""One journaled input on its way through the scoring stages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from appliance.inference.batcher import BatchTiming
+from appliance.pipeline import Prepared
+from appliance.results import InputFacts
+from appliance.v1 import scoring_pb2 as pb
+
+# One frame's outcome from the batcher: activated scores or an error, and its batch's timing.
+Frame = tuple[np.ndarray | None, BaseException | None, BatchTiming]
+
+
+@dataclass
+class Job:
+    facts: InputFacts
+    path: Path
+    picked_up: float = field(default_factory=time.perf_counter)
+    future: Future[list[pb.Result]] | None = None  # set for Score calls waiting on the answer
+    prepared: Prepared | None = None
+    frames: list[Frame | None] = field(default_factory=list)
+    remaining: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)

@@ -1,0 +1,197 @@
+"""The scoring stages wired together: admission → preparation (worker pool) → inference (batcher) →
+finishing. The intake is its one user: `submit` (prepare a journaled file), `read_ahead` + `take`/`drop`
+(the folder's file hashed and prepared in one read before it is journaled), `submit_rejected`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import Config
+from appliance.errors import CorruptImage, InputRejected
+from appliance.faults import Faults
+from appliance.inference.backend import Backend
+from appliance.inference.batcher import Batcher, BatchTiming
+from appliance.inference.postprocess import activate
+from appliance.ingest.journal import Journal
+from appliance.manifest import Manifest
+from appliance.pipeline import Prepared
+from appliance.prepare_pool import PreparePool, ReadAhead
+from appliance.results import InputFacts
+from appliance.scoring.admission import Admission
+from appliance.scoring.building import Scorer
+from appliance.scoring.finisher import Finisher
+from appliance.scoring.job import Job
+from appliance.scoring.observer import NoObserver, ScoringObserver
+from appliance.v1 import scoring_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class ScoringStages:
+    def __init__(
+        self,
+        config: Config,
+        manifest: Manifest,
+        backend: Backend,
+        journal: Journal,
+        observer: ScoringObserver | None = None,
+        faults: Faults | None = None,
+    ) -> None:
+        self.observer = observer or NoObserver()
+        self._scorer: Scorer = (manifest, backend.name)
+        max_batch = backend.max_batch
+        workers = config.inference.decode_workers
+        self.admission = Admission(max(4 * max_batch, 2 * workers), self.observer.on_in_flight)
+        activation = manifest.output.activation
+        self.batcher = Batcher(
+            backend,
+            lambda raw: activate(raw, activation),
+            max_batch=max_batch,
+            max_delay_ms=config.inference.max_delay_ms,
+            capacity=4 * max_batch,
+            on_batch=self.observer.on_batch,
+            coming=self.admission.coming,
+            tag=self._scorer,
+        )
+        self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with)
+        self.finisher = Finisher(
+            journal, config.watch, self.admission, self.observer, lambda: self._scorer, faults or Faults()
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._preparing.warm()
+        self.batcher.start()
+        self.finisher.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is in flight (up to ``timeout``); anything left stays queued in the journal."""
+        if not self.admission.wait_idle(timeout):
+            log.warning(
+                "stopping with %d inputs still in the stages after %.0f s; they stay queued in the journal "
+                "and are scored at the next start",
+                self.admission.unfinished(),
+                timeout,
+            )
+        self._preparing.close()
+        self.batcher.stop()
+        self.finisher.stop()
+
+    def alive(self) -> bool:
+        return self.batcher.alive() and self.finisher.alive() and self._preparing.alive()
+
+    def in_flight(self) -> int:
+        return self.admission.in_flight()
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self.admission.wait_idle(timeout)
+
+    def swap_model(self, manifest: Manifest, backend: Backend, timeout: float = 120.0) -> bool:
+        """Score with another model (same input and preprocessing) from the next batch on; what was
+        submitted before runs on the old one. The old backend is closed once no batch uses it."""
+        activation = manifest.output.activation
+        scorer = (manifest, backend.name)
+        old = self.batcher.swap(backend, lambda raw: activate(raw, activation), scorer, timeout)
+        if old is None:
+            return False
+        self._scorer = scorer  # for rejections from now on
+        old.close()
+        return True
+
+    # --- the ways an input enters ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        facts: InputFacts,
+        path: Path,
+        *,
+        answer: Future[list[pb.Result]] | None = None,
+        picked_up: float | None = None,
+    ) -> None:
+        """A journaled input: prepare it in the pool, then on to the batcher. ``answer`` gets its results."""
+        job = Job(facts=facts, path=path, future=answer)
+        if picked_up is not None:
+            job.picked_up = picked_up
+        self.admission.admit()
+        try:
+            preparing = self._preparing.prepare(job.path, job.facts.file_name)
+        except BaseException:
+            self.drop()
+            raise
+        preparing.add_done_callback(functools.partial(self._prepared, job))
+
+    def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
+        """A watched file not yet journaled: hash and prepare it in one read. Takes a slot (blocking when
+        the stages are full) that ``take`` carries on or ``drop`` gives back."""
+        self.admission.admit()
+        try:
+            return self._preparing.read_ahead(path, screened, file_name)
+        except BaseException:
+            self.drop()
+            raise
+
+    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float | None = None) -> None:
+        """The read-ahead input is now journaled: on to the batcher (or to its rejection). ``picked_up``:
+        when the ingest screened it (time.perf_counter)."""
+        job = Job(facts=facts, path=path)
+        if picked_up is not None:
+            job.picked_up = picked_up
+        if ahead.prepared is None:
+            self._reject(job, ahead.error or CorruptImage())
+        else:
+            self._start(job, ahead.prepared)
+
+    def drop(self) -> None:
+        """An admitted input that goes no further (a read-ahead known, duplicate, changed or failed, or
+        one the pool cancelled at stop): its slot back."""
+        self.admission.arrived()
+        self.admission.release()
+
+    def submit_rejected(self, facts: InputFacts, path: Path, error: InputRejected) -> None:
+        """Record a rejection decided before any decoding (e.g. a file that keeps crashing the daemon)."""
+        self.admission.admit()
+        self._reject(Job(facts=facts, path=path), error)
+
+    # --- on through the stages ------------------------------------------------------------------------
+
+    def _prepared(self, job: Job, preparing: Future[Prepared]) -> None:
+        if preparing.cancelled():  # stopping: the input stays queued in the journal for the next start
+            self.drop()
+            return
+        try:
+            prepared = preparing.result()
+        except Exception as e:  # the per-input error boundary: any failure rejects this input only
+            self._reject(job, e)
+            return
+        self._start(job, prepared)
+
+    def _start(self, job: Job, prepared: Prepared) -> None:
+        job.prepared = prepared
+        tensors = prepared.tensors
+        job.frames = [None] * len(tensors)
+        job.remaining = len(tensors)
+        for index, tensor in enumerate(tensors):
+            self.batcher.submit(tensor, functools.partial(self._frame_done, job, index))
+        self.admission.arrived()
+
+    def _frame_done(
+        self, job: Job, index: int, scores: np.ndarray | None, error: BaseException | None, timing: BatchTiming
+    ) -> None:
+        with job.lock:
+            job.frames[index] = (scores, error, timing)
+            job.remaining -= 1
+            last = job.remaining == 0
+        if last:
+            self.finisher.put(job)
+
+    def _reject(self, job: Job, error: BaseException) -> None:
+        self.admission.arrived()
+        job.frames = [(None, error, BatchTiming(0.0, 0.0, 0))]
+        self.finisher.put(job)
