@@ -1,8 +1,8 @@
 """Read, hash, decode and preprocess in worker processes (or threads), off the daemon's own threads.
 
-Processes, by default: on 2 cores `make bench` measured them faster than threads on full-size
-radiographs (pydicom's parsing is Python that holds the GIL), and a native decoder (JPEG, JPEG 2000,
-RLE) that crashes on a hostile file takes down one worker, not the daemon. After a worker dies, each
+Processes, by default: pydicom's parsing is Python that holds the GIL, which threads would share
+(`make bench` times both on the host at hand), and a native decoder (JPEG, JPEG 2000, RLE) that
+crashes on a hostile file takes down one worker, not the daemon. After a worker dies, each
 input that was in the pool is tried again alone in a fresh process: one that kills two lone workers is
 rejected as decoder_crashed, the others are scored as usual.
 

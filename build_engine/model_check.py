@@ -1,4 +1,4 @@
-"""Part 1: check the ONNX model itself and against its manifest before spending time on calibration."""
+"""Checks the ONNX model on its own and against its manifest, first: a mismatch costs no calibration time."""
 
 from __future__ import annotations
 

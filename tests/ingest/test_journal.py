@@ -179,6 +179,13 @@ def test_complete_many_stores_a_group_in_one_transaction_and_skips_finished_inpu
     assert j.complete_many([(a, rows(a, 2)), (b, rows(b, 1)), (c, rows(c, 1))]) == [[2, 3], [], [4]]
     assert j.pending() == [] and j.last_sequence() == 4
     j.set_disposed_many([(a, "/done/a"), (c, "")])
+    disposed = dict(j._reader().execute("SELECT id, disposed_path FROM inputs").fetchall())
+    # a moved aside, c deleted (recorded as empty), b not in the call: untouched.
+    assert {i: None if path is None else bytes(path) for i, path in disposed.items()} == {
+        a: b"/done/a",
+        b: None,
+        c: b"",
+    }
     with pytest.raises(ValueError):
         j.complete_many([(a, [])])
 

@@ -42,16 +42,31 @@ def watcher(request: pytest.FixtureRequest, tmp_path: Path):
     w.stop()
 
 
+def _checked_at(w: FolderWatcher, path: Path, size: int, timeout: float = 5.0) -> bool:
+    """True once the stability check has looked at ``path`` at ``size``: it had its chance to report it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with w._lock:
+            candidate = w._candidates.get(path)
+        if candidate is not None and candidate.size == size:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_a_file_still_being_written_is_not_reported(watcher) -> None:
     w, seen = watcher
     path = w.root / "slow.dcm"
+    started = time.monotonic()
     with open(path, "wb") as f:
-        for _ in range(6):  # keeps growing for ~0.6 s, longer than stable_s
+        # Growing for twice stable_s, however slow the machine, each size looked at before the next write.
+        while time.monotonic() - started < 2 * w.config.stable_s:
             f.write(b"x" * 1000)
             f.flush()
             os.fsync(f.fileno())
-            time.sleep(0.1)
+            assert _checked_at(w, path, f.tell())
             assert path not in seen.paths
+            time.sleep(0.1)  # the writer's pace, well inside stable_s
     assert seen.wait_for(path)
 
 
@@ -69,8 +84,11 @@ def test_a_file_renamed_in_from_outside_the_folder_is_ready_at_once(tmp_path: Pa
         os.replace(staged, config.dir / "outside.dcm")
         assert seen.wait_for(config.dir / "outside.dcm", timeout=5.0)
         os.replace(config.dir / "outside.dcm", tmp_path / "gone.dcm")  # moved out: nothing to report
-        time.sleep(0.3)
-        assert seen.paths == [config.dir / "outside.dcm"]
+        # Events are handled in the order they happened: once the marker is in, the move out was handled.
+        (tmp_path / "marker.dcm").write_bytes(b"y")
+        os.replace(tmp_path / "marker.dcm", config.dir / "marker.dcm")
+        assert seen.wait_for(config.dir / "marker.dcm", timeout=5.0)
+        assert seen.paths == [config.dir / "outside.dcm", config.dir / "marker.dcm"]
     finally:
         w.stop()
 
@@ -85,8 +103,12 @@ def test_ignored_names_and_excluded_folders(watcher) -> None:
     real = w.root / "sub" / "real.dcm"
     real.write_bytes(b"x")
     assert seen.wait_for(real)
-    time.sleep(0.5)
-    assert [p.name for p in seen.paths if p != real] == []
+    # Written after the others were seen: a file taken wrongly is reported before the marker (inotify handles
+    # events in order; polling finds them with `real`, a snapshot and a stability check before the marker's).
+    marker = w.root / "marker.dcm"
+    marker.write_bytes(b"y")
+    assert seen.wait_for(marker)
+    assert [p.name for p in seen.paths if p not in (real, marker)] == []
 
 
 def test_rescan_finds_files_that_were_there_before(tmp_path: Path) -> None:
