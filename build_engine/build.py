@@ -8,6 +8,7 @@ An explicit precision is tried alone; outside the tolerance the build fails with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -16,13 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from appliance.config import LimitsConfig
 from appliance.errors import ApplianceError
-from appliance.inference import cpu_class, cuda, self_check
+from appliance.inference import cpu_class, registry, self_check
 from appliance.inference.artifacts import (
     TIMING_CACHE,
     ArtifactKey,
@@ -30,19 +31,17 @@ from appliance.inference.artifacts import (
     Sidecar,
     SidecarError,
     engines_folder,
-    onnxruntime_stem,
     read_sidecar,
     sha256_file,
-    tensorrt_stem,
     write_atomic,
     write_sidecar,
 )
 from appliance.inference.backend import Backend
+from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend, runtime_version
+from appliance.inference.backends.tensorrt import TensorRtBackend, tensorrt_version
 from appliance.inference.loader import expected_sample_shape
-from appliance.inference.onnxruntime import OnnxRuntimeBackend, runtime_version
 from appliance.inference.runs import images_per_second, scores_in_batches
 from appliance.inference.selection import Host
-from appliance.inference.tensorrt import TensorRtBackend, tensorrt_version
 from appliance.manifest import Accuracy, LoadedManifest, load_manifest
 from appliance.pipeline import Preparer
 from build_engine.errors import BuildError, GateFailed
@@ -63,8 +62,7 @@ from build_engine.quantize import (
 )
 from build_engine.tensorrt_build import build_plan
 
-Target = Literal["onnxruntime", "tensorrt"]
-CHAINS: dict[Target, list[str]] = {"onnxruntime": ["int8", "fp32"], "tensorrt": ["int8", "fp16", "fp32"]}
+Target = str  # a registry name; each backend's file declares its precision chain (BackendKind.precisions)
 EXCLUSION_STEPS = (3, 8)  # how many of the most sensitive layers to keep in float, after the head
 LAST_CONVOLUTIONS = 2  # kept in float with the head, before the sensitivity ranking is consulted
 BUILD_RECIPE = 3  # bump when the build changes in a way that should invalidate reused artifacts
@@ -102,13 +100,15 @@ class Attempt:
     excluded: list[str] = field(default_factory=list)
     speed: float | None = None  # images/s at max batch, once measured
     scores: np.ndarray | None = None  # activated scores on the validation set (None: the FP32 reference)
+    verdict: str = ""  # INT8 that failed every step: the sentence saying why it cannot pass here
 
 
 def best_batch(backend: Backend, sample: np.ndarray) -> tuple[int, dict[int, float]]:
     """Throughput at 1, 2, 4 ... max; the smallest batch within 5% of the best (smaller waits less).
 
-    On a small CPU a big model gains nothing from batching (VGG16 here: 6.0 img/s at 1, 5.6 at 8), and
-    then batching only adds waiting; the daemon batches up to the batch this returns.
+    On a small CPU a big model may gain nothing from batching, and then batching only adds waiting: it
+    depends on the host, so it is measured on the one that builds, and the daemon batches up to the batch
+    this returns.
     """
     sizes = sorted({*(2**i for i in range(backend.max_batch.bit_length()) if 2**i <= backend.max_batch),
                     backend.max_batch})  # fmt: skip
@@ -163,19 +163,24 @@ class Builder:
             self._build_target(target)
         return 0
 
+    @functools.cached_property
+    def host(self) -> Host:
+        """This host's keys, probed once: what every artifact built here is named for and bound to."""
+        return Host.probe(self.o.device)
+
     def _targets(self) -> list[Target]:
-        why = Host.probe(self.o.device).tensorrt_problem
-        if self.o.target == "tensorrt":
+        if self.o.target != registry.AUTO:
+            kind = registry.get(self.o.target)
+            why = kind.unavailable_on(self.host)
             if why:
-                raise BuildError(f"Cannot build for --target tensorrt: {why}.")
-            return ["tensorrt"]
-        if self.o.target == "onnxruntime":
-            return ["onnxruntime"]
-        if why:
-            self.out(f"targets   onnxruntime (CPU) only: {why}")
-            return ["onnxruntime"]
-        self.out("targets   onnxruntime (CPU) and tensorrt (GPU)")
-        return ["onnxruntime", "tensorrt"]
+                raise BuildError(f"Cannot build for --target {kind.name}: {why}.")
+            return [kind.name]
+        problems = {kind.name: kind.unavailable_on(self.host) for kind in registry.kinds()}
+        usable = [kind for kind in registry.kinds() if not problems[kind.name]]
+        targets = " and ".join(f"{kind.name} ({kind.hardware})" for kind in usable)
+        why = "; ".join(problem for problem in problems.values() if problem)
+        self.out(f"targets   {targets} only: {why}" if why else f"targets   {targets}")
+        return [kind.name for kind in usable]
 
     def _load_images(self) -> None:
         m = self.manifest
@@ -247,20 +252,19 @@ class Builder:
     # --- one target ----------------------------------------------------------------------------
 
     def _sidecar_path(self, target: Target) -> Path:
-        if target == "onnxruntime":
-            return self.folder / f"{onnxruntime_stem(self.cpu_class)}.json"
-        gpu = cuda.gpu_info(self.o.device)
-        return self.folder / f"{tensorrt_stem(gpu.name, gpu.compute_capability, gpu.sm_count)}.json"
+        return self.folder / f"{registry.get(target).stem(self.host)}.json"
 
     def _recipe(self, target: Target) -> Recipe:
-        return recipe_for(target, self.recipe_class if target == "onnxruntime" else "")
+        if target == "tensorrt":
+            return recipe_for("tensorrt")
+        return recipe_for("onnxruntime", self.recipe_class)  # the CPU's int8 kernels decide the recipe
 
     def _build_target(self, target: Target) -> None:
         sidecar_path = self._sidecar_path(target)
         inputs = self._inputs_hash(target)
         if not self.o.force and self._reuse(sidecar_path, inputs):
             return
-        chain = CHAINS[target] if self.o.precision == "auto" else [self.o.precision]
+        chain = list(registry.get(target).precisions) if self.o.precision == "auto" else [self.o.precision]
         assert self.facts is not None
         if "int8" in chain and self.facts.opset < MIN_OPSET:
             why = (f"per-channel int8 (QuantizeLinear with an axis) needs ONNX opset {MIN_OPSET} or later and "
@@ -281,8 +285,10 @@ class Builder:
             note = prepare_float_model(self.loaded.onnx_path, float_model)
             notes = [note] if note else []
             attempt = None
+            int8_verdict = ""  # why INT8 cannot pass here, kept for the failure's sentence
             for precision in chain:
                 attempt = self._attempt(target, precision, float_model, work, notes)
+                int8_verdict = attempt.verdict or int8_verdict
                 status = "passed" if attempt.report.passed else "FAILED: " + "; ".join(attempt.report.failures)
                 self.out(f"{target:<9} {precision}: {attempt.report.summary()} -> {status}")
                 if attempt.report.passed:
@@ -295,11 +301,10 @@ class Builder:
             if attempt.report.passed and target == "onnxruntime" and attempt.path is not None:
                 attempt = self._faster_of(attempt, notes)
             if not attempt.report.passed:
-                sentences = [n for n in notes if n.startswith("INT8 cannot pass")]
                 raise GateFailed(
                     f"{target} {attempt.precision} is outside the tolerance in model.toml: "
                     f"{'; '.join(attempt.report.failures)} ({attempt.report.summary()})."
-                    + (f" {sentences[-1]}." if sentences else "")
+                    + (f" {int8_verdict}." if int8_verdict else "")
                 )
             self._publish(target, attempt, sidecar_path, inputs, time.perf_counter() - started, notes)
 
@@ -391,7 +396,8 @@ class Builder:
             if attempt.report.passed:
                 notes.append(f"layers kept in float to pass the gate: {', '.join(excluded)}")
                 return attempt
-        notes.append(self._why_int8_failed(recipe, attempt, len(tried)))
+        attempt.verdict = self._why_int8_failed(recipe, attempt, len(tried))
+        notes.append(attempt.verdict)
         return attempt
 
     def _why_int8_failed(self, recipe: Recipe, attempt: Attempt, steps: int) -> str:
@@ -541,15 +547,7 @@ class Builder:
         self.out(f"wrote     {sidecar_path} ({key.precision}, built in {seconds:.0f} s)")
 
     def _host_key(self, target: Target) -> dict[str, Any]:
-        if target == "onnxruntime":
-            return {"cpu_class": self.cpu_class, "onnxruntime_version": runtime_version()}
-        gpu = cuda.gpu_info(self.o.device)
-        return {
-            "gpu_name": gpu.name,
-            "compute_capability": gpu.compute_capability,
-            "sm_count": gpu.sm_count,
-            "tensorrt_version": tensorrt_version(),
-        }
+        return registry.get(target).host_key(self.host)
 
     def _record_self_check(self, backend: Backend, attempt: Attempt, path: Path) -> SelfCheck:
         """A few of the gate's images, those where the artifact strayed most from FP32, with its scores."""

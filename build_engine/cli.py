@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.config import load_config
 from appliance.errors import ApplianceError
+from appliance.inference import registry
 from appliance.inference.cpu_class import CLASSES
 from appliance.logging_setup import quiet_pydicom
 from build_engine.build import Builder, BuildOptions, clean_stale_builds
@@ -80,9 +81,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target",
-        choices=("auto", "onnxruntime", "tensorrt"),
-        default="auto",
-        help="auto: the CPU artifact, and a TensorRT plan where TensorRT and a GPU are present (default auto)",
+        choices=(registry.AUTO, *registry.names()),
+        default=registry.AUTO,
+        help="auto: an artifact for every backend this host can run: the CPU artifact, and a TensorRT plan where "
+        "TensorRT and a GPU are present (default auto)",
     )
     p.add_argument("--max-batch", type=int, help="largest batch (default: model.toml's batching.max_batch)")
     p.add_argument("--opt-batch", type=int, help="TensorRT: the batch size kernels are tuned for (default: max)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import load_config
-from appliance.inference import cuda
+from appliance.inference.backends import cuda
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN_TEST = "tests/gpu/test_tensorrt_slots.py"

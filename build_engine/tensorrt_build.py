@@ -1,4 +1,4 @@
-"""Part 5: a strongly typed TensorRT network from a Q/DQ (or FP16, or FP32) ONNX, serialized to a plan.
+"""A strongly typed TensorRT network from a Q/DQ (or FP16, or FP32) ONNX, serialized to a plan.
 
 One code path for TensorRT 10.x and 11.x. Precision comes from the ONNX itself (explicit quantization),
 so no INT8 calibrator and no precision builder flags (calibrators are deprecated since 10.1 and removed
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.inference.artifacts import write_atomic
-from appliance.inference.tensorrt import import_tensorrt, make_logger
+from appliance.inference.backends.tensorrt import import_tensorrt, make_logger
 from build_engine.errors import BuildError
 
 log = logging.getLogger(__name__)

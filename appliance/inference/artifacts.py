@@ -33,7 +33,7 @@ class ArtifactKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["onnxruntime", "tensorrt"]
+    backend: str = Field(description="The backend that serves it, by its registry name.")
     precision: Precision
     onnx_sha256: str
     calibration_sha256: str = ""
@@ -96,21 +96,18 @@ def engines_folder(engines_dir: Path, model_name: str) -> Path:
     return engines_dir / model_name
 
 
+def artifact_problem(path: Path, sidecar: Sidecar) -> str:
+    """'' when the artifact its sidecar names is there, whole and unaltered, else why not and what to run."""
+    if not path.is_file():
+        return f"{path} named by its sidecar is missing; run `make engine` to rebuild it"
+    if sha256_file(path) != sidecar.artifact_sha256:
+        return f"{path} does not match its sidecar (truncated or altered); run `make engine` to rebuild it"
+    return ""
+
+
 def slug(text: str) -> str:
     """A file-name-safe form of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
-
-
-def tensorrt_stem(gpu_name: str, compute_capability: str, sm_count: int = 0) -> str:
-    """One plan per GPU model in a folder, so boxes with different GPUs can share an engines folder. The
-    multiprocessor count tells apart GPUs that share a name: Jetson Orin modules, MIG slices."""
-    mp = f"-{sm_count}mp" if sm_count else ""
-    return f"tensorrt-{slug(gpu_name)}-sm{compute_capability.replace('.', '')}{mp}"
-
-
-def onnxruntime_stem(cpu_class: str) -> str:
-    """One CPU artifact per CPU class in a folder, for the same reason: 'onnxruntime-avx2'."""
-    return f"onnxruntime-{slug(cpu_class)}"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

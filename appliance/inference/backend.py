@@ -1,14 +1,25 @@
-"""The backend interface every inference engine implements: load, input spec, max batch, infer, close."""
+"""The backend interface every inference engine implements (load, input spec, max batch, infer, close), and
+what each backend file declares to the registry: its name, settings, availability, artifacts and how it
+opens one."""
 
 from __future__ import annotations
 
 import abc
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from pydantic import BaseModel
 
 from appliance.errors import BackendError
+
+if TYPE_CHECKING:
+    from appliance.inference.artifacts import Sidecar
+    from appliance.inference.selection import Host
 
 
 @dataclass(frozen=True)
@@ -107,3 +118,63 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _close_impl(self) -> None: ...
+
+
+# --- what a backend file declares ------------------------------------------------------------------
+
+
+class Why(enum.Enum):
+    """Why an artifact was passed over; decides whether an explicit backend may start without it."""
+
+    NO_RUNTIME = "no_runtime"  # the backend's runtime or device is missing on this host
+    NONE_BUILT = "none_built"  # nothing in the engines folder for this backend
+    OTHER_HOST = "other_host"  # built and gated for another GPU, CPU class or runtime version
+    STALE = "stale"  # built from another ONNX file
+    DAMAGED = "damaged"  # sidecar or artifact unreadable, missing, truncated or altered
+
+
+@dataclass(frozen=True)
+class PassedOver:
+    why: Why
+    reason: str
+    tier: int = 0  # the backend's tier (BackendKind.tier); the FP32 ONNX is the last tier and never passed over
+    # With this backend named in `inference.backend`, whether passing it over refuses the start (the plan
+    # `tensorrt` demands; a CPU model that names a quantized artifact it may not serve here) instead of
+    # serving what comes next.
+    refuses_start: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str  # a registry name
+    path: Path
+    precision: str
+    reason: str
+    sidecar: Sidecar | None = None
+    tier: int = 2  # as PassedOver.tier
+
+
+class Opener(Protocol):
+    def __call__(self, path: Path, *, output_name: str, max_batch: int, settings: Any) -> Backend: ...
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """One backend as `registry.py` lists it, declared once at the end of its own file.
+
+    The loader, the artifact choice, config validation and `make engine` ask this, never a backend's name.
+    """
+
+    name: str  # what `inference.backend`, `--target`, sidecars and GetStatus call it
+    is_available: Callable[[], str | None]  # None, or the one sentence saying why it cannot run here
+    settings: type[BaseModel]  # its own keys: flat under [inference] (as before) or in [inference.<name>]
+    open: Opener  # an artifact of its own, not yet loaded
+    tier: int  # rank under `auto`: 0 is tried first
+    # Its best artifact built for this host and, where there is none, why (the reason is '' beside a choice).
+    choose: Callable[[Path, str, Host, Path], tuple[Choice | None, PassedOver]]  # engines/<model>, ONNX sha, FP32 ONNX
+    unavailable_on: Callable[[Host], str]  # '' where this host can run it, else why not (no full stop)
+    stem: Callable[[Host], str]  # its artifacts' file stem in engines/<model>/ for this host
+    host_key: Callable[[Host], dict[str, Any]]  # the ArtifactKey fields that bind its artifacts to this host
+    precisions: tuple[str, ...]  # what `make engine` tries, best first, until one passes the gate
+    hardware: str  # "CPU", "GPU": for `make engine`'s report
+    serves_reference: bool = False  # it also serves the FP32 ONNX itself, the last in every chain

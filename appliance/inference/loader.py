@@ -10,11 +10,9 @@ import numpy as np
 
 from appliance.config import InferenceConfig
 from appliance.errors import ArtifactRefused, BackendError, BackendUnavailable, ManifestError, ModelMismatchError
-from appliance.inference import self_check
-from appliance.inference.backend import Backend
-from appliance.inference.onnxruntime import OnnxRuntimeBackend
-from appliance.inference.selection import Choice, Why, choose_artifact
-from appliance.inference.tensorrt import TensorRtBackend
+from appliance.inference import registry, self_check
+from appliance.inference.backend import Backend, Choice, Why
+from appliance.inference.selection import choose_artifact
 from appliance.manifest import LoadedManifest
 
 log = logging.getLogger(__name__)
@@ -108,10 +106,10 @@ def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choic
     return backend
 
 
-def make_backend(kind: str, path: Path, output_name: str, max_batch: int, config: InferenceConfig) -> Backend:
-    if kind == "tensorrt":
-        return TensorRtBackend(path, output_name=output_name, max_batch=max_batch, device=config.device)
-    return OnnxRuntimeBackend(path, output_name=output_name, max_batch=max_batch, threads=config.threads)
+def make_backend(name: str, path: Path, output_name: str, max_batch: int, config: InferenceConfig) -> Backend:
+    """The registry's backend `name` on `path`, with its settings from the config; not yet loaded."""
+    kind = registry.get(name)
+    return kind.open(path, output_name=output_name, max_batch=max_batch, settings=config.settings_of(name))
 
 
 def check_backend_matches(backend: Backend, loaded: LoadedManifest) -> None:

@@ -13,10 +13,10 @@ from appliance.inference.artifacts import (
     Sidecar,
     SidecarError,
     read_sidecar,
-    tensorrt_stem,
     write_atomic,
     write_sidecar,
 )
+from appliance.inference.backends.tensorrt import tensorrt_stem
 
 
 def _sidecar() -> Sidecar:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from appliance.inference.artifacts import onnxruntime_stem, read_sidecar, sha256_file
+from appliance.inference.artifacts import read_sidecar, sha256_file
+from appliance.inference.backends.onnxruntime import onnxruntime_stem
 from appliance.inference.cpu_class import detect
 
 from .conftest import INT8, build

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.inference import cpu_class
-from appliance.inference.artifacts import onnxruntime_stem
+from appliance.inference.backends.onnxruntime import onnxruntime_stem
 
 from ..cpu_emulation import AS_AVX2, needs_as_avx2
 from ..integration.conftest import REPO

@@ -10,7 +10,8 @@ from onnx import numpy_helper
 
 from appliance.config import LimitsConfig
 from appliance.inference import cpu_class
-from appliance.inference.artifacts import onnxruntime_stem, read_sidecar
+from appliance.inference.artifacts import read_sidecar
+from appliance.inference.backends.onnxruntime import onnxruntime_stem
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
 from build_engine.image_sets import load_set

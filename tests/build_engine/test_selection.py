@@ -14,13 +14,13 @@ from appliance.inference import cpu_class
 from appliance.inference.artifacts import (
     ArtifactKey,
     Sidecar,
-    onnxruntime_stem,
     sha256_file,
-    tensorrt_stem,
     write_sidecar,
 )
-from appliance.inference.onnxruntime import runtime_version
-from appliance.inference.selection import Host, Why, choose_artifact, tensorrt_choice
+from appliance.inference.backend import Why
+from appliance.inference.backends.onnxruntime import onnxruntime_stem, runtime_version
+from appliance.inference.backends.tensorrt import tensorrt_choice, tensorrt_stem
+from appliance.inference.selection import Host, choose_artifact
 from appliance.manifest import load_manifest
 
 AUTO = InferenceConfig(backend="auto")

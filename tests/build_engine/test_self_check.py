@@ -14,7 +14,8 @@ import pytest
 
 from appliance.config import InferenceConfig
 from appliance.inference import cpu_class
-from appliance.inference.artifacts import onnxruntime_stem, read_sidecar, sha256_file
+from appliance.inference.artifacts import read_sidecar, sha256_file
+from appliance.inference.backends.onnxruntime import onnxruntime_stem
 from appliance.inference.loader import open_served
 from appliance.manifest import load_manifest
 

@@ -6,7 +6,6 @@ Runs where `tensorrt` imports and a GPU is visible; skipped elsewhere with the r
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from appliance.config import LimitsConfig
 from appliance.errors import ModelMismatchError
-from appliance.inference import cuda
-from appliance.inference.artifacts import read_sidecar, sha256_file, tensorrt_stem
-from appliance.inference.onnxruntime import OnnxRuntimeBackend
+from appliance.inference.artifacts import read_sidecar, sha256_file
+from appliance.inference.backends import cuda
+from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
+from appliance.inference.backends.tensorrt import TensorRtBackend, is_available, tensorrt_stem, tensorrt_version
 from appliance.inference.postprocess import activate
-from appliance.inference.tensorrt import TensorRtBackend, tensorrt_version
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
 from build_engine.image_sets import load_set
@@ -29,11 +28,10 @@ from build_engine.tensorrt_build import build_plan
 from ..integration.conftest import DEFAULT_MODEL
 from .conftest import build
 
-GPU_PROBLEM = cuda.gpu_problem()
+PROBLEM = is_available()  # what the daemon asks: TensorRT importable and a GPU usable
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed"),
-    pytest.mark.skipif(bool(GPU_PROBLEM), reason=GPU_PROBLEM or "a GPU is usable"),
+    pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "TensorRT and a GPU are usable"),
 ]
 needs_default_model = pytest.mark.skipif(not (DEFAULT_MODEL / "model.onnx").is_file(), reason="run `make model` first")
 

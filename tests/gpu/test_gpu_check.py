@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from appliance.inference import cuda
+from appliance.inference.backends import cuda
 from build_engine import gpu_check
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from appliance.errors import BackendError
-from appliance.inference import cuda
-from appliance.inference import tensorrt as trt_backend
-from appliance.inference.tensorrt import TensorRtBackend
+from appliance.inference.backends import cuda
+from appliance.inference.backends import tensorrt as trt_backend
+from appliance.inference.backends.tensorrt import TensorRtBackend
 
 from .stand_in_tensorrt import PLAN, SAMPLE, Behaviour, expected_scores, make_module
 

@@ -10,10 +10,11 @@ import pytest
 
 from appliance.config import InferenceConfig
 from appliance.errors import BackendError, ModelMismatchError
-from appliance.inference.backend import Backend
+from appliance.inference import registry
+from appliance.inference.backend import Backend, BackendKind
+from appliance.inference.backends import onnxruntime
+from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.loader import open_backend
-from appliance.inference.onnxruntime import OnnxRuntimeBackend
-from appliance.inference.onnxruntime import is_available as ort_available
 from appliance.manifest import load_manifest
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
@@ -23,8 +24,13 @@ def _onnxruntime() -> Backend:
     return OnnxRuntimeBackend(MODEL / "model.onnx", output_name="logit", max_batch=16, threads=1)
 
 
+ORT_PROBLEM = onnxruntime.is_available()
 BACKENDS = [
-    pytest.param(_onnxruntime, id="onnxruntime", marks=pytest.mark.skipif(not ort_available(), reason="no ORT"))
+    pytest.param(
+        _onnxruntime,
+        id="onnxruntime",
+        marks=pytest.mark.skipif(ORT_PROBLEM is not None, reason=ORT_PROBLEM or "ONNX Runtime is available"),
+    )
 ]
 
 
@@ -54,3 +60,17 @@ def test_loader_refuses_a_manifest_naming_another_output(tmp_path: Path) -> None
     (tmp_path / "model.toml").write_text(text)
     with pytest.raises(ModelMismatchError, match="no output named 'probabilities'"):
         open_backend(load_manifest(tmp_path), InferenceConfig(), tmp_path / "engines")
+
+
+@pytest.mark.parametrize("kind", registry.kinds(), ids=lambda kind: kind.name)
+def test_each_backend_says_whether_it_can_run_here_in_a_sentence(kind: BackendKind) -> None:
+    problem = kind.is_available()
+    assert problem is None or (problem[:1].isupper() and problem.endswith(".") and "\n" not in problem), problem
+
+
+def test_the_registry_names_each_backend_once_and_the_reference_serves_fp32() -> None:
+    names = registry.names()
+    assert set(names) >= {"onnxruntime", "tensorrt"} and len(set(names)) == len(names)
+    assert registry.AUTO not in names
+    assert registry.reference().name == "onnxruntime"
+    assert [kind.tier for kind in registry.by_tier()] == sorted(kind.tier for kind in registry.kinds())

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.batcher import Batcher, BatchTiming
-from appliance.inference.onnxruntime import OnnxRuntimeBackend
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
 

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from appliance.inference import cuda
+from appliance.inference.backends import cuda
 
 GPU_PROBLEM = cuda.gpu_problem()
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from appliance.config import LimitsConfig
-from appliance.inference.artifacts import onnxruntime_stem, read_sidecar
+from appliance.inference.artifacts import read_sidecar
+from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend, onnxruntime_stem
 from appliance.inference.cpu_class import detect
-from appliance.inference.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.postprocess import activate
 from appliance.manifest import Accuracy, load_manifest
 from appliance.pipeline import Preparer

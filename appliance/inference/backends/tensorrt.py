@@ -7,6 +7,10 @@ batch; two slots let one batch's copies overlap the other's compute when two thr
 Every output gets a device buffer (TensorRT refuses to enqueue with any I/O address unset); only the
 manifest's output is copied back. A slot goes back to the pool only once its stream is idle, and
 `close()` waits for lent slots before freeing anything.
+
+Its artifacts are plans named and keyed for one GPU model, SM count and TensorRT version
+(`engines/<model>/tensorrt-<gpu>-sm<cc>-<n>mp.json` beside them). `tensorrt` and `cuda` are imported only
+when a plan is loaded or the host probed, so this module imports on a box without them.
 """
 
 from __future__ import annotations
@@ -17,15 +21,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.errors import BackendError, BackendUnavailable, ModelMismatchError
-from appliance.inference import cuda
-from appliance.inference.backend import Backend, TensorSpec
+from appliance.inference.artifacts import SidecarError, artifact_problem, read_sidecar, slug
+from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
+from appliance.inference.backends import cuda
+
+if TYPE_CHECKING:
+    from appliance.inference.selection import Host
 
 log = logging.getLogger(__name__)
+
+NAME = "tensorrt"
+TIER = 0
 
 SLOTS = 2
 # How long close() waits for each lent slot. A batch takes milliseconds; one busy this long is stuck,
@@ -47,6 +59,46 @@ def tensorrt_version() -> str:
         return str(import_tensorrt().__version__)
     except BackendUnavailable:
         return ""
+
+
+class TensorRtSettings(BaseModel):
+    """`inference.device` (as before), or `[inference.tensorrt] device`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: int = Field(0, ge=0, description="The CUDA device index TensorRT runs on (0: the first GPU).")
+
+
+def gpu_problem(device: int = 0) -> str:
+    """'' when CUDA device `device` is usable here, else why not (one phrase, no full stop)."""
+    problem = cuda.gpu_problem().rstrip(".")
+    if not problem and device >= cuda.gpu_count():
+        problem = f"CUDA device {device} does not exist (this host has {cuda.gpu_count()}; see inference.device)"
+    return problem
+
+
+def is_available(device: int = 0) -> str | None:
+    """None where TensorRT imports and the GPU is usable, else the sentence saying which is missing."""
+    if not tensorrt_version():
+        return "TensorRT is not installed on this host."
+    problem = gpu_problem(device)
+    return f"{problem[0].upper()}{problem[1:]}." if problem else None
+
+
+def unavailable_on(host: Host) -> str:
+    """Why this host cannot run TensorRT plans; '' if it can."""
+    if not host.tensorrt_version:
+        return "TensorRT is not installed on this host"
+    if not host.gpu_name:
+        return host.gpu_problem or "no CUDA GPU is visible on this host"
+    return ""
+
+
+def tensorrt_stem(gpu_name: str, compute_capability: str, sm_count: int = 0) -> str:
+    """One plan per GPU model in a folder, so boxes with different GPUs can share an engines folder. The
+    multiprocessor count tells apart GPUs that share a name: Jetson Orin modules, MIG slices."""
+    mp = f"-{sm_count}mp" if sm_count else ""
+    return f"{NAME}-{slug(gpu_name)}-sm{compute_capability.replace('.', '')}{mp}"
 
 
 _logger: Any = None
@@ -334,3 +386,100 @@ class TensorRtBackend(Backend):
         # A slot still busy holds its context, which holds the engine and runtime alive until it is freed.
         self._engine = None
         self._runtime = None
+
+
+def open_artifact(path: Path, *, output_name: str, max_batch: int, settings: TensorRtSettings) -> Backend:
+    return TensorRtBackend(path, output_name=output_name, max_batch=max_batch, device=settings.device)
+
+
+# --- which plan this host may serve ------------------------------------------------------------------
+
+
+def tensorrt_choice(
+    folder: Path, onnx_sha: str, host: Host, onnx_path: Path | None = None
+) -> tuple[Choice | None, PassedOver]:
+    """The plan built for this GPU and TensorRT version, or why there is none; `backend = "tensorrt"` refuses to
+    start without one, so every passing-over here refuses the start."""
+    problem = unavailable_on(host)
+    if problem:
+        return None, PassedOver(Why.NO_RUNTIME, problem, tier=TIER, refuses_start=True)
+    sidecars = sorted(folder.glob(f"{NAME}-*.json"))
+    if not sidecars:
+        return None, PassedOver(
+            Why.NONE_BUILT, f"no TensorRT plan in {folder}; run `make engine` to build one", TIER, True
+        )
+    mine = folder / f"{tensorrt_stem(host.gpu_name, host.compute_capability, host.sm_count)}.json"
+    if mine not in sidecars:
+        others = []
+        for path in sidecars:
+            try:
+                key = read_sidecar(path).key
+                others.append(f"{key.gpu_name} (compute {key.compute_capability}, {key.sm_count} SMs)")
+            except SidecarError:
+                others.append(path.name)
+        return None, PassedOver(
+            Why.OTHER_HOST,
+            f"the TensorRT plans in {folder} were built for {', '.join(others)}, not this {host.gpu_name} "
+            f"(compute {host.compute_capability}, {host.sm_count} SMs); run `make engine` to build one for this GPU",
+            TIER,
+            True,
+        )
+    try:
+        sidecar = read_sidecar(mine)
+    except SidecarError as e:
+        return None, PassedOver(Why.DAMAGED, f"{e}; run `make engine` to rebuild the plan", TIER, True)
+    key = sidecar.key
+    plan = folder / sidecar.artifact
+    if key.tensorrt_version != host.tensorrt_version:
+        return None, PassedOver(
+            Why.OTHER_HOST,
+            f"{plan.name} was built with TensorRT {key.tensorrt_version}, this host has "
+            f"{host.tensorrt_version}; run `make engine` to rebuild it",
+            TIER,
+            True,
+        )
+    if key.sm_count != host.sm_count:
+        return None, PassedOver(
+            Why.OTHER_HOST,
+            f"{plan.name} was built for a {key.gpu_name} with {key.sm_count} multiprocessors, this one has "
+            f"{host.sm_count} (another module of the same name, a MIG slice or a partition); run `make engine` to "
+            "build one for it",
+            TIER,
+            True,
+        )
+    if key.onnx_sha256 != onnx_sha:
+        return None, PassedOver(
+            Why.STALE,
+            f"{plan.name} was built from another version of the model's ONNX file; run `make engine`",
+            TIER,
+            True,
+        )
+    problem = artifact_problem(plan, sidecar)
+    if problem:
+        return None, PassedOver(Why.DAMAGED, problem, TIER, True)
+    reason = f"{key.precision} plan built for this {host.gpu_name}"
+    return Choice(NAME, plan, key.precision, reason, sidecar, tier=TIER), PassedOver(Why.NONE_BUILT, "")
+
+
+def _host_key(host: Host) -> dict[str, Any]:
+    return {
+        "gpu_name": host.gpu_name,
+        "compute_capability": host.compute_capability,
+        "sm_count": host.sm_count,
+        "tensorrt_version": host.tensorrt_version,
+    }
+
+
+KIND = BackendKind(
+    name=NAME,
+    is_available=is_available,
+    settings=TensorRtSettings,
+    open=open_artifact,
+    tier=TIER,
+    choose=tensorrt_choice,
+    unavailable_on=unavailable_on,
+    stem=lambda host: tensorrt_stem(host.gpu_name, host.compute_capability, host.sm_count),
+    host_key=_host_key,
+    precisions=("int8", "fp16", "fp32"),
+    hardware="GPU",
+)

@@ -1,0 +1,1 @@
+"""One file per inference backend; `appliance/inference/registry.py` lists them."""
