@@ -34,10 +34,8 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
             return True
-        if isinstance(error, sqlite3.Error):
-            code = getattr(error, "sqlite_errorcode", None)
-            if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(error):
-                return True
+        if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
         error = error.__cause__ or error.__context__
     return False
 

@@ -30,7 +30,7 @@ from .integration.conftest import TEST_MODEL, png_bytes
 def test_disk_full_is_recognised_in_every_form_it_takes() -> None:
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
-    assert is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert is_disk_full(_sqlite_full())
     assert is_disk_full(StorageFull())
     try:
         try:
@@ -95,6 +95,13 @@ def test_after_a_failed_write_the_fault_holds_until_space_was_freed(monkeypatch:
 # --- the processor: a result that finds the disk full is held and stored later, never dropped -------------
 
 
+def _sqlite_full() -> sqlite3.OperationalError:
+    """What SQLite raises when a write finds the disk full (its error code is what counts, not the text)."""
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    return error
+
+
 class _FullJournal(Journal):
     """A real journal whose result writes fail like SQLite's on a full disk while ``full`` is set."""
 
@@ -102,7 +109,7 @@ class _FullJournal(Journal):
 
     def complete_many(self, items: Any) -> list[list[int]]:
         if self.full:
-            raise sqlite3.OperationalError("database or disk is full")
+            raise _sqlite_full()
         return super().complete_many(items)
 
 
