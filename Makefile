@@ -42,7 +42,7 @@ engine: model
 # radiographs on the small pipeline-test model (make bench WORKLOAD=mr|radiograph MODEL=... COUNT=...).
 WORKLOAD ?= mr radiograph
 bench: model
-	for w in $(WORKLOAD); do $(PY) -m appliance.bench --config $(CONFIG) --workload $$w \
+	for w in $(WORKLOAD); do $(PY) -m bench --config $(CONFIG) --workload $$w \
 		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done
 
 # Mutated DICOM/PNG/JPEG/TIFF inputs through decode + preprocess, each in a worker with memory and time limits;
@@ -68,8 +68,8 @@ run: model
 	$(BIN)/appliance run --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance build_engine tests models
-	$(BIN)/ruff format --check appliance build_engine tests models
+	$(BIN)/ruff check appliance build_engine bench tests models
+	$(BIN)/ruff format --check appliance build_engine bench tests models
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from appliance.config import LimitsConfig
-from appliance.errors import ApplianceError
 from appliance.inference import cpu_class, registry, self_check
 from appliance.inference.artifacts import (
     TIMING_CACHE,
@@ -36,14 +34,21 @@ from appliance.inference.artifacts import (
     write_atomic,
     write_sidecar,
 )
-from appliance.inference.backend import Backend
 from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend, runtime_version
 from appliance.inference.backends.tensorrt import TensorRtBackend, tensorrt_version
-from appliance.inference.loader import expected_sample_shape
-from appliance.inference.runs import images_per_second, scores_in_batches
 from appliance.inference.selection import Host
-from appliance.manifest import Accuracy, LoadedManifest, load_manifest
-from appliance.pipeline import Preparer
+from appliance.toolkit import (
+    Accuracy,
+    ApplianceError,
+    Backend,
+    LimitsConfig,
+    LoadedManifest,
+    Preparer,
+    expected_sample_shape,
+    images_per_second,
+    load_manifest,
+    scores_in_batches,
+)
 from build_engine.errors import BuildError, GateFailed
 from build_engine.gate import GateReport, compare
 from build_engine.image_sets import ImageSet, load_set

@@ -7,11 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from appliance.config import load_config
-from appliance.errors import ApplianceError
 from appliance.inference import registry
 from appliance.inference.cpu_class import CLASSES
-from appliance.logging_setup import quiet_pydicom
+from appliance.toolkit import ApplianceError, load_config, quiet_pydicom
 from build_engine.build import Builder, BuildOptions, clean_stale_builds
 from build_engine.errors import BuildError, GateFailed
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.inference.postprocess import decide
-from appliance.manifest import Accuracy, Manifest
+from appliance.toolkit import Accuracy, Manifest, decide
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import load_config
 from appliance.inference.backends import cuda
+from appliance.toolkit import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN_TEST = "tests/gpu/test_tensorrt_slots.py"

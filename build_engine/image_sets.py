@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.errors import InputRejected
-from appliance.manifest import Manifest
-from appliance.pipeline import Preparer
+from appliance.toolkit import InputRejected, Manifest, Preparer
 from build_engine.errors import BuildError
 
 LABELS_CSV = "labels.csv"

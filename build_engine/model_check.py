@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
-from appliance.inference.loader import expected_sample_shape
-from appliance.manifest import LoadedManifest
+from appliance.toolkit import LoadedManifest, expected_sample_shape
 from build_engine.errors import BuildError
 
 MIN_OPSET = 13  # for INT8: per-channel QuantizeLinear/DequantizeLinear (the `axis` attribute)

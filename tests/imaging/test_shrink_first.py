@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.bench.inputs import write_inputs
+from bench.inputs import write_inputs
 from appliance.config import LimitsConfig
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from appliance.bench.daemon_run import process_tree
+from bench.daemon_run import process_tree
 from appliance.v1 import scoring_pb2 as pb
 
 from .conftest import drop, png_bytes

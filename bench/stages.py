@@ -15,9 +15,7 @@ import onnxruntime as ort
 import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from appliance.config import LimitsConfig
-from appliance.manifest import Manifest
-from appliance.prepare_pool import init_worker, prepare_file, worker_initargs
+from appliance.toolkit import LimitsConfig, Manifest, init_worker, prepare_file, worker_initargs
 
 
 def prepare_throughput(

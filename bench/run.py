@@ -1,4 +1,4 @@
-"""`python -m appliance.bench` / `make bench`: every figure measured in one run on this host, as ratios
+"""`python -m bench` / `make bench`: every figure measured in one run on this host, as ratios
 and percentiles (machines here are noisy; absolute timings are never pass/fail anywhere)."""
 
 from __future__ import annotations
@@ -13,19 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from appliance.bench.daemon_run import BenchDaemon
-from appliance.bench.inputs import WORKLOADS, write_inputs
-from appliance.bench.report import percentiles, text, write_json, write_png
-from appliance.bench.stages import naive_loop, prepare_throughput
-from appliance.config import InferenceConfig, LimitsConfig, load_config
-from appliance.inference.loader import open_backend
-from appliance.inference.runs import images_per_second
-from appliance.logging_setup import quiet_pydicom
-from appliance.manifest import load_manifest
-from appliance.pipeline import Preparer
+from appliance.toolkit import (
+    InferenceConfig,
+    LimitsConfig,
+    Preparer,
+    images_per_second,
+    load_config,
+    load_manifest,
+    open_backend,
+    quiet_pydicom,
+)
 from appliance.v1 import scoring_pb2 as pb
+from bench.daemon_run import BenchDaemon
+from bench.inputs import WORKLOADS, write_inputs
+from bench.report import percentiles, text, write_json, write_png
+from bench.stages import naive_loop, prepare_throughput
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = {"mr": None, "radiograph": REPO / "models" / "pipeline-test"}  # None: the config's model
 DEFAULT_COUNTS = {"mr": 200, "radiograph": 200}  # long enough that filling and draining the pipeline are noise
 
@@ -62,7 +66,7 @@ def host_shares(e2e: float, prepare_alone: float, infer_alone: float, timings: l
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m appliance.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--workload", choices=WORKLOADS, default="mr", help="mr (default model) or radiograph")
     p.add_argument("--count", type=int, help="files in the burst (default 200)")
     p.add_argument("--model", type=Path, help="model folder (default: mr the config's, radiograph pipeline-test)")

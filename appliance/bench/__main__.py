@@ -1,5 +1,0 @@
-import sys
-
-from appliance.bench.run import main
-
-sys.exit(main())

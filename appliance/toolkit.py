@@ -1,0 +1,45 @@
+"""What the tools (`make engine`: build_engine/, `make bench`: bench/) may use of the daemon: read a config
+and a manifest, prepare an image as the daemon does, open a backend and run batches, decide. Everything here
+is the daemon's own code, so what the tools measure and gate is what the daemon serves; nothing else of the
+daemon's inside is theirs to reach into.
+
+`make engine` also writes the artifacts the daemon loads, so it shares their contract with the loader:
+`appliance.inference.artifacts` (names, sidecar), `self_check` (the load-time check), `cpu_class`, and the
+backend registry with each backend's build-side helpers. Those modules are that contract, not internals.
+"""
+
+from appliance.config import Config, InferenceConfig, LimitsConfig, load_config
+from appliance.errors import ApplianceError, InputRejected
+from appliance.inference.backend import Backend
+from appliance.inference.loader import expected_sample_shape, open_backend
+from appliance.inference.postprocess import decide
+from appliance.inference.runs import images_per_second, scores_in_batches
+from appliance.logging_setup import quiet_pydicom
+from appliance.manifest import Accuracy, LoadedManifest, Manifest, load_manifest
+from appliance.pipeline import Prepared, Preparer
+from appliance.prepare_pool import init_worker, prepare_file, worker_initargs
+
+__all__ = [
+    "Accuracy",
+    "ApplianceError",
+    "Backend",
+    "Config",
+    "InferenceConfig",
+    "InputRejected",
+    "LimitsConfig",
+    "LoadedManifest",
+    "Manifest",
+    "Prepared",
+    "Preparer",
+    "decide",
+    "expected_sample_shape",
+    "images_per_second",
+    "init_worker",
+    "load_config",
+    "load_manifest",
+    "open_backend",
+    "prepare_file",
+    "quiet_pydicom",
+    "scores_in_batches",
+    "worker_initargs",
+]
