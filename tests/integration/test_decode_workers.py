@@ -8,8 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.daemon_run import process_tree
 from appliance.v1 import scoring_pb2 as pb
+from bench.daemon_run import process_tree
 
 from .conftest import drop, png_bytes
 
@@ -90,9 +90,14 @@ def test_decode_workers_leave_with_a_killed_daemon(make_daemon) -> None:
 def test_decode_workers_killed_while_idle_cost_nothing(make_daemon) -> None:
     """The OOM killer or an admin's kill between files: the next file finds the pool broken, renews it."""
     d = _scored_one(make_daemon)
-    for pid in _workers(d.proc.pid):
+    workers = _workers(d.proc.pid)
+    for pid in workers:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(1.0)  # the pool's manager notices and marks itself broken, with nothing pending
+    # Reaped: the pool's manager, which waits on its workers, has seen them die (with nothing pending).
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):  # gone, not just a zombie
+        assert time.monotonic() < deadline, "the killed workers were never reaped"
+        time.sleep(0.05)
     names = [f"after-{n}.png" for n in range(5)]
     for n, name in enumerate(names):
         drop(d.incoming, name, png_bytes(20 + n, size=128))
