@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from appliance.config import Config, InferenceConfig, ModelConfig, StorageConfig, WatchConfig
 from appliance.errors import StorageFull
 from appliance.faults import STORAGE, Faults, is_disk_full
 from appliance.inference.loader import open_backend
@@ -23,6 +22,7 @@ from appliance.results import InputFacts
 from appliance.scoring.stages import ScoringStages
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
+from tests.in_process import in_process_config
 
 from .integration.conftest import TEST_MODEL, png_bytes
 
@@ -115,13 +115,7 @@ class _FullJournal(Journal):
 
 @pytest.fixture
 def stages(tmp_path: Path) -> Iterator[tuple[ScoringStages, _FullJournal, Faults, Path]]:
-    config = Config(
-        watch=WatchConfig(dir=tmp_path / "in", processed_dir=tmp_path / "done", rejected_dir=tmp_path / "rejected"),
-        storage=StorageConfig(data_dir=tmp_path / "data"),
-        model=ModelConfig(dir=TEST_MODEL),
-        inference=InferenceConfig(backend="onnxruntime", threads=1, decode_workers=1, decode_with="threads"),
-    )
-    config.watch.dir.mkdir()
+    config = in_process_config(tmp_path)
     loaded = load_manifest(TEST_MODEL)
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = _FullJournal(tmp_path / "data" / "journal.sqlite3")

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import Config, InferenceConfig, ModelConfig, StorageConfig, WatchConfig
+from appliance.config import Config
 from appliance.faults import Faults
 from appliance.inference.loader import open_backend
 from appliance.ingest.content_hash import digest_bytes
 from appliance.ingest.intake import MAX_ATTEMPTS, Arrival, Intake
-from appliance.ingest.journal import Journal
+from appliance.ingest.journal import Journal, Registration
 from appliance.manifest import load_manifest
 from appliance.scoring.stages import ScoringStages
 from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
+from tests.in_process import in_process_config
 from tests.integration.conftest import TEST_MODEL, png_bytes
 
 
@@ -34,13 +35,7 @@ class Stages:
 
 @pytest.fixture
 def stages(tmp_path: Path) -> Iterator[Stages]:
-    config = Config(
-        watch=WatchConfig(dir=tmp_path / "in", processed_dir=tmp_path / "done", rejected_dir=tmp_path / "rejected"),
-        storage=StorageConfig(data_dir=tmp_path / "data"),
-        model=ModelConfig(dir=TEST_MODEL),
-        inference=InferenceConfig(backend="onnxruntime", threads=1, decode_workers=1, decode_with="threads"),
-    )
-    config.watch.dir.mkdir()
+    config = in_process_config(tmp_path)
     loaded = load_manifest(TEST_MODEL)
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
@@ -67,6 +62,18 @@ def _arrival(folder: Path, name: str, data: bytes, source: str = "folder") -> Ar
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
         content_hash=digest_bytes(data),
+    )
+
+
+def _registered(journal: Journal, arrival: Arrival) -> Registration:
+    """Journaled as a way in would, but not submitted (left queued, as a crash leaves it)."""
+    return journal.register(
+        source=arrival.source,
+        path=str(arrival.path),
+        file_name=arrival.file_name,
+        size=arrival.size,
+        mtime_ns=arrival.mtime_ns,
+        content_hash=arrival.content_hash,
     )
 
 
@@ -101,14 +108,7 @@ def test_a_duplicate_by_any_way_in_is_counted_not_scored_and_disposed_of_like_it
 def test_the_queued_inputs_own_file_offered_again_is_left_to_its_job(stages: Stages) -> None:
     folder = stages.config.watch.dir
     arrival = _arrival(folder, "b.png", png_bytes(12))
-    reg = stages.journal.register(
-        source="folder",
-        path=str(arrival.path),
-        file_name="b.png",
-        size=arrival.size,
-        mtime_ns=arrival.mtime_ns,
-        content_hash=arrival.content_hash,
-    )
+    reg = _registered(stages.journal, arrival)
     again = stages.intake.submit(arrival)
     assert again.already_queued and again.input_id == reg.input.id
     assert arrival.path.exists() and _duplicates(stages.metrics) == 0.0
@@ -119,14 +119,7 @@ def test_an_input_unfinished_at_several_starts_is_set_aside_as_repeated_crash(st
 
     folder = stages.config.watch.dir
     arrival = _arrival(folder, "poison.png", png_bytes(13))
-    reg = stages.journal.register(
-        source="folder",
-        path=str(arrival.path),
-        file_name="poison.png",
-        size=arrival.size,
-        mtime_ns=arrival.mtime_ns,
-        content_hash=arrival.content_hash,
-    )
+    reg = _registered(stages.journal, arrival)
     for _ in range(MAX_ATTEMPTS):  # the starts before this one each found it unfinished
         stages.journal.count_attempt([reg.input.id])
     seen = stages.journal.last_sequence()

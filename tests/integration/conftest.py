@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +168,17 @@ class Daemon:
     def status(self) -> pb.Status:
         with self.channel() as ch:
             return pb_grpc.ScoringStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10)
+
+    def settled(self, metrics_port: int, timeout: float = 60.0) -> pb.Status:
+        """GetStatus once no input is in the stages (appliance_inputs_in_flight is 0): every input taken
+        before then has its result, rejection or duplicate counted."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            if "appliance_inputs_in_flight 0.0" in text.splitlines():
+                return self.status()
+            time.sleep(0.05)
+        raise AssertionError(f"inputs still in flight after {timeout} s:\n{self.log()[-4000:]}")
 
 
 @pytest.fixture

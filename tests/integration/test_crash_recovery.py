@@ -6,27 +6,13 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 
 from appliance.v1 import scoring_pb2 as pb
 
-from .conftest import Daemon, drop, free_port, png_bytes
+from .conftest import drop, free_port, png_bytes
 
 BURST = 60
-
-
-def _settled(d: Daemon, metrics_port: int, timeout: float = 60.0) -> pb.Status:
-    """GetStatus once no input is in the stages (appliance_inputs_in_flight is 0): every input taken
-    before then has its result, rejection or duplicate counted."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        if "appliance_inputs_in_flight 0.0" in text.splitlines():
-            return d.status()
-        time.sleep(0.05)
-    raise AssertionError(f"inputs still in flight after {timeout} s:\n{d.log()[-4000:]}")
 
 
 def test_kill_9_mid_burst_then_restart_scores_each_file_exactly_once(make_daemon) -> None:
@@ -57,7 +43,7 @@ def test_kill_9_mid_burst_then_restart_scores_each_file_exactly_once(make_daemon
     assert [r.SerializeToString() for r in results[:5]] == [r.SerializeToString() for r in seen_before]
     # Nothing more trickles in: what the restart took from the folder entered the stages no later than the
     # marker, and what it took from the journal is queue_depth until done.
-    status = _settled(d, metrics_port)
+    status = d.settled(metrics_port)
     assert (status.last_sequence, status.queue_depth, status.scored) == (BURST + 1, 0, BURST + 1)
     # And the journal agrees: one result per input, none left queued.
     d.stop()

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pydicom
@@ -18,7 +17,7 @@ from pydicom.data import get_testdata_file
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
-from .conftest import Daemon, bare_dicom, drop, free_port, jpeg_bytes, png_bytes
+from .conftest import bare_dicom, drop, free_port, jpeg_bytes, png_bytes
 
 # Real DICOM from pydicom's test data and pydicom-data: CT, MR, CR (MONOCHROME1), NM, several syntaxes.
 DICOM_FILES = [
@@ -40,18 +39,6 @@ def _testfile(name: str) -> str:
     path = get_testdata_file(name, download=False)
     assert path is not None, f"{name} missing from pydicom's test data"
     return str(path)
-
-
-def _settled(d: Daemon, metrics_port: int, timeout: float = 60.0) -> pb.Status:
-    """GetStatus once no input is in the stages (appliance_inputs_in_flight is 0): every input taken
-    before then has its result, rejection or duplicate counted."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        if "appliance_inputs_in_flight 0.0" in text.splitlines():
-            return d.status()
-        time.sleep(0.05)
-    raise AssertionError(f"inputs still in flight after {timeout} s:\n{d.log()[-4000:]}")
 
 
 def test_dropped_dicom_png_and_jpeg_are_scored_and_streamed(make_daemon) -> None:
@@ -214,7 +201,7 @@ def test_hidden_and_partial_files_wait_until_renamed(make_daemon) -> None:
     assert r.file_name == "marker.png"
     # Files are taken in the order their events come: a dotfile or .part file taken would have entered the
     # stages before the marker, and be counted once they are empty.
-    status = _settled(d, metrics_port)
+    status = d.settled(metrics_port)
     counts = (status.scored, status.rejected, status.duplicates, status.queue_depth, status.last_sequence)
     assert counts == (1, 0, 0, 0, 1)  # neither the dotfile nor the .part file was taken
     partial.rename(d.incoming / "upload.png")

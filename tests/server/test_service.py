@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from appliance.config import Config, InferenceConfig, ModelConfig, ServerConfig, StorageConfig, WatchConfig
+from appliance.config import ServerConfig
 from appliance.faults import Faults
 from appliance.inference.loader import open_backend
 from appliance.ingest.intake import Intake
@@ -22,6 +22,7 @@ from appliance.server.metrics import Metrics
 from appliance.server.service import Hooks, ScoringService
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.in_process import in_process_config
 from tests.integration.conftest import TEST_MODEL, png_bytes
 
 
@@ -34,13 +35,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    config = Config(
-        watch=WatchConfig(dir=tmp_path / "in", processed_dir=tmp_path / "done", rejected_dir=tmp_path / "rejected"),
-        storage=StorageConfig(data_dir=tmp_path / "data"),
-        model=ModelConfig(dir=TEST_MODEL),
-        inference=InferenceConfig(backend="onnxruntime", threads=1, decode_workers=1, decode_with="threads"),
-        server=ServerConfig(port=0, tokens_file=tmp_path / "data" / "tokens.json"),
-    )
+    config = in_process_config(tmp_path, server=ServerConfig(port=0, tokens_file=tmp_path / "data" / "tokens.json"))
     loaded = load_manifest(TEST_MODEL)
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
