@@ -19,8 +19,8 @@ from appliance.ingest.content_hash import digest_bytes
 from appliance.logging_setup import setup_logging
 from appliance.manifest import load_manifest
 from appliance.pipeline import Preparer
-from appliance.results import InputFacts, StageTimes, result_to_dict
-from appliance.scoring.building import build_results, rejection
+from appliance.results import InputFacts, StageTimes, rejected_result, result_to_dict
+from appliance.scoring.building import build_results
 from appliance.scoring.job import Frame
 from appliance.server.tokens import Scope, TokenStore
 from appliance.v1 import scoring_pb2 as pb
@@ -188,7 +188,7 @@ def _score(config: Config, files: list[Path]) -> int:
                 prepared = preparer.prepare(data, path.name)
             except ApplianceError as e:
                 times = StageTimes(total_ms=(time.perf_counter() - t0) * 1e3)
-                print(json.dumps(result_to_dict(rejection(facts, manifest, backend.name, e, times, None))))
+                print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, e, times))))
                 failures += 1
                 continue
             t1 = time.perf_counter()

@@ -111,7 +111,10 @@ class Intake:
             return Submitted(original.id, already_queued=True)
         log.info("input %d is a duplicate of input %d (same content); not scored again", reg.input.id, original.id)
         self.on_duplicate()
-        self.dispose_again(reg.input, arrival.path)
+        if arrival.source == "grpc":  # only the spooled copy to drop: no journal write a Score answer needs
+            disposal.dispose(arrival.path, reg.input.id, arrival.source, None, self.watch)
+        else:
+            self.dispose_again(reg.input, arrival.path)
         return Submitted(reg.input.id, duplicate_of=original.id)
 
     def dispose_again(self, row: InputRow, path: Path) -> None:
