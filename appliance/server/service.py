@@ -67,12 +67,14 @@ class _Refusal(Exception):
 class _TokenBucket:
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.level = 2 * rate
+        # Bursts of twice the rate, and at least one call: below 0.5/s a smaller bucket never holds a whole call.
+        self.capacity = max(1.0, 2 * rate)
+        self.level = self.capacity
         self.stamp = time.monotonic()
 
     def take(self) -> bool:
         now = time.monotonic()
-        self.level = min(2 * self.rate, self.level + (now - self.stamp) * self.rate)
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.level < 1:
             return False
@@ -138,25 +140,25 @@ class ScoringService(pb_grpc.ScoringServicer):
                 "slow down.",
                 f"Score rate of {terminal!r}",
             )
-        if self._scores >= self.limits.max_scores:
-            return Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.limits.max_scores} Score calls are running; retry.",
-                "Score calls all running",
-            )
-        return None
+        return self._all_running()
+
+    def _all_running(self) -> Refused | None:
+        if self._scores < self.limits.max_scores:
+            return None
+        return Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{self.limits.max_scores} Score calls are running; retry.",
+            "Score calls all running",
+        )
 
     async def Score(self, request: pb.ScoreRequest, context: aio.ServicerContext[Any, Any]) -> pb.Result:
         who = caller.get(LOCAL)
         if not request.image:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.image is empty.")
-        refused = None if who.admitted else self._admit_score(who.name)
+        # Admitted as it arrived: only the count is checked again (others may have started while it was read).
+        refused = self._all_running() if who.admitted else self._admit_score(who.name)
         if refused is not None:
             await _abort(context, refused.code, refused.sentence)
-        if self._scores >= self.limits.max_scores:  # others were admitted while this request was read
-            await _abort(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.limits.max_scores} Score calls are running; retry."
-            )
         self._scores += 1
         gone = threading.Event()  # the call ended (cancelled, deadline): a waiting thread stops early
         try:

@@ -85,7 +85,7 @@ class TokenStore:
         except FileNotFoundError:
             stamp = None
         with self._lock:
-            if stamp == self._stamp and (stamp is not None or not self._by_hash):
+            if stamp == self._stamp:  # unchanged (or still absent: nothing was read)
                 return
             records = self._read() if stamp is not None else []
             self._by_hash = {r.sha256: r for r in records}
