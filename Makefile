@@ -61,7 +61,7 @@ gpu-check: model
 # certificate; `make certs TERMINAL=name` a terminal's certificate. Keep $(CERTS)/ca/ off the box.
 CERTS ?= certs
 certs: $(STAMP)
-	$(PY) -m appliance.certs --out $(CERTS) $(if $(TERMINAL),--terminal $(TERMINAL))
+	$(PY) -m appliance.api.certs --out $(CERTS) $(if $(TERMINAL),--terminal $(TERMINAL))
 
 run: model
 	mkdir -p var/incoming

@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from appliance.errors import ConfigError
+from appliance.domain.errors import ConfigError
 from appliance.inference import registry
 
 DEFAULT_PARTIAL_PATTERNS = ["*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.swp", "*~"]

@@ -9,15 +9,15 @@ backend registry with each backend's build-side helpers. Those modules are that 
 """
 
 from appliance.config import Config, InferenceConfig, LimitsConfig, load_config
-from appliance.errors import ApplianceError, InputRejected
+from appliance.domain.errors import ApplianceError, InputRejected
+from appliance.domain.manifest import Accuracy, LoadedManifest, Manifest, load_manifest
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape, open_backend
 from appliance.inference.postprocess import decide
 from appliance.inference.runs import images_per_second, scores_in_batches
 from appliance.logging_setup import quiet_pydicom
-from appliance.manifest import Accuracy, LoadedManifest, Manifest, load_manifest
-from appliance.pipeline import Prepared, Preparer
-from appliance.prepare_pool import init_worker, prepare_file, worker_initargs
+from appliance.prepare.pool import init_worker, prepare_file, worker_initargs
+from appliance.prepare.preparer import Prepared, Preparer
 
 __all__ = [
     "Accuracy",

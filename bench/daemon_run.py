@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from appliance.client import wait_until_serving
+from appliance.api.client import wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -90,7 +90,7 @@ class BenchDaemon:
         )
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "appliance.app.cli", "run", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

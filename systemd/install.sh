@@ -15,7 +15,7 @@ chown appliance:appliance "$EXPORT_DIR"
 # TLS: the clinic's CA lives in /root/appliance-ca (root-only; better, move it off the box), the server's
 # certificate and key in /etc/appliance/certs, readable by the service only.
 if [ ! -f /etc/appliance/certs/server.crt ]; then
-    "$PREFIX/.venv/bin/python" -m appliance.certs --out /root/appliance-ca
+    "$PREFIX/.venv/bin/python" -m appliance.api.certs --out /root/appliance-ca
     install -d -m 0750 -o root -g appliance /etc/appliance/certs
     install -m 0644 /root/appliance-ca/server.crt /root/appliance-ca/ca.crt /etc/appliance/certs/
     install -m 0600 -o appliance -g appliance /root/appliance-ca/server.key /etc/appliance/certs/

@@ -1,4 +1,4 @@
-"""The fault list (appliance.faults) and the processor's retry of results that found the disk full."""
+"""The fault list (appliance.domain.faults) and the processor's retry of results that found the disk full."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import StorageFull
-from appliance.faults import STORAGE, Faults, is_disk_full
+from appliance.api.codec import InputFacts
+from appliance.api.metrics import Metrics
+from appliance.domain.errors import StorageFull
+from appliance.domain.faults import STORAGE, Faults, is_disk_full
+from appliance.domain.manifest import load_manifest
 from appliance.inference.loader import open_backend
-from appliance.ingest.journal import Journal
-from appliance.manifest import load_manifest
-from appliance.results import InputFacts
+from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages
-from appliance.server.metrics import Metrics
 from appliance.v1 import scoring_pb2 as pb
 from tests.in_process import in_process_config
 
@@ -48,7 +48,7 @@ def test_a_fault_is_logged_once_when_it_begins_and_once_when_it_ends(caplog: pyt
     faults = Faults()
     changes: list[list[str]] = []
     faults.subscribe(lambda: changes.append(faults.problems()))
-    caplog.set_level(logging.INFO, logger="appliance.faults")
+    caplog.set_level(logging.INFO, logger="appliance.domain.faults")
     for free in (3, 2, 1):  # reported again and again, its sentence updated: one line
         faults.set("disk", f"The disk is full ({free} MB free).", blocks_intake=True)
     faults.set("folder", "The watch folder is missing.")

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import BaseTag
 
-from appliance.errors import (
+from appliance.domain.errors import (
     CorruptDicom,
     ExcessPixelData,
     ImageTooLarge,
@@ -30,8 +30,8 @@ from appliance.errors import (
     UnsupportedPixelFormat,
     UnsupportedTransferSyntax,
 )
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta, ShrinkTo
-from appliance.manifest import Preprocess
 from appliance.privacy import header_value
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from appliance.errors import UnsupportedPixelFormat
-from appliance.manifest import Manifest
+from appliance.domain.errors import UnsupportedPixelFormat
+from appliance.domain.manifest import Manifest
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,

@@ -8,9 +8,9 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from appliance.errors import CorruptImage, ImageTooLarge, InputRejected, UnsupportedPixelFormat
+from appliance.domain.errors import CorruptImage, ImageTooLarge, InputRejected, UnsupportedPixelFormat
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
-from appliance.manifest import Preprocess
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"

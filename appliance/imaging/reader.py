@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from appliance.errors import CorruptDicom, CorruptImage, EmptyFile, InputRejected, UnsupportedFormat
+from appliance.domain.errors import CorruptDicom, CorruptImage, EmptyFile, InputRejected, UnsupportedFormat
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.dicom import decode_dataset, parse, read_dicom
 from appliance.imaging.raster import read_raster, sniff
 from appliance.imaging.types import DecodedImage, DecodeLimits, ShrinkTo
-from appliance.manifest import Preprocess
 
 DICOM_MAGIC_OFFSET = 128
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from pydantic import BaseModel
 
-from appliance.errors import BackendError
+from appliance.domain.errors import BackendError
 
 if TYPE_CHECKING:
     from appliance.inference.artifacts import Sidecar

@@ -7,7 +7,7 @@ from enum import Enum
 
 import numpy as np
 
-from appliance.manifest import Manifest
+from appliance.domain.manifest import Manifest
 
 
 class Verdict(Enum):

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import InferenceConfig
-from appliance.errors import BackendUnavailable, ModelMismatchError
+from appliance.domain.errors import BackendUnavailable, ModelMismatchError
+from appliance.domain.manifest import LoadedManifest
 from appliance.inference import cpu_class, registry
 from appliance.inference.artifacts import engines_folder, sha256_file
 from appliance.inference.backend import Choice, PassedOver, Why
 from appliance.inference.backends import cuda
 from appliance.inference.backends.onnxruntime import runtime_version
 from appliance.inference.backends.tensorrt import gpu_problem, tensorrt_version
-from appliance.manifest import LoadedManifest
 
 
 @dataclass

@@ -11,17 +11,17 @@ import threading
 import time
 from collections.abc import Callable
 
+from appliance.api.codec import outcome_of, stored_to_message
 from appliance.config import WatchConfig
-from appliance.errors import StorageFull
-from appliance.faults import STORAGE, Faults
-from appliance.ingest import disposal
-from appliance.ingest.journal import Journal, NewResult
+from appliance.domain.errors import StorageFull
+from appliance.domain.faults import STORAGE, Faults
+from appliance.journal import disposal
+from appliance.journal.journal import Journal, NewResult
 from appliance.privacy import hashed, log_failure
-from appliance.results import outcome_of, stored_to_message
 from appliance.scoring.admission import Admission
-from appliance.scoring.building import Scorer, build_results, journal_row
 from appliance.scoring.job import Job
 from appliance.scoring.observer import ScoringObserver
+from appliance.scoring.results import Scorer, build_results, journal_row
 from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)

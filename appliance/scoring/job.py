@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.api.codec import InputFacts
 from appliance.inference.batcher import BatchTiming
-from appliance.pipeline import Prepared
-from appliance.results import InputFacts
+from appliance.prepare.preparer import Prepared
 from appliance.v1 import scoring_pb2 as pb
 
 # One frame's outcome from the batcher: activated scores or an error, and its batch's timing.

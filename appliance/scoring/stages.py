@@ -12,22 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.api.codec import InputFacts
 from appliance.config import Config
-from appliance.errors import CorruptImage, InputRejected
-from appliance.faults import Faults
+from appliance.domain.errors import CorruptImage, InputRejected
+from appliance.domain.faults import Faults
+from appliance.domain.manifest import Manifest
 from appliance.inference.backend import Backend
 from appliance.inference.batcher import Batcher, BatchTiming
 from appliance.inference.postprocess import activate
-from appliance.ingest.journal import Journal
-from appliance.manifest import Manifest
-from appliance.pipeline import Prepared
-from appliance.prepare_pool import PreparePool, ReadAhead
-from appliance.results import InputFacts
+from appliance.journal.journal import Journal
+from appliance.prepare.pool import PreparePool, ReadAhead
+from appliance.prepare.preparer import Prepared
 from appliance.scoring.admission import Admission
-from appliance.scoring.building import Scorer
 from appliance.scoring.finisher import Finisher
 from appliance.scoring.job import Job
 from appliance.scoring.observer import NoObserver, ScoringObserver
+from appliance.scoring.results import Scorer
 from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)

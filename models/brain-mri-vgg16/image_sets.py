@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 from pydicom.data import get_testdata_file
 
+from appliance.domain.manifest import load_manifest
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodeLimits
-from appliance.manifest import load_manifest
 
 # Real MR slices, little-endian or compressed, single- and multi-frame (each frame is one image).
 SOURCES = [

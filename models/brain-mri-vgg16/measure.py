@@ -14,10 +14,10 @@ import pydicom
 from pydicom.data import get_testdata_file
 
 from appliance.config import InferenceConfig, LimitsConfig
+from appliance.domain.manifest import load_manifest
 from appliance.inference.backend import Backend
 from appliance.inference.loader import open_backend
-from appliance.manifest import load_manifest
-from appliance.pipeline import Preparer
+from appliance.prepare.preparer import Preparer
 
 HERE = Path(__file__).resolve().parent
 # Every MR file that pydicom and pydicom-data ship, one per distinct image (the compressed twins of

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 from synth import MEAN, SCALE, STD, auc, make_image, make_set, normalise
 
-from appliance.manifest import load_manifest
+from appliance.domain.manifest import load_manifest
 
 HERE = Path(__file__).resolve().parent
 HELD_OUT_SEED = 2  # the same held-out set train.py reports on

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appliance.manifest import Accuracy, load_manifest
+from appliance.domain.manifest import Accuracy, load_manifest
 from build_engine.gate import auc, compare
 
 from ..integration.conftest import DEFAULT_MODEL, TEST_MODEL

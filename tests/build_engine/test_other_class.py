@@ -28,7 +28,7 @@ from pathlib import Path
 from appliance.config import InferenceConfig
 from appliance.inference.cpu_class import detect
 from appliance.inference.loader import open_served
-from appliance.manifest import load_manifest
+from appliance.domain.manifest import load_manifest
 served = open_served(load_manifest(Path(sys.argv[1])), InferenceConfig(backend="onnxruntime"), Path(sys.argv[2]))
 print(detect(), served.precision, *served.passed_over, sep="\\n")
 """

@@ -9,11 +9,11 @@ import pytest
 from onnx import numpy_helper
 
 from appliance.config import LimitsConfig
+from appliance.domain.manifest import load_manifest
 from appliance.inference import cpu_class
 from appliance.inference.artifacts import read_sidecar
 from appliance.inference.backends.onnxruntime import onnxruntime_stem
-from appliance.manifest import load_manifest
-from appliance.pipeline import Preparer
+from appliance.prepare.preparer import Preparer
 from build_engine.image_sets import load_set
 from build_engine.quantize import WEIGHTED_OPS, TensorReader, prepare_float_model, quantize, recipe_for
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import InferenceConfig
-from appliance.errors import BackendUnavailable, ModelMismatchError
+from appliance.domain.errors import BackendUnavailable, ModelMismatchError
+from appliance.domain.manifest import load_manifest
 from appliance.inference import cpu_class
 from appliance.inference.artifacts import (
     ArtifactKey,
@@ -21,7 +22,6 @@ from appliance.inference.backend import Why
 from appliance.inference.backends.onnxruntime import onnxruntime_stem, runtime_version
 from appliance.inference.backends.tensorrt import tensorrt_choice, tensorrt_stem
 from appliance.inference.selection import Host, choose_artifact
-from appliance.manifest import load_manifest
 
 AUTO = InferenceConfig(backend="auto")
 ORT = InferenceConfig(backend="onnxruntime")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from appliance.config import InferenceConfig
+from appliance.domain.manifest import load_manifest
 from appliance.inference import cpu_class
 from appliance.inference.artifacts import read_sidecar, sha256_file
 from appliance.inference.backends.onnxruntime import onnxruntime_stem
 from appliance.inference.loader import open_served
-from appliance.manifest import load_manifest
 
 from ..tampering import alter_weights
 from .conftest import INT8, build

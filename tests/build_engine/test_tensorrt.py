@@ -14,14 +14,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.config import LimitsConfig
-from appliance.errors import ModelMismatchError
+from appliance.domain.errors import ModelMismatchError
+from appliance.domain.manifest import load_manifest
 from appliance.inference.artifacts import read_sidecar, sha256_file
 from appliance.inference.backends import cuda
 from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.backends.tensorrt import TensorRtBackend, is_available, tensorrt_stem, tensorrt_version
 from appliance.inference.postprocess import activate
-from appliance.manifest import load_manifest
-from appliance.pipeline import Preparer
+from appliance.prepare.preparer import Preparer
 from build_engine.image_sets import load_set
 from build_engine.tensorrt_build import build_plan
 

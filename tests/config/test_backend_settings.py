@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import InferenceConfig, load_config
-from appliance.errors import ConfigError
+from appliance.domain.errors import ConfigError
 
 
 def test_an_unknown_backend_in_the_config_is_refused_with_the_choices(tmp_path: Path) -> None:

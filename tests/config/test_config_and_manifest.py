@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import Config, load_config
-from appliance.errors import ConfigError, ManifestError, ModelMissingError
-from appliance.manifest import load_manifest
+from appliance.domain.errors import ConfigError, ManifestError, ModelMissingError
+from appliance.domain.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 

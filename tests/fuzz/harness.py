@@ -79,9 +79,9 @@ def _serve(conn: Connection, memory_mb: int, crash_log: str) -> None:
     import warnings
 
     from appliance.config import LimitsConfig
-    from appliance.errors import InputRejected
-    from appliance.manifest import load_manifest
-    from appliance.pipeline import Preparer
+    from appliance.domain.errors import InputRejected
+    from appliance.domain.manifest import load_manifest
+    from appliance.prepare.preparer import Preparer
 
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")

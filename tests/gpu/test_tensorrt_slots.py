@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.errors import BackendError
+from appliance.domain.errors import BackendError
 from appliance.inference.backends import cuda
 from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.backends.tensorrt import TensorRtBackend

@@ -19,10 +19,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragmented_frames
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from appliance.errors import InputRejected
+from appliance.domain.errors import InputRejected
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits
-from appliance.manifest import Preprocess
 
 # Planted in every DICOM made here: no rejection message may repeat them.
 PATIENT = {"PatientName": "Sentinel^Patricia", "PatientID": "PID-SENTINEL-4711", "PatientBirthDate": "19450307"}

@@ -16,10 +16,10 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from appliance.errors import ImageTooLarge, MultiFrameRejected
+from appliance.domain.errors import ImageTooLarge, MultiFrameRejected
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits
-from appliance.manifest import Preprocess
 
 VOI = Preprocess()
 MIN_MAX = Preprocess(dicom_window="min_max")

@@ -12,10 +12,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from appliance.errors import InputRejected
+from appliance.domain.errors import InputRejected
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits
-from appliance.manifest import Preprocess
 from appliance.privacy import INVALID, header_value
 
 from . import hostile

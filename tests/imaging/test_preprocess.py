@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from appliance.errors import UnsupportedPixelFormat
+from appliance.domain.errors import UnsupportedPixelFormat
+from appliance.domain.manifest import Manifest
 from appliance.imaging.preprocess import INTERPOLATIONS, Preprocessor
-from appliance.manifest import Manifest
 
 
 def _manifest(input: dict[str, Any] | None = None, preprocess: dict[str, Any] | None = None) -> Manifest:

@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from appliance.errors import ImageTooLarge
+from appliance.domain.errors import ImageTooLarge
+from appliance.domain.manifest import Preprocess
 from appliance.imaging.raster import read_header
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodeLimits
-from appliance.manifest import Preprocess
 
 GRAY8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
 GRAY16 = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)  # 0..65535

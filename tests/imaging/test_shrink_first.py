@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from appliance.config import LimitsConfig
+from appliance.domain.manifest import load_manifest
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodeLimits
-from appliance.manifest import load_manifest
-from appliance.pipeline import Preparer
+from appliance.prepare.preparer import Preparer
 from bench.inputs import write_inputs
 
 from ..integration.conftest import DEFAULT_MODEL, TEST_MODEL

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from appliance.config import LimitsConfig
-from appliance.errors import InputRejected
-from appliance.manifest import load_manifest
-from appliance.prepare_pool import PreparePool
+from appliance.domain.errors import InputRejected
+from appliance.domain.manifest import load_manifest
+from appliance.prepare.pool import PreparePool
 
 from . import hostile
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from appliance.config import InferenceConfig
-from appliance.errors import BackendError, ModelMismatchError
+from appliance.domain.errors import BackendError, ModelMismatchError
+from appliance.domain.manifest import load_manifest
 from appliance.inference import registry
 from appliance.inference.backend import Backend, BackendKind
 from appliance.inference.backends import onnxruntime
 from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.loader import open_backend
-from appliance.manifest import load_manifest
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
 

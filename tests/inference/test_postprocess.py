@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from appliance.domain.manifest import Manifest
 from appliance.inference.postprocess import Verdict, activate, decide
-from appliance.manifest import Manifest
 
 
 def _manifest(rule: str, threshold: float, labels: list[str], negatives: list[str]) -> Manifest:

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from appliance.client import Connection, wait_until_serving
+from appliance.api.client import Connection, wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -102,7 +102,7 @@ class Daemon:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "appliance.app.cli", "run", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,

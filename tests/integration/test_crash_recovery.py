@@ -84,7 +84,7 @@ def test_sigterm_mid_burst_exits_cleanly_then_restart_scores_the_rest_exactly_on
 
 STUCK_STOP = """
 import logging, threading
-from appliance import daemon
+from appliance.app import daemon
 from appliance.config import Config
 
 logging.basicConfig(level=logging.INFO)

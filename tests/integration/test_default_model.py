@@ -52,7 +52,7 @@ def test_default_model_scores_real_mr_the_same_in_the_daemon_and_offline(make_da
 
     offline = subprocess.run(
         # The daemon's own config: the same (absent) engines folder, so both serve the FP32 ONNX.
-        [sys.executable, "-m", "appliance.cli", "score", "--config", str(d.config_path), *paths],
+        [sys.executable, "-m", "appliance.app.cli", "score", "--config", str(d.config_path), *paths],
         capture_output=True,
         text=True,
         timeout=300,

@@ -144,7 +144,7 @@ def test_score_rpc_client_and_offline_cli_agree(make_daemon, tmp_path) -> None:
     assert [x.file_name for x in d.collect(2)] == ["one.png", "x.bin"]
 
     client = subprocess.run(
-        [sys.executable, "-m", "appliance.client", "--target", d.target, "--json", "score", str(image)],
+        [sys.executable, "-m", "appliance.api.client", "--target", d.target, "--json", "score", str(image)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -153,7 +153,7 @@ def test_score_rpc_client_and_offline_cli_agree(make_daemon, tmp_path) -> None:
     assert '"sequence": "1"' in client.stdout
 
     watch = subprocess.run(
-        [sys.executable, "-m", "appliance.client", "--target", d.target, "watch", "--since", "0", "--limit", "2"],
+        [sys.executable, "-m", "appliance.api.client", "--target", d.target, "watch", "--since", "0", "--limit", "2"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -164,7 +164,7 @@ def test_score_rpc_client_and_offline_cli_agree(make_daemon, tmp_path) -> None:
     assert lines[1].startswith("#2") and "REJECTED" in lines[1] and "unsupported_format" in lines[1]
 
     offline = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "score", "--model", str(d.model), str(image)],
+        [sys.executable, "-m", "appliance.app.cli", "score", "--model", str(d.model), str(image)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -245,7 +245,7 @@ def test_watching_terminal_survives_a_daemon_restart_and_misses_nothing(make_dae
     d = make_daemon()
     d.start()
     watch = subprocess.Popen(
-        [sys.executable, "-m", "appliance.client", "--target", d.target, "watch", "--since", "0", "--limit", "3"],
+        [sys.executable, "-m", "appliance.api.client", "--target", d.target, "watch", "--since", "0", "--limit", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from appliance.ingest.journal import Journal
+from appliance.journal.journal import Journal
 from appliance.v1 import scoring_pb2 as pb
 
 from .conftest import drop, free_port, png_bytes

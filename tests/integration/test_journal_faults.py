@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.ingest.journal import Journal
-from appliance.ingest.journal_guard import check as check_journal
-from appliance.ingest.journal_guard import open_journal, read_marker
+from appliance.journal.integrity import check as check_journal
+from appliance.journal.integrity import open_journal, read_marker
+from appliance.journal.journal import Journal
 
 from .conftest import TEST_MODEL, Daemon, drop, free_port, png_bytes
 
@@ -87,7 +87,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
 
 def _appliance(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True, timeout=90, check=False
+        [sys.executable, "-m", "appliance.app.cli", *args], capture_output=True, text=True, timeout=90, check=False
     )
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from appliance.config import LimitsConfig
+from appliance.domain.manifest import Accuracy, load_manifest
 from appliance.inference.artifacts import read_sidecar
 from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend, onnxruntime_stem
 from appliance.inference.cpu_class import detect
 from appliance.inference.postprocess import activate
-from appliance.manifest import Accuracy, load_manifest
-from appliance.pipeline import Preparer
+from appliance.prepare.preparer import Preparer
 from appliance.v1 import scoring_pb2 as pb
 from build_engine.gate import compare
 
@@ -130,7 +130,7 @@ def test_backend_tensorrt_without_a_plan_stops_the_start_with_one_sentence(make_
     d.incoming.mkdir(parents=True, exist_ok=True)
     d.write_config()
     r = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "run", "--config", str(d.config_path)],
+        [sys.executable, "-m", "appliance.app.cli", "run", "--config", str(d.config_path)],
         capture_output=True,
         text=True,
         timeout=60,

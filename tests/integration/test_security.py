@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from appliance.certs import make_server, make_terminal
-from appliance.client import Connection, explain
-from appliance.server.tokens import Scope, TokenStore
+from appliance.api.certs import make_server, make_terminal
+from appliance.api.client import Connection, explain
+from appliance.api.tokens import Scope, TokenStore
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 from tests.integration.conftest import TEST_MODEL, Daemon, free_port, png_bytes
@@ -130,7 +130,7 @@ def test_no_token_bad_token_and_revoked_token_are_unauthenticated(clinic: Clinic
     assert _status(clinic.connect(**clinic.credentials("ward-4", token=token4))).ready
     config = clinic.daemon.config_path
     out = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "token", "revoke", "ward-4", "--config", str(config)],
+        [sys.executable, "-m", "appliance.app.cli", "token", "revoke", "ward-4", "--config", str(config)],
         capture_output=True,
         text=True,
         check=True,
@@ -176,7 +176,7 @@ def test_handshake_failures_are_told_plainly(clinic: Clinic, tmp_path: Path) -> 
 
 def test_the_client_takes_credentials_from_flags_and_says_what_is_wrong(clinic: Clinic) -> None:
     creds = clinic.credentials("ward-1")
-    base = [sys.executable, "-m", "appliance.client", "--target", clinic.daemon.target]
+    base = [sys.executable, "-m", "appliance.api.client", "--target", clinic.daemon.target]
     flags = ["--ca", str(creds["ca"]), "--cert", str(creds["cert"]), "--key", str(creds["key"])]
     ok = subprocess.run(
         [*base, *flags, "--token", str(creds["token"]), "status"], capture_output=True, text=True, timeout=60

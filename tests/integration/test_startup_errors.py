@@ -12,7 +12,7 @@ from .conftest import TEST_MODEL
 
 def _run(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "appliance.app.cli", "run", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

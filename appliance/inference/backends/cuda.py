@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.errors import BackendError, BackendUnavailable
+from appliance.domain.errors import BackendError, BackendUnavailable
 
 
 class CudaError(BackendError):

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.errors import BackendError, ModelMismatchError
+from appliance.domain.errors import BackendError, ModelMismatchError
 from appliance.inference.artifacts import ArtifactKey, SidecarError, artifact_problem, read_sidecar, slug
 from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
 

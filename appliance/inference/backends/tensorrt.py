@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.errors import BackendError, BackendUnavailable, ModelMismatchError
+from appliance.domain.errors import BackendError, BackendUnavailable, ModelMismatchError
 from appliance.inference.artifacts import SidecarError, artifact_problem, read_sidecar, slug
 from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
 from appliance.inference.backends import cuda

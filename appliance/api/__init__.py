@@ -1,0 +1,1 @@
+"""The gRPC API: server, service, the result feed, auth, TLS and metrics."""

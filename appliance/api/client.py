@@ -1,0 +1,250 @@
+"""`appliance-client`: a terminal's view of the appliance: watch results live, score a file, look one up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from appliance.api.codec import result_to_dict
+from appliance.config import is_loopback
+from appliance.v1 import scoring_pb2 as pb
+from appliance.v1 import scoring_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = os.environ.get("APPLIANCE_TARGET", "127.0.0.1:50051")
+RECONNECT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the appliance is and how this terminal proves who it is."""
+
+    target: str
+    ca: Path | None = None  # the clinic's CA: set, the channel is TLS
+    cert: Path | None = None  # this terminal's certificate and key, for mutual TLS
+    key: Path | None = None
+    token: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.ca is None:
+            if self.cert or self.key:
+                raise OSError("--cert and --key need --ca (the CA that signed the appliance's certificate).")
+            if self.token and not is_loopback(self.target.rsplit(":", 1)[0]):
+                raise OSError(
+                    "refusing to send the token in the clear to another machine: pass --ca (the clinic's CA) "
+                    "to use TLS."
+                )
+            channel = grpc.insecure_channel(self.target)
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(),
+                private_key=self.key.read_bytes() if self.key else None,
+                certificate_chain=self.cert.read_bytes() if self.cert else None,
+            )
+            channel = grpc.secure_channel(self.target, creds)
+        if self.token:
+            return grpc.intercept_channel(channel, _Bearer(self.token))
+        return channel
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """The token on every call, as 'authorization: Bearer …' (plain metadata, so it works over loopback too)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
+def explain(e: grpc.RpcError) -> str:
+    """What went wrong, in words a terminal's user can act on."""
+    code, details = e.code(), e.details() or ""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return f"refused: {details}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return (
+                "the appliance's certificate is not signed by the CA given (--ca), or does not name the address "
+                "dialled (--target); check both with IT."
+            )
+        if "WRONG_VERSION_NUMBER" in details or ("Ssl handshake failed" in details and "PACKET_LENGTH" in details):
+            return "the appliance does not speak TLS on that port; drop --ca or check the port."
+        if "CERTIFICATE_REQUIRED" in details or "HANDSHAKE_FAILURE" in details or "certificate" in details.lower():
+            return "the appliance wants this terminal's certificate: pass --cert and --key (make certs TERMINAL=...)."
+        if "Ssl handshake failed" in details or "SSL" in details:
+            return f"the TLS handshake failed: {details}"
+        return f"cannot reach the appliance at the target given (it may be down, or speak TLS: pass --ca): {details}"
+    return f"{code.name}: {details}"
+
+
+def wait_until_serving(target: str | Connection, alive: Callable[[], bool], timeout: float) -> bool:
+    """Poll grpc.health.v1 until the Scoring service says SERVING. False at the timeout, or as soon as
+    `alive` says the daemon's process is gone."""
+    deadline = time.monotonic() + timeout
+    connection = target if isinstance(target, Connection) else Connection(target)
+    with connection.channel() as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline and alive():
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service="appliance.v1.Scoring"), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    return False
+
+
+def format_result(r: pb.Result) -> str:
+    """One line a person can read at a glance."""
+    name = r.file_name + (f" [frame {r.frame_index + 1}/{r.frame_count}]" if r.frame_count > 1 else "")
+    if r.outcome == pb.OUTCOME_REJECTED:
+        return f"#{r.sequence:<6} REJECTED  {name}: {r.rejection.code}: {r.rejection.message}"
+    decision = pb.Decision.Name(r.decision).removeprefix("DECISION_")
+    scores = " ".join(f"{s.label}={s.score:.3f}" for s in r.scores)
+    return f"#{r.sequence:<6} {decision:<13} {name}: {','.join(r.findings)} ({scores}) {r.timings.total_ms:.0f} ms"
+
+
+def _emit(r: pb.Result, as_json: bool) -> None:
+    print(json.dumps(result_to_dict(r)) if as_json else format_result(r), flush=True)
+
+
+def stream(stub: pb_grpc.ScoringStub, since: int) -> Iterator[pb.Result]:
+    return stub.StreamResults(pb.StreamResultsRequest(since_sequence=since))
+
+
+def _watch(connection: Connection, since: int, as_json: bool, follow_reconnect: bool, limit: int) -> int:
+    """Follow the stream; on a dropped connection resume after the last result seen, so nothing is missed."""
+    last = since
+    shown = 0
+    while True:
+        with connection.channel() as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            try:
+                for r in stream(stub, last):
+                    _emit(r, as_json)
+                    last = r.sequence
+                    shown += 1
+                    if limit and shown >= limit:
+                        return 0
+            except grpc.RpcError as e:
+                if not follow_reconnect or e.code() in _FINAL:
+                    print(f"appliance-client: {explain(e)}", file=sys.stderr)
+                    return 1
+                print(
+                    f"appliance-client: connection lost ({e.code().name}); resuming after #{last}",
+                    file=sys.stderr,
+                )
+        time.sleep(RECONNECT_S)
+
+
+_FINAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # retrying will not help
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="appliance-client", description=__doc__)
+    p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the appliance (env APPLIANCE_TARGET).")
+    p.add_argument("--ca", default=env("APPLIANCE_CA"), help="The clinic's CA certificate: use TLS (APPLIANCE_CA).")
+    p.add_argument("--cert", default=env("APPLIANCE_CERT"), help="This terminal's certificate (APPLIANCE_CERT).")
+    p.add_argument("--key", default=env("APPLIANCE_KEY"), help="This terminal's private key (APPLIANCE_KEY).")
+    p.add_argument("--token", default=env("APPLIANCE_TOKEN"), help="This terminal's token (APPLIANCE_TOKEN).")
+    p.add_argument("--json", action="store_true", help="One JSON object per result instead of a line of text.")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("watch", help="Print every result as it arrives; reconnects and resumes by itself.")
+    w.add_argument("--since", type=int, default=None, help="Replay stored results after this sequence first.")
+    w.add_argument("--no-reconnect", action="store_true", help="Exit when the connection drops.")
+    w.add_argument("--limit", type=int, default=0, help="Exit after this many results (0: never).")
+    s = sub.add_parser("score", help="Send one image and print its result.")
+    s.add_argument("file", type=Path)
+    g = sub.add_parser("get", help="Look a stored result up.")
+    key = g.add_mutually_exclusive_group(required=True)
+    key.add_argument("--sequence", type=int)
+    key.add_argument("--sop-uid")
+    sub.add_parser("status", help="Model, backend, queue depth and counts.")
+    sub.add_parser("models", help="The model being served.")
+    sub.add_parser("reload", help="Load the configured model again and swap it in (needs an admin token).")
+    args = p.parse_args(argv)
+    connection = Connection(args.target, _path(args.ca), _path(args.cert), _path(args.key), args.token)
+
+    try:
+        if args.command == "watch":
+            since = args.since
+            if since is None:  # live only: start from the newest stored result
+                with connection.channel() as ch:
+                    since = pb_grpc.ScoringStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).last_sequence
+            return _watch(connection, since, args.json, not args.no_reconnect, args.limit)
+        with connection.channel() as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            if args.command == "score":
+                data = args.file.read_bytes()
+                r = stub.Score(pb.ScoreRequest(image=data, file_name=args.file.name), timeout=180)
+                _emit(r, args.json)
+                return 0 if r.outcome == pb.OUTCOME_SCORED else 1
+            if args.command == "get":
+                req = (
+                    pb.GetResultRequest(sequence=args.sequence)
+                    if args.sequence is not None
+                    else pb.GetResultRequest(sop_instance_uid=args.sop_uid)
+                )
+                _emit(stub.GetResult(req, timeout=10), args.json)
+                return 0
+            from google.protobuf.json_format import MessageToDict
+
+            if args.command == "reload":
+                answer = stub.ReloadModel(pb.ReloadModelRequest(), timeout=600)
+                print(answer.message)
+                return 0 if answer.reloaded else 1
+            msg = (
+                stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+                if args.command == "status"
+                else stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            )
+            print(
+                json.dumps(
+                    MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+                    indent=2,
+                )
+            )
+            return 0
+    except grpc.RpcError as e:
+        print(f"appliance-client: {explain(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"appliance-client: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""One reader follows the journal's new results and shares them with every open stream.
+
+A stream serves from the shared window of recent results while it keeps up, and reads the journal by
+sequence (a page at a time) while it is behind: a slow or stalled terminal holds its cursor and the
+messages gRPC's flow control lets through, never a queue of its own, and never slows another.
+
+Results travel as encoded bytes, made once per result rather than once per result per stream: the journal's
+payload is an encoded Result without its sequence number, and protobuf merges concatenated encodings, so
+appending the encoded `sequence` field gives the message the stream sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import threading
+from collections import deque
+
+from appliance.journal.journal import Journal, StoredResult
+
+log = logging.getLogger(__name__)
+
+WINDOW = 4096  # recent results kept for streams that keep up
+PAGE = 256
+FOLLOW_WAKE_S = 0.5
+_SEQUENCE_TAG = b"\x08"  # Result.sequence: field 1, varint
+
+
+def encoded(stored: StoredResult) -> bytes:
+    """The Result as the stream sends it: the journaled payload with its sequence number."""
+    value, out = stored.seq, bytearray(_SEQUENCE_TAG)
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(stored.payload) + bytes(out)
+
+
+class ResultFeed:
+    def __init__(self, journal: Journal, loop: asyncio.AbstractEventLoop) -> None:
+        self.journal = journal
+        self.loop = loop
+        self._seqs: deque[int] = deque(maxlen=WINDOW)
+        self._messages: deque[bytes] = deque(maxlen=WINDOW)
+        self._tick: asyncio.Future[None] = loop.create_future()
+        self._followed = journal.last_sequence()  # the follower's position (its thread only)
+        self.published = self._followed  # the newest result in the window (the loop's thread only)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="result-feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.journal.wait_for_results(self._followed, FOLLOW_WAKE_S)
+                rows = self.journal.results_after(self._followed, PAGE)
+            except Exception as e:  # the journal's own problem is reported by the daemon's health
+                log.debug("result feed: journal read failed: %s", type(e).__name__)
+                self._stop.wait(FOLLOW_WAKE_S)
+                continue
+            if rows:
+                messages = [(r.seq, encoded(r)) for r in rows]
+                self._followed = rows[-1].seq
+                self.loop.call_soon_threadsafe(self._publish, messages)
+
+    def _publish(self, messages: list[tuple[int, bytes]]) -> None:
+        for seq, data in messages:
+            self._seqs.append(seq)
+            self._messages.append(data)
+        self.published = messages[-1][0]
+        tick, self._tick = self._tick, self.loop.create_future()
+        tick.set_result(None)
+
+    def after(self, seq: int) -> list[tuple[int, bytes]] | None:
+        """Results past ``seq`` from the window, at most a page; None when the window starts after ``seq``
+        (the caller reads the journal instead)."""
+        if seq >= self.published:
+            return []
+        if not self._seqs or self._seqs[0] > seq + 1:
+            return None
+        start = bisect.bisect_right(self._seqs, seq)
+        end = min(start + PAGE, len(self._messages))
+        return [(self._seqs[i], self._messages[i]) for i in range(start, end)]
+
+    async def wait_past(self, seq: int, timeout: float) -> None:
+        """Until a result past ``seq`` is published or the timeout passes."""
+        if self.published > seq:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._tick), timeout)

@@ -1,0 +1,206 @@
+"""`appliance`: run the daemon, check a config, or score files offline with the daemon's own code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from appliance import __version__
+from appliance.api.codec import InputFacts, StageTimes, rejected_result, result_to_dict
+from appliance.api.tokens import Scope, TokenStore
+from appliance.config import Config, load_config
+from appliance.domain.errors import ApplianceError
+from appliance.domain.manifest import load_manifest
+from appliance.inference.batcher import BatchTiming
+from appliance.inference.loader import open_backend
+from appliance.inference.runs import scores_in_batches
+from appliance.journal.content_hash import digest_bytes
+from appliance.logging_setup import setup_logging
+from appliance.prepare.preparer import Preparer
+from appliance.scoring.job import Frame
+from appliance.scoring.results import build_results
+from appliance.v1 import scoring_pb2 as pb
+
+log = logging.getLogger("appliance")
+
+EXIT_CONFIG = 2  # systemd's RestartPreventExitStatus: a bad config is not fixed by restarting
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="Run the daemon: watch the folder, score, serve gRPC.")
+    run.add_argument("--config", type=Path, default=None, help="TOML config (default: built-in defaults).")
+
+    check = sub.add_parser("check-config", help="Validate the config and the model, then exit.")
+    check.add_argument("--config", type=Path, default=None)
+
+    token = sub.add_parser("token", help="Terminal tokens: add (printed once), list, revoke (no restart needed).")
+    config_of = argparse.ArgumentParser(add_help=False)
+    config_of.add_argument("--config", type=Path, default=None, help="The daemon's config (where the tokens are).")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    add = token_sub.add_parser("add", parents=[config_of], help="Make a token for a terminal and print it once.")
+    add.add_argument("name", help="The terminal's name (its certificate's name under mutual TLS).")
+    add.add_argument("--scope", choices=[s.name for s in Scope], default="read", help="read, score or admin.")
+    token_sub.add_parser("list", parents=[config_of], help="Every terminal's token: name, scope, made, revoked.")
+    revoke = token_sub.add_parser(
+        "revoke", parents=[config_of], help="Revoke a terminal's token; the daemon refuses it at once."
+    )
+    revoke.add_argument("name")
+
+    journal = sub.add_parser("journal", help="Check the journal, or recover a damaged one (daemon stopped).")
+    journal_sub = journal.add_subparsers(dest="journal_command", required=True)
+    for name, text in (
+        ("check", "Print what is wrong with the journal (exit 2) or 'ok', as a start would."),
+        ("recover", "Set a damaged journal aside, salvage its readable rows, continue the numbering after it."),
+    ):
+        journal_sub.add_parser(name, help=text).add_argument(
+            "--config", type=Path, default=None, help="The daemon's config (where its data_dir is)."
+        )
+
+    score = sub.add_parser("score", help="Score files offline (no daemon) and print one JSON object per result.")
+    score.add_argument("files", nargs="+", type=Path)
+    score.add_argument("--config", type=Path, default=None, help="Use this config's model, limits and threads.")
+    score.add_argument("--model", type=Path, default=None, help="Model folder (overrides the config).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if getattr(args, "model", None):
+            config = config.model_copy(update={"model": config.model.model_copy(update={"dir": args.model})})
+        setup_logging(config.logging.level, config.logging.json_format)
+        if args.command == "run":
+            return _run(config)
+        if args.command == "check-config":
+            return _check(config)
+        if args.command == "token":
+            return _token(config, args)
+        if args.command == "journal":
+            return _journal(config, args.journal_command)
+        return _score(config, args.files)
+    except ApplianceError as e:
+        logging.basicConfig()
+        log.error("%s", e.message)
+        print(f"appliance: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _run(config: Config) -> int:
+    from appliance.app.daemon import Daemon
+    from appliance.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()
+
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()
+        raise
+    daemon.run_forever()
+    return 0
+
+
+def _token(config: Config, args: argparse.Namespace) -> int:
+    assert config.server.tokens_file is not None, "Config.resolved sets it"
+    store = TokenStore(config.server.tokens_file)
+    if args.token_command == "add":
+        token = store.add(args.name, Scope[args.scope])
+        print(token)
+        print(
+            f"# the {args.scope} token of terminal {args.name!r}: shown this once, only its hash is kept "
+            f"({store.path}). Give it to the terminal as APPLIANCE_TOKEN or --token.",
+            file=sys.stderr,
+        )
+        return 0
+    if args.token_command == "revoke":
+        store.revoke(args.name)
+        print(f"revoked the token of terminal {args.name!r}; calls with it are refused from now on")
+        return 0
+    for r in store.records():
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_unix))
+        state = (
+            "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(r.revoked_unix)) if r.revoked_unix else "live"
+        )
+        print(f"{r.name:<24} {r.scope:<6} made {made}  {state}")
+    return 0
+
+
+def _check(config: Config) -> int:
+    from appliance.api.tls import check_exposure, credentials
+
+    assert config.server.tokens_file is not None, "Config.resolved sets it"
+    check_exposure(config.server, TokenStore(config.server.tokens_file))
+    credentials(config.server)  # the certificate and key are readable and the key is private
+    loaded = load_manifest(config.model.dir)
+    backend = open_backend(loaded, config.inference, config.model.engines_dir)
+    backend.close()
+    print(f"ok: model {loaded.manifest.model.name} {loaded.manifest.model.version} matches its manifest")
+    return 0
+
+
+def _journal(config: Config, command: str) -> int:
+    """`journal check`: the daemon's own start-up verdict; `journal recover`: set aside, salvage, continue."""
+    from appliance.journal import integrity as journal_guard
+
+    path = config.storage.data_dir / journal_guard.JOURNAL_NAME
+    if command == "check":
+        problem = journal_guard.check(path)
+        print(f"appliance: {problem}" if problem else f"ok: the journal {path} is sound")
+        return EXIT_CONFIG if problem else 0
+    for line in journal_guard.recover(path):
+        print(line)
+    return 0
+
+
+def _score(config: Config, files: list[Path]) -> int:
+    """Same decode, preprocessing, inference and decision code as the daemon, without journal or server."""
+    loaded = load_manifest(config.model.dir)
+    manifest = loaded.manifest
+    backend = open_backend(loaded, config.inference, config.model.engines_dir)
+    preparer = Preparer(manifest, config.limits)
+    failures = 0
+    with backend:
+        for number, path in enumerate(files, start=1):
+            t0 = time.perf_counter()
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                print(f"appliance: cannot read {path}: {e.strerror}", file=sys.stderr)
+                failures += 1
+                continue
+            facts = InputFacts(
+                input_id=number,
+                source="offline",
+                file_name=path.name,
+                content_hash=digest_bytes(data),
+            )
+            try:
+                prepared = preparer.prepare(data, path.name)
+            except ApplianceError as e:
+                times = StageTimes(total_ms=(time.perf_counter() - t0) * 1e3)
+                print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, e, times))))
+                failures += 1
+                continue
+            t1 = time.perf_counter()
+            rows = scores_in_batches(backend, prepared.tensors, manifest.output.activation)
+            timing = BatchTiming(queue_ms=0.0, infer_ms=(time.perf_counter() - t1) * 1e3, batch_size=len(rows))
+            frames: list[Frame | None] = [(row, None, timing) for row in rows]
+            # The daemon's own result builder: an offline score is the daemon's result exactly.
+            for result in build_results(facts, prepared, frames, t0, (manifest, backend.name)):
+                print(json.dumps(result_to_dict(result)))
+                failures += result.outcome != pb.OUTCOME_SCORED
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every room shares: errors, the manifest, faults."""

@@ -1,1 +1,0 @@
-"""Getting files from the scanner's folder into the journal, exactly once."""

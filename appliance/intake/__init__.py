@@ -1,0 +1,1 @@
+"""Ways in: every input, from any source, goes through one Intake.submit."""

@@ -1,0 +1,164 @@
+"""The one way in. Every input (a file in the watched folder, an image sent by Score, an input the last run
+left unfinished, and the DICOM receiver to come) is registered here, deduplicated by content, counted,
+and admitted to the scoring stages; a duplicate is disposed of by the one disposal policy.
+
+A way in only says what arrived (an `Arrival`: where its bytes are and their hash) and, for the folder,
+hands over the read-ahead it already made; everything after that is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.api.codec import InputFacts, stored_outcome
+from appliance.config import WatchConfig
+from appliance.domain.errors import RepeatedCrash
+from appliance.domain.faults import STORAGE, Faults
+from appliance.journal import disposal
+from appliance.journal.journal import InputRow, Journal, Registration, Source
+from appliance.v1 import scoring_pb2 as pb
+
+if TYPE_CHECKING:
+    from appliance.prepare.pool import ReadAhead
+    from appliance.scoring.stages import ScoringStages
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # starts that may find the same input unfinished before it is set aside
+WAIT_FOR_SPACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An input as a way in knows it: where its bytes are, and their content hash."""
+
+    source: Source
+    path: Path
+    file_name: str
+    size: int
+    content_hash: str
+    mtime_ns: int = 0  # the folder's: with the path and size, how a file already seen is known again
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What became of an arrival: a new input on its way, or a duplicate of an earlier one (not scored
+    again; its file disposed of like the original's), or the queued input's own file offered again."""
+
+    input_id: int
+    duplicate_of: int | None = None
+    already_queued: bool = False
+
+
+class Intake:
+    def __init__(
+        self,
+        journal: Journal,
+        processor: ScoringStages,
+        watch: WatchConfig,
+        on_duplicate: Callable[[], None],
+        faults: Faults | None = None,
+    ) -> None:
+        self.journal = journal
+        self.processor = processor
+        self.watch = watch
+        self.on_duplicate = on_duplicate  # the duplicates metric, for every way in
+        self.faults = faults or Faults()
+
+    def submit(
+        self,
+        arrival: Arrival,
+        *,
+        ahead: ReadAhead | None = None,
+        picked_up: float | None = None,
+        answer: Future[list[pb.Result]] | None = None,
+    ) -> Submitted:
+        """Register, dedupe and admit one arrival. With ``ahead`` (the folder's read-ahead, which holds a
+        slot of the stages) the prepared image goes straight on; otherwise the file is prepared in the
+        pool (taking a slot, blocking while the stages are full). ``answer`` gets the results (Score)."""
+        reg = self.journal.register(
+            source=arrival.source,
+            path=str(arrival.path),
+            file_name=arrival.file_name,
+            size=arrival.size,
+            mtime_ns=arrival.mtime_ns,
+            content_hash=arrival.content_hash,
+        )
+        original = reg.duplicate_of
+        if original is not None:
+            return self._duplicate(arrival, reg, original)
+        facts = InputFacts(
+            input_id=reg.input.id,
+            source=arrival.source,
+            file_name=arrival.file_name,
+            content_hash=arrival.content_hash,
+        )
+        if ahead is not None:
+            self.processor.take(facts, arrival.path, ahead, picked_up)
+        else:
+            self.processor.submit(facts, arrival.path, answer=answer, picked_up=picked_up)
+        return Submitted(reg.input.id)
+
+    def _duplicate(self, arrival: Arrival, reg: Registration, original: InputRow) -> Submitted:
+        if original.state == "queued" and original.path == str(arrival.path):
+            # The queued input's own file, offered again (touched, say): its job owns the file.
+            return Submitted(original.id, already_queued=True)
+        log.info("input %d is a duplicate of input %d (same content); not scored again", reg.input.id, original.id)
+        self.on_duplicate()
+        if arrival.source == "grpc":  # only the spooled copy to drop: no journal write a Score answer needs
+            disposal.dispose(arrival.path, reg.input.id, arrival.source, None, self.watch)
+        else:
+            self.dispose_again(reg.input, arrival.path)
+        return Submitted(reg.input.id, duplicate_of=original.id)
+
+    def dispose_again(self, row: InputRow, path: Path) -> None:
+        """A file whose content is scored already (a duplicate, or one stored before a crash and not yet
+        moved aside) goes where its original's result sends it."""
+        original = self.journal.get_input(row.duplicate_of) if row.duplicate_of else row
+        stored = self.journal.results_for_input(original.id) if original else []
+        outcome = stored_outcome(stored[0]) if stored else None
+        where = disposal.dispose(path, row.id, row.source, outcome, self.watch)
+        self.journal.set_disposed(row.id, where)
+
+    def requeue(self, pending: list[InputRow], stopping: threading.Event) -> None:
+        """Inputs journaled but never finished (a crash, a power cut) are scored now, once. One that was in
+        flight at each of the last starts likely killed the process (OOM, a crash in a native decoder):
+        it is set aside as repeated_crash instead of crash-looping on it."""
+        if not pending:
+            return
+        log.info("requeueing %d inputs left in flight by the last run", len(pending))
+        attempts = self._count_attempt([row.id for row in pending], stopping)
+        if attempts is None:
+            return
+        for row in pending:
+            if stopping.is_set():
+                return
+            assert row.path, "every input is journaled with its path"
+            facts = InputFacts(
+                input_id=row.id, source=row.source, file_name=row.file_name, content_hash=row.content_hash
+            )
+            # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
+            if attempts.get(row.id, 0) > MAX_ATTEMPTS:
+                log.error("input %d was unfinished at %d starts in a row; rejecting it", row.id, attempts[row.id])
+                self.processor.submit_rejected(facts, Path(row.path), RepeatedCrash())
+            else:
+                self.processor.submit(facts, Path(row.path))
+
+    def _count_attempt(self, input_ids: list[int], stopping: threading.Event) -> dict[int, int] | None:
+        """The journal's count of starts that found these inputs unfinished; on a full disk, once it has
+        space again (None when stopping meanwhile)."""
+        while True:
+            try:
+                return self.journal.count_attempt(input_ids)
+            except Exception as e:
+                if not self.faults.report(e):
+                    raise
+            while self.faults.holds(STORAGE):
+                if stopping.wait(WAIT_FOR_SPACE_S):
+                    return None

@@ -1,0 +1,1 @@
+"""The journal (SQLite): inputs, results and what became of each file."""

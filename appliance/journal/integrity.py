@@ -1,0 +1,523 @@
+"""The journal's start-up guard: integrity and identity checked against a marker file, and recovery."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from appliance.domain.errors import ConfigError, JournalDamaged
+from appliance.journal.journal import SCHEMA_VERSION, Journal, damaged_sentence
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.sqlite3"  # in storage.data_dir
+# Sequence numbers reserved per marker write. The marker's ceiling is made durable before any number above
+# it is committed, so it is never below a number a terminal has seen; the cost is one small file write per
+# RESERVE results, and a rebuilt journal skips at most this many numbers.
+RESERVE = 1000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_INPUT_COLUMNS = [
+    *("id", "source", "path", "file_name", "size", "mtime_ns", "content_hash", "state", "duplicate_of"),
+    *("disposed_path", "attempts", "created_ms", "updated_ms"),
+]
+_RESULT_COLUMNS = ["seq", "input_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms"]
+_RENAMED = {"content_hash": "content_sha256"}  # schema version 1's name for the column
+
+
+def marker_path(journal: Path) -> Path:
+    return journal.with_suffix(".marker")
+
+
+def _lock_path(journal: Path) -> Path:
+    return journal.with_suffix(".lock")
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What the data folder remembers about its journal, outside it."""
+
+    journal_id: str
+    ceiling: int  # above every sequence number the journal ever issued: a rebuilt one continues after it
+    floor: int  # numbers up to here were committed: a journal that holds fewer lost results
+
+
+def read_marker(journal: Path) -> Marker | None:
+    """The marker beside the journal, None if there is none; JournalDamaged if it cannot be read."""
+    path = marker_path(journal)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Marker(str(raw["journal_id"]), int(raw["ceiling"]), int(raw["floor"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JournalDamaged(damaged_sentence(journal, f"has an unreadable marker file {path} ({e})")) from e
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_marker(journal: Path, marker: Marker) -> None:
+    """Atomic and durable: a temporary file, fsync, rename over the old one, fsync of the folder."""
+    path = marker_path(journal)
+    tmp = path.with_name(path.name + ".tmp")
+    body = {
+        "journal_id": marker.journal_id,
+        "ceiling": marker.ceiling,
+        "floor": marker.floor,
+        "written_ms": time.time_ns() // 1_000_000,
+    }
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(body) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class MarkerReserve:
+    """The journal's SequenceReserve: raises the marker's ceiling ahead of the numbers it issues. Holds the
+    data folder's lock (two daemons, or a recovery under a running daemon, are refused) until closed."""
+
+    def __init__(self, journal: Path, marker: Marker, lock_fd: int) -> None:
+        self._journal = journal
+        self._marker = marker
+        self._lock_fd = lock_fd
+
+    def ceiling(self) -> int:
+        return self._marker.ceiling
+
+    def reserve(self, top: int, committed: int) -> None:
+        marker = Marker(self._marker.journal_id, top + RESERVE, committed)
+        write_marker(self._journal, marker)
+        self._marker = marker
+
+    def closed(self, committed: int) -> None:
+        try:
+            marker = Marker(self._marker.journal_id, max(self._marker.ceiling, committed), committed)
+            write_marker(self._journal, marker)
+            self._marker = marker
+        finally:
+            os.close(self._lock_fd)
+
+
+def _lock(journal: Path) -> int:
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_lock_path(journal), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise ConfigError(
+            f"The journal {journal} is in use by another appliance process (it holds {_lock_path(journal)}); "
+            "stop it first."
+        ) from e
+    return fd
+
+
+# --- diagnosis ----------------------------------------------------------------------------------------
+
+Kind = Literal["ok", "new", "adopt", "missing", "empty", "damaged", "foreign", "behind"]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    kind: Kind
+    problem: str | None  # completes "The journal PATH ..." (None when it may be opened)
+    marker: Marker | None
+    journal_id: str | None = None
+    issued: int = 0
+
+
+def _file_problem(path: Path) -> str | None:
+    """Damage seen from the file alone, before SQLite reads it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if len(header) < 100:
+        return f"is truncated ({size} bytes, shorter than a SQLite header)"
+    if header[:16] != SQLITE_MAGIC:
+        return "is not a SQLite database any more (its header is damaged)"
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    pages, change, valid_for = struct.unpack(">I", header[28:32])[0], header[24:28], header[92:96]
+    wal = Path(f"{path}-wal")
+    # With a non-empty WAL the main file may lag its header until the next checkpoint: SQLite judges that.
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"has a damaged header (page size {page_size})"
+    if pages and change == valid_for and size < pages * page_size and not (wal.exists() and wal.stat().st_size):
+        return f"is truncated ({size} bytes, where its header counts {pages} pages of {page_size} bytes)"
+    return None
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    # Read-only: a check never writes (not even a WAL checkpoint) into a file that may be damaged.
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+
+
+def _integrity(path: Path) -> tuple[str | None, str | None, int]:
+    """(problem, journal_id, highest number issued) of an existing, non-empty journal file."""
+    problem = _file_problem(path)
+    if problem:
+        return problem, None, 0
+    try:
+        db = _connect_ro(path)
+        try:
+            found = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)").fetchall()]
+            if found != ["ok"]:
+                return f"is malformed (quick_check: {'; '.join(found)})", None, 0
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "results" not in names:
+                return "holds no results table (it is not an appliance journal)", None, 0
+            journal_id = None
+            if "meta" in names:
+                row = db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+                journal_id = str(row[0]) if row else None
+            issued = db.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(seq) FROM results), 0), "
+                "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'results'), 0))"
+            ).fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        return f"cannot be read ({e})", None, 0
+    return None, journal_id, int(issued)
+
+
+def diagnose(path: Path) -> Diagnosis:
+    """Integrity (file, header, PRAGMA quick_check) and identity (against the marker) of the journal."""
+    try:
+        marker = read_marker(path)
+    except JournalDamaged:
+        return Diagnosis("damaged", f"has an unreadable marker file {marker_path(path)}", None)
+    said = (
+        f" (its marker {marker_path(path).name} names journal {marker.journal_id}, #{marker.floor} issued)"
+        if marker
+        else ""
+    )
+    if not path.exists():
+        if marker is None:
+            return Diagnosis("new", None, None)
+        return Diagnosis("missing", "is missing" + said, marker)
+    if path.stat().st_size == 0:
+        # Even without a marker: a journal is never 0 bytes (a new one is made aside and renamed in).
+        return Diagnosis("empty", "is empty (0 bytes)" + said, marker)
+    problem, journal_id, issued = _integrity(path)
+    if problem:
+        return Diagnosis("damaged", problem, marker, journal_id, issued)
+    if marker is None:
+        return Diagnosis("adopt", None, None, journal_id, issued)
+    if journal_id != marker.journal_id:
+        other = f"journal {journal_id}" if journal_id else "a journal without identity"
+        return Diagnosis("foreign", f"is another journal ({other}) than the one its marker names" + said, marker)
+    if issued < marker.floor:
+        return Diagnosis(
+            "behind",
+            f"holds sequence numbers up to #{issued} only, though #{marker.floor} were issued "
+            "(an older copy, or its -wal file lost)",
+            marker,
+            journal_id,
+            issued,
+        )
+    return Diagnosis("ok", None, marker, journal_id, issued)
+
+
+def check(path: Path) -> str | None:
+    """None if the daemon may open the journal, else the refusal's sentence."""
+    found = diagnose(path)
+    return damaged_sentence(path, found.problem) if found.problem else None
+
+
+# --- opening ------------------------------------------------------------------------------------------
+
+
+def _create(path: Path) -> None:
+    """A new journal is built under another name and renamed in whole: a journal is never seen empty."""
+    tmp = path.with_name(path.name + ".new")
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    Journal(tmp).close()
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def open_journal(path: Path) -> Journal:
+    """Open the daemon's journal, refusing (JournalDamaged, one sentence) one that is missing, truncated,
+    malformed, another one than the marker names, or behind it; creates or adopts one otherwise."""
+    lock_fd = _lock(path)
+    try:
+        found = diagnose(path)
+        if found.problem:
+            raise JournalDamaged(damaged_sentence(path, found.problem))
+        if found.kind == "new":
+            _create(path)
+        journal = Journal(path)
+        try:
+            issued = journal.issued()
+            if found.kind == "adopt":
+                log.warning("the journal %s had no marker; adopting it (%d results issued)", path, issued)
+            old_ceiling = found.marker.ceiling if found.marker else 0
+            marker = Marker(journal.identity(), max(old_ceiling, issued + RESERVE), issued)
+            write_marker(path, marker)
+        except BaseException:
+            journal.close()
+            raise
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    journal.set_reserve(MarkerReserve(path, marker, lock_fd))
+    return journal
+
+
+# --- recovery -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Salvaged:
+    journal_id: str | None = None
+    sequence_record: int = 0
+    inputs: list[tuple[Any, ...]] = field(default_factory=list)
+    results: list[tuple[Any, ...]] = field(default_factory=list)
+    input_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _repair_header(copy: Path) -> bool:
+    """A zeroed or overwritten 100-byte header: write a plausible one (the pages behind it are intact)."""
+    size = copy.stat().st_size
+    wal = 2 if Path(f"{copy}-wal").exists() else 1
+    for page_size in (4096, 1024, 2048, 8192, 16384, 32768, 65536, 512):
+        if size % page_size:
+            continue
+        header = bytearray(100)
+        header[:16] = SQLITE_MAGIC
+        struct.pack_into(">HBBBBBB", header, 16, page_size & 0xFFFF or 1, wal, wal, 0, 64, 32, 32)
+        struct.pack_into(">IIIIIII", header, 24, 1, size // page_size, 0, 0, 1, 4, 0)
+        struct.pack_into(">IIIII", header, 52, 0, 1, SCHEMA_VERSION, 0, 0)
+        major, minor, patch = sqlite3.sqlite_version_info
+        struct.pack_into(">II", header, 92, 1, major * 1_000_000 + minor * 1000 + patch)
+        with open(copy, "r+b") as f:
+            f.write(header)
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as db:
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return True
+        except sqlite3.Error:
+            continue
+    return False
+
+
+def _read_table(
+    db: sqlite3.Connection, table: str, columns: list[str], upper: int
+) -> tuple[list[tuple[Any, ...]], int]:
+    """Every readable row in rowid order, stepping over damaged pages by single-row lookups; also returns
+    how many damaged stretches were stepped over."""
+    cols = ", ".join(columns)
+    rows: list[tuple[Any, ...]] = []
+    last, skipped = 0, 0
+    while True:
+        try:
+            for row in db.execute(f"SELECT rowid, {cols} FROM {table} WHERE rowid > ? ORDER BY rowid", (last,)):
+                rows.append(tuple(row[1:]))
+                last = int(row[0])
+            return rows, skipped
+        except sqlite3.DatabaseError:
+            skipped += 1
+        found = None
+        for rowid in range(last + 1, upper + 1):
+            try:
+                found = db.execute(f"SELECT rowid, {cols} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+            except sqlite3.DatabaseError:
+                continue
+            if found is not None:
+                break
+        if found is None:
+            return rows, skipped
+        rows.append(tuple(found[1:]))
+        last = int(found[0])
+
+
+def _upper(db: sqlite3.Connection, table: str, *hints: int) -> int:
+    for sql in (f"SELECT MAX(rowid) FROM {table}", f"SELECT rowid FROM {table} ORDER BY rowid DESC LIMIT 1"):
+        try:
+            row = db.execute(sql).fetchone()
+            return max(int(row[0]) if row and row[0] is not None else 0, *hints)
+        except sqlite3.DatabaseError:
+            continue
+    return max(*hints, 0) + 100_000  # the tail cannot be read: probe a generous range past what is known
+
+
+def _salvage(aside: Path, work: Path) -> Salvaged:
+    """Read what can be read, from a copy (the file kept aside is never written, not even by a checkpoint)."""
+    out = Salvaged()
+    copy = work / "salvage.sqlite3"
+    shutil.copyfile(aside, copy)
+    if Path(f"{aside}-wal").exists():
+        shutil.copyfile(f"{aside}-wal", f"{copy}-wal")
+    with open(copy, "rb") as f:
+        if f.read(16) != SQLITE_MAGIC:
+            if _repair_header(copy):
+                out.notes.append("its header was damaged and was rebuilt on a copy to read the pages behind it")
+            else:
+                out.notes.append("its header was damaged and could not be rebuilt")
+    try:
+        db = sqlite3.connect(copy)
+    except sqlite3.Error as e:
+        out.notes.append(f"it could not be opened at all ({e})")
+        return out
+    with contextlib.closing(db):
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as e:
+            out.notes.append(f"its schema could not be read ({e})")
+            return out
+        with contextlib.suppress(sqlite3.Error):
+            row = db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+            out.journal_id = str(row[0]) if row else None
+        with contextlib.suppress(sqlite3.Error):
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'results'").fetchone()
+            out.sequence_record = int(row[0]) if row else 0
+        try:
+            out.results, bad = _read_table(db, "results", _RESULT_COLUMNS, _upper(db, "results", out.sequence_record))
+            if bad:
+                out.notes.append(f"{bad} damaged stretch(es) of results were stepped over")
+        except sqlite3.Error as e:
+            out.notes.append(f"no result could be read ({e})")
+        try:
+            present = {r[1] for r in db.execute("PRAGMA table_info(inputs)")}
+            out.input_columns = [c for c in _INPUT_COLUMNS if c in present or _RENAMED.get(c) in present]
+            source = [c if c in present else _RENAMED[c] for c in out.input_columns]
+            hint = max((int(r[1]) for r in out.results), default=0)
+            out.inputs, bad = _read_table(db, "inputs", source, _upper(db, "inputs", hint))
+            if bad:
+                out.notes.append(f"{bad} damaged stretch(es) of inputs were stepped over")
+        except sqlite3.Error as e:
+            out.notes.append(f"no input could be read ({e})")
+    return out
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    # The -wal holds committed transactions: it travels with its database, under the matching name.
+    for suffix in ("-wal", "-shm", ""):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            os.replace(part, f"{aside}{suffix}")
+    _fsync_dir(path.parent)
+    return aside
+
+
+def recover(path: Path) -> list[str]:
+    """Set a refused journal aside (kept, timestamped), salvage its readable rows into a new journal whose
+    numbers continue after the marker's ceiling, and say what was kept and what was lost."""
+    lock_fd = _lock(path)
+    try:
+        return _recover(path)
+    finally:
+        os.close(lock_fd)
+
+
+def _recover(path: Path) -> list[str]:
+    found = diagnose(path)
+    if found.problem is None:
+        return [f"ok: the journal {path} is sound; nothing to recover"]
+    lines = [f"problem: the journal {path} {found.problem}"]
+    marker = found.marker  # None when there is none or it cannot be read
+    data = Salvaged()
+    if path.exists():
+        aside = _move_aside(path)
+        lines.append(f"kept: the refused journal is now {aside}")
+        if found.kind != "foreign":
+            with tempfile.TemporaryDirectory(dir=path.parent, prefix=".salvage-") as work:
+                data = _salvage(aside, Path(work))
+            lines += [f"note: {n}" for n in data.notes]
+    found_top = max(data.sequence_record, max((int(r[0]) for r in data.results), default=0))
+    foreign = found.kind == "foreign" or (
+        marker is not None and data.journal_id is not None and data.journal_id != marker.journal_id
+    )
+    if foreign:
+        lines.append("not imported: it is another journal, whose numbers mean other results; it stays aside")
+        data = Salvaged()
+    if marker is not None:
+        start_after = max(marker.ceiling, found_top)
+        why = "the marker's ceiling, above every number issued"
+    else:
+        start_after = found_top + RESERVE
+        why = f"no readable marker: {RESERVE} past the highest number found, to be safe"
+
+    tmp = path.with_name(path.name + ".new")
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    fresh = Journal(tmp)
+    new_id = fresh.identity()
+    fresh.close()
+    failed = 0
+    with contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as db:
+        # Foreign keys stay off: a result whose input row was lost is still kept (its number was seen).
+        db.execute("BEGIN")
+        if data.input_columns:
+            cols = ", ".join(data.input_columns)
+            marks = ", ".join("?" * len(data.input_columns))
+            db.executemany(f"INSERT OR IGNORE INTO inputs ({cols}) VALUES ({marks})", data.inputs)
+        db.executemany(
+            f"INSERT OR IGNORE INTO results ({', '.join(_RESULT_COLUMNS)}) VALUES ({', '.join('?' * 7)})",
+            data.results,
+        )
+        # Finished inputs whose every result was lost count as failed: the same content dropped again is
+        # scored again instead of being called a duplicate of a result nobody can read.
+        failed = db.execute(
+            "UPDATE inputs SET state = 'failed' WHERE state IN ('scored', 'rejected') "
+            "AND id NOT IN (SELECT input_id FROM results)"
+        ).rowcount
+        if db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'results'", (start_after,)).rowcount == 0:
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('results', ?)", (start_after,))
+        db.execute("INSERT INTO meta (key, value) VALUES ('continued_after', ?)", (str(start_after),))
+        db.execute("COMMIT")
+        kept_inputs = db.execute("SELECT COUNT(*) FROM inputs").fetchone()[0]
+        kept_results = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        queued = db.execute("SELECT COUNT(*) FROM inputs WHERE state = 'queued'").fetchone()[0]
+        top_kept = db.execute("SELECT COALESCE(MAX(seq), 0) FROM results").fetchone()[0]
+        top_input = db.execute("SELECT COALESCE(MAX(id), 0) FROM inputs").fetchone()[0]
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    write_marker(path, Marker(new_id, start_after + RESERVE, start_after))
+
+    lines.append(
+        f"salvaged: {kept_inputs} inputs ({queued} still queued: scored at the next start, their files are "
+        f"still in the watch folder or spool) and {kept_results} results"
+        + (f" (up to #{top_kept})" if kept_results else "")
+    )
+    lost_results = max(top_kept - kept_results, 0) + max((marker.floor if marker else 0) - top_kept, 0)
+    lost_inputs = max(top_input - kept_inputs, 0)
+    if lost_results or lost_inputs or failed or (marker and marker.floor and not kept_results):
+        lines.append(
+            f"lost: at least {lost_results} results and {lost_inputs} input rows could not be read; files already "
+            "moved to the processed or rejected folder whose rows were lost are not scored again (drop a copy "
+            "into the watch folder to score one again); files still in the watch folder are taken as new inputs"
+        )
+    if failed:
+        lines.append(
+            f"marked failed: {failed} finished inputs whose results were lost (a copy dropped again is scored)"
+        )
+    lines.append(f"numbering: new results continue after #{start_after} ({why}); the new journal is {new_id}")
+    return lines

@@ -1,0 +1,504 @@
+"""The journal (SQLite, WAL): every input and every result, the source of truth for exactly-once scoring."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from appliance.domain.errors import ConfigError, JournalDamaged
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+# Version 1 (0.1.0) named the content column content_sha256 and held SHA-256 digests. Its rows keep
+# them: such content dropped again after the upgrade hashes differently and is scored once more.
+MIGRATIONS = {1: "ALTER TABLE inputs RENAME COLUMN content_sha256 TO content_hash;"}
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inputs (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT NOT NULL CHECK (source IN ('folder', 'grpc')),
+    path            BLOB,             -- where the file was found, as the OS's bytes (names need not be UTF-8)
+    file_name       TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    content_hash    TEXT NOT NULL,    -- BLAKE3-256, hex (appliance.journal.content_hash)
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'failed', 'duplicate')),
+    duplicate_of    INTEGER REFERENCES inputs(id),
+    disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
+    attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL
+);
+-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
+-- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
+    WHERE state NOT IN ('duplicate', 'failed');
+CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
+CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
+
+CREATE TABLE IF NOT EXISTS results (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the stream's resume point
+    input_id        INTEGER NOT NULL REFERENCES inputs(id),
+    frame_index     INTEGER NOT NULL,
+    outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected')),
+    sop_uid         TEXT NOT NULL DEFAULT '',
+    payload         BLOB NOT NULL,    -- serialized appliance.v1.Result without its sequence
+    created_ms      INTEGER NOT NULL,
+    UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
+);
+CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+
+-- The journal's identity (journal_id, created_ms), matched at start against the marker file beside it.
+CREATE TABLE IF NOT EXISTS meta (
+    key             TEXT PRIMARY KEY,
+    value           TEXT NOT NULL
+);
+"""
+
+# SQLite's words for a file whose pages are not what they should be: never transient, never retried.
+_DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+RECOVER_COMMAND = "appliance journal recover --config <the daemon's config>"
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """True for an error that says the file is damaged (not a busy lock, a full disk, a constraint)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return type(error) is sqlite3.DatabaseError or (code is not None and code & 0xFF in _DAMAGE_CODES)
+
+
+def damaged_sentence(path: Path, what: str) -> str:
+    """The one sentence a refusal carries: what is wrong and the command that recovers."""
+    return (
+        f"The journal {path} {what}; nothing was changed: run `{RECOVER_COMMAND}` to set it aside, "
+        "salvage what can be read and continue the sequence numbers after the last one issued."
+    )
+
+
+class SequenceReserve(Protocol):
+    """Keeps, outside the journal, a ceiling above every sequence number it ever issued, so that a
+    journal rebuilt after damage never hands a terminal a number it has already seen."""
+
+    def ceiling(self) -> int: ...
+
+    def reserve(self, top: int, committed: int) -> None:
+        """Make a ceiling >= ``top`` durable before returning (``committed``: the highest number stored)."""
+
+    def closed(self, committed: int) -> None:
+        """The journal is closed; the highest number it stored is ``committed``."""
+
+
+Source = Literal["folder", "grpc"]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _path_bytes(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def _row(raw: tuple[object, ...]) -> InputRow:
+    values = list(raw)
+    values[2] = os.fsdecode(values[2]) if values[2] is not None else None  # type: ignore[arg-type]
+    return InputRow(*values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class InputRow:
+    id: int
+    source: str
+    path: str | None
+    file_name: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    state: str
+    duplicate_of: int | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    input: InputRow
+    duplicate_of: InputRow | None  # the earlier input with the same content, if any
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    seq: int
+    input_id: int
+    frame_index: int
+    outcome: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class NewResult:
+    frame_index: int
+    outcome: Literal["scored", "rejected"]
+    sop_uid: str
+    payload: bytes
+    transient: bool = False  # a rejection that says nothing about the content (backend failure, vanished file)
+
+
+@dataclass(frozen=True)
+class Counts:
+    queued: int
+    scored: int
+    rejected: int
+    duplicates: int
+    last_sequence: int
+
+
+_INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of"
+
+
+class Journal:
+    """Writes go through one connection under a lock; readers (streams) get a connection per thread.
+
+    ``changed`` is notified after every commit that adds results, so streams wake without polling.
+    """
+
+    def __init__(self, path: Path, reserve: SequenceReserve | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self.changed = threading.Condition()
+        self._reserve = reserve
+        self._problem: str | None = None
+        self._problem_lock = threading.Lock()
+        self._on_damage: list[Callable[[str], None]] = []
+        self._last_counts = Counts(0, 0, 0, 0, 0)
+        try:
+            self._writer = self._connect()
+            self._open()
+        except sqlite3.Error as e:
+            # A header or a schema page that SQLite cannot read: a sentence, never a traceback.
+            if getattr(self, "_writer", None) is not None:
+                self._writer.close()
+            raise JournalDamaged(damaged_sentence(path, f"cannot be opened ({e})")) from e
+        self._committed = self.issued()
+
+    def _open(self) -> None:
+        path = self.path
+        with self._write_lock:
+            version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+            has_tables = self._writer.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'inputs'").fetchone()[0]
+            if has_tables and version in MIGRATIONS:
+                self._migrate(path, version)
+                version = SCHEMA_VERSION
+            if has_tables and version != SCHEMA_VERSION:
+                self._writer.close()
+                raise ConfigError(
+                    f"The journal {path} has schema version {version}; this appliance needs {SCHEMA_VERSION}. "
+                    "Move it aside (its results stay readable with sqlite3) and start again."
+                )
+            self._writer.executescript(SCHEMA)
+            self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # A new journal (or one from before identities) gets its identity once; it never changes.
+            self._writer.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('journal_id', ?), ('created_ms', ?)",
+                (uuid.uuid4().hex, str(_now_ms())),
+            )
+
+    # --- identity and damage ----------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """The random id given to this journal when it was created."""
+        row = self._read_one("SELECT value FROM meta WHERE key = 'journal_id'", ())
+        assert row is not None, "every opened journal has an identity"
+        return str(row[0])
+
+    def issued(self) -> int:
+        """The highest sequence number ever issued (AUTOINCREMENT's record; above MAX(seq) after a recovery)."""
+        row = self._read_one(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM results), 0), "
+            "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'results'), 0))",
+            (),
+        )
+        return int(row[0]) if row else 0
+
+    def problem(self) -> str | None:
+        """None while the journal works; once SQLite reported damage, the sentence to show in health and
+        GetStatus. From then on the journal takes no writes: no file is taken or moved away."""
+        return self._problem
+
+    def on_damage(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(sentence)`` once, in the thread that found it, when the journal turns out damaged
+        (never under the journal's lock: it may read the journal)."""
+        self._on_damage.append(listener)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            with self._problem_lock:
+                first = self._problem is None
+                if first:
+                    self._problem = damaged_sentence(self.path, f"is damaged ({e}); the appliance takes no new files")
+            assert self._problem is not None
+            if first:
+                log.error("%s", self._problem)
+                for listener in self._on_damage:
+                    listener(self._problem)
+            raise JournalDamaged(self._problem) from e
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self._guard():
+            return self._reader().execute(sql, params).fetchall()
+
+    def _read_one(self, sql: str, params: Sequence[Any]) -> Any:
+        with self._guard():
+            return self._reader().execute(sql, params).fetchone()
+
+    def _migrate(self, path: Path, version: int) -> None:
+        """One transaction: the journal is upgraded whole, or left as it was."""
+        step = MIGRATIONS[version]
+        try:
+            self._writer.executescript(f"BEGIN IMMEDIATE; {step} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.Error as e:
+            if self._writer.in_transaction:
+                self._writer.rollback()
+            self._writer.close()
+            raise ConfigError(
+                f"The journal {path} could not be upgraded from schema version {version} ({e}); it is unchanged. "
+                "Move it aside (its results stay readable with sqlite3) and start again."
+            ) from e
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed result survives a power cut, not only a crash of this process.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._problem is not None:
+            raise JournalDamaged(self._problem)
+        with self._guard(), self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def set_reserve(self, reserve: SequenceReserve) -> None:
+        """From now on no number above ``reserve.ceiling()`` is committed before the reserve is raised."""
+        with self._write_lock:
+            self._reserve = reserve
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._reserve is not None:
+                reserve, self._reserve = self._reserve, None
+                try:
+                    reserve.closed(self._committed)
+                except OSError as e:  # the marker keeps its last ceiling, which is still above every number
+                    log.warning("the journal marker could not be updated at stop: %s", e.strerror)
+            self._writer.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- inputs -----------------------------------------------------------------------------------
+
+    def find_file(self, path: str, size: int, mtime_ns: int) -> InputRow | None:
+        """An input already journaled for this very file (same path, size and mtime), if any."""
+        if self._problem is not None:  # the gate to taking a file: none is taken while damaged
+            raise JournalDamaged(self._problem)
+        row = self._read_one(
+            f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE path = ? AND size = ? AND mtime_ns = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (_path_bytes(path), size, mtime_ns),
+        )
+        return _row(row) if row else None
+
+    def register(
+        self,
+        *,
+        source: Source,
+        path: str | None,
+        file_name: str,
+        size: int,
+        mtime_ns: int,
+        content_hash: str,
+    ) -> Registration:
+        """Record an input before any work on it. Content seen before becomes a 'duplicate' row."""
+        now = _now_ms()
+        with self._transaction() as db:
+            first = db.execute(
+                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE content_hash = ? AND state NOT IN ('duplicate', 'failed')",
+                (content_hash,),
+            ).fetchone()
+            state = "duplicate" if first else "queued"
+            fields = (source, path, file_name, size, mtime_ns, content_hash, state, first[0] if first else None)
+            cur = db.execute(
+                "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_hash, state, "
+                "duplicate_of, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (source, _path_bytes(path), *fields[2:], now, now),
+            )
+            input_id = cur.lastrowid
+            assert input_id is not None
+        row = InputRow(input_id, *fields)
+        return Registration(input=row, duplicate_of=_row(first) if first else None)
+
+    def pending(self) -> list[InputRow]:
+        """Inputs journaled but never finished: what a crash left in flight, in arrival order."""
+        rows = self._read(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE state = 'queued' ORDER BY id", ())
+        return [_row(r) for r in rows]
+
+    def count_attempt(self, input_ids: list[int]) -> dict[int, int]:
+        """Record that a start found these inputs unfinished; returns each one's count so far."""
+        with self._transaction() as db:
+            db.executemany("UPDATE inputs SET attempts = attempts + 1 WHERE id = ?", [(i,) for i in input_ids])
+            rows = db.execute(
+                f"SELECT id, attempts FROM inputs WHERE id IN ({','.join('?' * len(input_ids))})", input_ids
+            ).fetchall()
+        return {int(i): int(n) for i, n in rows}
+
+    def get_input(self, input_id: int) -> InputRow | None:
+        row = self._read_one(f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE id = ?", (input_id,))
+        return _row(row) if row else None
+
+    def set_disposed(self, input_id: int, disposed_path: str) -> None:
+        self.set_disposed_many([(input_id, disposed_path)])
+
+    def set_disposed_many(self, items: list[tuple[int, str]]) -> None:
+        if not items:
+            return
+        now = _now_ms()
+        with self._transaction() as db:
+            # Never over a recorded move: a rescan may have moved the file aside first, and then the
+            # finisher finds nothing left to move (its '' must not erase where the file went).
+            db.executemany(
+                "UPDATE inputs SET disposed_path = ?, updated_ms = ? WHERE id = ? "
+                "AND (disposed_path IS NULL OR ? != '')",
+                [(_path_bytes(path), now, input_id, path) for input_id, path in items],
+            )
+
+    # --- results ----------------------------------------------------------------------------------
+
+    def complete(self, input_id: int, results: list[NewResult]) -> list[int]:
+        """Store an input's results and close it, in one transaction. Returns their sequence numbers.
+
+        An input that is no longer queued (finished by an earlier run) is left alone and nothing is
+        stored: that is what makes a replayed input scored once only.
+        """
+        return self.complete_many([(input_id, results)])[0]
+
+    def complete_many(self, items: list[tuple[int, list[NewResult]]]) -> list[list[int]]:
+        """`complete` for several inputs in one transaction (one fsync): a burst pays one disk flush per
+        group, not per file. Returns each input's sequence numbers, empty for one already finished."""
+        if any(not results for _, results in items):
+            raise ValueError("complete() needs at least one result per input")
+        now = _now_ms()
+        out: list[list[int]] = []
+        with self._transaction() as db:
+            for input_id, results in items:
+                if any(r.outcome == "scored" for r in results):
+                    state = "scored"
+                else:
+                    state = "failed" if all(r.transient for r in results) else "rejected"
+                seqs: list[int] = []
+                cur = db.execute(
+                    "UPDATE inputs SET state = ?, updated_ms = ? WHERE id = ? AND state = 'queued'",
+                    (state, now, input_id),
+                )
+                if cur.rowcount == 1:
+                    for r in results:
+                        c = db.execute(
+                            "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, created_ms) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (input_id, r.frame_index, r.outcome, r.sop_uid, r.payload, now),
+                        )
+                        assert c.lastrowid is not None
+                        seqs.append(c.lastrowid)
+                out.append(seqs)
+            top = max((max(s) for s in out if s), default=0)
+            if self._reserve is not None and top > self._reserve.ceiling():
+                # Before COMMIT: no number is ever stored (and streamed) above the marker's ceiling.
+                self._reserve.reserve(top, self._committed)
+        self._committed = max(self._committed, top)
+        if any(out):
+            with self.changed:
+                self.changed.notify_all()
+        return out
+
+    def results_after(self, seq: int, limit: int = 256) -> list[StoredResult]:
+        rows = self._read(
+            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [StoredResult(*r) for r in rows]
+
+    def results_for_input(self, input_id: int) -> list[StoredResult]:
+        rows = self._read(
+            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE input_id = ? ORDER BY seq",
+            (input_id,),
+        )
+        return [StoredResult(*r) for r in rows]
+
+    def result_by_seq(self, seq: int) -> StoredResult | None:
+        row = self._read_one("SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq = ?", (seq,))
+        return StoredResult(*row) if row else None
+
+    def result_by_sop_uid(self, sop_uid: str) -> StoredResult | None:
+        row = self._read_one(
+            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE sop_uid = ? ORDER BY seq LIMIT 1",
+            (sop_uid,),
+        )
+        return StoredResult(*row) if row else None
+
+    def last_sequence(self) -> int:
+        row = self._read_one("SELECT COALESCE(MAX(seq), 0) FROM results", ())
+        return int(row[0])
+
+    def counts(self) -> Counts:
+        """The counts; on a damaged journal the last ones read, so GetStatus still answers (with the problem)."""
+        try:
+            by_state = dict(self._read("SELECT state, COUNT(*) FROM inputs GROUP BY state", ()))
+            by_outcome = dict(self._read("SELECT outcome, COUNT(*) FROM results GROUP BY outcome", ()))
+            last = self.last_sequence()
+        except JournalDamaged:
+            return self._last_counts
+        self._last_counts = Counts(
+            queued=int(by_state.get("queued", 0)),
+            scored=int(by_outcome.get("scored", 0)),
+            rejected=int(by_outcome.get("rejected", 0)),
+            duplicates=int(by_state.get("duplicate", 0)),
+            last_sequence=last,
+        )
+        return self._last_counts
+
+    def wait_for_results(self, after_seq: int, timeout: float) -> None:
+        """Block until a result past ``after_seq`` exists or the timeout passes."""
+        with self.changed:
+            if self.last_sequence() > after_seq:
+                return
+            self.changed.wait(timeout)

@@ -1,0 +1,1 @@
+"""Preparation: decode and preprocess each input once, in worker processes."""

@@ -1,0 +1,358 @@
+"""Read, hash, decode and preprocess in worker processes (or threads), off the daemon's own threads.
+
+Processes, by default: pydicom's parsing is Python that holds the GIL, which threads would share
+(`make bench` times both on the host at hand), and a native decoder (JPEG, JPEG 2000, RLE) that
+crashes on a hostile file takes down one worker, not the daemon. After a worker dies, each
+input that was in the pool is tried again alone in a fresh process: one that kills two lone workers is
+rejected as decoder_crashed, the others are scored as usual.
+
+Each worker process may use limits.worker_memory_mb of data memory (a file that needs more is rejected
+as decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); threads have neither.
+
+A file from the watched folder is read once: the worker hashes the bytes it decodes (`read_ahead`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import queue
+import resource
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from appliance.config import LimitsConfig
+from appliance.domain.errors import (
+    CorruptImage,
+    DecodeOutOfMemory,
+    DecoderCrashed,
+    DecodeTimeout,
+    FileVanished,
+    InputRejected,
+)
+from appliance.domain.manifest import Manifest
+from appliance.journal.content_hash import FileChanged, digest_bytes, digest_file, digest_stream
+from appliance.logging_setup import quiet_pydicom
+from appliance.malloc_tuning import keep_freed_memory
+from appliance.prepare.preparer import Prepared, Preparer
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["processes", "threads"]
+DAEMON_CHECK_S = 1.0
+Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the ingest screened it
+# A call to retry alone: the worker function, its arguments, and what to answer if it kills two workers.
+Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[], Any]]
+
+_preparer: Preparer | None = None  # one per worker process (or one shared by the threads)
+_timeout_s = 0.0  # a worker process's limit per file; 0: none
+_armed = False  # SIGALRM ends a file only while one is being prepared
+# A decoder stuck in native code never returns to Python, where SIGALRM's handler runs: past this many
+# times the limit in CPU seconds the kernel ends the worker (SIGXCPU), and the pool's retries take over.
+CPU_BACKSTOP = 4
+
+
+@dataclass(frozen=True)
+class ReadAhead:
+    """A watched file's content hash, and what preparing it gave: tensors, or why it was rejected."""
+
+    digest: str
+    prepared: Prepared | None
+    error: BaseException | None
+
+
+def worker_initargs(manifest: Manifest, limits: LimitsConfig, processes: bool) -> tuple[Any, ...]:
+    """The arguments of `init_worker` for decode workers of this process (processes watch it to leave
+    with it; threads share its Preparer)."""
+    return (manifest, limits, (os.getpid(), _identity(os.getpid())) if processes else None)
+
+
+def init_worker(manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None) -> None:
+    global _preparer, _timeout_s
+    quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
+    _preparer = Preparer(manifest, limits)
+    if daemon is not None:  # a worker process
+        # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        keep_freed_memory()
+        _limit_self(limits)
+        _exit_with(*daemon)
+
+
+def _limit_self(limits: LimitsConfig) -> None:
+    """Memory cap and time limit of a worker process. RLIMIT_DATA, not RLIMIT_AS: the address space also
+    counts what threads and libraries reserve without using (glibc's 64 MiB per-thread arenas, OpenCV's
+    pool), which says little of the memory a decode takes."""
+    global _timeout_s
+    # A core dump of a decode worker would hold a patient's image and header: never written.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    if limits.worker_memory_mb > 0:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = limits.worker_memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    if limits.decode_timeout_s > 0:
+        _timeout_s = limits.decode_timeout_s
+        signal.signal(signal.SIGALRM, _overtime)
+
+
+class _Overtime(BaseException):
+    """SIGALRM's exception: a BaseException, so that no library's `except Exception` swallows it."""
+
+
+def _overtime(signum: int, frame: object) -> None:
+    if _armed:
+        raise _Overtime()
+
+
+def _timed(fn: Callable[..., Prepared], *args: Any) -> Prepared:
+    """`fn(*args)` under the worker's time limit (none in threads: signals reach the main thread only)."""
+    global _armed
+    if not _timeout_s or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    cpu_limit = resource.getrlimit(resource.RLIMIT_CPU)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    backstop = int(usage.ru_utime + usage.ru_stime + CPU_BACKSTOP * _timeout_s) + 1
+    if cpu_limit[1] == resource.RLIM_INFINITY or backstop <= cpu_limit[1]:
+        resource.setrlimit(resource.RLIMIT_CPU, (backstop, cpu_limit[1]))
+    _armed = True
+    signal.setitimer(signal.ITIMER_REAL, _timeout_s)
+    try:
+        return fn(*args)
+    finally:
+        _armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_CPU, cpu_limit)
+
+
+def _identity(pid: int) -> str:
+    """A process's pid and start time: a later process given the same pid does not match."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}:{stat[stat.rindex(')') + 2 :].split()[19]}"
+    except OSError:
+        return f"{pid}:gone"
+
+
+def _exit_with(pid: int, identity: str) -> None:
+    """Once the daemon is gone (killed -9, say), a worker would wait on its task queue for good, and
+    its forkserver with it (each worker holds the forkserver's keep-alive pipe): leave."""
+
+    def watch() -> None:
+        while _identity(pid) == identity:
+            time.sleep(DAEMON_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="daemon-watch", daemon=True).start()
+
+
+def _prepare(data: bytes, file_name: str) -> Prepared:
+    assert _preparer is not None, "the worker was not initialized"
+    try:
+        prepared = _timed(_preparer.prepare, data, file_name)
+    except _Overtime:
+        # Raised between two bytecodes: the worker's state is whole, and it goes on with the next file.
+        raise DecodeTimeout(
+            f"Decoding and preprocessing the file took longer than {_timeout_s:g} s (limits.decode_timeout_s)."
+        ) from None
+    if not prepared.tensors:
+        raise CorruptImage("The image holds no frames.")
+    return prepared
+
+
+def prepare_file(path: str, file_name: str) -> Prepared:
+    """Read and prepare a journaled input; raises an InputRejected subclass for a bad one."""
+    assert _preparer is not None, "the worker was not initialized"
+    try:
+        _preparer.check_size(os.stat(path).st_size)  # before reading it into memory
+        data = Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise FileVanished() from e
+    except MemoryError:  # the file alone is more than the worker may hold (limits.worker_memory_mb)
+        raise DecodeOutOfMemory() from None
+    return _prepare(data, file_name)
+
+
+def read_ahead(path: str, screened: Screened, file_name: str) -> ReadAhead:
+    """Hash and prepare the very file that was screened (FileChanged otherwise), reading it once."""
+    assert _preparer is not None, "the worker was not initialized"
+    # O_NONBLOCK: a FIFO swapped in after the screening must not block a worker for good.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FileChanged("not a regular file")
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != screened:
+            raise FileChanged("changed since it was screened")
+        try:
+            _preparer.check_size(st.st_size)
+        except InputRejected as e:  # too large to hold: hashed as a stream, never prepared
+            return ReadAhead(digest_stream(f), None, e)
+        try:
+            data = f.read()
+        except MemoryError:  # the file alone is more than the worker may hold: hashed as a stream
+            f.seek(0)
+            return ReadAhead(digest_stream(f), None, DecodeOutOfMemory())
+    # Hashed beside the decoding (BLAKE3 releases the GIL): a lone file's latency is the longer of the
+    # two, not their sum; a burst costs the same CPU either way.
+    hashing = _hasher().submit(digest_bytes, data)
+    try:
+        prepared, error = _prepare(data, file_name), None
+    except Exception as e:  # the per-input error boundary: the processor words the rejection
+        prepared, error = None, e
+    return ReadAhead(hashing.result(), prepared, error)
+
+
+_hash_thread: ThreadPoolExecutor | None = None
+_hash_thread_lock = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _hash_thread
+    with _hash_thread_lock:
+        if _hash_thread is None:
+            _hash_thread = ThreadPoolExecutor(1, thread_name_prefix="hash")
+        return _hash_thread
+
+
+def _ready(hold_s: float) -> int:
+    time.sleep(hold_s)  # busy, so that the pool starts another worker for the next call
+    return os.getpid()
+
+
+def _decoder_crashed() -> Any:
+    raise DecoderCrashed()
+
+
+class PreparePool:
+    def __init__(self, manifest: Manifest, limits: LimitsConfig, workers: int, mode: Mode = "processes") -> None:
+        self._init_args = worker_initargs(manifest, limits, mode == "processes")
+        self._workers = workers
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._closing = False
+        self._generation = 0
+        self._pool = self._new_pool(workers)
+        self._suspects: queue.Queue[tuple[Future[Any], Call] | None] = queue.Queue()
+        self._retrier = threading.Thread(target=self._retry_alone, name="prepare-retry", daemon=True)
+        self._retrier.start()
+
+    def _new_pool(self, workers: int) -> Executor:
+        if self.mode == "threads":
+            init_worker(*self._init_args)
+            return ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        # forkserver: workers fork from a clean process that has the imaging modules loaded, never from
+        # the daemon itself, whose gRPC and SQLite threads a fork would copy mid-flight.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=self._init_args)
+
+    def warm(self) -> None:
+        """Start every worker now (imports, forks) rather than on the first files of a burst."""
+        calls = [self._pool.submit(_ready, 0.2) for _ in range(self._workers)]
+        for call in calls:
+            call.result(timeout=120)
+
+    def prepare(self, path: Path, file_name: str) -> Future[Prepared]:
+        return self._submit(prepare_file, (str(path), file_name), _decoder_crashed)
+
+    def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
+        key: Screened = (screened.st_ino, screened.st_size, screened.st_mtime_ns)
+
+        def crashed() -> ReadAhead:  # the journal still needs the content's hash to record why
+            return ReadAhead(digest_file(path, screened), None, DecoderCrashed())
+
+        return self._submit(read_ahead, (str(path), key, file_name), crashed)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], crashed: Callable[[], Any]) -> Future[Any]:
+        """The outer future always completes: with the result, the input's own error, or cancelled when
+        the pool is closing (the input then stays queued in the journal for the next start)."""
+        outer: Future[Any] = Future()
+        for _ in range(2):
+            with self._lock:
+                if self._closing:
+                    outer.cancel()
+                    return outer
+                generation, pool = self._generation, self._pool
+            try:
+                inner = pool.submit(fn, *args)
+            except BrokenProcessPool:  # a worker died between files, with nothing pending to notice it
+                self._renew(generation)
+                continue
+            call: Call = (fn, args, crashed)
+            inner.add_done_callback(functools.partial(self._settle, outer=outer, generation=generation, call=call))
+            return outer
+        raise BrokenProcessPool("the decode pool broke again as soon as it was renewed")
+
+    def _settle(self, inner: Future[Any], outer: Future[Any], generation: int, call: Call) -> None:
+        if inner.cancelled():  # shut down before it ran
+            outer.cancel()
+            return
+        try:
+            outer.set_result(inner.result())
+        except BrokenProcessPool:
+            if self._closing:
+                outer.cancel()
+                return
+            self._renew(generation)
+            self._suspects.put((outer, call))
+        except BaseException as e:
+            outer.set_exception(e)
+
+    def _renew(self, generation: int) -> None:
+        """Replace a broken pool once, whichever of its inputs notices first."""
+        with self._lock:
+            if generation != self._generation or self._closing:
+                return
+            log.error("a decode worker process died; each input it held is tried again alone")
+            broken, self._pool = self._pool, self._new_pool(self._workers)
+            self._generation += 1
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def _retry_alone(self) -> None:
+        """Each input of a broken pool, alone in a fresh worker. A lone worker can also die of something
+        else (found dead from before, the OOM killer): an input is rejected only after killing two."""
+        lone: Executor | None = None
+        while (item := self._suspects.get()) is not None:
+            outer, (fn, args, crashed) = item
+            for _ in range(2):
+                lone = lone or self._new_pool(1)
+                try:
+                    result = lone.submit(fn, *args).result()
+                except BrokenProcessPool:
+                    lone.shutdown(wait=False, cancel_futures=True)
+                    lone = None
+                    continue
+                except BaseException as e:
+                    outer.set_exception(e)
+                else:
+                    outer.set_result(result)
+                break
+            else:
+                log.error("a file crashed its decode worker again, alone; it is rejected")
+                try:
+                    outer.set_result(crashed())
+                except BaseException as e:
+                    outer.set_exception(e)
+        if lone is not None:
+            lone.shutdown(wait=True, cancel_futures=True)
+
+    def alive(self) -> bool:
+        return self._retrier.is_alive()
+
+    def close(self) -> None:
+        """Inputs not yet started are cancelled; those running finish; then the retries still queued."""
+        with self._lock:
+            self._closing = True
+            pool = self._pool
+        pool.shutdown(wait=True, cancel_futures=True)
+        self._suspects.put(None)
+        self._retrier.join(timeout=30)

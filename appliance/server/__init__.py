@@ -1,1 +1,0 @@
-"""gRPC service, health, reflection and metrics."""

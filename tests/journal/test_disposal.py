@@ -1,0 +1,55 @@
+"""What happens to a file after its result is stored, on a real folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.config import WatchConfig
+from appliance.journal.disposal import dispose_rejected, dispose_scored
+
+
+def _config(tmp_path: Path, after: str) -> WatchConfig:
+    return WatchConfig(
+        dir=tmp_path / "in",
+        after_scoring=after,  # type: ignore[arg-type]
+        processed_dir=tmp_path / "done",
+        rejected_dir=tmp_path / "bad",
+    )
+
+
+@pytest.mark.parametrize("after", ["keep", "move", "delete"])
+def test_after_scoring(tmp_path: Path, after: str) -> None:
+    src = tmp_path / "in" / "a.dcm"
+    src.parent.mkdir()
+    src.write_bytes(b"data")
+    where = dispose_scored(src, 7, _config(tmp_path, after))
+    if after == "keep":
+        assert where == str(src) and src.exists()
+    elif after == "move":
+        assert where == str(tmp_path / "done" / "00000007-a.dcm") and Path(where).read_bytes() == b"data"
+        assert not src.exists()
+    else:
+        assert where == "" and not src.exists()
+
+
+def test_rejected_file_gets_a_reason_beside_it(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "x.png"
+    src.parent.mkdir()
+    src.write_bytes(b"junk")
+    where = Path(dispose_rejected(src, 3, "corrupt_image", "The PNG is cut short.", _config(tmp_path, "keep")))
+    assert where.read_bytes() == b"junk" and not src.exists()
+    reason = where.with_name(where.name + ".reason.txt").read_text()
+    assert "code: corrupt_image" in reason and "The PNG is cut short." in reason
+
+
+def test_a_crash_between_link_and_unlink_is_finished_next_time(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "a.dcm"
+    src.parent.mkdir()
+    src.write_bytes(b"data")
+    (tmp_path / "done").mkdir()
+    os.link(src, tmp_path / "done" / "00000009-a.dcm")  # what the crashed run had done
+    where = dispose_scored(src, 9, _config(tmp_path, "move"))
+    assert Path(where).read_bytes() == b"data" and not src.exists()
