@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from appliance.api.codec import InputFacts
 from appliance.api.metrics import Metrics
 from appliance.domain.errors import StorageFull
 from appliance.domain.faults import STORAGE, Faults, is_disk_full
 from appliance.domain.manifest import load_manifest
+from appliance.domain.result import InputFacts
 from appliance.inference.loader import open_backend
 from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages

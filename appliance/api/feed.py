@@ -4,9 +4,7 @@ A stream serves from the shared window of recent results while it keeps up, and 
 sequence (a page at a time) while it is behind: a slow or stalled terminal holds its cursor and the
 messages gRPC's flow control lets through, never a queue of its own, and never slows another.
 
-Results travel as encoded bytes, made once per result rather than once per result per stream: the journal's
-payload is an encoded Result without its sequence number, and protobuf merges concatenated encodings, so
-appending the encoded `sequence` field gives the message the stream sends.
+Results travel as encoded bytes, made once per result rather than once per result per stream.
 """
 
 from __future__ import annotations
@@ -18,24 +16,14 @@ import logging
 import threading
 from collections import deque
 
-from appliance.journal.journal import Journal, StoredResult
+from appliance.api.codec import encoded
+from appliance.journal.journal import Journal
 
 log = logging.getLogger(__name__)
 
 WINDOW = 4096  # recent results kept for streams that keep up
 PAGE = 256
 FOLLOW_WAKE_S = 0.5
-_SEQUENCE_TAG = b"\x08"  # Result.sequence: field 1, varint
-
-
-def encoded(stored: StoredResult) -> bytes:
-    """The Result as the stream sends it: the journaled payload with its sequence number."""
-    value, out = stored.seq, bytearray(_SEQUENCE_TAG)
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(stored.payload) + bytes(out)
 
 
 class ResultFeed:
@@ -67,7 +55,7 @@ class ResultFeed:
                 self._stop.wait(FOLLOW_WAKE_S)
                 continue
             if rows:
-                messages = [(r.seq, encoded(r)) for r in rows]
+                messages = [(r.seq, encoded(r.result())) for r in rows]
                 self._followed = rows[-1].seq
                 self.loop.call_soon_threadsafe(self._publish, messages)
 

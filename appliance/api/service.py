@@ -26,12 +26,13 @@ import grpc
 from grpc import aio
 
 from appliance.api.auth import Caller, Refused, caller
-from appliance.api.codec import stored_to_message
-from appliance.api.feed import PAGE, ResultFeed, encoded
+from appliance.api.codec import encoded, to_message
+from appliance.api.feed import PAGE, ResultFeed
 from appliance.api.metrics import Metrics
 from appliance.api.tokens import Scope
 from appliance.config import ServerConfig
 from appliance.domain.errors import ApplianceError
+from appliance.domain.result import Result
 from appliance.intake.intake import Arrival, Intake
 from appliance.journal.content_hash import digest_bytes
 from appliance.journal.journal import Journal
@@ -162,7 +163,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         self._scores += 1
         gone = threading.Event()  # the call ended (cancelled, deadline): a waiting thread stops early
         try:
-            return await self._blocking(self._scoring, self._score, request.image, request.file_name, gone.is_set)
+            result = await self._blocking(self._scoring, self._score, request.image, request.file_name, gone.is_set)
+            return to_message(result)
         except _Refusal as e:
             await _abort(context, e.code, e.sentence)
         finally:
@@ -186,10 +188,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             ) from e
         return path
 
-    def _score(self, data: bytes, file_name: str, gone: Callable[[], bool]) -> pb.Result:
+    def _score(self, data: bytes, file_name: str, gone: Callable[[], bool]) -> Result:
         digest = digest_bytes(data)
         path = self._spool(data)
-        future: Future[list[pb.Result]] = Future()
+        future: Future[list[Result]] = Future()
         arrival = Arrival(
             source="grpc", path=path, file_name=file_name or "upload", size=len(data), content_hash=digest
         )
@@ -222,14 +224,14 @@ class ScoringService(pb_grpc.ScoringServicer):
             )
             raise _Refusal(grpc.StatusCode.UNAVAILABLE, why) from e
 
-    def _wait_for_input(self, input_id: int, gone: Callable[[], bool]) -> pb.Result:
+    def _wait_for_input(self, input_id: int, gone: Callable[[], bool]) -> Result:
         """The same content was sent before: answer with its result, waiting if it is still in flight."""
         deadline = time.monotonic() + SCORE_TIMEOUT_S
         while time.monotonic() < deadline and not gone():
             seen = self.journal.last_sequence()  # read first, so a result stored meanwhile wakes the wait
             stored = self.journal.results_for_input(input_id)
             if stored:
-                return stored_to_message(stored[0])
+                return stored[0].result()
             self.journal.wait_for_results(seen, 0.5)
         raise _Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "The earlier copy of this image is still being scored.")
 
@@ -262,7 +264,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                 batch = self.feed.after(last)
                 if batch is None:  # behind the shared window: a page from the journal
                     rows = await self._blocking(self._lookups, self.journal.results_after, last, PAGE)
-                    batch = [(r.seq, encoded(r)) for r in rows]
+                    batch = [(r.seq, encoded(r.result())) for r in rows]
                 for seq, data in batch:
                     yield data
                     last = seq
@@ -288,7 +290,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "Give a sequence or a sop_instance_uid.")
         if stored is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"No result for that {key}.")
-        return stored_to_message(stored)
+        return to_message(stored.result())
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext[Any, Any]

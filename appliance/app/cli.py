@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 from appliance import __version__
-from appliance.api.codec import InputFacts, StageTimes, rejected_result, result_to_dict
+from appliance.api.codec import result_to_dict, to_message
 from appliance.api.tokens import Scope, TokenStore
 from appliance.config import Config, load_config
 from appliance.domain.errors import ApplianceError
 from appliance.domain.manifest import load_manifest
+from appliance.domain.result import InputFacts, Timings
 from appliance.inference.batcher import BatchTiming
 from appliance.inference.loader import open_backend
 from appliance.inference.runs import scores_in_batches
@@ -22,8 +23,7 @@ from appliance.journal.content_hash import digest_bytes
 from appliance.logging_setup import setup_logging
 from appliance.prepare.preparer import Preparer
 from appliance.scoring.job import Frame
-from appliance.scoring.results import build_results
-from appliance.v1 import scoring_pb2 as pb
+from appliance.scoring.results import build_results, rejected
 
 log = logging.getLogger("appliance")
 
@@ -150,14 +150,14 @@ def _check(config: Config) -> int:
 
 def _journal(config: Config, command: str) -> int:
     """`journal check`: the daemon's own start-up verdict; `journal recover`: set aside, salvage, continue."""
-    from appliance.journal import integrity as journal_guard
+    from appliance.journal import integrity
 
-    path = config.storage.data_dir / journal_guard.JOURNAL_NAME
+    path = config.storage.data_dir / integrity.JOURNAL_NAME
     if command == "check":
-        problem = journal_guard.check(path)
+        problem = integrity.check(path)
         print(f"appliance: {problem}" if problem else f"ok: the journal {path} is sound")
         return EXIT_CONFIG if problem else 0
-    for line in journal_guard.recover(path):
+    for line in integrity.recover(path):
         print(line)
     return 0
 
@@ -187,8 +187,8 @@ def _score(config: Config, files: list[Path]) -> int:
             try:
                 prepared = preparer.prepare(data, path.name)
             except ApplianceError as e:
-                times = StageTimes(total_ms=(time.perf_counter() - t0) * 1e3)
-                print(json.dumps(result_to_dict(rejected_result(facts, manifest, backend.name, e, times))))
+                times = Timings(total_ms=(time.perf_counter() - t0) * 1e3)
+                print(json.dumps(result_to_dict(to_message(rejected(facts, manifest, backend.name, e, times)))))
                 failures += 1
                 continue
             t1 = time.perf_counter()
@@ -197,8 +197,8 @@ def _score(config: Config, files: list[Path]) -> int:
             frames: list[Frame | None] = [(row, None, timing) for row in rows]
             # The daemon's own result builder: an offline score is the daemon's result exactly.
             for result in build_results(facts, prepared, frames, t0, (manifest, backend.name)):
-                print(json.dumps(result_to_dict(result)))
-                failures += result.outcome != pb.OUTCOME_SCORED
+                print(json.dumps(result_to_dict(to_message(result))))
+                failures += result.rejected
     return 1 if failures else 0
 
 

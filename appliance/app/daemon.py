@@ -1,4 +1,4 @@
-"""The daemon: wires watcher → ingest → journal → processor → gRPC, and runs it until a signal."""
+"""The daemon: wires the ways in, the intake, the journal, the scoring stages and the gRPC server; runs them."""
 
 from __future__ import annotations
 

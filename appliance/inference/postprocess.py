@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
 from appliance.domain.manifest import Manifest
-
-
-class Verdict(Enum):
-    NEGATIVE = "negative"
-    POSITIVE = "positive"
-    INDETERMINATE = "indeterminate"
+from appliance.domain.result import Decision
 
 
 @dataclass(frozen=True)
 class Scores:
     labels: tuple[str, ...]
     values: tuple[float, ...]
-    verdict: Verdict
+    verdict: Decision
     findings: tuple[str, ...]
     threshold: float
 
@@ -49,14 +43,14 @@ def decide(row: np.ndarray, manifest: Manifest) -> Scores:
         top = int(np.argmax(row))
         findings: tuple[str, ...] = (labels[top],)
         if row[top] < rule.threshold:
-            verdict = Verdict.INDETERMINATE
+            verdict = Decision.INDETERMINATE
         elif labels[top] in negatives:
-            verdict = Verdict.NEGATIVE
+            verdict = Decision.NEGATIVE
         else:
-            verdict = Verdict.POSITIVE
+            verdict = Decision.POSITIVE
     else:
         findings = tuple(lb for lb, v in zip(labels, row, strict=True) if v >= rule.threshold)
-        verdict = Verdict.POSITIVE if set(findings) - negatives else Verdict.NEGATIVE
+        verdict = Decision.POSITIVE if set(findings) - negatives else Decision.NEGATIVE
     return Scores(
         labels=labels,
         values=tuple(float(v) for v in row),

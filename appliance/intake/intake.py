@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.api.codec import InputFacts, stored_outcome
 from appliance.config import WatchConfig
 from appliance.domain.errors import RepeatedCrash
 from appliance.domain.faults import STORAGE, Faults
+from appliance.domain.result import InputFacts, Result
 from appliance.journal import disposal
 from appliance.journal.journal import InputRow, Journal, Registration, Source
-from appliance.v1 import scoring_pb2 as pb
 
 if TYPE_CHECKING:
     from appliance.prepare.pool import ReadAhead
@@ -77,7 +76,7 @@ class Intake:
         *,
         ahead: ReadAhead | None = None,
         picked_up: float | None = None,
-        answer: Future[list[pb.Result]] | None = None,
+        answer: Future[list[Result]] | None = None,
     ) -> Submitted:
         """Register, dedupe and admit one arrival. With ``ahead`` (the folder's read-ahead, which holds a
         slot of the stages) the prepared image goes straight on; otherwise the file is prepared in the
@@ -111,7 +110,7 @@ class Intake:
             return Submitted(original.id, already_queued=True)
         log.info("input %d is a duplicate of input %d (same content); not scored again", reg.input.id, original.id)
         self.on_duplicate()
-        if arrival.source == "grpc":  # only the spooled copy to drop: no journal write a Score answer needs
+        if disposal.spooled(arrival.source):  # only our copy to drop: no journal write stands before an answer
             disposal.dispose(arrival.path, reg.input.id, arrival.source, None, self.watch)
         else:
             self.dispose_again(reg.input, arrival.path)
@@ -122,8 +121,8 @@ class Intake:
         moved aside) goes where its original's result sends it."""
         original = self.journal.get_input(row.duplicate_of) if row.duplicate_of else row
         stored = self.journal.results_for_input(original.id) if original else []
-        outcome = stored_outcome(stored[0]) if stored else None
-        where = disposal.dispose(path, row.id, row.source, outcome, self.watch)
+        first = stored[0].result() if stored else None
+        where = disposal.dispose(path, row.id, row.source, first, self.watch)
         self.journal.set_disposed(row.id, where)
 
     def requeue(self, pending: list[InputRow], stopping: threading.Event) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import WatchConfig
+from appliance.domain.result import Rejection, Result
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +50,23 @@ def _copy_then_remove(src: Path, target: Path) -> None:
     src.unlink()
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """All of an input's result that decides where its file goes."""
-
-    rejected: bool
-    code: str = ""
-    message: str = ""
+FOLDER = "folder"  # the one way in whose files are the clinic's; every other way in spools a copy of its own
 
 
-def dispose(src: Path, input_id: int, source: str, outcome: Outcome | None, config: WatchConfig) -> str:
-    """The one disposal policy, for a scored input and for a duplicate of one alike: a Score request's
-    spooled copy is deleted; a rejected file is set aside with its reason; a scored one follows
+def spooled(source: str) -> bool:
+    """True for an input whose file is the appliance's own copy (Score, and any way in but the folder)."""
+    return source != FOLDER
+
+
+def dispose(src: Path, input_id: int, source: str, result: Result | None, config: WatchConfig) -> str:
+    """The one disposal policy, for a scored input and for a duplicate of one alike, from its (first)
+    result: a spooled copy is deleted; a rejected file is set aside with its reason; a scored one follows
     ``after_scoring``. Returns where the file is now ('' when gone)."""
-    if source == "grpc":
+    if spooled(source):
         src.unlink(missing_ok=True)
         return ""
-    if outcome is not None and outcome.rejected:
-        return dispose_rejected(src, input_id, outcome.code, outcome.message, config)
+    if result is not None and result.rejection is not None:
+        return dispose_rejected(src, input_id, result.rejection, config)
     return dispose_scored(src, input_id, config)
 
 
@@ -83,7 +82,7 @@ def dispose_scored(src: Path, input_id: int, config: WatchConfig) -> str:
     return str(_move(src, config.processed_dir, input_id))
 
 
-def dispose_rejected(src: Path, input_id: int, code: str, message: str, config: WatchConfig) -> str:
+def dispose_rejected(src: Path, input_id: int, rejection: Rejection, config: WatchConfig) -> str:
     """Move a rejected file aside with a '.reason.txt' beside it, whatever after_scoring says."""
     if not src.exists():
         return ""
@@ -91,5 +90,5 @@ def dispose_rejected(src: Path, input_id: int, code: str, message: str, config: 
     # the whole disposal is retried, rather than a rejected file lying there without its reason.
     config.rejected_dir.mkdir(parents=True, exist_ok=True)
     reason = _unique_target(config.rejected_dir, input_id, src.name + ".reason.txt")
-    reason.write_text(f"input_id: {input_id}\ncode: {code}\nreason: {message}\n", encoding="utf-8")
+    reason.write_text(f"input_id: {input_id}\ncode: {rejection.code}\nreason: {rejection.message}\n", encoding="utf-8")
     return str(_move(src, config.rejected_dir, input_id))

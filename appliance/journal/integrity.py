@@ -31,7 +31,7 @@ _INPUT_COLUMNS = [
     *("id", "source", "path", "file_name", "size", "mtime_ns", "content_hash", "state", "duplicate_of"),
     *("disposed_path", "attempts", "created_ms", "updated_ms"),
 ]
-_RESULT_COLUMNS = ["seq", "input_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms"]
+_RESULT_COLUMNS = ["seq", "input_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms", "payload_version"]
 _RENAMED = {"content_hash": "content_sha256"}  # schema version 1's name for the column
 
 
@@ -292,6 +292,7 @@ class Salvaged:
     journal_id: str | None = None
     sequence_record: int = 0
     inputs: list[tuple[Any, ...]] = field(default_factory=list)
+    result_columns: list[str] = field(default_factory=lambda: list(_RESULT_COLUMNS))
     results: list[tuple[Any, ...]] = field(default_factory=list)
     input_columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -393,7 +394,11 @@ def _salvage(aside: Path, work: Path) -> Salvaged:
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'results'").fetchone()
             out.sequence_record = int(row[0]) if row else 0
         try:
-            out.results, bad = _read_table(db, "results", _RESULT_COLUMNS, _upper(db, "results", out.sequence_record))
+            present = {r[1] for r in db.execute("PRAGMA table_info(results)")}
+            # Before schema 3 a row had no payload_version: its payload is version 1, the column's default.
+            out.result_columns = [c for c in _RESULT_COLUMNS if c in present or c != "payload_version"]
+            upper = _upper(db, "results", out.sequence_record)
+            out.results, bad = _read_table(db, "results", out.result_columns, upper)
             if bad:
                 out.notes.append(f"{bad} damaged stretch(es) of results were stepped over")
         except sqlite3.Error as e:
@@ -480,7 +485,8 @@ def _recover(path: Path) -> list[str]:
             marks = ", ".join("?" * len(data.input_columns))
             db.executemany(f"INSERT OR IGNORE INTO inputs ({cols}) VALUES ({marks})", data.inputs)
         db.executemany(
-            f"INSERT OR IGNORE INTO results ({', '.join(_RESULT_COLUMNS)}) VALUES ({', '.join('?' * 7)})",
+            f"INSERT OR IGNORE INTO results ({', '.join(data.result_columns)}) "
+            f"VALUES ({', '.join('?' * len(data.result_columns))})",
             data.results,
         )
         # Finished inputs whose every result was lost count as failed: the same content dropped again is

@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from appliance.domain.errors import ConfigError, JournalDamaged
+from appliance.domain.result import Result
+from appliance.journal import payload as payload_format
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-# Version 1 (0.1.0) named the content column content_sha256 and held SHA-256 digests. Its rows keep
-# them: such content dropped again after the upgrade hashes differently and is scored once more.
-MIGRATIONS = {1: "ALTER TABLE inputs RENAME COLUMN content_sha256 TO content_hash;"}
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inputs (
+SCHEMA_VERSION = 3
+_INPUTS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     id              INTEGER PRIMARY KEY,
-    source          TEXT NOT NULL CHECK (source IN ('folder', 'grpc')),
+    source          TEXT NOT NULL CHECK (source != ''),  -- the way in (folder, grpc, ...): any new one fits
     path            BLOB,             -- where the file was found, as the OS's bytes (names need not be UTF-8)
     file_name       TEXT NOT NULL,
     size            INTEGER NOT NULL,
@@ -38,7 +37,24 @@ CREATE TABLE IF NOT EXISTS inputs (
     created_ms      INTEGER NOT NULL,
     updated_ms      INTEGER NOT NULL
 );
--- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
+"""
+_INPUT_FIELDS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of, disposed_path, "
+_INPUT_FIELDS += "attempts, created_ms, updated_ms"
+# Each step upgrades one version to the next; a journal is upgraded whole, in one transaction, or not at all.
+MIGRATIONS = {
+    # Version 1 (0.1.0) named the content column content_sha256 and held SHA-256 digests. Its rows keep
+    # them: such content dropped again after the upgrade hashes differently and is scored once more.
+    1: "ALTER TABLE inputs RENAME COLUMN content_sha256 TO content_hash;",
+    # Version 2 allowed only the folder and gRPC as sources (SQLite changes a CHECK by rebuilding the
+    # table), and stored every payload as an appliance.v1.Result: those rows say payload version 1.
+    2: _INPUTS_TABLE.format(name="inputs_v3")
+    + f"INSERT INTO inputs_v3 ({_INPUT_FIELDS}) SELECT {_INPUT_FIELDS} FROM inputs;"
+    + "DROP TABLE inputs; ALTER TABLE inputs_v3 RENAME TO inputs;"
+    + "ALTER TABLE results ADD COLUMN payload_version INTEGER NOT NULL DEFAULT 1;",
+}
+SCHEMA = (
+    _INPUTS_TABLE.format(name="inputs")
+    + """-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
 -- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
 CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
     WHERE state NOT IN ('duplicate', 'failed');
@@ -51,8 +67,9 @@ CREATE TABLE IF NOT EXISTS results (
     frame_index     INTEGER NOT NULL,
     outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected')),
     sop_uid         TEXT NOT NULL DEFAULT '',
-    payload         BLOB NOT NULL,    -- serialized appliance.v1.Result without its sequence
+    payload         BLOB NOT NULL,    -- the result without its sequence (appliance.journal.payload)
     created_ms      INTEGER NOT NULL,
+    payload_version INTEGER NOT NULL DEFAULT 1,  -- the payload's format: appliance.journal.payload.VERSION
     UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
 );
 CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
@@ -63,6 +80,7 @@ CREATE TABLE IF NOT EXISTS meta (
     value           TEXT NOT NULL
 );
 """
+)
 
 # SQLite's words for a file whose pages are not what they should be: never transient, never retried.
 _DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -96,7 +114,7 @@ class SequenceReserve(Protocol):
         """The journal is closed; the highest number it stored is ``committed``."""
 
 
-Source = Literal["folder", "grpc"]
+Source = str  # the way in, as results name it: "folder", "grpc", ...
 
 
 def _now_ms() -> int:
@@ -139,6 +157,11 @@ class StoredResult:
     frame_index: int
     outcome: str
     payload: bytes
+    payload_version: int
+
+    def result(self) -> Result:
+        """The stored result, numbered with its sequence."""
+        return payload_format.decode(self.payload, self.payload_version, self.seq)
 
 
 @dataclass(frozen=True)
@@ -147,6 +170,7 @@ class NewResult:
     outcome: Literal["scored", "rejected"]
     sop_uid: str
     payload: bytes
+    payload_version: int = payload_format.VERSION
     transient: bool = False  # a rejection that says nothing about the content (backend failure, vanished file)
 
 
@@ -159,6 +183,7 @@ class Counts:
     last_sequence: int
 
 
+_RESULT_FIELDS = "seq, input_id, frame_index, outcome, payload, payload_version"
 _INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of"
 
 
@@ -266,9 +291,13 @@ class Journal:
 
     def _migrate(self, path: Path, version: int) -> None:
         """One transaction: the journal is upgraded whole, or left as it was."""
-        step = MIGRATIONS[version]
+        steps = " ".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
         try:
-            self._writer.executescript(f"BEGIN IMMEDIATE; {step} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            # Off while a table is rebuilt: its old copy is dropped under the results that refer to it, and
+            # the new one takes every row with its id, so each reference holds as it did before.
+            self._writer.execute("PRAGMA foreign_keys=OFF")
+            self._writer.executescript(f"BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            self._writer.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as e:
             if self._writer.in_transaction:
                 self._writer.rollback()
@@ -433,9 +462,9 @@ class Journal:
                 if cur.rowcount == 1:
                     for r in results:
                         c = db.execute(
-                            "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, created_ms) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (input_id, r.frame_index, r.outcome, r.sop_uid, r.payload, now),
+                            "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, payload_version, "
+                            "created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (input_id, r.frame_index, r.outcome, r.sop_uid, r.payload, r.payload_version, now),
                         )
                         assert c.lastrowid is not None
                         seqs.append(c.lastrowid)
@@ -452,25 +481,25 @@ class Journal:
 
     def results_after(self, seq: int, limit: int = 256) -> list[StoredResult]:
         rows = self._read(
-            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {_RESULT_FIELDS} FROM results WHERE seq > ? ORDER BY seq LIMIT ?",
             (seq, limit),
         )
         return [StoredResult(*r) for r in rows]
 
     def results_for_input(self, input_id: int) -> list[StoredResult]:
         rows = self._read(
-            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE input_id = ? ORDER BY seq",
+            f"SELECT {_RESULT_FIELDS} FROM results WHERE input_id = ? ORDER BY seq",
             (input_id,),
         )
         return [StoredResult(*r) for r in rows]
 
     def result_by_seq(self, seq: int) -> StoredResult | None:
-        row = self._read_one("SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE seq = ?", (seq,))
+        row = self._read_one(f"SELECT {_RESULT_FIELDS} FROM results WHERE seq = ?", (seq,))
         return StoredResult(*row) if row else None
 
     def result_by_sop_uid(self, sop_uid: str) -> StoredResult | None:
         row = self._read_one(
-            "SELECT seq, input_id, frame_index, outcome, payload FROM results WHERE sop_uid = ? ORDER BY seq LIMIT 1",
+            f"SELECT {_RESULT_FIELDS} FROM results WHERE sop_uid = ? ORDER BY seq LIMIT 1",
             (sop_uid,),
         )
         return StoredResult(*row) if row else None

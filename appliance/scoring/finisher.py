@@ -10,11 +10,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
-from appliance.api.codec import outcome_of, stored_to_message
 from appliance.config import WatchConfig
 from appliance.domain.errors import StorageFull
 from appliance.domain.faults import STORAGE, Faults
+from appliance.domain.result import Outcome, Result
 from appliance.journal import disposal
 from appliance.journal.journal import Journal, NewResult
 from appliance.privacy import hashed, log_failure
@@ -22,7 +23,6 @@ from appliance.scoring.admission import Admission
 from appliance.scoring.job import Job
 from appliance.scoring.observer import ScoringObserver
 from appliance.scoring.results import Scorer, build_results, journal_row
-from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Finisher:
     def _finish_group(self, group: list[Job]) -> list[Job]:
         """One transaction for the group's results; a job that fails fails alone. Returns the jobs whose
         results found no disk space: they are held and stored later."""
-        built: list[tuple[Job, list[pb.Result], list[NewResult]]] = []
+        built: list[tuple[Job, list[Result], list[NewResult]]] = []
         for job in group:
             try:
                 results = build_results(job.facts, job.prepared, job.frames, job.picked_up, self.current())
@@ -163,7 +163,7 @@ class Finisher:
                         self._fail(job, e)
                     stored.append(None)
         disposed: list[tuple[int, str]] = []
-        done: list[tuple[Job, list[pb.Result]]] = []
+        done: list[tuple[Job, list[Result]]] = []
         for (job, results, _), seqs in zip(built, stored, strict=True):
             if seqs is None:
                 continue
@@ -173,10 +173,9 @@ class Finisher:
                     log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
                     if job.future is not None and not job.future.done():
                         earlier = self.journal.results_for_input(job.facts.input_id)
-                        job.future.set_result([stored_to_message(s) for s in earlier])
+                        job.future.set_result([s.result() for s in earlier])
                     continue
-                for r, seq in zip(results, seqs, strict=True):
-                    r.sequence = seq
+                results = [replace(r, sequence=seq) for r, seq in zip(results, seqs, strict=True)]
                 where = self._dispose(job, results[0])
                 if where is not None:
                     disposed.append((job.facts.input_id, where))
@@ -206,35 +205,36 @@ class Finisher:
         if job.future is not None and not job.future.done():
             job.future.set_exception(error)
 
-    def _dispose(self, job: Job, first: pb.Result) -> str | None:
+    def _dispose(self, job: Job, first: Result) -> str | None:
         """Move the file aside; returns where it went ('' for gone), None if the move failed."""
         try:
-            return disposal.dispose(job.path, job.facts.input_id, job.facts.source, outcome_of(first), self.watch)
+            return disposal.dispose(job.path, job.facts.input_id, job.facts.source, first, self.watch)
         except OSError as e:  # the result is stored; a failed move is retried by the next rescan
             if not self.faults.report(e):
                 log.warning("input %d: could not move the file aside: %s", job.facts.input_id, e.strerror)
             return None
 
-    def _account(self, job: Job, results: list[pb.Result]) -> None:
+    def _account(self, job: Job, results: list[Result]) -> None:
         elapsed = time.perf_counter() - job.picked_up
         prepared = job.prepared
         self.observer.on_finished(
             elapsed, prepared.decode_ms if prepared else None, prepared.preprocess_ms if prepared else None
         )
         for r in results:
-            if r.outcome == pb.OUTCOME_SCORED:
+            if r.outcome is Outcome.SCORED and r.decision is not None:
                 self.observer.on_result("scored", "")
                 log.info(
                     "input %d frame %d scored: seq=%d decision=%s findings=%s sop=%s %.0f ms",
                     job.facts.input_id,
                     r.frame_index,
                     r.sequence,
-                    pb.Decision.Name(r.decision).removeprefix("DECISION_").lower(),
+                    r.decision.value,
                     ",".join(r.findings),
-                    hashed(r.sop_instance_uid),
+                    hashed(r.ids.sop_instance_uid),
                     elapsed * 1e3,
                 )
             else:
+                assert r.rejection is not None
                 self.observer.on_result("rejected", r.rejection.code)
                 log.warning(
                     "input %d rejected: seq=%d code=%s reason=%s content=%s",

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.api.codec import InputFacts
+from appliance.domain.result import InputFacts, Result
 from appliance.inference.batcher import BatchTiming
 from appliance.prepare.preparer import Prepared
-from appliance.v1 import scoring_pb2 as pb
 
 # One frame's outcome from the batcher: activated scores or an error, and its batch's timing.
 Frame = tuple[np.ndarray | None, BaseException | None, BatchTiming]
@@ -24,7 +23,7 @@ class Job:
     facts: InputFacts
     path: Path
     picked_up: float = field(default_factory=time.perf_counter)
-    future: Future[list[pb.Result]] | None = None  # set for Score calls waiting on the answer
+    future: Future[list[Result]] | None = None  # set for Score calls waiting on the answer
     prepared: Prepared | None = None
     frames: list[Frame | None] = field(default_factory=list)
     remaining: int = 0

@@ -6,16 +6,25 @@ from __future__ import annotations
 import logging
 import time
 
-from appliance.api.codec import InputFacts, StageTimes, rejected_result, scored_result
 from appliance.domain.errors import ApplianceError, DecodeTimeout, FileVanished, InferenceFailed, InputRejected
 from appliance.domain.manifest import Manifest
+from appliance.domain.result import (
+    ImageIds,
+    InputFacts,
+    LabelScore,
+    Outcome,
+    Rejection,
+    Result,
+    ScoredBy,
+    Timings,
+)
 from appliance.imaging.types import ImageMeta
-from appliance.inference.postprocess import decide
+from appliance.inference.postprocess import Scores, decide
+from appliance.journal import payload
 from appliance.journal.journal import NewResult
 from appliance.prepare.preparer import Prepared
 from appliance.privacy import log_failure
 from appliance.scoring.job import Frame
-from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +37,15 @@ Scorer = tuple[Manifest, str]  # the manifest and backend name of the model that
 
 def build_results(
     facts: InputFacts, prepared: Prepared | None, frames: list[Frame | None], picked_up: float, current: Scorer
-) -> list[pb.Result]:
+) -> list[Result]:
     """One result per frame. ``current`` names the model for frames no batch ran (rejected before it)."""
     meta = prepared.meta if prepared else None
     total_ms = (time.perf_counter() - picked_up) * 1e3
-    out: list[pb.Result] = []
+    out: list[Result] = []
     for index, frame in enumerate(frames):
         assert frame is not None
         scores, error, timing = frame
-        times = StageTimes(
+        times = Timings(
             decode_ms=prepared.decode_ms if prepared else 0.0,
             preprocess_ms=prepared.preprocess_ms if prepared else 0.0,
             queue_ms=timing.queue_ms,
@@ -53,22 +62,46 @@ def build_results(
             except ValueError as e:
                 error = InferenceFailed(str(e))
             else:
-                shown = meta or ImageMeta(source_format="")
-                out.append(
-                    scored_result(
-                        facts,
-                        manifest,
-                        backend_name,
-                        shown,
-                        decision,
-                        times,
-                        frame_index=index,
-                        frame_count=len(frames),
-                    )
-                )
+                out.append(scored(facts, manifest, backend_name, meta, decision, times, index, len(frames)))
                 continue
         out.append(rejection(facts, manifest, backend_name, error, times, meta, index, len(frames)))
     return out
+
+
+def _ids(meta: ImageMeta | None) -> ImageIds:
+    if meta is None:
+        return ImageIds()
+    return ImageIds(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number)
+
+
+def _scored_by(manifest: Manifest, backend_name: str) -> ScoredBy:
+    return ScoredBy(manifest.model.name, manifest.model.version, backend_name)
+
+
+def scored(
+    facts: InputFacts,
+    manifest: Manifest,
+    backend_name: str,
+    meta: ImageMeta | None,
+    scores: Scores,
+    times: Timings,
+    frame_index: int,
+    frame_count: int,
+) -> Result:
+    return Result(
+        input=facts,
+        scored_by=_scored_by(manifest, backend_name),
+        outcome=Outcome.SCORED,
+        created_unix_ms=time.time_ns() // 1_000_000,
+        timings=times,
+        ids=_ids(meta),
+        frame_index=frame_index,
+        frame_count=frame_count,
+        scores=tuple(LabelScore(lb, v) for lb, v in zip(scores.labels, scores.values, strict=True)),
+        decision=scores.verdict,
+        findings=scores.findings,
+        threshold=scores.threshold,
+    )
 
 
 def rejection(
@@ -76,11 +109,11 @@ def rejection(
     manifest: Manifest,
     backend_name: str,
     error: BaseException | None,
-    times: StageTimes,
+    times: Timings,
     meta: ImageMeta | None,
     frame_index: int = 0,
     frame_count: int = 1,
-) -> pb.Result:
+) -> Result:
     if error is None:
         error = InferenceFailed("The backend returned no scores for this input.")
     elif isinstance(error, ApplianceError) and not isinstance(error, InputRejected):
@@ -89,17 +122,39 @@ def rejection(
         # Unexpected: the sentence names the type only (no data from the file); the trace goes to DEBUG.
         log_failure(log, "input %d: unexpected failure while scoring", facts.input_id, error=error)
         error = ApplianceError(f"Unexpected {type(error).__name__} while scoring; see the daemon's log.")
-    result = rejected_result(facts, manifest, backend_name, error, times, meta)
-    result.frame_index, result.frame_count = frame_index, frame_count
-    return result
+    return rejected(facts, manifest, backend_name, error, times, meta, frame_index, frame_count)
 
 
-def journal_row(r: pb.Result) -> NewResult:
-    """A result as the journal stores it."""
+def rejected(
+    facts: InputFacts,
+    manifest: Manifest,
+    backend_name: str,
+    error: ApplianceError,
+    times: Timings,
+    meta: ImageMeta | None = None,
+    frame_index: int = 0,
+    frame_count: int = 1,
+) -> Result:
+    """The result that says why an input was not scored, with the error's own code."""
+    return Result(
+        input=facts,
+        scored_by=_scored_by(manifest, backend_name),
+        outcome=Outcome.REJECTED,
+        created_unix_ms=time.time_ns() // 1_000_000,
+        timings=times,
+        ids=_ids(meta),
+        frame_index=frame_index,
+        frame_count=frame_count,
+        rejection=Rejection(error.code, error.message),
+    )
+
+
+def journal_row(result: Result) -> NewResult:
+    """A result as the journal stores it: a rejection that says nothing about the content is transient."""
     return NewResult(
-        frame_index=r.frame_index,
-        outcome="scored" if r.outcome == pb.OUTCOME_SCORED else "rejected",
-        sop_uid=r.sop_instance_uid,
-        payload=r.SerializeToString(),
-        transient=r.rejection.code in TRANSIENT_CODES,
+        frame_index=result.frame_index,
+        outcome=result.outcome.value,
+        sop_uid=result.ids.sop_instance_uid,
+        payload=payload.encode(result),
+        transient=result.rejection is not None and result.rejection.code in TRANSIENT_CODES,
     )

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.api.codec import InputFacts
 from appliance.config import Config
 from appliance.domain.errors import CorruptImage, InputRejected
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import Manifest
+from appliance.domain.result import InputFacts, Result
 from appliance.inference.backend import Backend
 from appliance.inference.batcher import Batcher, BatchTiming
 from appliance.inference.postprocess import activate
@@ -28,7 +28,6 @@ from appliance.scoring.finisher import Finisher
 from appliance.scoring.job import Job
 from appliance.scoring.observer import NoObserver, ScoringObserver
 from appliance.scoring.results import Scorer
-from appliance.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class ScoringStages:
         facts: InputFacts,
         path: Path,
         *,
-        answer: Future[list[pb.Result]] | None = None,
+        answer: Future[list[Result]] | None = None,
         picked_up: float | None = None,
     ) -> None:
         """A journaled input: prepare it in the pool, then on to the batcher. ``answer`` gets its results."""

@@ -15,12 +15,12 @@ from appliance.api.metrics import Metrics
 from appliance.config import Config
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import load_manifest
+from appliance.domain.result import Outcome, Result
 from appliance.inference.loader import open_backend
 from appliance.intake.intake import MAX_ATTEMPTS, Arrival, Intake
 from appliance.journal.content_hash import digest_bytes
 from appliance.journal.journal import Journal, Registration
 from appliance.scoring.stages import ScoringStages
-from appliance.v1 import scoring_pb2 as pb
 from tests.in_process import in_process_config
 from tests.integration.conftest import TEST_MODEL, png_bytes
 
@@ -85,10 +85,10 @@ def _duplicates(metrics: Metrics) -> float:
 def test_a_duplicate_by_any_way_in_is_counted_not_scored_and_disposed_of_like_its_original(stages: Stages) -> None:
     folder = stages.config.watch.dir
     data = png_bytes(11)
-    answer: Future[list[pb.Result]] = Future()
+    answer: Future[list[Result]] = Future()
     first = stages.intake.submit(_arrival(folder, "a.png", data), answer=answer)
     assert first.duplicate_of is None
-    assert answer.result(timeout=60)[0].outcome == pb.OUTCOME_SCORED
+    assert answer.result(timeout=60)[0].outcome is Outcome.SCORED
 
     # The same content again in the folder: not scored, counted, moved where the original went.
     again = stages.intake.submit(_arrival(folder, "a-copy.png", data))
@@ -126,7 +126,8 @@ def test_an_input_unfinished_at_several_starts_is_set_aside_as_repeated_crash(st
     stages.intake.requeue(stages.journal.pending(), threading.Event())
     stages.journal.wait_for_results(seen, 60)
     stored = stages.journal.results_for_input(reg.input.id)
-    assert pb.Result.FromString(stored[0].payload).rejection.code == "repeated_crash"
+    rejection = stored[0].result().rejection
+    assert rejection is not None and rejection.code == "repeated_crash"
     # Set aside once its rejection is stored (the move follows the commit).
     deadline = time.monotonic() + 30
     while not (stages.config.watch.rejected_dir / f"{reg.input.id:08d}-poison.png").exists():

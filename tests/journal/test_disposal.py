@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import WatchConfig
+from appliance.domain.result import Rejection
 from appliance.journal.disposal import dispose_rejected, dispose_scored
 
 
@@ -39,7 +40,8 @@ def test_rejected_file_gets_a_reason_beside_it(tmp_path: Path) -> None:
     src = tmp_path / "in" / "x.png"
     src.parent.mkdir()
     src.write_bytes(b"junk")
-    where = Path(dispose_rejected(src, 3, "corrupt_image", "The PNG is cut short.", _config(tmp_path, "keep")))
+    rejection = Rejection("corrupt_image", "The PNG is cut short.")
+    where = Path(dispose_rejected(src, 3, rejection, _config(tmp_path, "keep")))
     assert where.read_bytes() == b"junk" and not src.exists()
     reason = where.with_name(where.name + ".reason.txt").read_text()
     assert "code: corrupt_image" in reason and "The PNG is cut short." in reason

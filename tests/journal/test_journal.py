@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.journal.journal import Journal, NewResult
+from tests.journal.old_schemas import SCHEMA_1
 
 
 def _register(j: Journal, name: str, sha: str, path: str | None = None) -> int:
@@ -144,10 +145,10 @@ def test_a_journal_of_another_schema_version_is_refused(tmp_path: Path) -> None:
 def test_a_version_1_journal_is_migrated_in_place_and_keeps_its_inputs_and_results(tmp_path: Path) -> None:
     import sqlite3
 
-    from appliance.journal.journal import SCHEMA, SCHEMA_VERSION
+    from appliance.journal.journal import SCHEMA_VERSION
 
     with sqlite3.connect(tmp_path / "j.sqlite3") as db:  # as 0.1.0 wrote it
-        db.executescript(SCHEMA.replace("content_hash", "content_sha256"))
+        db.executescript(SCHEMA_1)
         db.execute("PRAGMA user_version = 1")
     with sqlite3.connect(tmp_path / "j.sqlite3") as db:
         db.execute(

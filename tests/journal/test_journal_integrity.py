@@ -322,3 +322,36 @@ def test_marker_is_plain_json_written_atomically(journal_path: Path) -> None:
     body = json.loads(marker_path(journal_path).read_text())
     assert set(body) >= {"journal_id", "ceiling", "floor"}
     assert not list(journal_path.parent.glob("*.marker.tmp"))
+
+
+def test_recover_of_a_journal_from_the_previous_release_keeps_its_results_readable(tmp_path: Path) -> None:
+    """A schema-2 journal (no payload versions) is salvaged into the current schema: its rows say version 1
+    and still read as the results they were."""
+    from appliance.api.codec import to_message
+    from tests.journal.old_schemas import SCHEMA_2
+    from tests.journal.test_payload import SCORED
+
+    path = tmp_path / "data" / "journal.sqlite3"
+    path.parent.mkdir()
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_2)
+        db.execute("PRAGMA user_version = 2")
+        for n in range(1, 4):
+            db.execute(
+                "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_hash, state, created_ms, "
+                "updated_ms) VALUES ('folder', CAST(? AS BLOB), 'a', 10, 1, ?, 'scored', 1, 1)",
+                (f"/in/{n}", f"h{n}"),
+            )
+            db.execute(
+                "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, created_ms) "
+                "VALUES (?, 0, 'scored', '', ?, 1)",
+                (n, to_message(SCORED).SerializeToString()),
+            )
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 100)
+    lines, j = _recovered(path)
+    stored = j.results_after(0)
+    assert [s.seq for s in stored][:3] == [1, 2, 3], lines
+    assert {s.payload_version for s in stored[:3]} == {1}
+    assert stored[0].result().findings == SCORED.findings and stored[0].result().sequence == 1
+    j.close()

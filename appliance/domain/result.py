@@ -1,0 +1,89 @@
+"""A result: what the appliance says of one frame of one input. The scoring rooms build it, the journal stores it
+(journal/payload.py), and the API turns it into its wire form (api/codec.py); none of them shares a format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Outcome(Enum):
+    SCORED = "scored"
+    REJECTED = "rejected"
+
+
+class Decision(Enum):
+    NEGATIVE = "negative"  # no finding: the decision falls on a negative label, or no label passes
+    POSITIVE = "positive"  # at least one finding
+    INDETERMINATE = "indeterminate"  # argmax rule: the top score is below the manifest's threshold
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What is known of an input before it is decoded."""
+
+    input_id: int
+    source: str  # the way in: "folder", "grpc", ...
+    file_name: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    decode_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    queue_ms: float = 0.0  # waiting for a batch and the backend
+    infer_ms: float = 0.0  # the batch's inference time, shared by its members
+    total_ms: float = 0.0  # from the input being picked up to its result being built
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Rejection:
+    code: str  # stable, machine-readable (appliance.domain.errors)
+    message: str  # one sentence for a person
+
+
+@dataclass(frozen=True)
+class ImageIds:
+    """The DICOM identifiers of the image, empty for a PNG or JPEG."""
+
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    accession_number: str = ""
+
+
+@dataclass(frozen=True)
+class ScoredBy:
+    model_name: str
+    model_version: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class Result:
+    input: InputFacts
+    scored_by: ScoredBy
+    outcome: Outcome
+    created_unix_ms: int
+    timings: Timings = field(default_factory=Timings)
+    ids: ImageIds = field(default_factory=ImageIds)
+    frame_index: int = 0  # 0-based frame of a multi-frame input
+    frame_count: int = 1
+    scores: tuple[LabelScore, ...] = ()
+    decision: Decision | None = None  # set when scored
+    findings: tuple[str, ...] = ()  # labels that make the decision (the top label for argmax)
+    threshold: float = 0.0
+    rejection: Rejection | None = None  # set when rejected
+    sequence: int = 0  # the journal's number, once stored
+
+    @property
+    def rejected(self) -> bool:
+        return self.outcome is Outcome.REJECTED

@@ -1,0 +1,109 @@
+"""How the journal keeps a result: each row says which version of this format its payload is in, so a
+change of the result never needs a rewrite of every stored row, and the wire format (appliance.v1) can
+change without touching what is stored.
+
+Version 2: the domain Result as compact JSON, without its sequence number (the row's own key).
+Version 1 (journals of schema 1 and 2): an encoded appliance.v1.Result message. Read, never written.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.domain.result import (
+    Decision,
+    ImageIds,
+    InputFacts,
+    LabelScore,
+    Outcome,
+    Rejection,
+    Result,
+    ScoredBy,
+    Timings,
+)
+
+VERSION = 2
+
+
+def encode(result: Result) -> bytes:
+    doc: dict[str, Any] = {
+        "input": vars(result.input),
+        "scored_by": vars(result.scored_by),
+        "outcome": result.outcome.value,
+        "created_unix_ms": result.created_unix_ms,
+        "timings": vars(result.timings),
+        "ids": vars(result.ids),
+        "frame_index": result.frame_index,
+        "frame_count": result.frame_count,
+    }
+    if result.outcome is Outcome.SCORED:
+        assert result.decision is not None
+        doc["scores"] = [[s.label, s.score] for s in result.scores]
+        doc["decision"] = result.decision.value
+        doc["findings"] = list(result.findings)
+        doc["threshold"] = result.threshold
+    if result.rejection is not None:
+        doc["rejection"] = vars(result.rejection)
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(payload: bytes, version: int, sequence: int) -> Result:
+    """The stored result, numbered. ValueError for a version this appliance does not know."""
+    if version == VERSION:
+        return _from_json(json.loads(payload), sequence)
+    if version == 1:
+        return _from_v1(payload, sequence)
+    raise ValueError(f"result {sequence} is stored in payload version {version}; this appliance reads 1 and 2")
+
+
+def _from_json(doc: dict[str, Any], sequence: int) -> Result:
+    rejection = doc.get("rejection")
+    decision = doc.get("decision")
+    return Result(
+        input=InputFacts(**doc["input"]),
+        scored_by=ScoredBy(**doc["scored_by"]),
+        outcome=Outcome(doc["outcome"]),
+        created_unix_ms=doc["created_unix_ms"],
+        timings=Timings(**doc["timings"]),
+        ids=ImageIds(**doc["ids"]),
+        frame_index=doc["frame_index"],
+        frame_count=doc["frame_count"],
+        scores=tuple(LabelScore(label, score) for label, score in doc.get("scores", ())),
+        decision=Decision(decision) if decision else None,
+        findings=tuple(doc.get("findings", ())),
+        threshold=doc.get("threshold", 0.0),
+        rejection=Rejection(**rejection) if rejection else None,
+        sequence=sequence,
+    )
+
+
+def _from_v1(payload: bytes, sequence: int) -> Result:
+    # The frozen wire schema these rows were written in; only this reader of old rows needs it.
+    from appliance.v1 import scoring_pb2 as pb
+
+    m = pb.Result.FromString(payload)
+    scored = m.outcome == pb.OUTCOME_SCORED
+    return Result(
+        input=InputFacts(m.input_id, m.source, m.file_name, m.content_hash),
+        scored_by=ScoredBy(m.model_name, m.model_version, m.backend),
+        outcome=Outcome.SCORED if scored else Outcome.REJECTED,
+        created_unix_ms=m.created_unix_ms,
+        timings=Timings(
+            m.timings.decode_ms,
+            m.timings.preprocess_ms,
+            m.timings.queue_ms,
+            m.timings.infer_ms,
+            m.timings.total_ms,
+            m.timings.batch_size,
+        ),
+        ids=ImageIds(m.study_instance_uid, m.series_instance_uid, m.sop_instance_uid, m.accession_number),
+        frame_index=m.frame_index,
+        frame_count=m.frame_count,
+        scores=tuple(LabelScore(s.label, s.score) for s in m.scores),
+        decision=Decision(pb.Decision.Name(m.decision).removeprefix("DECISION_").lower()) if scored else None,
+        findings=tuple(m.findings),
+        threshold=m.threshold,
+        rejection=None if scored else Rejection(m.rejection.code, m.rejection.message),
+        sequence=sequence,
+    )

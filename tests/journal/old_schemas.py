@@ -1,0 +1,47 @@
+"""Journals as earlier releases wrote them, verbatim, for the upgrade tests."""
+
+# Schema version 2 (up to the rooms' redesign): only two sources; every payload an appliance.v1.Result.
+SCHEMA_2 = """
+CREATE TABLE IF NOT EXISTS inputs (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT NOT NULL CHECK (source IN ('folder', 'grpc')),
+    path            BLOB,             -- where the file was found, as the OS's bytes (names need not be UTF-8)
+    file_name       TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    content_hash    TEXT NOT NULL,    -- BLAKE3-256, hex (appliance.journal.content_hash)
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'failed', 'duplicate')),
+    duplicate_of    INTEGER REFERENCES inputs(id),
+    disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
+    attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL
+);
+-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
+-- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
+    WHERE state NOT IN ('duplicate', 'failed');
+CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
+CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
+
+CREATE TABLE IF NOT EXISTS results (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the stream's resume point
+    input_id        INTEGER NOT NULL REFERENCES inputs(id),
+    frame_index     INTEGER NOT NULL,
+    outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected')),
+    sop_uid         TEXT NOT NULL DEFAULT '',
+    payload         BLOB NOT NULL,    -- serialized appliance.v1.Result without its sequence
+    created_ms      INTEGER NOT NULL,
+    UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
+);
+CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+
+-- The journal's identity (journal_id, created_ms), matched at start against the marker file beside it.
+CREATE TABLE IF NOT EXISTS meta (
+    key             TEXT PRIMARY KEY,
+    value           TEXT NOT NULL
+);
+"""
+
+# Schema version 1 (0.1.0): version 2 with the content column under its old name.
+SCHEMA_1 = SCHEMA_2.replace("content_hash", "content_sha256")
