@@ -1,6 +1,7 @@
 """The build: validate, calibrate, quantize, gate, fall back, write artifact + sidecar, measure, report.
 
-Precision chains, tried in order until one passes the gate:
+The same for every backend; what differs (recipe, artifact, its name) is its target's, in build_engine/targets/.
+Each backend's file declares its precision chain, tried in order until one passes the gate:
   onnxruntime (CPU): int8 -> fp32 (the FP32 ONNX served as is; FP16 is slower than FP32 on x86 CPUs)
   tensorrt (GPU):    int8 -> fp16 -> fp32
 An explicit precision is tried alone; outside the tolerance the build fails with the figures.
@@ -23,7 +24,6 @@ import numpy as np
 
 from appliance.inference import cpu_class, registry, self_check
 from appliance.inference.artifacts import (
-    TIMING_CACHE,
     ArtifactKey,
     SelfCheck,
     Sidecar,
@@ -34,17 +34,16 @@ from appliance.inference.artifacts import (
     write_atomic,
     write_sidecar,
 )
-from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend, runtime_version
-from appliance.inference.backends.tensorrt import TensorRtBackend, tensorrt_version
+from appliance.inference.backend import BackendKind
 from appliance.inference.selection import Host
 from appliance.toolkit import (
     Accuracy,
     ApplianceError,
     Backend,
+    InferenceConfig,
     LimitsConfig,
     LoadedManifest,
     Preparer,
-    expected_sample_shape,
     images_per_second,
     load_manifest,
     scores_in_batches,
@@ -61,19 +60,14 @@ from build_engine.quantize import (
     prepare_float_model,
     quantize,
     rank_sensitive_nodes,
-    recipe_for,
     to_fp16,
     weighted_nodes,
 )
-from build_engine.tensorrt_build import build_plan
+from build_engine.target import EARLIER_INPUT_KEYS, BuildTarget, target_for
 
-Target = str  # a registry name; each backend's file declares its precision chain (BackendKind.precisions)
 EXCLUSION_STEPS = (3, 8)  # how many of the most sensitive layers to keep in float, after the head
 LAST_CONVOLUTIONS = 2  # kept in float with the head, before the sensitivity ranking is consulted
 BUILD_RECIPE = 3  # bump when the build changes in a way that should invalidate reused artifacts
-# What INT8 should reach over FP32 on the CPU, by class (the default model, measured by `make engine`);
-# under it the build says why in a sentence.
-SPEEDUP_TARGET = {"vnni": 3.0, "saturating": 2.0}
 
 
 @dataclass
@@ -91,10 +85,10 @@ class BuildOptions:
     workspace_mb: int = 1024
     tolerance: dict[str, float] = field(default_factory=dict)
     force: bool = False
-    threads: int = 0
+    threads: int = 0  # inference.threads: ONNX Runtime's
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     recipe_class: str = ""  # quantize CPU models as for this CPU class ('' = this host's); tests the other path
-    device: int = 0  # CUDA device for TensorRT builds
+    device: int = 0  # inference.device: the CUDA device for TensorRT builds
 
 
 @dataclass
@@ -146,6 +140,11 @@ class Builder:
         self.recipe_class = options.recipe_class or self.cpu_class
         if self.recipe_class not in cpu_class.CLASSES:
             raise BuildError(f"Unknown CPU class {self.recipe_class!r}; one of {', '.join(cpu_class.CLASSES)}.")
+        try:
+            # Each backend takes its settings from these as the daemon does from [inference]'s flat keys.
+            self.inference = InferenceConfig(threads=options.threads, device=options.device)
+        except ValueError as e:
+            raise BuildError(f"A --threads or --device value is invalid: {e}.") from e
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -160,9 +159,9 @@ class Builder:
             f"output {m.output.name} {self.facts.output_shape}; {self.facts.note}"
         )
         targets = self._targets()
-        if "onnxruntime" in targets:
-            forced = "" if self.recipe_class == self.cpu_class else f"; quantizing as for {self.recipe_class} (forced)"
-            self.out(f"cpu       {self.cpu_class}: {cpu_class.describe(self.cpu_class)}{forced}")
+        for target in targets:
+            for line in target.intro(self):
+                self.out(line)
         self._load_images()
         for target in targets:
             self._build_target(target)
@@ -171,21 +170,21 @@ class Builder:
     @functools.cached_property
     def host(self) -> Host:
         """This host's keys, probed once: what every artifact built here is named for and bound to."""
-        return Host.probe(self.o.device)
+        return Host.probe(self.inference)
 
-    def _targets(self) -> list[Target]:
+    def _targets(self) -> list[BuildTarget]:
         if self.o.target != registry.AUTO:
             kind = registry.get(self.o.target)
-            why = kind.unavailable_on(self.host)
+            why = kind.unavailable_on(self.host.of(kind))
             if why:
                 raise BuildError(f"Cannot build for --target {kind.name}: {why}.")
-            return [kind.name]
-        problems = {kind.name: kind.unavailable_on(self.host) for kind in registry.kinds()}
+            return [target_for(kind.name)]
+        problems = {kind.name: kind.unavailable_on(self.host.of(kind)) for kind in registry.kinds()}
         usable = [kind for kind in registry.kinds() if not problems[kind.name]]
         targets = " and ".join(f"{kind.name} ({kind.hardware})" for kind in usable)
         why = "; ".join(problem for problem in problems.values() if problem)
         self.out(f"targets   {targets} only: {why}" if why else f"targets   {targets}")
-        return [kind.name for kind in usable]
+        return [target_for(kind.name) for kind in usable]
 
     def _load_images(self) -> None:
         m = self.manifest
@@ -221,23 +220,27 @@ class Builder:
         assert self.validation is not None
         if self.reference is not None:
             return
-        with self._ort(self.loaded.onnx_path) as fp32:
+        with self._open(registry.reference(), self.loaded.onnx_path) as fp32:
             self.reference = scores_in_batches(fp32, self.validation.tensors, self.manifest.output.activation)
             self.fp32_speed = images_per_second(fp32, self.validation.tensors[:1])
 
-    def _ort(self, path: Path) -> OnnxRuntimeBackend:
+    def _open(self, kind: BackendKind[Any], path: Path) -> Backend:
+        """A loaded backend for a built artifact (or the FP32 ONNX on the reference), with the build's settings."""
         assert self.facts is not None
-        backend = OnnxRuntimeBackend(
-            path, output_name=self.manifest.output.name, max_batch=self.facts.max_batch, threads=self.o.threads
+        backend = kind.open(
+            path,
+            output_name=self.manifest.output.name,
+            max_batch=self.facts.max_batch,
+            settings=self.inference.settings_of(kind.name),
         )
         backend.load()
         return backend
 
-    def _inputs_hash(self, target: Target) -> str:
+    def _inputs_hash(self, target: BuildTarget) -> str:
         assert self.calibration is not None and self.validation is not None and self.facts is not None
         parts = {
             "recipe": BUILD_RECIPE,
-            "target": target,
+            "target": target.name,
             "onnx": self.onnx_sha,
             "calibration": self.calibration.digest,
             "validation": self.validation.digest,
@@ -246,30 +249,23 @@ class Builder:
             "precision": self.o.precision,
             "max_batch": self.facts.max_batch,
             "opt_batch": self.o.opt_batch,
-            "workspace_mb": self.o.workspace_mb if target == "tensorrt" else None,
-            "tensorrt": [tensorrt_version(), self._host_key("tensorrt")] if target == "tensorrt" else None,
-            "cpu": [self.cpu_class, runtime_version(), self._recipe(target).to_dict()]
-            if target == "onnxruntime"
-            else None,
+            **dict.fromkeys(EARLIER_INPUT_KEYS),
+            **target.inputs(self),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     # --- one target ----------------------------------------------------------------------------
 
-    def _sidecar_path(self, target: Target) -> Path:
-        return self.folder / f"{registry.get(target).stem(self.host)}.json"
+    def sidecar_path(self, target: BuildTarget) -> Path:
+        kind = target.kind
+        return self.folder / f"{kind.stem(self.host.of(kind))}.json"
 
-    def _recipe(self, target: Target) -> Recipe:
-        if target == "tensorrt":
-            return recipe_for("tensorrt")
-        return recipe_for("onnxruntime", self.recipe_class)  # the CPU's int8 kernels decide the recipe
-
-    def _build_target(self, target: Target) -> None:
-        sidecar_path = self._sidecar_path(target)
+    def _build_target(self, target: BuildTarget) -> None:
+        sidecar_path = self.sidecar_path(target)
         inputs = self._inputs_hash(target)
-        if not self.o.force and self._reuse(sidecar_path, inputs):
+        if not self.o.force and self._reuse(target, sidecar_path, inputs):
             return
-        chain = list(registry.get(target).precisions) if self.o.precision == "auto" else [self.o.precision]
+        chain = list(target.kind.precisions) if self.o.precision == "auto" else [self.o.precision]
         assert self.facts is not None
         if "int8" in chain and self.facts.opset < MIN_OPSET:
             why = (f"per-channel int8 (QuantizeLinear with an axis) needs ONNX opset {MIN_OPSET} or later and "
@@ -277,10 +273,11 @@ class Builder:
                    "onnx.version_converter")  # fmt: skip
             if chain == ["int8"]:
                 raise BuildError(why[0].upper() + why[1:] + ".")
-            self.out(f"{target:<9} int8 skipped: {why}")
+            self.out(f"{target.name:<9} int8 skipped: {why}")
             chain = [c for c in chain if c != "int8"]
-        if target == "onnxruntime" and chain == ["fp16"]:
-            raise BuildError("FP16 is not built for ONNX Runtime on the CPU (it is slower than FP32 there).")
+        refused = target.refuses(self.o.precision)
+        if refused:
+            raise BuildError(refused)
         self._fp32_reference()
         self.folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -295,28 +292,29 @@ class Builder:
                 attempt = self._attempt(target, precision, float_model, work, notes)
                 int8_verdict = attempt.verdict or int8_verdict
                 status = "passed" if attempt.report.passed else "FAILED: " + "; ".join(attempt.report.failures)
-                self.out(f"{target:<9} {precision}: {attempt.report.summary()} -> {status}")
+                self.out(f"{target.name:<9} {precision}: {attempt.report.summary()} -> {status}")
                 if attempt.report.passed:
                     break
                 if len(chain) > 1 and precision != chain[-1]:
                     notes.append(f"{precision} failed the gate ({'; '.join(attempt.report.failures)})")
-                    if target == "onnxruntime" and attempt.path is not None:
-                        notes.append(self._what_was_given_up(attempt))
+                    # Where the FP32 ONNX as is comes next, the note says what serving it costs.
+                    if target.kind.serves_reference and attempt.path is not None:
+                        notes.append(self._what_was_given_up(target, attempt))
             assert attempt is not None
-            if attempt.report.passed and target == "onnxruntime" and attempt.path is not None:
-                attempt = self._faster_of(attempt, notes)
+            if attempt.report.passed and target.kind.serves_reference and attempt.path is not None:
+                attempt = self._faster_of(target, attempt, notes)
             if not attempt.report.passed:
                 raise GateFailed(
-                    f"{target} {attempt.precision} is outside the tolerance in model.toml: "
+                    f"{target.name} {attempt.precision} is outside the tolerance in model.toml: "
                     f"{'; '.join(attempt.report.failures)} ({attempt.report.summary()})."
                     + (f" {int8_verdict}." if int8_verdict else "")
                 )
             self._publish(target, attempt, sidecar_path, inputs, time.perf_counter() - started, notes)
 
-    def _faster_of(self, attempt: Attempt, notes: list[str]) -> Attempt:
+    def _faster_of(self, target: BuildTarget, attempt: Attempt, notes: list[str]) -> Attempt:
         """In auto mode, an INT8 CPU model slower than FP32 (tiny models: Q/DQ overhead) is not worth serving."""
         assert attempt.path is not None and self.validation is not None and self.fp32_speed
-        with self._ort(attempt.path) as backend:
+        with self._open(target.kind, attempt.path) as backend:
             speed = images_per_second(backend, self.validation.tensors[:1])
         attempt.speed = speed
         if self.o.precision != "auto" or speed >= self.fp32_speed:
@@ -327,10 +325,10 @@ class Builder:
         )
         return self._fp32_attempt()
 
-    def _what_was_given_up(self, attempt: Attempt) -> str:
+    def _what_was_given_up(self, target: BuildTarget, attempt: Attempt) -> str:
         """The speed the failed INT8 model would have given, measured in this run: what the gate costs."""
         assert attempt.path is not None and self.validation is not None and self.fp32_speed
-        with self._ort(attempt.path) as backend:
+        with self._open(target.kind, attempt.path) as backend:
             speed = images_per_second(backend, self.validation.tensors[:1])
         return (
             f"the last INT8 model tried ran {speed:.1f} img/s against FP32's {self.fp32_speed:.1f} "
@@ -344,9 +342,9 @@ class Builder:
         return Attempt("fp32", None, compare(self.manifest, self.reference, self.reference, v.labels, self.tolerance,
                                              v.label_note))  # fmt: skip
 
-    def _attempt(self, target: Target, precision: str, float_model: Path, work: Path, notes: list[str]) -> Attempt:
+    def _attempt(self, target: BuildTarget, precision: str, float_model: Path, work: Path, notes: list[str]) -> Attempt:
         assert self.calibration is not None
-        if precision == "fp32" and target == "onnxruntime":
+        if precision == "fp32" and target.kind.serves_reference:
             return self._fp32_attempt()
         if precision == "int8":
             reader = TensorReader(self.manifest.input.name, self.calibration.tensors, batch=8)
@@ -357,23 +355,20 @@ class Builder:
             to_fp16(float_model, source)
         return self._make_and_gate(target, precision, source, work)
 
-    def _make_and_gate(self, target: Target, precision: str, onnx_path: Path, work: Path) -> Attempt:
-        if target == "onnxruntime":
-            report, scores = self._gate_ort(onnx_path)
-            return Attempt(precision, onnx_path, report, scores=scores)
-        plan = work / f"{precision}.plan"
-        plan.write_bytes(self._build_plan(onnx_path, precision))
-        report, scores = self._gate_trt(plan)
-        return Attempt(precision, plan, report, scores=scores)
+    def _make_and_gate(self, target: BuildTarget, precision: str, onnx_path: Path, work: Path) -> Attempt:
+        artifact = target.make(self, onnx_path, precision, work)
+        with self._open(target.kind, artifact) as backend:
+            report, scores = self._gate(backend)
+        return Attempt(precision, artifact, report, scores=scores)
 
     def _int8_with_exclusions(
-        self, target: Target, float_model: Path, work: Path, reader: TensorReader, notes: list[str]
+        self, target: BuildTarget, float_model: Path, work: Path, reader: TensorReader, notes: list[str]
     ) -> Attempt:
         """INT8 with every weighted layer quantized; failing the gate, keep layers in float, step by step:
         the classifier head, then also the last 2 convolutions, then instead of those the 3, then the 8
         layers whose inputs quantize worst (lowest SQNR)."""
         qdq = work / "int8.qdq.onnx"
-        recipe = self._recipe(target)
+        recipe = target.recipe(self)
         quantize(float_model, qdq, recipe, reader)
         attempt = self._make_and_gate(target, "int8", qdq, work)
         if attempt.report.passed:
@@ -393,7 +388,7 @@ class Builder:
                 continue
             tried.append(excluded)
             layers = f"{len(excluded)} layer{'s' if len(excluded) != 1 else ''}"
-            self.out(f"{target:<9} int8: {attempt.report.summary()}; now keeping {layers} in float")
+            self.out(f"{target.name:<9} int8: {attempt.report.summary()}; now keeping {layers} in float")
             candidate = work / f"int8-x{len(excluded)}.qdq.onnx"
             quantize(float_model, candidate, recipe, reader, exclude=excluded)
             attempt = self._make_and_gate(target, "int8", candidate, work)
@@ -408,14 +403,8 @@ class Builder:
     def _why_int8_failed(self, recipe: Recipe, attempt: Attempt, steps: int) -> str:
         """One sentence, not only figures: what the recipe already did and what still moved too much."""
         worst = attempt.report.failures[0] if attempt.report.failures else "outside the tolerance"
-        if recipe.flavour == "tensorrt":
-            kernels = "TensorRT's int8 kernels accumulate exactly in int32"
-        elif recipe.reduce_range:
-            kernels = f"on this {recipe.cpu_class} CPU the weights were already cut to 7 bits so no sum saturates"
-        else:
-            kernels = f"this {recipe.cpu_class} CPU's int8 kernels accumulate exactly in int32"
         return (
-            f"INT8 cannot pass the gate here: {kernels}, so the loss is 8-bit rounding itself, and with up to "
+            f"INT8 cannot pass the gate here: {recipe.kernels}, so the loss is 8-bit rounding itself, and with up to "
             f"{len(attempt.excluded)} layers kept in float over {steps} steps it still gave {worst}"
             f"{self._where_it_moved(attempt)}"
         )
@@ -433,73 +422,40 @@ class Builder:
             where += f", all with a top FP32 score between {sure.min():.2f} and {sure.max():.2f}"
         return where
 
-    def _build_plan(self, onnx_path: Path, precision: str) -> bytes:
-        assert self.facts is not None
-        return build_plan(
-            onnx_path,
-            precision=precision,
-            input_name=self.manifest.input.name,
-            sample_shape=expected_sample_shape(self.loaded),
-            max_batch=self.facts.max_batch,
-            opt_batch=self.o.opt_batch or self.facts.max_batch,
-            workspace_bytes=self.o.workspace_mb << 20,
-            timing_cache=self.o.engines_dir / f"{self._sidecar_path('tensorrt').stem}.{TIMING_CACHE}",
-        )
-
     def _gate(self, backend: Backend) -> tuple[GateReport, np.ndarray]:
         assert self.validation is not None and self.reference is not None
         scores = scores_in_batches(backend, self.validation.tensors, self.manifest.output.activation)
         labels, note = self.validation.labels, self.validation.label_note
         return compare(self.manifest, self.reference, scores, labels, self.tolerance, note), scores
 
-    def _gate_ort(self, path: Path) -> tuple[GateReport, np.ndarray]:
-        with self._ort(path) as backend:
-            return self._gate(backend)
-
-    def _trt(self, plan: Path) -> TensorRtBackend:
-        assert self.facts is not None
-        backend = TensorRtBackend(
-            plan, output_name=self.manifest.output.name, max_batch=self.facts.max_batch, device=self.o.device
-        )
-        backend.load()
-        return backend
-
-    def _open(self, target: Target, path: Path) -> Backend:
-        """A loaded backend for a built artifact (or the FP32 ONNX on the CPU)."""
-        return self._trt(path) if target == "tensorrt" else self._ort(path)
-
-    def _gate_trt(self, plan: Path) -> tuple[GateReport, np.ndarray]:
-        with self._trt(plan) as backend:
-            return self._gate(backend)
-
     # --- results ---------------------------------------------------------------------------------
 
     def _publish(
-        self, target: Target, attempt: Attempt, sidecar_path: Path, inputs: str, seconds: float, notes: list[str]
+        self, target: BuildTarget, attempt: Attempt, sidecar_path: Path, inputs: str, seconds: float, notes: list[str]
     ) -> None:
         assert self.facts is not None and self.validation is not None and self.calibration is not None
         m = self.manifest
         # The old sidecar goes first: a crash below leaves no sidecar, never one naming the wrong file.
         sidecar_path.unlink(missing_ok=True)
         artifact, artifact_sha = "", ""
+        kind = target.kind
         key = ArtifactKey(
-            backend=target,
+            backend=kind.name,
             precision=attempt.precision,
             onnx_sha256=self.onnx_sha,
             calibration_sha256=self.calibration.digest if attempt.precision == "int8" else "",
-            **self._host_key(target),
+            **kind.host_key(self.host.of(kind)),
         )
         speed: dict[str, Any] = {"batch": self.facts.max_batch, "fp32_onnxruntime_img_s": self.fp32_speed}
         check = None
         served = self.loaded.onnx_path
         if attempt.path is not None:
-            suffix = ".onnx" if target == "onnxruntime" else ".plan"
-            stem = f"{sidecar_path.stem}-{attempt.precision}" if target == "onnxruntime" else sidecar_path.stem
-            served = self.folder / f"{stem}{suffix}"
+            stem = target.artifact_stem(sidecar_path.stem, attempt.precision)
+            served = self.folder / f"{stem}{target.suffix}"
             write_atomic(served, attempt.path.read_bytes())
             artifact, artifact_sha = served.name, sha256_file(served)
         # One load of what the daemon will serve, for its self-check, its speed and its best batch.
-        backend = self._open(target, served)
+        backend = self._open(kind, served)
         with backend:
             if attempt.path is not None:
                 check = self._record_self_check(backend, attempt, self.folder / f"{stem}.selfcheck.npz")
@@ -517,10 +473,10 @@ class Builder:
                 f"speed     batch {self.facts.max_batch}: {speed['artifact_img_s']:.1f} img/s vs FP32 on ONNX Runtime "
                 f"{self.fp32_speed:.1f} img/s ({speed.get('speedup_vs_fp32_onnxruntime', 0):.2f}x, same run)"
             )
-            if target == "onnxruntime" and attempt.precision == "int8":
-                notes.extend(self._under_target(speed.get("speedup_vs_fp32_onnxruntime", 0.0), attempt))
+            notes.extend(target.speed_notes(self, speed.get("speedup_vs_fp32_onnxruntime", 0.0), attempt))
         else:
-            self.out(f"artifact  none: the daemon serves the FP32 ONNX ({self.loaded.onnx_path}) on the CPU")
+            fp32 = self.loaded.onnx_path
+            self.out(f"artifact  none: the daemon serves the FP32 ONNX ({fp32}) on the {kind.hardware}")
         speed["by_batch_img_s"] = {str(b): v for b, v in by_batch.items()}
         speed["best_batch"] = chosen
         self.out(
@@ -536,9 +492,9 @@ class Builder:
             artifact_sha256=artifact_sha,
             inputs_sha256=inputs,
             max_batch=self.facts.max_batch,
-            opt_batch=(self.o.opt_batch or self.facts.max_batch) if target == "tensorrt" else 0,
+            opt_batch=target.opt_batch(self),
             excluded_nodes=attempt.excluded,
-            recipe=self._recipe(target).to_dict() if attempt.precision == "int8" else {},
+            recipe=target.recipe(self).to_dict() if attempt.precision == "int8" else {},
             self_check=check,
             built_unix=time.time(),
             build_seconds=round(seconds, 2),
@@ -551,9 +507,6 @@ class Builder:
             self.out(f"note      {note}")
         self.out(f"wrote     {sidecar_path} ({key.precision}, built in {seconds:.0f} s)")
 
-    def _host_key(self, target: Target) -> dict[str, Any]:
-        return registry.get(target).host_key(self.host)
-
     def _record_self_check(self, backend: Backend, attempt: Attempt, path: Path) -> SelfCheck:
         """A few of the gate's images, those where the artifact strayed most from FP32, with its scores."""
         assert self.validation is not None and self.reference is not None and attempt.scores is not None
@@ -563,30 +516,15 @@ class Builder:
         self.out(f"selfcheck {path.name}: {check.count} of the gate's images, rerun at every load")
         return check
 
-    def _under_target(self, speedup: float, attempt: Attempt) -> list[str]:
-        """A sentence when INT8 is slower over FP32 than this CPU class's int8 kernels usually give."""
-        if self.cpu_class not in cpu_class.X86_CLASSES:
-            return []
-        target = SPEEDUP_TARGET["saturating" if self.cpu_class in cpu_class.SATURATING else "vnni"]
-        if speedup >= target:
-            return []
-        if speedup < 1 or not attempt.excluded:
-            why = "the model is too small for int8 math to save more than its quantize and dequantize steps cost"
-        else:
-            layers = f"{len(attempt.excluded)} layer{'s' if len(attempt.excluded) != 1 else ''}"
-            why = f"the {layers} kept in float to pass the gate run at FP32 speed"
-        return [f"int8 runs {speedup:.2f}x FP32 on this {self.cpu_class} CPU, under the {target:.0f}x its class "
-                f"aims for: {why}"]  # fmt: skip
-
-    def _self_check_problem(self, sidecar: Sidecar, artifact: Path) -> str:
+    def _self_check_problem(self, target: BuildTarget, sidecar: Sidecar, artifact: Path) -> str:
         """Why the daemon would refuse this artifact at load ('' if it would not): the same check it runs."""
         try:
-            with self._open(sidecar.key.backend, artifact) as backend:
+            with self._open(target.kind, artifact) as backend:
                 return self_check.verify(backend, artifact.parent, sidecar.self_check, self.manifest.output.activation)
         except ApplianceError as e:
             return f"{artifact.name} does not load ({e})"
 
-    def _reuse(self, sidecar_path: Path, inputs: str) -> bool:
+    def _reuse(self, target: BuildTarget, sidecar_path: Path, inputs: str) -> bool:
         try:
             sidecar = read_sidecar(sidecar_path)
         except SidecarError:
@@ -597,7 +535,7 @@ class Builder:
             path = self.folder / sidecar.artifact
             if not path.is_file() or sha256_file(path) != sidecar.artifact_sha256:
                 return False
-            problem = self._self_check_problem(sidecar, path)
+            problem = self._self_check_problem(target, sidecar, path)
             if problem:
                 # What the daemon refused, `make engine` must not call up to date: it rebuilds.
                 self.out(f"{sidecar.key.backend:<9} rebuilding: {problem}")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -19,7 +19,6 @@ from appliance.domain.errors import BackendError
 
 if TYPE_CHECKING:
     from appliance.inference.artifacts import Sidecar
-    from appliance.inference.selection import Host
 
 
 @dataclass(frozen=True)
@@ -158,8 +157,14 @@ class Opener(Protocol):
     def __call__(self, path: Path, *, output_name: str, max_batch: int, settings: Any) -> Backend: ...
 
 
+# A backend's own facts about this host (its runtime's version, its device, the CPU class): what its
+# artifacts are keyed to. Only its own files (backend, build target) read them; `selection.Host` holds
+# each backend's by name.
+Facts = TypeVar("Facts")
+
+
 @dataclass(frozen=True)
-class BackendKind:
+class BackendKind(Generic[Facts]):
     """One backend as `registry.py` lists it, declared once at the end of its own file.
 
     The loader, the artifact choice, config validation and `make engine` ask this, never a backend's name.
@@ -170,11 +175,12 @@ class BackendKind:
     settings: type[BaseModel]  # its own keys: flat under [inference] (as before) or in [inference.<name>]
     open: Opener  # an artifact of its own, not yet loaded
     tier: int  # rank under `auto`: 0 is tried first
+    probe: Callable[[Any], Facts]  # its facts about this host, given its settings (the device it would run on)
     # Its best artifact built for this host and, where there is none, why (the reason is '' beside a choice).
-    choose: Callable[[Path, str, Host, Path], tuple[Choice | None, PassedOver]]  # engines/<model>, ONNX sha, FP32 ONNX
-    unavailable_on: Callable[[Host], str]  # '' where this host can run it, else why not (no full stop)
-    stem: Callable[[Host], str]  # its artifacts' file stem in engines/<model>/ for this host
-    host_key: Callable[[Host], dict[str, Any]]  # the ArtifactKey fields that bind its artifacts to this host
+    choose: Callable[[Path, str, Facts, Path], tuple[Choice | None, PassedOver]]  # model folder, ONNX sha, FP32 ONNX
+    unavailable_on: Callable[[Facts], str]  # '' where this host can run it, else why not (no full stop)
+    stem: Callable[[Facts], str]  # its artifacts' file stem in engines/<model>/ for this host
+    host_key: Callable[[Facts], dict[str, Any]]  # the ArtifactKey fields that bind its artifacts to this host
     precisions: tuple[str, ...]  # what `make engine` tries, best first, until one passes the gate
     hardware: str  # "CPU", "GPU": for `make engine`'s report
     serves_reference: bool = False  # it also serves the FP32 ONNX itself, the last in every chain

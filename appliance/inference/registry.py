@@ -1,14 +1,22 @@
 """The inference backends the appliance knows, one file each under `appliance/inference/backends/`.
 
-Adding one: a new file there that ends in `KIND = BackendKind(...)`, and its module's line below. The
-loader, the artifact choice, config validation and `make engine` ask this list, never a backend's name.
-Modules are imported on first use, so reading a config (the client does) does not load ONNX Runtime.
+Adding one touches:
+- `appliance/inference/backends/<name>.py`, ending in `KIND = BackendKind(...)`: its settings, whether it
+  runs here, its facts about this host (`probe`), which of its artifacts this host may serve, how it opens one;
+- its module's line in MODULES below;
+- `build_engine/targets/<name>.py`, ending in `TARGET = ...`: what `make engine` does differently for it
+  (recipe, artifact, file name), found by the backend's name;
+- their tests.
+The loader, the artifact choice (`selection.Host` holds each backend's facts by name), config validation and
+`make engine` ask this list, never a backend's name. Modules are imported on first use, so reading a config
+(the client does) does not load ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import importlib
 from functools import cache
+from typing import Any
 
 from appliance.inference.backend import BackendKind
 
@@ -22,7 +30,7 @@ MODULES = (
 
 
 @cache
-def kinds() -> tuple[BackendKind, ...]:
+def kinds() -> tuple[BackendKind[Any], ...]:
     """Every backend, in `make engine`'s build order."""
     found = []
     for name in MODULES:
@@ -37,17 +45,17 @@ def names() -> tuple[str, ...]:
     return tuple(kind.name for kind in kinds())
 
 
-def by_tier() -> tuple[BackendKind, ...]:
+def by_tier() -> tuple[BackendKind[Any], ...]:
     """Every backend in the order `auto` tries their artifacts, best first."""
     return tuple(sorted(kinds(), key=lambda kind: kind.tier))
 
 
-def reference() -> BackendKind:
+def reference() -> BackendKind[Any]:
     """The backend that serves the FP32 ONNX itself: the last artifact of every chain."""
     return next(kind for kind in kinds() if kind.serves_reference)
 
 
-def get(name: str) -> BackendKind:
+def get(name: str) -> BackendKind[Any]:
     """The backend called `name`; a KeyError whose sentence lists the choices."""
     for kind in kinds():
         if kind.name == name:

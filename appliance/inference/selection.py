@@ -10,18 +10,17 @@ the chain in order and moves on when a load or its self-check fails.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from appliance.config import InferenceConfig
 from appliance.domain.errors import BackendUnavailable, ModelMismatchError
 from appliance.domain.manifest import LoadedManifest
-from appliance.inference import cpu_class, registry
+from appliance.inference import registry
 from appliance.inference.artifacts import engines_folder, sha256_file
-from appliance.inference.backend import Choice, PassedOver, Why
-from appliance.inference.backends import cuda
-from appliance.inference.backends.onnxruntime import runtime_version
-from appliance.inference.backends.tensorrt import gpu_problem, tensorrt_version
+from appliance.inference.backend import BackendKind, Choice, Facts, PassedOver, Why
 
 
 @dataclass
@@ -32,40 +31,32 @@ class Selection:
 
 @dataclass(frozen=True)
 class Host:
-    """What artifact keys are checked against."""
+    """What artifact keys are checked against: each backend's own facts about this host, by its name."""
 
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-    sm_count: int = 0
-    gpu_problem: str = ""
-    device: int = 0
-    cpu_class: str = field(default_factory=cpu_class.detect)
-    onnxruntime_version: str = field(default_factory=runtime_version)
+    facts: Mapping[str, Any]
 
     @staticmethod
-    def probe(device: int = 0) -> Host:
-        version = tensorrt_version()
-        if not version:
-            return Host(version, "", "", device=device)
-        problem = gpu_problem(device)
-        if problem:
-            return Host(version, "", "", gpu_problem=problem, device=device)
-        gpu = cuda.gpu_info(device)
-        return Host(version, gpu.name, gpu.compute_capability, gpu.sm_count, device=device)
+    def probe(inference: InferenceConfig | None = None) -> Host:
+        """Every backend's facts, each probed with its settings (the GPU `inference.device` names, say)."""
+        inference = inference or InferenceConfig()
+        return Host({kind.name: kind.probe(inference.settings_of(kind.name)) for kind in registry.kinds()})
+
+    def of(self, kind: BackendKind[Facts]) -> Facts:
+        """Backend `kind`'s facts, of the type its own file declares."""
+        return cast(Facts, self.facts[kind.name])
 
 
 def choose_artifact(
     loaded: LoadedManifest, inference: InferenceConfig, engines_dir: Path, host: Host | None = None
 ) -> Selection:
-    host = host or Host.probe(inference.device)
+    host = host or Host.probe(inference)
     folder = engines_folder(engines_dir, loaded.manifest.model.name)
     onnx_sha = sha256_file(loaded.onnx_path)
     selection = Selection(chain=[])
     named = inference.backend != registry.AUTO
     kinds = [registry.get(inference.backend)] if named else registry.by_tier()
     for kind in kinds:
-        choice, passed = kind.choose(folder, onnx_sha, host, loaded.onnx_path)
+        choice, passed = kind.choose(folder, onnx_sha, host.of(kind), loaded.onnx_path)
         if choice is not None:
             selection.chain.append(choice)
         elif named and passed.refuses_start:

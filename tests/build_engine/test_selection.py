@@ -19,8 +19,9 @@ from appliance.inference.artifacts import (
     write_sidecar,
 )
 from appliance.inference.backend import Why
+from appliance.inference.backends import tensorrt
 from appliance.inference.backends.onnxruntime import onnxruntime_stem, runtime_version
-from appliance.inference.backends.tensorrt import tensorrt_choice, tensorrt_stem
+from appliance.inference.backends.tensorrt import TensorRtHost, tensorrt_choice, tensorrt_stem
 from appliance.inference.selection import Host, choose_artifact
 
 AUTO = InferenceConfig(backend="auto")
@@ -142,7 +143,7 @@ def test_a_cpu_model_from_before_cpu_keys_is_passed_over(pipeline_model: Path, e
     assert precision == "fp32" and "an unrecorded CPU class" in why and "make engine" in why
 
 
-@pytest.mark.skipif(Host.probe().gpu_name != "", reason="a GPU with TensorRT is present")
+@pytest.mark.skipif(Host.probe().of(tensorrt.KIND).gpu_name != "", reason="a GPU with TensorRT is present")
 def test_backend_tensorrt_on_a_host_without_it_refuses_to_start(pipeline_model: Path, engines: Path) -> None:
     with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed|no CUDA GPU"):
         choose_artifact(load_manifest(pipeline_model), InferenceConfig(backend="tensorrt"), engines)
@@ -164,7 +165,9 @@ def _plan_for(
 
 
 # The key check itself, against a described host (a value, not a mock): which plan matches which box.
-H100 = Host(tensorrt_version="10.16.1.11", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", sm_count=132)
+H100 = TensorRtHost(
+    tensorrt_version="10.16.1.11", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", sm_count=132
+)
 
 
 def test_a_plan_for_this_gpu_and_tensorrt_is_chosen(tmp_path: Path) -> None:

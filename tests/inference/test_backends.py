@@ -16,6 +16,7 @@ from appliance.inference.backend import Backend, BackendKind
 from appliance.inference.backends import onnxruntime
 from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.loader import open_backend
+from appliance.inference.selection import Host
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
 
@@ -74,3 +75,12 @@ def test_the_registry_names_each_backend_once_and_the_reference_serves_fp32() ->
     assert registry.AUTO not in names
     assert registry.reference().name == "onnxruntime"
     assert [kind.tier for kind in registry.by_tier()] == sorted(kind.tier for kind in registry.kinds())
+
+
+def test_the_host_holds_each_backend_s_own_facts_by_its_name() -> None:
+    host = Host.probe()
+    assert set(host.facts) == set(registry.names())
+    for kind in registry.kinds():
+        problem = kind.unavailable_on(host.of(kind))
+        assert problem == "" or (problem[:1].isalpha() and not problem.endswith(".")), problem
+        assert kind.stem(host.of(kind)).startswith(kind.name)

@@ -8,8 +8,9 @@ artifact in every chain.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -18,9 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.domain.errors import BackendError, ModelMismatchError
 from appliance.inference.artifacts import ArtifactKey, SidecarError, artifact_problem, read_sidecar, slug
 from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
-
-if TYPE_CHECKING:
-    from appliance.inference.selection import Host
+from appliance.inference.cpu_class import detect as detect_cpu_class
 
 NAME = "onnxruntime"
 TIER = 1
@@ -45,6 +44,18 @@ def is_available() -> str | None:
 def runtime_version() -> str:
     """The installed ONNX Runtime version: part of a CPU artifact's key, as its kernels change with it."""
     return str(ort.__version__)
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeHost:
+    """This host as a CPU artifact is keyed to it: int8 kernels differ by CPU class and runtime version."""
+
+    cpu_class: str
+    onnxruntime_version: str
+
+
+def probe(settings: OnnxRuntimeSettings) -> OnnxRuntimeHost:
+    return OnnxRuntimeHost(detect_cpu_class(), runtime_version())
 
 
 def onnxruntime_stem(cpu_class: str) -> str:
@@ -124,7 +135,9 @@ def open_artifact(path: Path, *, output_name: str, max_batch: int, settings: Onn
 # --- which CPU artifact this host may serve ---------------------------------------------------------
 
 
-def onnxruntime_choice(folder: Path, onnx_sha: str, host: Host, onnx_path: Path) -> tuple[Choice | None, PassedOver]:
+def onnxruntime_choice(
+    folder: Path, onnx_sha: str, host: OnnxRuntimeHost, onnx_path: Path
+) -> tuple[Choice | None, PassedOver]:
     record = folder / f"{onnxruntime_stem(host.cpu_class)}.json"
     here = f"this {host.cpu_class} CPU with ONNX Runtime {host.onnxruntime_version}"
     if not record.exists():
@@ -199,6 +212,7 @@ KIND = BackendKind(
     settings=OnnxRuntimeSettings,
     open=open_artifact,
     tier=TIER,
+    probe=probe,
     choose=onnxruntime_choice,
     unavailable_on=lambda host: "",
     stem=lambda host: onnxruntime_stem(host.cpu_class),

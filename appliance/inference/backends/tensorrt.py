@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,9 +30,6 @@ from appliance.domain.errors import BackendError, BackendUnavailable, ModelMisma
 from appliance.inference.artifacts import SidecarError, artifact_problem, read_sidecar, slug
 from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
 from appliance.inference.backends import cuda
-
-if TYPE_CHECKING:
-    from appliance.inference.selection import Host
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +82,29 @@ def is_available(device: int = 0) -> str | None:
     return f"{problem[0].upper()}{problem[1:]}." if problem else None
 
 
-def unavailable_on(host: Host) -> str:
+@dataclass(frozen=True)
+class TensorRtHost:
+    """This host as a plan is keyed to it: the TensorRT version and the GPU (none where `gpu_problem` says why)."""
+
+    tensorrt_version: str  # '' where TensorRT does not import
+    gpu_name: str
+    compute_capability: str
+    sm_count: int = 0
+    gpu_problem: str = ""
+
+
+def probe(settings: TensorRtSettings) -> TensorRtHost:
+    version = tensorrt_version()
+    if not version:
+        return TensorRtHost(version, "", "")
+    problem = gpu_problem(settings.device)
+    if problem:
+        return TensorRtHost(version, "", "", gpu_problem=problem)
+    gpu = cuda.gpu_info(settings.device)
+    return TensorRtHost(version, gpu.name, gpu.compute_capability, gpu.sm_count)
+
+
+def unavailable_on(host: TensorRtHost) -> str:
     """Why this host cannot run TensorRT plans; '' if it can."""
     if not host.tensorrt_version:
         return "TensorRT is not installed on this host"
@@ -396,7 +415,7 @@ def open_artifact(path: Path, *, output_name: str, max_batch: int, settings: Ten
 
 
 def tensorrt_choice(
-    folder: Path, onnx_sha: str, host: Host, onnx_path: Path | None = None
+    folder: Path, onnx_sha: str, host: TensorRtHost, onnx_path: Path | None = None
 ) -> tuple[Choice | None, PassedOver]:
     """The plan built for this GPU and TensorRT version, or why there is none; `backend = "tensorrt"` refuses to
     start without one, so every passing-over here refuses the start."""
@@ -461,7 +480,7 @@ def tensorrt_choice(
     return Choice(NAME, plan, key.precision, reason, sidecar, tier=TIER), PassedOver(Why.NONE_BUILT, "")
 
 
-def _host_key(host: Host) -> dict[str, Any]:
+def _host_key(host: TensorRtHost) -> dict[str, Any]:
     return {
         "gpu_name": host.gpu_name,
         "compute_capability": host.compute_capability,
@@ -476,6 +495,7 @@ KIND = BackendKind(
     settings=TensorRtSettings,
     open=open_artifact,
     tier=TIER,
+    probe=probe,
     choose=tensorrt_choice,
     unavailable_on=unavailable_on,
     stem=lambda host: tensorrt_stem(host.gpu_name, host.compute_capability, host.sm_count),

@@ -1,0 +1,1 @@
+"""What `make engine` does for each backend beyond the common build: one file per registry name (see ../target.py)."""
