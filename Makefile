@@ -9,7 +9,7 @@ MODEL ?=
 PRECISION ?= auto
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos model engine bench fuzz gpu-check certs run test lint typecheck check-protos clean
+.PHONY: venv protos model engine bench fuzz gpu-check certs run test lint typecheck check-protos dicom-tools clean
 
 venv: $(STAMP)
 
@@ -39,7 +39,8 @@ engine: model
 	$(PY) -m build_engine --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) --precision $(PRECISION)
 
 # Throughput and latency, measured in one run: the MR workload on the configured model, then full-size
-# radiographs on the small pipeline-test model (make bench WORKLOAD=mr|radiograph MODEL=... COUNT=...).
+# radiographs on the small pipeline-test model, through the folder and then pushed by DCMTK's storescu to the
+# DICOM receiver, without and with a PACS (make bench WORKLOAD=mr|radiograph MODEL=... COUNT=...).
 WORKLOAD ?= mr radiograph
 bench: model
 	for w in $(WORKLOAD); do $(PY) -m bench --config $(CONFIG) --workload $$w \
@@ -74,7 +75,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: model lint typecheck
+# The DICOM peers the tests talk to (Orthanc, DCMTK, dicom3tools): installed with apt where this runs as root
+# and they are missing; elsewhere their tests are skipped, each with the line that installs them.
+dicom-tools:
+	sh tests/peers/install.sh
+
+test: model lint typecheck dicom-tools
 	$(BIN)/pytest -q
 
 clean:
