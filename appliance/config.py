@@ -254,6 +254,73 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class DicomCaller(_Section):
+    ae_title: str = Field(min_length=1, max_length=16, description="A scanner's (calling) AE title.")
+    host: str | None = Field(None, description="Its address, where it must also match (None: any host).")
+
+
+class DicomConfig(_Section):
+    """The DICOM receiver: a C-STORE SCP that scanners and gateways push images to, one more way in."""
+
+    enabled: bool = Field(False, description="Listen for C-STORE and C-ECHO.")
+    ae_title: str = Field("APPLIANCE", min_length=1, max_length=16, description="The called AE title it answers to.")
+    host: str = Field("127.0.0.1", description="Listen address: 0.0.0.0 for the scanners on the clinic's network.")
+    port: int = Field(11112, ge=0, le=65535, description="DICOM port; 0 picks a free one (tests).")
+    allowed: list[DicomCaller] = Field(
+        default_factory=list,
+        description="Who may send: every other calling AE title (or host) is refused at association.",
+    )
+    max_associations: int = Field(8, ge=1, le=256, description="Associations open at once; more are refused.")
+    timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeouts.")
+    tls_cert: Path | None = Field(None, description="DICOM TLS: the certificate (PEM); set with tls_key.")
+    tls_key: Path | None = Field(None, description="DICOM TLS: its private key.")
+    tls_client_ca: Path | None = Field(
+        None, description="DICOM TLS: CA of the scanners' certificates; set, every scanner must present one."
+    )
+
+    @model_validator(mode="after")
+    def _who_may_send(self) -> DicomConfig:
+        if self.enabled and not self.allowed:
+            raise ValueError(
+                "the DICOM receiver is on but no scanner may send: list them under [[dicom.allowed]] "
+                '(ae_title = "CT01", and host where it must match)'
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set dicom.tls_cert and dicom.tls_key together (DICOM TLS needs both)")
+        return self
+
+
+class PacsConfig(_Section):
+    """Where results go as DICOM: a structured report per scored DICOM image, sent through the outbox."""
+
+    enabled: bool = Field(False, description="Send a DICOM SR of each scored DICOM image to the PACS.")
+    ae_title: str = Field("PACS", min_length=1, max_length=16, description="The PACS's (called) AE title.")
+    host: str = Field("127.0.0.1", description="The PACS's address.")
+    port: int = Field(104, ge=1, le=65535, description="The PACS's DICOM port.")
+    calling_ae_title: str = Field(
+        "APPLIANCE", min_length=1, max_length=16, description="This appliance's AE title as the PACS knows it."
+    )
+    per_association: int = Field(32, ge=1, description="Reports sent on one association at most.")
+    retry_s: float = Field(5.0, gt=0, description="First wait after a failed send; doubled each time.")
+    retry_max_s: float = Field(300.0, gt=0, description="The longest wait between two tries.")
+    timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeouts.")
+    tls_ca: Path | None = Field(None, description="DICOM TLS to the PACS: the CA its certificate is checked against.")
+    tls_cert: Path | None = Field(None, description="DICOM TLS: this appliance's certificate, where the PACS asks.")
+    tls_key: Path | None = Field(None, description="DICOM TLS: its private key.")
+    manufacturer: str = Field("Imaging appliance", description="The reports' Manufacturer.")
+    series_number: int = Field(9001, ge=1, description="The Series Number of the appliance's report series.")
+
+    @model_validator(mode="after")
+    def _tls_whole(self) -> PacsConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set pacs.tls_cert and pacs.tls_key together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("pacs.tls_cert is set but pacs.tls_ca is not: DICOM TLS to the PACS needs its CA")
+        if self.retry_max_s < self.retry_s:
+            raise ValueError("pacs.retry_max_s must be at least pacs.retry_s")
+        return self
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     json_format: bool = Field(False, description="One JSON object per line (for journald/ELK) instead of text.")
@@ -267,6 +334,8 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    pacs: PacsConfig = Field(default_factory=PacsConfig)
 
     def resolved(self, base: Path) -> Config:
         """Relative paths are taken from the config file's folder, so a unit file can point anywhere."""
@@ -294,6 +363,20 @@ class Config(_Section):
                         if (value := getattr(self.server, key)) is not None
                     }
                     | {"tokens_file": fix(self.server.tokens_file or self.storage.data_dir / "tokens.json")}
+                ),
+                "dicom": self.dicom.model_copy(
+                    update={
+                        key: fix(value)
+                        for key in ("tls_cert", "tls_key", "tls_client_ca")
+                        if (value := getattr(self.dicom, key)) is not None
+                    }
+                ),
+                "pacs": self.pacs.model_copy(
+                    update={
+                        key: fix(value)
+                        for key in ("tls_ca", "tls_cert", "tls_key")
+                        if (value := getattr(self.pacs, key)) is not None
+                    }
                 ),
             }
         )

@@ -35,6 +35,10 @@ def setup_logging(level: str, json_format: bool) -> None:
     # watchdog logs every event's path at DEBUG, and a scanner may name a file after its patient; our own
     # lines name inputs by their journal id only.
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # pynetdicom logs every failed association retry at ERROR and, at DEBUG, whole datasets (patient data):
+    # the receiver and the outbox say what matters in their own lines, with hashed UIDs.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("pynetdicom").propagate = False
     quiet_pydicom()
 
 
