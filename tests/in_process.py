@@ -1,11 +1,23 @@
-"""The config in-process tests of the scoring core share: the pipeline-test model on ONNX Runtime, one decode
-thread, every folder under the test's own tmp_path."""
+"""What in-process tests of the scoring core share: its config (the pipeline-test model on ONNX Runtime, one
+decode thread, every folder under the test's own tmp_path) and the real core itself, for a way in to feed."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.api.metrics import Metrics
 from appliance.config import Config, InferenceConfig, ModelConfig, StorageConfig, WatchConfig
+from appliance.domain.faults import Faults
+from appliance.domain.manifest import load_manifest
+from appliance.domain.result import Result
+from appliance.inference.loader import open_backend
+from appliance.intake.intake import Intake
+from appliance.journal.journal import Journal
+from appliance.scoring.stages import ScoringStages
 from tests.integration.conftest import TEST_MODEL
 
 
@@ -19,3 +31,44 @@ def in_process_config(tmp_path: Path, **sections: object) -> Config:
     )
     config.watch.dir.mkdir(parents=True, exist_ok=True)
     return config
+
+
+@dataclass
+class ScoringCore:
+    """The real scoring core a way in hands its inputs to: the journal, the stages and the one intake."""
+
+    config: Config
+    journal: Journal
+    stages: ScoringStages
+    intake: Intake
+    metrics: Metrics
+    faults: Faults
+
+
+@contextmanager
+def scoring_core(tmp_path: Path, faults: Faults | None = None) -> Iterator[ScoringCore]:
+    """The pipeline-test model on ONNX Runtime behind a real journal, stages and intake, stopped after."""
+    config = in_process_config(tmp_path)
+    loaded = load_manifest(TEST_MODEL)
+    backend = open_backend(loaded, config.inference, config.model.engines_dir)
+    journal = Journal(config.storage.data_dir / "journal.sqlite3")
+    metrics = Metrics()
+    faults = faults or Faults()
+    stages = ScoringStages(config, loaded.manifest, backend, journal, metrics, faults=faults)
+    stages.start()
+    intake = Intake(journal, stages, config.watch, on_duplicate=metrics.duplicates.inc, faults=faults)
+    try:
+        yield ScoringCore(config, journal, stages, intake, metrics, faults)
+    finally:
+        stages.stop(timeout=10)
+        backend.close()
+        journal.close()
+
+
+def results_of(journal: Journal, input_id: int, timeout: float = 60.0) -> list[Result]:
+    """The input's stored results, waiting for them (on the journal's commits) up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (stored := journal.results_for_input(input_id)):
+        assert time.monotonic() < deadline, f"input {input_id} got no result within {timeout:.0f} s"
+        journal.wait_for_results(journal.last_sequence(), 1.0)
+    return [s.result() for s in stored]

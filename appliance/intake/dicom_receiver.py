@@ -1,0 +1,434 @@
+"""The DICOM way in: a C-ECHO and C-STORE SCP (pynetdicom) that spools each instance durably and hands it to
+the one intake, answering the scanner only once the instance is on disk and in the journal.
+
+The handler never decodes pixels and never scores: the scanner waits on its answer. What it stores is the
+data set exactly as the scanner encoded it, behind a file meta built only from the request (SOP class,
+SOP instance, transfer syntax) and pynetdicom's implementation UID: a scanner that sends an instance again
+sends the same bytes, and the intake's content dedupe scores it once. (Another sender, or another transfer
+syntax, encodes the same instance differently: DCMTK re-encodes, pynetdicom sends a file's bytes as they are.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import socketserver
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pydicom.pixels as px
+from pydicom import uid as dcm_uid
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from appliance.config import DicomConfig
+from appliance.domain.errors import ConfigError
+from appliance.domain.faults import Faults, is_disk_full
+from appliance.intake.intake import Arrival, Intake
+from appliance.journal.content_hash import digest_bytes
+from appliance.privacy import hashed, log_failure
+
+log = logging.getLogger(__name__)
+
+SOURCE = "dicom"
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, out of resources (the scanner keeps the image and retries)
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4: rejected permanent, by the service user, for...
+CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # an unknown caller, or a known one from another host
+CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+STOP_WAIT_S = 10.0  # at stop, C-STOREs in flight may finish this long; the rest are not acknowledged
+REFUSAL_LOG_S = 60.0  # during a burst refused for want of space: one log line per this many seconds
+_MIB = 1024 * 1024
+_UID = re.compile(r"[0-9]{1,64}(\.[0-9]{1,64}){0,63}")
+_AE_TITLE = re.compile(r"[ -~]{0,16}")  # printable ASCII: what PS3.5 allows in an AE title
+
+
+def _accepted_syntaxes() -> list[str]:
+    """The transfer syntaxes the readers decode here: native ones, Deflated (inflated by the reader within
+    bounds), and each compressed one whose pydicom decoder is installed. An SCU offering another gets no
+    context for it, so it can convert before sending, instead of sending what would be rejected later."""
+    syntaxes = []
+    for syntax in ALL_TRANSFER_SYNTAXES:
+        try:
+            available = px.get_decoder(dcm_uid.UID(syntax)).is_available
+        except NotImplementedError:
+            available = False
+        if available:
+            syntaxes.append(syntax)
+    return syntaxes
+
+
+def _ae_title(value: object) -> str:
+    """An AE title fit for a log line (a peer's bytes: no newline may forge a line)."""
+    text = str(value).strip()
+    return repr(text) if _AE_TITLE.fullmatch(text) else "(invalid AE title)"
+
+
+def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(value.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # an IPv4 scanner seen through a dual-stack socket
+    return address
+
+
+def _resolve(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """A caller's host as addresses: a literal address, or a name resolved once at start."""
+    literal = _address(host)
+    if literal is not None:
+        return frozenset({literal})
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        raise ConfigError(f"dicom.allowed: the host {host!r} does not resolve ({e.strerror or e}).") from e
+    return frozenset(a for info in infos if (a := _address(str(info[4][0]))) is not None)
+
+
+def _tls_context(config: DicomConfig) -> ssl.SSLContext | None:
+    """The server side of DICOM TLS (PS3.15 B.9: TLS 1.2 or later); with tls_client_ca, a scanner must
+    present a certificate signed by it."""
+    if config.tls_cert is None or config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise ConfigError("dicom.tls_client_ca needs dicom.tls_cert and dicom.tls_key too.")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if config.tls_key.stat().st_mode & 0o077:
+            raise ConfigError(f"dicom.tls_key: {config.tls_key} is readable by other users; chmod 600 it.")
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as e:  # ssl.SSLError is an OSError
+        raise ConfigError(
+            f"dicom.tls_cert/tls_key: cannot load {config.tls_cert} with {config.tls_key} "
+            f"({e.strerror or getattr(e, 'reason', None) or type(e).__name__})."
+        ) from e
+    if config.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except OSError as e:
+            raise ConfigError(
+                f"dicom.tls_client_ca: cannot load {config.tls_client_ca} "
+                f"({e.strerror or getattr(e, 'reason', None) or type(e).__name__})."
+            ) from e
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server, with the TLS handshake moved off the accept loop into the connection's own
+    thread and bounded by the timeout: pynetdicom shakes hands in the accept loop, with no timeout, so one
+    peer that connects and stays silent would stop every other scanner from connecting."""
+
+    tls: ssl.SSLContext | None = None
+    handshake_timeout_s: float = 30.0
+    daemon_threads = True  # a connection's thread only shakes hands and starts its association: never joined
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            raw: socket.socket = request
+            try:
+                raw.settimeout(self.handshake_timeout_s)
+                request = self.tls.wrap_socket(raw, server_side=True)
+                request.settimeout(None)  # as pynetdicom leaves a plain connection: its reactor polls with select
+            except OSError as e:  # ssl.SSLError, a timeout, a reset
+                log.warning("refused a DICOM TLS connection from %s: %s", client_address[0], _tls_reason(e))
+                self.shutdown_request(raw)
+                return
+        super().process_request_thread(request, client_address)
+
+    def shutdown(self) -> None:
+        # pynetdicom's shutdown also takes the server off its AE's list, where only start_server puts it.
+        socketserver.BaseServer.shutdown(self)  # stop the accept loop
+        self.server_close()
+
+
+def _tls_reason(error: OSError) -> str:
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or type(error).__name__)
+    if isinstance(error, TimeoutError):
+        return "no TLS handshake within the timeout"
+    return error.strerror or type(error).__name__
+
+
+@dataclass
+class _Throttle:
+    """One log line for the first of a run of refusals, then at most one per period with the count."""
+
+    period_s: float
+    last: float = float("-inf")
+    held: int = 0
+
+    def due(self) -> int | None:
+        """The refusals to report now (this one included), or None to stay quiet."""
+        now = time.monotonic()
+        self.held += 1
+        if now - self.last < self.period_s:
+            return None
+        self.last, count, self.held = now, self.held, 0
+        return count
+
+
+class DicomReceiver:
+    """C-ECHO and C-STORE SCP for the scanners in ``config.allowed``; each instance is spooled to
+    ``spool_dir`` and submitted to ``intake`` before it is acknowledged. Below ``min_free_mb`` on the
+    spool's disk, or while a fault holds intake back, C-STOREs are refused with 0xA700."""
+
+    def __init__(self, config: DicomConfig, intake: Intake, spool_dir: Path, faults: Faults, min_free_mb: int) -> None:
+        self.config = config
+        self.intake = intake
+        self.spool_dir = spool_dir
+        self.faults = faults
+        self.min_free = min_free_mb * _MIB
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+        self._callers: dict[str, list[frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None]] = {}
+        self._state = threading.Condition()
+        self._closing = False
+        self._in_flight = 0
+        self._refusals = _Throttle(REFUSAL_LOG_S)
+
+    # --- start and stop ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and serve in background threads; ConfigError (one sentence) for a busy port or bad TLS files."""
+        config = self.config
+        tls = _tls_context(config)
+        for caller in config.allowed:
+            hosts = _resolve(caller.host) if caller.host else None
+            self._callers.setdefault(caller.ae_title.strip(), []).append(hosts)
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"Cannot create the spool folder {self.spool_dir}: {e.strerror}.") from e
+
+        ae = AE(ae_title=config.ae_title)
+        syntaxes = _accepted_syntaxes()
+        for context in StoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification)
+        # The library's own checks of both titles stand behind ours (which also check the caller's host).
+        ae.require_calling_aet = list(self._callers)
+        ae.require_called_aet = True
+        ae.maximum_associations = config.max_associations
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.timeout_s
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        try:
+            server = ae.make_server((config.host, config.port), evt_handlers=handlers, server_class=_Server)
+            assert isinstance(server, _Server)
+        except OSError as e:
+            raise ConfigError(
+                f"The DICOM receiver cannot listen on {config.host}:{config.port} ({e.strerror}); "
+                "free the port or change dicom.port."
+            ) from e
+        server.tls = tls
+        server.handshake_timeout_s = config.timeout_s
+        self._server = server
+        self._port = int(server.server_address[1])
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+        self._thread.start()
+        log.info(
+            "DICOM receiver: AE %s on %s:%d (%s), %d callers allowed",
+            _ae_title(config.ae_title),
+            config.host,
+            self.port,
+            "TLS" if tls else "no TLS",
+            len(config.allowed),
+        )
+
+    def stop(self) -> None:
+        """Stop accepting; C-STOREs in flight finish (for up to STOP_WAIT_S) or are never acknowledged."""
+        server = self._server
+        if server is None:
+            return
+        with self._state:
+            self._closing = True
+        server.shutdown()
+        with self._state:
+            finished = self._state.wait_for(lambda: self._in_flight == 0, STOP_WAIT_S)
+        if not finished:
+            log.warning(
+                "stopping the DICOM receiver with %d C-STOREs unanswered; scanners send them again", self._in_flight
+            )
+        for assoc in server.active_associations:
+            assoc.abort()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_WAIT_S)
+        self._server = None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def port(self) -> int:
+        """The bound port (0 before start)."""
+        return self._port
+
+    # --- association --------------------------------------------------------------------------------
+
+    def _on_requested(self, event: Event) -> None:
+        """Who may send, decided on the A-ASSOCIATE-RQ, before any negotiation: a refused peer gets the
+        standard reject reason (calling or called AE title not recognised) and learns nothing more."""
+        assoc: Association = event.assoc
+        request = assoc.requestor.primitive
+        assert request is not None, "EVT_REQUESTED comes with the A-ASSOCIATE-RQ"
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        host = assoc.requestor.address
+        reason: tuple[int, int, int] | None = None
+        why = ""
+        if calling not in self._callers:
+            reason, why = CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed"
+        elif called != self.config.ae_title.strip():
+            reason, why = CALLED_AE_NOT_RECOGNISED, f"called AE title {_ae_title(called)} is not this receiver's"
+        elif not self._host_allowed(calling, host):
+            reason, why = CALLING_AE_NOT_RECOGNISED, "this AE title may not send from this host"
+        if reason is None:
+            return
+        log.warning("refused a DICOM association from %s, calling AE %s: %s", host, _ae_title(calling), why)
+        # As pynetdicom rejects on its own checks: the reject, then the association ends once it is sent.
+        assoc.acse.send_reject(*reason)
+        assoc.kill()
+
+    def _host_allowed(self, calling: str, host: str) -> bool:
+        address = _address(host)
+        return any(hosts is None or address in hosts for hosts in self._callers.get(calling, []))
+
+    def _on_echo(self, event: Event) -> int:
+        return SUCCESS
+
+    # --- C-STORE ------------------------------------------------------------------------------------
+
+    def _on_store(self, event: Event) -> int:
+        """One instance: spool it durably, submit it, then answer. Every failure is a status, never a raise
+        (pynetdicom would log the traceback, and the scanner would get 0xC211)."""
+        with self._state:
+            if self._closing:
+                return OUT_OF_RESOURCES
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        except Exception as e:  # the error boundary: one bad request never stops the receiver
+            log_failure(log, "a C-STORE from AE %s failed", _ae_title(event.assoc.requestor.ae_title), error=e)
+            return OUT_OF_RESOURCES
+        finally:
+            with self._state:
+                self._in_flight -= 1
+                self._state.notify_all()
+
+    def _store(self, event: Event) -> int:
+        calling = _ae_title(event.assoc.requestor.ae_title)
+        instance = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
+        data = event.encoded_dataset()
+        problem = self._no_room(len(data))
+        if problem is not None:
+            count = self._refusals.due()
+            if count is not None:
+                log.warning(
+                    "refused %d C-STORE(s) (0xA700, out of resources), latest from AE %s: %s", count, calling, problem
+                )
+            return OUT_OF_RESOURCES
+        try:
+            path = self._spool(data)
+        except OSError as e:
+            if not self.faults.report(e):  # a full disk is said once, by the fault
+                log.error("could not spool a C-STORE from AE %s (answered 0xA700): %s", calling, e.strerror)
+            return OUT_OF_RESOURCES
+        arrival = Arrival(
+            source=SOURCE,
+            path=path,
+            file_name=f"{instance}.dcm" if _UID.fullmatch(instance) else "instance.dcm",
+            size=len(data),
+            content_hash=digest_bytes(data),
+        )
+        try:
+            submitted = self.intake.submit(arrival)
+        except Exception as e:
+            self._forget(path, len(data))
+            if not (is_disk_full(e) and self.faults.report(e)):
+                log_failure(log, "could not journal a C-STORE from AE %s (answered 0xA700)", calling, error=e)
+            return OUT_OF_RESOURCES
+        again = " (received before: not scored again)" if submitted.duplicate_of is not None else ""
+        log.debug("DICOM: input %d from AE %s, instance %s%s", submitted.input_id, calling, hashed(instance), again)
+        return SUCCESS
+
+    def _no_room(self, size: int) -> str | None:
+        """Why an instance of ``size`` bytes cannot be kept now, or None."""
+        refusal = self.faults.refusal()  # a full disk said by another room, a damaged journal
+        if refusal is not None:
+            return refusal
+        try:
+            st = os.statvfs(self.spool_dir)
+        except OSError as e:
+            return f"the spool folder cannot be checked ({e.strerror})"
+        free = st.f_bavail * st.f_frsize
+        if st.f_files and st.f_favail == 0:
+            free = 0  # out of inodes
+        if free - size >= self.min_free:
+            return None
+        # Said on health and GetStatus by the storage fault (when its folders share this disk, as the daemon's do).
+        self.faults.check_storage()
+        return f"{free / _MIB:.0f} MB free on the spool's disk, below storage.min_free_mb = {self.min_free // _MIB}"
+
+    def _spool(self, data: bytes) -> Path:
+        """Write atomically and durably: temporary name, fsync, rename, fsync of the folder."""
+        name = f"dicom-{uuid.uuid4().hex}.dcm"
+        path = self.spool_dir / name
+        tmp = self.spool_dir / f"{name}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            folder = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except BaseException:
+            _remove(tmp)
+            _remove(path)
+            raise
+        return path
+
+    def _forget(self, path: Path, size: int) -> None:
+        """After a failed submit: the spooled copy goes, unless the journal holds it (registered, then the
+        admission failed): then the next start scores it, and the scanner's re-send is a duplicate."""
+        try:
+            journaled = self.intake.journal.find_file(str(path), size, 0) is not None
+        except Exception:
+            return  # cannot tell: the next start deletes it if no input refers to it
+        if not journaled:
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # gone already, or its folder is (the spool replaced under us)
+        path.unlink()

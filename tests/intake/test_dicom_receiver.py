@@ -1,0 +1,420 @@
+"""The DICOM receiver in-process: a real SCP on loopback in front of the real intake, stages and journal
+(pipeline-test model), with real SCUs: pynetdicom AEs, and DCMTK's echoscu/storescu where installed."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from appliance.api.certs import make_server, make_terminal
+from appliance.config import DicomCaller, DicomConfig
+from appliance.domain.errors import ConfigError
+from appliance.domain.faults import STORAGE, Faults
+from appliance.domain.result import Outcome
+from appliance.intake.dicom_receiver import OUT_OF_RESOURCES, SUCCESS, DicomReceiver
+from appliance.intake.intake import Intake
+from appliance.journal.journal import InputRow, Journal
+from tests.in_process import ScoringCore, results_of, scoring_core
+from tests.peers import needs
+from tests.peers.dcmtk import echoscu, storescu
+
+HOST = "127.0.0.1"
+SCANNER = "CT01"
+APPLIANCE = "APPLIANCE"
+
+
+def _testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom's test file {name} is missing"
+    return Path(str(path))
+
+
+CT = _testdata("CT_small.dcm")
+MR = _testdata("MR_small.dcm")
+J2K = _testdata("JPEG2000.dcm")  # JPEG 2000, sent as it is encoded
+JPEG = _testdata("SC_jpeg_no_color_transform.dcm")  # JPEG Baseline: what storescu -xy proposes
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[ScoringCore]:
+    with scoring_core(tmp_path) as built:
+        yield built
+
+
+def _spool(core: ScoringCore) -> Path:
+    return core.config.storage.data_dir / "spool"
+
+
+Receive = Callable[..., DicomReceiver]
+
+
+@pytest.fixture
+def receive(core: ScoringCore) -> Iterator[Receive]:
+    """Start a receiver on HOST, port 0, allowing SCANNER unless told otherwise; stopped after."""
+    started: list[DicomReceiver] = []
+
+    def start(
+        *, intake: Intake | None = None, faults: Faults | None = None, min_free_mb: int = 0, **fields: Any
+    ) -> DicomReceiver:
+        fields.setdefault("allowed", [DicomCaller(ae_title=SCANNER)])
+        config = DicomConfig(enabled=True, ae_title=APPLIANCE, host=HOST, port=0, timeout_s=20, **fields)
+        receiver = DicomReceiver(config, intake or core.intake, _spool(core), faults or core.faults, min_free_mb)
+        receiver.start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+# --- SCU side -------------------------------------------------------------------------------------------
+
+
+def _associate(
+    port: int,
+    files: tuple[Path, ...] = (),
+    *,
+    calling: str = SCANNER,
+    called: str = APPLIANCE,
+    tls: ssl.SSLContext | None = None,
+) -> Association:
+    """A pynetdicom SCU proposing Verification and each file's SOP class in the file's own transfer syntax."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(Verification)
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    if tls is not None:
+        return ae.associate(HOST, port, ae_title=called, tls_args=(tls, "localhost"))
+    return ae.associate(HOST, port, ae_title=called)
+
+
+def _store(port: int, *files: Path, **kwargs: Any) -> list[int]:
+    """Send the files on one association (each read and sent without decoding); their C-STORE statuses."""
+    assoc = _associate(port, files, **kwargs)
+    assert assoc.is_established, "the association was not accepted"
+    try:
+        return [int(assoc.send_c_store(path).get("Status", -1)) for path in files]
+    finally:
+        assoc.release()
+
+
+def _rejection(assoc: Association) -> tuple[int, int, int]:
+    assert assoc.is_rejected, "the association was not rejected"
+    rsp = assoc.acceptor.primitive
+    assert rsp is not None
+    return (int(rsp.result or 0), int(rsp.result_source or 0), int(rsp.diagnostic or 0))
+
+
+def _sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _as_received(path: Path) -> bytes:
+    """What the receiver must spool for this file: the data set exactly as the SCU sent it (pynetdicom sends
+    a file's bytes undecoded), behind a file meta made only of the request and the implementation's UID."""
+    data = path.read_bytes()
+    meta = read_file_meta_info(path)
+    body = data[132 + 12 + int(meta.FileMetaInformationGroupLength) :]
+    fresh = FileMetaDataset()
+    fresh.FileMetaInformationGroupLength = 0
+    fresh.FileMetaInformationVersion = b"\x00\x01"
+    fresh.MediaStorageSOPClassUID = meta.MediaStorageSOPClassUID
+    fresh.MediaStorageSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    fresh.TransferSyntaxUID = meta.TransferSyntaxUID
+    fresh.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    fresh.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(fresh) + body
+
+
+def _inputs(journal: Journal) -> list[InputRow]:
+    rows: list[InputRow] = []
+    while (row := journal.get_input(len(rows) + 1)) is not None:
+        rows.append(row)
+    return rows
+
+
+def _spool_empties(core: ScoringCore) -> None:
+    """Spooled copies are deleted once scored (after the commit): wait for it."""
+    deadline = time.monotonic() + 30
+    while list(_spool(core).iterdir()):
+        assert time.monotonic() < deadline, f"left in the spool: {sorted(p.name for p in _spool(core).iterdir())}"
+        time.sleep(0.05)
+
+
+def _duplicates(core: ScoringCore) -> float:
+    return core.metrics.registry.get_sample_value("appliance_duplicates_total") or 0.0
+
+
+# --- receipt --------------------------------------------------------------------------------------------
+
+
+def test_echo_and_a_store_answered_only_once_spooled_and_journaled_then_scored(
+    core: ScoringCore, receive: Receive
+) -> None:
+    receiver = receive()
+    assert receiver.alive()
+    assoc = _associate(receiver.port, (CT,))
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == SUCCESS
+        status = assoc.send_c_store(CT).Status
+        # As the answer arrives: journaled, and its spooled copy whole (or already read, scored and deleted).
+        [row] = _inputs(core.journal)
+        spooled = Path(str(row.path))
+        on_disk = spooled.read_bytes() if spooled.exists() else None
+        scored_already = bool(core.journal.results_for_input(row.id))
+    finally:
+        assoc.release()
+    assert status == SUCCESS
+    expected = _as_received(CT)
+    assert row.source == "dicom" and row.file_name == f"{_sop_uid(CT)}.dcm"
+    assert spooled.parent == _spool(core) and spooled.name.startswith("dicom-") and spooled.suffix == ".dcm"
+    assert row.content_hash == blake3.blake3(expected).hexdigest() and row.size == len(expected)
+    assert on_disk == expected or (on_disk is None and scored_already)
+    [result] = results_of(core.journal, row.id)
+    assert result.outcome is Outcome.SCORED and result.input.source == "dicom"
+    assert result.ids.sop_instance_uid == _sop_uid(CT)
+    _spool_empties(core)
+
+
+def test_compressed_instances_are_stored_as_sent_in_their_own_transfer_syntax(
+    core: ScoringCore, receive: Receive
+) -> None:
+    receiver = receive()
+    assert _store(receiver.port, MR, J2K) == [SUCCESS, SUCCESS]
+    rows = _inputs(core.journal)
+    assert [r.file_name for r in rows] == [f"{_sop_uid(MR)}.dcm", f"{_sop_uid(J2K)}.dcm"]
+    for row, sent in zip(rows, (MR, J2K), strict=True):
+        # The JPEG 2000 data set spooled undecoded, its file meta naming JPEG 2000: the reader decodes it.
+        assert row.content_hash == blake3.blake3(_as_received(sent)).hexdigest()
+        [result] = results_of(core.journal, row.id)
+        assert result.outcome is Outcome.SCORED, result.rejection
+    _spool_empties(core)
+
+
+def test_the_same_instance_sent_twice_is_scored_once(core: ScoringCore, receive: Receive) -> None:
+    receiver = receive()
+    assert _store(receiver.port, CT) == [SUCCESS]
+    assert _store(receiver.port, CT) == [SUCCESS]  # a re-send, on a new association: answered, not scored
+    first, again = _inputs(core.journal)
+    assert first.content_hash == again.content_hash and again.duplicate_of == first.id
+    assert len(results_of(core.journal, first.id)) == 1
+    assert core.journal.results_for_input(again.id) == [] and _duplicates(core) == 1.0
+    _spool_empties(core)
+
+
+# --- who may send ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("calling", "called", "reason"),
+    [
+        ("STRANGER", APPLIANCE, (1, 1, 3)),  # rejected permanent, by the service user: calling AE not recognised
+        (SCANNER, "SOMEONE-ELSE", (1, 1, 7)),  # ... called AE title not recognised
+        ("FAR01", APPLIANCE, (1, 1, 3)),  # a known AE title, from another host than its own
+    ],
+)
+def test_who_may_not_send_is_rejected_at_association_with_the_standard_reason(
+    core: ScoringCore, receive: Receive, calling: str, called: str, reason: tuple[int, int, int]
+) -> None:
+    allowed = [
+        DicomCaller(ae_title=SCANNER),
+        DicomCaller(ae_title="FAR01", host="192.0.2.10"),
+        DicomCaller(ae_title="NEAR01", host=HOST),
+    ]
+    receiver = receive(allowed=allowed)
+    assert _rejection(_associate(receiver.port, calling=calling, called=called)) == reason
+    assert _store(receiver.port, CT, calling="NEAR01") == [SUCCESS]  # a host-bound caller from its host
+    assert [r.source for r in _inputs(core.journal)] == ["dicom"]
+
+
+def test_more_associations_than_the_limit_are_refused(receive: Receive) -> None:
+    receiver = receive(max_associations=2)
+    held = [_associate(receiver.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        # Rejected transient, by the service provider (presentation): local limit exceeded.
+        assert _rejection(_associate(receiver.port)) == (2, 3, 2)
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
+# --- failures: answered with a status, nothing half-kept ------------------------------------------------
+
+
+def test_a_full_disk_fault_answers_out_of_resources_stores_nothing_and_logs_once(
+    core: ScoringCore, receive: Receive, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receive()
+    core.faults.report(OSError(errno.ENOSPC, "No space left on device"))  # as a failed write reports it
+    assert core.faults.holds(STORAGE)
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        assert _store(receiver.port, CT, MR, CT) == [OUT_OF_RESOURCES] * 3
+    refused = [r for r in caplog.records if "out of resources" in r.getMessage()]
+    assert len(refused) == 1, "a burst refused for want of space is one log line, not one per instance"
+    assert _inputs(core.journal) == [] and list(_spool(core).iterdir()) == []
+
+
+def test_below_the_free_space_mark_stores_are_refused_and_health_says_why(core: ScoringCore, receive: Receive) -> None:
+    spool = _spool(core)
+    spool.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(spool)
+    mark = st.f_bavail * st.f_frsize // (1024 * 1024) + 1024  # a GB more than is free
+    faults = Faults([spool], mark)  # the daemon's faults watch the data folder the spool is in
+    receiver = receive(faults=faults, min_free_mb=mark)
+    assert _store(receiver.port, CT) == [OUT_OF_RESOURCES]
+    assert faults.holds(STORAGE) and not faults.accepting() and faults.problems()
+    assert _inputs(core.journal) == [] and list(spool.iterdir()) == []
+
+
+def test_a_failed_spool_write_answers_out_of_resources_and_journals_nothing(
+    core: ScoringCore, receive: Receive
+) -> None:
+    receiver = receive()
+    spool = _spool(core)
+    spool.rmdir()
+    spool.write_bytes(b"")  # the spool folder is now a file: every write in it fails (ENOTDIR)
+    try:
+        assert _store(receiver.port, CT) == [OUT_OF_RESOURCES]
+    finally:
+        spool.unlink()
+        spool.mkdir()
+    assert _inputs(core.journal) == []
+    assert receiver.alive() and _store(receiver.port, CT) == [SUCCESS]  # and it serves on
+
+
+def test_a_failed_journal_write_answers_out_of_resources_and_removes_the_spooled_copy(
+    core: ScoringCore, receive: Receive, tmp_path: Path
+) -> None:
+    broken = Journal(tmp_path / "closed" / "journal.sqlite3")
+    broken.close()  # every registration now fails
+    intake = Intake(broken, core.stages, core.config.watch, on_duplicate=core.metrics.duplicates.inc)
+    receiver = receive(intake=intake)
+    assert _store(receiver.port, CT) == [OUT_OF_RESOURCES]
+    assert list(_spool(core).iterdir()) == []
+
+
+def test_start_refuses_a_busy_port_and_unreadable_tls_files_and_stop_closes_the_port(
+    core: ScoringCore, receive: Receive, tmp_path: Path
+) -> None:
+    running = receive()
+    busy = DicomConfig(enabled=True, port=running.port, allowed=[DicomCaller(ae_title=SCANNER)])
+    with pytest.raises(ConfigError, match="cannot listen"):
+        DicomReceiver(busy, core.intake, _spool(core), core.faults, 0).start()
+    missing = DicomConfig(
+        enabled=True,
+        port=0,
+        allowed=[DicomCaller(ae_title=SCANNER)],
+        tls_cert=tmp_path / "none.crt",
+        tls_key=tmp_path / "none.key",
+    )
+    with pytest.raises(ConfigError, match=r"dicom\.tls"):
+        DicomReceiver(missing, core.intake, _spool(core), core.faults, 0).start()
+    port = running.port
+    running.stop()
+    assert not running.alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((HOST, port), timeout=5).close()
+
+
+def test_stop_ends_open_associations_and_acknowledges_nothing_more(core: ScoringCore, receive: Receive) -> None:
+    receiver = receive()
+    assoc = _associate(receiver.port, (CT,))
+    assert assoc.is_established
+    receiver.stop()
+    try:
+        answered = "Status" in assoc.send_c_store(CT)
+    except RuntimeError:  # the abort reached the SCU first: "Association not established"
+        answered = False
+    assert not answered and _inputs(core.journal) == []
+    assoc.abort()
+
+
+# --- DICOM TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    out = tmp_path / "certs"
+    make_server(out, ["localhost"], [HOST])
+    make_terminal(out, "ct01")
+    return out
+
+
+def _tls_client(certs: Path, *, with_certificate: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=certs / "ca.crt")
+    if with_certificate:
+        folder = certs / "terminals" / "ct01"
+        context.load_cert_chain(folder / "ct01.crt", folder / "ct01.key")
+    return context
+
+
+def test_tls_takes_a_scanner_with_a_certificate_and_refuses_plain_and_anonymous_ones(
+    core: ScoringCore, receive: Receive, certs: Path
+) -> None:
+    receiver = receive(tls_cert=certs / "server.crt", tls_key=certs / "server.key", tls_client_ca=certs / "ca.crt")
+    # A peer that connects and never shakes hands holds up no one (the handshake is off the accept loop).
+    with socket.create_connection((HOST, receiver.port), timeout=5):
+        assert _store(receiver.port, CT, tls=_tls_client(certs)) == [SUCCESS]
+    [row] = _inputs(core.journal)
+    assert results_of(core.journal, row.id)[0].outcome is Outcome.SCORED
+    assert not _associate(receiver.port).is_established  # plain TCP
+    assert not _associate(receiver.port, tls=_tls_client(certs, with_certificate=False)).is_established
+    assert len(_inputs(core.journal)) == 1
+
+
+# --- DCMTK as the scanner -------------------------------------------------------------------------------
+
+
+@needs("storescu", "echoscu")
+def test_dcmtk_echoscu_and_storescu_are_served_and_a_stranger_is_refused(core: ScoringCore, receive: Receive) -> None:
+    port = receive().port
+    echo = echoscu(HOST, port, SCANNER, APPLIANCE)
+    assert echo.returncode == 0, echo.stderr
+    for _ in range(2):  # the same instance twice: scored once
+        sent = storescu([CT], HOST, port, SCANNER, APPLIANCE)
+        assert sent.returncode == 0, sent.stderr
+    jpeg = storescu([JPEG], HOST, port, SCANNER, APPLIANCE)  # proposed and sent as JPEG Baseline
+    assert jpeg.returncode == 0, jpeg.stderr
+    ct, ct_again, baseline = _inputs(core.journal)
+    assert ct_again.duplicate_of == ct.id and baseline.duplicate_of is None
+    assert results_of(core.journal, ct.id)[0].outcome is Outcome.SCORED
+    assert results_of(core.journal, baseline.id)[0].input.file_name == f"{_sop_uid(JPEG)}.dcm"
+    stranger = echoscu(HOST, port, "STRANGER", APPLIANCE)
+    assert stranger.returncode != 0
+    assert "Calling AE Title Not Recognized" in stranger.stdout + stranger.stderr
+    _spool_empties(core)
+
+
+@needs("storescu")
+def test_dcmtk_storescu_over_tls_with_its_certificate(core: ScoringCore, receive: Receive, certs: Path) -> None:
+    receiver = receive(tls_cert=certs / "server.crt", tls_key=certs / "server.key", tls_client_ca=certs / "ca.crt")
+    folder = certs / "terminals" / "ct01"
+    tls = ["+tls", str(folder / "ct01.key"), str(folder / "ct01.crt"), "+cf", str(certs / "ca.crt")]
+    sent = storescu([CT], HOST, receiver.port, SCANNER, APPLIANCE, extra_args=tls)
+    assert sent.returncode == 0, sent.stderr
+    assert storescu([CT], HOST, receiver.port, SCANNER, APPLIANCE).returncode != 0  # plain TCP
+    [row] = _inputs(core.journal)
+    assert row.source == "dicom"
