@@ -180,3 +180,14 @@ class BackendError(ApplianceError):
 class BackendUnavailable(BackendError):
     code = "backend_unavailable"
     default_message = "The requested inference backend is not available on this host."
+
+
+# --- ways out -------------------------------------------------------------------------------
+
+
+class ReportError(ApplianceError):
+    """A result that cannot be written as a DICOM structured report: not a scored result, or a source
+    header without the identifiers a report must reference."""
+
+    code = "report_failed"
+    default_message = "The result could not be written as a DICOM structured report."

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.domain.errors import ManifestError, ModelMissingError
 
@@ -65,12 +65,104 @@ class Preprocess(_Strict):
         return self
 
 
+def _code_text(what: str, text: str, longest: int) -> str:
+    # A DICOM code value is SH (16 characters) and its meaning LO (64): a longer value is written as Long Code
+    # Value, which many PACS do not read. Neither may hold a backslash (the value separator) or a control code.
+    if not 1 <= len(text) <= longest or any(c == "\\" or ord(c) < 32 for c in text):
+        raise ValueError(
+            f"a code {what} must be 1 to {longest} characters, without backslashes or control codes: {text!r} is not"
+        )
+    return text
+
+
+class LabelCode(_Strict):
+    """A label's concept in a standard coding scheme, given in full (scheme, value and meaning)."""
+
+    scheme: str = Field(description="Coding Scheme Designator, one in pydicom's code dictionary (e.g. SCT, DCM).")
+    value: str = Field(description="Code Value, at most 16 characters.")
+    meaning: str = Field(description="Code Meaning, at most 64 characters.")
+
+    @field_validator("scheme")
+    @classmethod
+    def _standard_scheme(cls, scheme: str) -> str:
+        # Only schemes the standard defines: a DICOM object must declare any other one, and the reports
+        # declare only the appliance's own.
+        known = _code_schemes()
+        if scheme not in known:
+            raise ValueError(f"the coding scheme {scheme!r} is not one pydicom knows ({', '.join(sorted(known))})")
+        return scheme
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str) -> str:
+        return _code_text("value", value, 16)
+
+    @field_validator("meaning")
+    @classmethod
+    def _meaning(cls, meaning: str) -> str:
+        return _code_text("meaning", meaning, 64)
+
+
+def _code_schemes() -> list[str]:
+    from pydicom.sr.codedict import codes  # imported on use: it takes a quarter of a second
+
+    return list(codes.schemes())
+
+
+def _look_up_code(label: str, given: str) -> dict[str, str]:
+    """'SCT:52988006' or 'SCT:Lesion' (pydicom's keyword) as the code pydicom's code dictionary holds."""
+    from pydicom.sr.codedict import codes
+
+    scheme, _, key = given.partition(":")
+    found = None
+    if scheme in codes.schemes() and key:
+        collection = getattr(codes, scheme)
+        found = collection.concepts.get(key) or next(
+            (code for code in collection.concepts.values() if code.value == key), None
+        )
+    if found is None:
+        raise ValueError(
+            f"label {label!r}: {given!r} is not in pydicom's code dictionary; name one it holds as "
+            "'SCHEME:value' or 'SCHEME:keyword' (e.g. 'SCT:52988006' or 'SCT:Lesion'), or give the code in full "
+            "as { scheme = ..., value = ..., meaning = ... }"
+        )
+    if len(found.value) > 16 or len(found.meaning) > 64:
+        raise ValueError(
+            f"label {label!r}: {given!r} has a value over 16 or a meaning over 64 characters, which a report "
+            "cannot carry plainly; give the code in full with a shorter meaning"
+        )
+    return {"scheme": found.scheme_designator, "value": found.value, "meaning": found.meaning}
+
+
 class Output(_Strict):
     name: str = Field(description="Name of the ONNX output tensor (N x labels).")
     activation: Literal["none", "softmax", "sigmoid"] = Field(
         "none", description="Applied to the raw output; 'none' when the model already outputs probabilities."
     )
     labels: list[str] = Field(min_length=1, description="One name per output column, in order.")
+    # Left out of the manifest's dump: `make engine` hashes that dump to decide whether a built artifact can
+    # be reused, and what a report calls a label does not change an engine.
+    codes: dict[str, LabelCode] = Field(
+        default_factory=dict,
+        exclude=True,
+        description="A label's concept in the DICOM reports, e.g. { lesion = 'SCT:52988006' } (checked against "
+        "pydicom's code dictionary) or { lesion = { scheme = 'SCT', value = '...', meaning = '...' } }; labels "
+        "without one get the appliance's private code.",
+    )
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _look_up_codes(cls, raw: object) -> object:
+        if not isinstance(raw, dict):
+            return raw
+        return {label: _look_up_code(label, c) if isinstance(c, str) else c for label, c in raw.items()}
+
+    @model_validator(mode="after")
+    def _codes_name_labels(self) -> Output:
+        unknown = sorted(set(self.codes) - set(self.labels))
+        if unknown:
+            raise ValueError(f"output.codes names labels the model does not have: {unknown}")
+        return self
 
 
 class Decision(_Strict):

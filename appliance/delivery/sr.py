@@ -1,0 +1,248 @@
+"""A scored result of a DICOM image as a DICOM Enhanced SR: a TID 1500 measurement report (made with highdicom)
+that a PACS shows beside the image it is about, in a series of the appliance's own."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    DeviceObserverIdentifyingAttributes,
+    EnhancedSR,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+from pydicom.valuerep import DT
+
+from appliance.domain.errors import ReportError
+from appliance.domain.manifest import Manifest
+from appliance.domain.result import Decision, Outcome, Result
+
+# Labels the manifest gives no code get one of the appliance's own scheme, declared in each report that uses it.
+PRIVATE_SCHEME = "99APPLNC"
+PRIVATE_SCHEME_NAME = "Imaging appliance model labels"  # not registered, so it has no Coding Scheme UID
+
+# CID 240 (Present-Absent) as pydicom's code dictionary holds it: SCT 52101004, 272519000 and 373068000.
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+UNDETERMINED = codes.SCT.Undetermined  # the argmax rule's top label when it falls short of the threshold
+# The label's score as the model gave it; "probability" would claim a calibration it does not have.
+SCORE = codes.SCT.Score
+NO_UNITS = codes.UCUM.NoUnits  # UCUM "1"
+IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # CID 100
+DEVICE = codes.DCM.Device  # CID 270: the observer is a device, not a person
+
+_PRIVATE_VALUE = re.compile(r"[A-Za-z0-9._-]{1,16}")
+# Type 2 patient and study attributes highdicom reads from the source without a default: an anonymised
+# header may lack them, and a report still needs them, empty.
+_TYPE2_FROM_SOURCE = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+@dataclass(frozen=True)
+class Device:
+    """The appliance as the reports' observer and creator."""
+
+    uid: str  # Device Observer UID: the same for every report of this appliance
+    name: str
+    manufacturer: str
+    model_name: str
+    software_version: str
+
+
+def series_uid(study_uid: str, model_name: str, device_uid: str) -> str:
+    """The appliance's report series in a study: one per model and appliance, the same on every rebuild."""
+    return str(generate_uid(entropy_srcs=["appliance report series", study_uid, model_name, device_uid]))
+
+
+def instance_uid(result: Result, device_uid: str) -> str:
+    """The same for a result rebuilt from the same bytes and frame by the same model version (a PACS keeps the
+    first copy of an instance, so a resend after a crash is harmless); new for a new model version."""
+    by = result.scored_by
+    parts = [result.input.content_hash, str(result.frame_index), by.model_name, by.model_version, device_uid]
+    return str(generate_uid(entropy_srcs=["appliance report", *parts]))
+
+
+def build_report(
+    source: pydicom.Dataset, result: Result, manifest: Manifest, device: Device, *, series_number: int
+) -> pydicom.Dataset:
+    """The Enhanced SR of one scored frame of ``source`` (its header, read without pixels)."""
+    _check(source, result, manifest)
+    # Its own element dict (Dataset(source) and copy.copy would share the source's): the Type 2 fillers below
+    # stay out of the caller's header.
+    evidence = pydicom.Dataset(dict(source.items()))
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in evidence:
+            setattr(evidence, keyword, None)
+    sop_uid = instance_uid(result, device.uid)
+    when = datetime.fromtimestamp(result.created_unix_ms / 1000)  # local time, as DICOM dates are
+    labels = manifest.output.labels
+    concepts = [_concept(label, manifest) for label in labels]
+    try:
+        algorithm = AlgorithmIdentification(name=result.scored_by.model_name, version=result.scored_by.model_version)
+        observer = ObserverContext(
+            observer_type=DEVICE,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=device.uid, name=device.name, manufacturer_name=device.manufacturer, model_name=device.model_name
+            ),
+        )
+        image = SourceImageForMeasurementGroup.from_source_image(
+            evidence, referenced_frame_numbers=_frames(source, result)
+        )
+        scores = {s.label: s.score for s in result.scores}
+        groups = [
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=generate_uid(entropy_srcs=[sop_uid, label]), identifier=label
+                ),
+                algorithm_id=algorithm,
+                finding_type=concept,
+                source_images=[image],
+                qualitative_evaluations=[QualitativeEvaluation(name=concept, value=_presence(label, result))],
+                # The group names the algorithm for all it holds (TID 1501): not repeated per measurement.
+                measurements=[Measurement(name=SCORE, value=scores[label], unit=NO_UNITS)],
+            )
+            for label, concept in zip(labels, concepts, strict=True)
+        ]
+        content = MeasurementReport(
+            observation_context=ObservationContext(observer_device_context=observer),
+            procedure_reported=IMAGING_PROCEDURE,
+            imaging_measurements=groups,
+        )
+        private = any(c.scheme_designator == PRIVATE_SCHEME for c in concepts)
+        report = EnhancedSR(
+            evidence=[evidence],
+            content=content[0],
+            series_instance_uid=series_uid(source.StudyInstanceUID, result.scored_by.model_name, device.uid),
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=_instance_number(source, result),
+            manufacturer=device.manufacturer,
+            is_complete=True,
+            manufacturer_model_name=device.model_name,
+            software_versions=device.software_version,
+            series_description=f"AI results: {result.scored_by.model_name}"[:64],
+            content_date=when.date(),
+            content_time=when.time(),
+            coding_schemes=[_private_scheme(device)] if private else None,
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        # highdicom's text may quote header values (patient data): the sentence names the type only.
+        raise ReportError(f"highdicom could not build the report from this header ({type(e).__name__}).") from e
+    # The scoring time, not the build time, wherever highdicom stamps "now": a report rebuilt after a crash
+    # is the same object, byte for byte.
+    report.InstanceCreationDate = report.ContentDate
+    report.InstanceCreationTime = report.ContentTime
+    for equipment in report.ContributingEquipmentSequence:
+        if "ContributionDateTime" in equipment:
+            equipment.ContributionDateTime = DT(when)
+    return report
+
+
+def encode(report: pydicom.Dataset) -> bytes:
+    """The report as a DICOM Part 10 file (preamble, file meta)."""
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _check(source: pydicom.Dataset, result: Result, manifest: Manifest) -> None:
+    if result.outcome is not Outcome.SCORED or result.decision is None:
+        raise ReportError("Only a scored result has a report; this one was rejected.")
+    missing = [k for k in _REFERENCED if not str(source.get(k, "") or "").strip()]
+    if missing:
+        raise ReportError(f"The source's header lacks {', '.join(missing)}, which a report must reference.")
+    if result.ids.sop_instance_uid and result.ids.sop_instance_uid != source.SOPInstanceUID:
+        raise ReportError("The header given is not that of the image the result is about (another SOP Instance UID).")
+    by = result.scored_by
+    if (by.model_name, by.model_version) != (manifest.model.name, manifest.model.version):
+        raise ReportError("The manifest given is not that of the model that scored the result.")
+    if sorted(s.label for s in result.scores) != sorted(manifest.output.labels):
+        raise ReportError("The result's labels are not those its manifest names.")
+    if not 0 <= result.frame_index < max(result.frame_count, 1):
+        raise ReportError("The result's frame index lies outside its frame count.")
+
+
+def _frames(source: pydicom.Dataset, result: Result) -> list[int] | None:
+    """The frame the result is about (1-based), for a multi-frame source only."""
+    try:
+        frames = int(source.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if max(frames, result.frame_count) <= 1:
+        return None
+    if result.frame_index >= frames:
+        raise ReportError("The result's frame is not in the source (its Number of Frames is smaller).")
+    return [result.frame_index + 1]
+
+
+def _instance_number(source: pydicom.Dataset, result: Result) -> int:
+    """A multi-frame source's report is numbered by its frame; a single image's takes the image's own number,
+    so the reports list in the order of the images they are about."""
+    if result.frame_count > 1:
+        return result.frame_index + 1
+    try:
+        number = int(source.get("InstanceNumber", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+    return number if 1 <= number < 2**31 else 1
+
+
+def _presence(label: str, result: Result) -> Code:
+    if result.decision is Decision.INDETERMINATE:
+        return UNDETERMINED if result.findings[:1] == (label,) else ABSENT
+    return PRESENT if label in result.findings else ABSENT
+
+
+def _concept(label: str, manifest: Manifest) -> CodedConcept:
+    given = manifest.output.codes.get(label)
+    if given is not None:
+        return CodedConcept(given.value, given.scheme, given.meaning)
+    return CodedConcept(_private_value(label), PRIVATE_SCHEME, _meaning(label))
+
+
+def _private_value(label: str) -> str:
+    # A Code Value is at most 16 characters (longer ones become Long Code Value, which many PACS ignore): the
+    # label itself where it fits, else a stable digest of it.
+    if _PRIVATE_VALUE.fullmatch(label):
+        return label
+    return "L" + hashlib.sha256(label.encode("utf-8")).hexdigest()[:15]
+
+
+def _meaning(label: str) -> str:
+    text = "".join(c for c in label if c != "\\" and ord(c) >= 32).strip()  # LO: no backslash, no control
+    return (text or "label")[:64]
+
+
+def _private_scheme(device: Device) -> CodingSchemeIdentificationItem:
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name=PRIVATE_SCHEME_NAME,
+        responsible_organization=device.manufacturer[:64],
+    )
