@@ -32,6 +32,10 @@ _INPUT_COLUMNS = [
     *("disposed_path", "attempts", "created_ms", "updated_ms"),
 ]
 _RESULT_COLUMNS = ["seq", "input_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms", "payload_version"]
+_OUTBOX_COLUMNS = [
+    *("id", "result_seq", "sop_class_uid", "sop_instance_uid", "payload", "state", "attempts", "next_try_ms"),
+    *("status", "reason", "created_ms", "updated_ms"),
+]
 _RENAMED = {"content_hash": "content_sha256"}  # schema version 1's name for the column
 
 
@@ -295,6 +299,8 @@ class Salvaged:
     result_columns: list[str] = field(default_factory=lambda: list(_RESULT_COLUMNS))
     results: list[tuple[Any, ...]] = field(default_factory=list)
     input_columns: list[str] = field(default_factory=list)
+    outbox_columns: list[str] = field(default_factory=list)  # empty: a journal from before the outbox
+    outbox: list[tuple[Any, ...]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -413,6 +419,19 @@ def _salvage(aside: Path, work: Path) -> Salvaged:
                 out.notes.append(f"{bad} damaged stretch(es) of inputs were stepped over")
         except sqlite3.Error as e:
             out.notes.append(f"no input could be read ({e})")
+        try:
+            present = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+            if present:
+                columns = [c for c in _OUTBOX_COLUMNS if c in present]
+                out.outbox, bad = _read_table(db, "outbox", columns, _upper(db, "outbox", 0))
+                out.outbox_columns = columns
+                if bad:
+                    out.notes.append(
+                        f"{bad} damaged stretch(es) of the outbox were stepped over: reports stored there "
+                        "never reach the PACS"
+                    )
+        except sqlite3.Error as e:
+            out.notes.append(f"no report waiting for the PACS could be read ({e})")
     return out
 
 
@@ -489,6 +508,13 @@ def _recover(path: Path) -> list[str]:
             f"VALUES ({', '.join('?' * len(data.result_columns))})",
             data.results,
         )
+        if data.outbox_columns:
+            # Kept even where their result was lost: a report stands alone, and the PACS still expects it.
+            db.executemany(
+                f"INSERT OR IGNORE INTO outbox ({', '.join(data.outbox_columns)}) "
+                f"VALUES ({', '.join('?' * len(data.outbox_columns))})",
+                data.outbox,
+            )
         # Finished inputs whose every result was lost count as failed: the same content dropped again is
         # scored again instead of being called a duplicate of a result nobody can read.
         failed = db.execute(
@@ -504,6 +530,7 @@ def _recover(path: Path) -> list[str]:
         queued = db.execute("SELECT COUNT(*) FROM inputs WHERE state = 'queued'").fetchone()[0]
         top_kept = db.execute("SELECT COALESCE(MAX(seq), 0) FROM results").fetchone()[0]
         top_input = db.execute("SELECT COALESCE(MAX(id), 0) FROM inputs").fetchone()[0]
+        outbox = dict(db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     write_marker(path, Marker(new_id, start_after + RESERVE, start_after))
@@ -515,6 +542,11 @@ def _recover(path: Path) -> list[str]:
     )
     lost_results = max(top_kept - kept_results, 0) + max((marker.floor if marker else 0) - top_kept, 0)
     lost_inputs = max(top_input - kept_inputs, 0)
+    if outbox:
+        lines.append(
+            f"outbox: {sum(outbox.values())} DICOM objects for the PACS kept ({outbox.get('pending', 0)} still to "
+            f"send, {outbox.get('delivered', 0)} delivered, {outbox.get('refused', 0)} refused)"
+        )
     if lost_results or lost_inputs or failed or (marker and marker.floor and not kept_results):
         lines.append(
             f"lost: at least {lost_results} results and {lost_inputs} input rows could not be read; files already "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from appliance.domain.delivery import Delivery, DeliveryState
 from appliance.domain.errors import ConfigError, JournalDamaged
 from appliance.domain.result import Result
 from appliance.journal import payload as payload_format
@@ -73,6 +74,26 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
 );
 CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+
+-- DICOM objects for the PACS (a result's report), stored in the transaction that stores their result: a
+-- result is never kept without its report, nor a report without its result. The sender (appliance.delivery)
+-- takes the due pending ones; a refused one is set aside with the PACS's status and never blocks the rest.
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY,
+    result_seq       INTEGER NOT NULL REFERENCES results(seq),
+    sop_class_uid    TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL UNIQUE,  -- new for every object: a PACS does not overwrite an instance
+    payload          BLOB NOT NULL,    -- DICOM Part 10 bytes, sent as stored; emptied once delivered
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'refused')),
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_try_ms      INTEGER NOT NULL,
+    status           INTEGER,          -- the last DIMSE status the PACS answered, NULL while it answered none
+    reason           TEXT NOT NULL DEFAULT '',
+    created_ms       INTEGER NOT NULL,
+    updated_ms       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_try_ms) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_by_result ON outbox(result_seq);
 
 -- The journal's identity (journal_id, created_ms), matched at start against the marker file beside it.
 CREATE TABLE IF NOT EXISTS meta (
@@ -165,6 +186,15 @@ class StoredResult:
 
 
 @dataclass(frozen=True)
+class NewDelivery:
+    """A DICOM object for the PACS, queued in the outbox with the result it reports."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    payload: bytes  # DICOM Part 10 bytes (preamble, file meta, dataset)
+
+
+@dataclass(frozen=True)
 class NewResult:
     frame_index: int
     outcome: Literal["scored", "rejected"]
@@ -172,6 +202,20 @@ class NewResult:
     payload: bytes
     payload_version: int = payload_format.VERSION
     transient: bool = False  # a rejection that says nothing about the content (backend failure, vanished file)
+    deliveries: tuple[NewDelivery, ...] = ()  # what goes to the PACS about it, stored in the same transaction
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A pending outbox row, as the sender takes it."""
+
+    id: int
+    result_seq: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    payload: bytes
+    attempts: int
+    created_ms: int
 
 
 @dataclass(frozen=True)
@@ -468,6 +512,16 @@ class Journal:
                         )
                         assert c.lastrowid is not None
                         seqs.append(c.lastrowid)
+                        db.executemany(
+                            # OR IGNORE: a report made again for the same result (content scored again
+                            # after a recovery) is the same instance, already queued or sent: never twice.
+                            "INSERT OR IGNORE INTO outbox (result_seq, sop_class_uid, sop_instance_uid, payload, "
+                            "state, next_try_ms, created_ms, updated_ms) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                            [
+                                (c.lastrowid, d.sop_class_uid, d.sop_instance_uid, d.payload, now, now, now)
+                                for d in r.deliveries
+                            ],
+                        )
                 out.append(seqs)
             top = max((max(s) for s in out if s), default=0)
             if self._reserve is not None and top > self._reserve.ceiling():
@@ -524,6 +578,84 @@ class Journal:
             last_sequence=last,
         )
         return self._last_counts
+
+    # --- the outbox to the PACS ---------------------------------------------------------------------
+
+    def outbox_due(self, now_ms: int, limit: int) -> list[OutboxItem]:
+        """Pending objects whose next try is due, the longest due first (objects never tried: in the order they
+        were stored). By due time, not by age: while the PACS is down, objects stored later get their turn too."""
+        rows = self._read(
+            "SELECT id, result_seq, sop_class_uid, sop_instance_uid, payload, attempts, created_ms FROM outbox "
+            "WHERE state = 'pending' AND next_try_ms <= ? ORDER BY next_try_ms, id LIMIT ?",
+            (now_ms, limit),
+        )
+        return [OutboxItem(*r) for r in rows]
+
+    def outbox_delivered(self, ids: list[int], status: int = 0x0000) -> None:
+        """The PACS acknowledged these (success, or a warning ``status``). Their bytes are dropped: the PACS
+        holds them now, and the journal would otherwise grow by a report per result."""
+        if not ids:
+            return
+        now = _now_ms()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE outbox SET state = 'delivered', payload = X'', status = ?, reason = '', updated_ms = ? "
+                "WHERE id = ? AND state = 'pending'",
+                [(status, now, i) for i in ids],
+            )
+
+    def outbox_retry(self, ids: list[int], next_try_ms: int, status: int | None, reason: str) -> None:
+        """Not delivered this time (no association, or a transient status): tried again at ``next_try_ms``."""
+        if not ids:
+            return
+        now = _now_ms()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_try_ms = ?, status = ?, reason = ?, updated_ms = ? "
+                "WHERE id = ? AND state = 'pending'",
+                [(next_try_ms, status, reason, now, i) for i in ids],
+            )
+
+    def outbox_refused(self, item_id: int, status: int, reason: str) -> None:
+        """Refused for good: set aside with the PACS's status and reason (its bytes kept, to look at)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'refused', attempts = attempts + 1, status = ?, reason = ?, updated_ms = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (status, reason, _now_ms(), item_id),
+            )
+
+    def outbox_hasten(self, now_ms: int) -> int:
+        """Every pending object waiting out a back-off is due now (the PACS answers again: the outbox drains
+        instead of each object sitting out its own wait). Returns how many."""
+        with self._transaction() as db:
+            return int(
+                db.execute(
+                    "UPDATE outbox SET next_try_ms = ? WHERE state = 'pending' AND next_try_ms > ?", (now_ms, now_ms)
+                ).rowcount
+            )
+
+    def outbox_depth(self) -> tuple[int, int | None]:
+        """How many objects wait for the PACS, and when the oldest of them was stored (None when none)."""
+        row = self._read_one("SELECT COUNT(*), MIN(created_ms) FROM outbox WHERE state = 'pending'", ())
+        return int(row[0]), (int(row[1]) if row[1] is not None else None)
+
+    def next_outbox_wake_ms(self) -> int | None:
+        """The earliest next try of a pending object; None when nothing waits."""
+        row = self._read_one("SELECT MIN(next_try_ms) FROM outbox WHERE state = 'pending'", ())
+        return int(row[0]) if row[0] is not None else None
+
+    def delivery_of(self, seq: int) -> Delivery | None:
+        """Where the report of result ``seq`` stands (the first object stored with it); None if it has none."""
+        row = self._read_one(
+            "SELECT state, attempts, status, reason, sop_instance_uid FROM outbox WHERE result_seq = ? "
+            "ORDER BY id LIMIT 1",
+            (seq,),
+        )
+        if row is None:
+            return None
+        state, attempts, status, reason, sop_instance_uid = row
+        return Delivery(DeliveryState(state), int(attempts), status, str(reason), str(sop_instance_uid))
 
     def wait_for_results(self, after_seq: int, timeout: float) -> None:
         """Block until a result past ``after_seq`` exists or the timeout passes."""
