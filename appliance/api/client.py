@@ -129,7 +129,19 @@ def format_result(r: pb.Result) -> str:
         return f"#{r.sequence:<6} REJECTED  {name}: {r.rejection.code}: {r.rejection.message}"
     decision = pb.Decision.Name(r.decision).removeprefix("DECISION_")
     scores = " ".join(f"{s.label}={s.score:.3f}" for s in r.scores)
-    return f"#{r.sequence:<6} {decision:<13} {name}: {','.join(r.findings)} ({scores}) {r.timings.total_ms:.0f} ms"
+    line = f"#{r.sequence:<6} {decision:<13} {name}: {','.join(r.findings)} ({scores}) {r.timings.total_ms:.0f} ms"
+    return line + delivery_note(r.delivery)
+
+
+def delivery_note(d: pb.Delivery) -> str:
+    """Where its DICOM report is, when one goes to the PACS."""
+    if d.state == pb.DELIVERY_NONE:
+        return ""
+    state = pb.DeliveryState.Name(d.state).removeprefix("DELIVERY_").lower()
+    if d.state == pb.DELIVERY_REFUSED:
+        return f"; PACS report refused (status 0x{d.status:04X}: {d.reason})"
+    tries = f" after {d.attempts} tries" if d.attempts > 1 else ""
+    return f"; PACS report {state}{tries}"
 
 
 def _emit(r: pb.Result, as_json: bool) -> None:

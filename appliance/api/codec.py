@@ -3,6 +3,7 @@ one for people (`appliance score`, `appliance-client --json`)."""
 
 from __future__ import annotations
 
+from appliance.domain.delivery import Delivery, DeliveryState
 from appliance.domain.result import Decision, Outcome, Result
 from appliance.v1 import scoring_pb2 as pb
 
@@ -12,9 +13,15 @@ _DECISIONS = {
     Decision.INDETERMINATE: pb.DECISION_INDETERMINATE,
 }
 _OUTCOMES = {Outcome.SCORED: pb.OUTCOME_SCORED, Outcome.REJECTED: pb.OUTCOME_REJECTED}
+_DELIVERIES = {
+    DeliveryState.PENDING: pb.DELIVERY_PENDING,
+    DeliveryState.DELIVERED: pb.DELIVERY_DELIVERED,
+    DeliveryState.REFUSED: pb.DELIVERY_REFUSED,
+}
 
 
-def to_message(result: Result) -> pb.Result:
+def to_message(result: Result, delivery: Delivery | None = None) -> pb.Result:
+    """The wire message; ``delivery`` (where its DICOM report stands) where the caller looked it up."""
     t = result.timings
     message = pb.Result(
         sequence=result.sequence,
@@ -50,6 +57,16 @@ def to_message(result: Result) -> pb.Result:
     if result.rejection is not None:
         message.rejection.code = result.rejection.code
         message.rejection.message = result.rejection.message
+    if delivery is not None:
+        message.delivery.CopyFrom(
+            pb.Delivery(
+                state=_DELIVERIES[delivery.state],
+                attempts=delivery.attempts,
+                status=delivery.status or 0,
+                reason=delivery.reason,
+                report_sop_instance_uid=delivery.sop_instance_uid,
+            )
+        )
     return message
 
 

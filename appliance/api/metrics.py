@@ -55,6 +55,21 @@ class Metrics:
             "Files left in the watch folder while a fault stops intake; taken once it is over.",
             registry=r,
         )
+        self.outbox_pending = Gauge(
+            "appliance_outbox_pending", "DICOM reports waiting in the outbox for the PACS.", registry=r
+        )
+        self.outbox_age = Gauge(
+            "appliance_outbox_oldest_age_seconds",
+            "How long the oldest report in the outbox has waited (0 when none): alert when the PACS is away.",
+            registry=r,
+        )
+        self.outbox_delivered = Counter("appliance_outbox_delivered", "DICOM reports the PACS stored.", registry=r)
+        self.outbox_refused = Counter(
+            "appliance_outbox_refused",
+            "DICOM reports the PACS refused for good, by DIMSE status (hex): set aside, never retried.",
+            ["status"],
+            registry=r,
+        )
         self.passed_over = Gauge(
             "appliance_artifacts_passed_over",
             "Built artifacts the daemon did not serve at load: another host's key, damaged, or a failed self-check.",
@@ -79,6 +94,18 @@ class Metrics:
             self.stage.labels("decode").observe(decode_ms / 1e3)
         if preprocess_ms is not None:
             self.stage.labels("preprocess").observe(preprocess_ms / 1e3)
+
+    # --- what the outbox reports (appliance.delivery.outbox.OutboxObserver) --------------------------
+
+    def on_delivered(self, count: int) -> None:
+        self.outbox_delivered.inc(count)
+
+    def on_refused(self, status: int) -> None:
+        self.outbox_refused.labels(f"0x{status:04X}").inc()
+
+    def on_depth(self, pending: int, oldest_age_s: float) -> None:
+        self.outbox_pending.set(pending)
+        self.outbox_age.set(oldest_age_s)
 
     def serve(self, host: str, port: int) -> None:
         if port:

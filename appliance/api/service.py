@@ -290,7 +290,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "Give a sequence or a sop_instance_uid.")
         if stored is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"No result for that {key}.")
-        return to_message(stored.result())
+        delivery = await self._blocking(self._lookups, self.journal.delivery_of, stored.seq)
+        return to_message(stored.result(), delivery)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext[Any, Any]

@@ -17,14 +17,18 @@ from appliance.api.tls import check_exposure
 from appliance.api.tokens import TokenStore
 from appliance.app.systemd_notify import notify, watchdog_interval_s
 from appliance.config import Config
+from appliance.delivery.outbox import Outbox
+from appliance.delivery.reports import Reports, device_for
 from appliance.domain.errors import ApplianceError, ConfigError
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import LoadedManifest, load_manifest
 from appliance.inference.backend import Backend
 from appliance.inference.loader import Served, expected_sample_shape, open_served
+from appliance.intake.dicom_receiver import DicomReceiver
 from appliance.intake.folder import FolderIngest
 from appliance.intake.intake import Intake
 from appliance.intake.watcher import FolderWatcher
+from appliance.journal import disposal
 from appliance.journal.integrity import open_journal
 from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages
@@ -65,6 +69,8 @@ class Daemon:
         self.ingestor: FolderIngest | None = None
         self.watcher: FolderWatcher | None = None
         self.server: GrpcServer | None = None
+        self.receiver: DicomReceiver | None = None
+        self.outbox: Outbox | None = None
         self.ready = False
         self.generation = 0  # model reloads since the start
         self._reload_lock = threading.Lock()
@@ -95,8 +101,12 @@ class Daemon:
         self.backend = self.served.backend
         self.metrics.serving.labels(self.backend.name, self.served.precision).set(1)
         self.metrics.passed_over.set(self.served.refused)
+        # With a PACS, each scored DICOM image's report is stored with its result and sent by the outbox.
+        reports = (
+            Reports(config.pacs, device_for(config.pacs, self.journal.identity())) if config.pacs.enabled else None
+        )
         self.processor = ScoringStages(
-            config, self.loaded.manifest, self.backend, self.journal, self.metrics, faults=self.faults
+            config, self.loaded.manifest, self.backend, self.journal, self.metrics, faults=self.faults, reports=reports
         )
         self.intake = Intake(
             self.journal, self.processor, config.watch, on_duplicate=self.metrics.duplicates.inc, faults=self.faults
@@ -104,14 +114,16 @@ class Daemon:
         hooks = Hooks(
             model_info=self.model_info, status=self.status, problem=self.intake_problem, reload=self.reload_model
         )
-        service = ScoringService(
-            self.journal, self.intake, config.storage.data_dir / "spool", hooks, self.metrics, config.server
-        )
+        spool = config.storage.data_dir / "spool"
+        service = ScoringService(self.journal, self.intake, spool, hooks, self.metrics, config.server)
         self.server = GrpcServer(service, config.server)
         # Read before the server and the watcher start: only what the last run left, never a new input.
         pending = self.journal.pending()
-        self._clean_spool({row.path for row in pending if row.source == "grpc"})
+        self._clean_spool({row.path for row in pending if disposal.spooled(row.source)})
         self.processor.start()
+        if config.pacs.enabled:
+            self.outbox = Outbox(self.journal, config.pacs, self.metrics)
+            self.outbox.start()
         self.server.start()
         self.metrics.serve(config.server.metrics_host, config.server.metrics_port)
         # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
@@ -122,18 +134,23 @@ class Daemon:
         self.watcher = FolderWatcher(config.watch, self.ingestor.offer, exclude, faults=self.faults)
         self.ingestor.reconsider = self.watcher.consider
         self.watcher.start()
+        if config.dicom.enabled:
+            self.receiver = DicomReceiver(config.dicom, self.intake, spool, self.faults, config.storage.min_free_mb)
+            self.receiver.start()
         self.ready = True
         self.faults.check_storage()
         self._update_health()
         self.metrics.ready.set(1)
         log.info(
-            "ready: watching %s%s, gRPC on %s:%d (%s, %s), model %s %s on %s",
+            "ready: watching %s%s, gRPC on %s:%d (%s, %s)%s%s, model %s %s on %s",
             config.watch.dir,
             " (polling)" if config.watch.polling else "",
             config.server.host,
             self.server.port,
             "TLS" if self.server.tls else "plaintext",
             "terminal tokens required" if config.server.tokens_required else "no tokens",
+            f", DICOM {config.dicom.ae_title} on {config.dicom.host}:{self.receiver.port}" if self.receiver else "",
+            f", reports to {config.pacs.ae_title} at {config.pacs.host}:{config.pacs.port}" if self.outbox else "",
             self.loaded.manifest.model.name,
             self.loaded.manifest.model.version,
             self.backend.name,
@@ -141,7 +158,8 @@ class Daemon:
         return self.server.port
 
     def _clean_spool(self, keep: set[str | None]) -> None:
-        """Score requests spooled but never journaled (a crash in between) were never answered: drop them."""
+        """Copies spooled (Score, DICOM) but never journaled (a crash in between) were never acknowledged:
+        the sender sends again, so drop them."""
         for path in (self.config.storage.data_dir / "spool").glob("*"):
             if str(path) not in keep:
                 path.unlink(missing_ok=True)
@@ -171,6 +189,7 @@ class Daemon:
     def status(self) -> pb.Status:
         assert self.journal is not None
         counts = self.journal.counts()
+        pending, oldest_ms = self.journal.outbox_depth()
         return pb.Status(
             version=__version__,
             model=self.model_info(),
@@ -185,6 +204,8 @@ class Daemon:
             ready=self.ready,
             problems=self.faults.problems(),
             model_generation=self.generation,
+            outbox_pending=pending,
+            outbox_oldest_age_s=max(0.0, time.time() - oldest_ms / 1e3) if oldest_ms else 0.0,
         )
 
     def intake_problem(self) -> str | None:
@@ -237,7 +258,8 @@ class Daemon:
     def stages_alive(self) -> bool:
         """False once a stage's thread has died: the daemon then exits so systemd restarts it."""
         parts = (self.processor, self.ingestor, self.watcher)
-        return all(p is not None and p.alive() for p in parts)
+        optional = (self.receiver, self.outbox)  # only where configured
+        return all(p is not None and p.alive() for p in parts) and all(p.alive() for p in optional if p is not None)
 
     def healthy(self) -> bool:
         """What grpc.health says: SERVING only while ready, every stage alive and no fault holds. A fault
@@ -344,6 +366,9 @@ class Daemon:
         step[0] = "stopping the watcher"
         if self.watcher is not None:
             self.watcher.stop()
+        step[0] = "stopping the DICOM receiver"
+        if self.receiver is not None:
+            self.receiver.stop()
         step[0] = "stopping the ingest"
         if self.ingestor is not None:
             self.ingestor.stop()
@@ -355,6 +380,9 @@ class Daemon:
         if self.processor is not None:
             # Leave time for the rest of the stop (pool, batcher, journal) inside the limit.
             self.processor.stop(timeout=max(1.0, min(FINISH_IN_FLIGHT_S, deadline - time.monotonic() - 15.0)))
+        step[0] = "stopping the outbox"
+        if self.outbox is not None:
+            self.outbox.stop()  # what it has not sent stays in the journal's outbox for the next start
         step[0] = "closing the backend"
         if self.backend is not None:
             self.backend.close()

@@ -11,13 +11,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
 
 from appliance.config import WatchConfig
 from appliance.domain.errors import StorageFull
 from appliance.domain.faults import STORAGE, Faults
+from appliance.domain.manifest import Manifest
 from appliance.domain.result import Outcome, Result
 from appliance.journal import disposal
-from appliance.journal.journal import Journal, NewResult
+from appliance.journal.journal import Journal, NewDelivery, NewResult
 from appliance.privacy import hashed, log_failure
 from appliance.scoring.admission import Admission
 from appliance.scoring.job import Job
@@ -30,6 +33,14 @@ FINISH_GROUP = 64  # results stored per journal transaction at most
 RETRY_S = 1.0  # how often results held back by a full disk are tried again once it has space
 
 
+class ReportMaker(Protocol):
+    """What goes to the PACS with a stored result (appliance.delivery.reports.Reports)."""
+
+    def for_input(
+        self, input_id: int, path: Path, results: list[Result], manifest: Manifest
+    ) -> list[tuple[NewDelivery, ...]]: ...
+
+
 class Finisher:
     def __init__(
         self,
@@ -39,8 +50,10 @@ class Finisher:
         observer: ScoringObserver,
         current: Callable[[], Scorer],
         faults: Faults,
+        reports: ReportMaker | None = None,
     ) -> None:
         self.journal = journal
+        self.reports = reports  # set when results go to a PACS: their reports are stored with them
         self.watch = watch
         self.admission = admission
         self.observer = observer
@@ -136,8 +149,10 @@ class Finisher:
         built: list[tuple[Job, list[Result], list[NewResult]]] = []
         for job in group:
             try:
-                results = build_results(job.facts, job.prepared, job.frames, job.picked_up, self.current())
-                built.append((job, results, [journal_row(r) for r in results]))
+                current = self.current()
+                results = build_results(job.facts, job.prepared, job.frames, job.picked_up, current)
+                reports = self._reports(job, results, current[0])
+                built.append((job, results, [journal_row(r, d) for r, d in zip(results, reports, strict=True)]))
             except Exception as e:
                 self._fail(job, e)
         held: list[Job] = []
@@ -192,6 +207,11 @@ class Finisher:
             if job.future is not None and not job.future.done():
                 job.future.set_result(results)
         return held
+
+    def _reports(self, job: Job, results: list[Result], manifest: Manifest) -> list[tuple[NewDelivery, ...]]:
+        if self.reports is None:
+            return [() for _ in results]
+        return self.reports.for_input(job.facts.input_id, job.path, results, manifest)
 
     def _hold(self, job: Job) -> None:
         """A result that found no space is kept for a retry; a Score call waiting on it is answered now

@@ -21,7 +21,7 @@ from appliance.domain.result import (
 from appliance.imaging.types import ImageMeta
 from appliance.inference.postprocess import Scores, decide
 from appliance.journal import payload
-from appliance.journal.journal import NewResult
+from appliance.journal.journal import NewDelivery, NewResult
 from appliance.prepare.preparer import Prepared
 from appliance.privacy import log_failure
 from appliance.scoring.job import Frame
@@ -149,12 +149,14 @@ def rejected(
     )
 
 
-def journal_row(result: Result) -> NewResult:
-    """A result as the journal stores it: a rejection that says nothing about the content is transient."""
+def journal_row(result: Result, deliveries: tuple[NewDelivery, ...] = ()) -> NewResult:
+    """A result as the journal stores it, with the reports that carry it to the PACS: a rejection that says
+    nothing about the content is transient."""
     return NewResult(
         frame_index=result.frame_index,
         outcome=result.outcome.value,
         sop_uid=result.ids.sop_instance_uid,
         payload=payload.encode(result),
         transient=result.rejection is not None and result.rejection.code in TRANSIENT_CODES,
+        deliveries=deliveries,
     )

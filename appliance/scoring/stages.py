@@ -24,7 +24,7 @@ from appliance.journal.journal import Journal
 from appliance.prepare.pool import PreparePool, ReadAhead
 from appliance.prepare.preparer import Prepared
 from appliance.scoring.admission import Admission
-from appliance.scoring.finisher import Finisher
+from appliance.scoring.finisher import Finisher, ReportMaker
 from appliance.scoring.job import Job
 from appliance.scoring.observer import NoObserver, ScoringObserver
 from appliance.scoring.results import Scorer
@@ -41,6 +41,7 @@ class ScoringStages:
         journal: Journal,
         observer: ScoringObserver | None = None,
         faults: Faults | None = None,
+        reports: ReportMaker | None = None,
     ) -> None:
         self.observer = observer or NoObserver()
         self._scorer: Scorer = (manifest, backend.name)
@@ -60,7 +61,7 @@ class ScoringStages:
         )
         self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with)
         self.finisher = Finisher(
-            journal, config.watch, self.admission, self.observer, lambda: self._scorer, faults or Faults()
+            journal, config.watch, self.admission, self.observer, lambda: self._scorer, faults or Faults(), reports
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------

@@ -61,6 +61,33 @@ DECISION_INDETERMINATE: Decision.ValueType  # 3
 """argmax rule: the top score is below the manifest's threshold"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
+class _DeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVERY_NONE: _DeliveryState.ValueType  # 0
+    """no DICOM report goes to a PACS for this result"""
+    DELIVERY_PENDING: _DeliveryState.ValueType  # 1
+    """queued in the outbox, sent when the PACS takes it (retried with back-off)"""
+    DELIVERY_DELIVERED: _DeliveryState.ValueType  # 2
+    """the PACS stored it"""
+    DELIVERY_REFUSED: _DeliveryState.ValueType  # 3
+    """the PACS refused it for good: status and reason say why"""
+
+class DeliveryState(_DeliveryState, metaclass=_DeliveryStateEnumTypeWrapper): ...
+
+DELIVERY_NONE: DeliveryState.ValueType  # 0
+"""no DICOM report goes to a PACS for this result"""
+DELIVERY_PENDING: DeliveryState.ValueType  # 1
+"""queued in the outbox, sent when the PACS takes it (retried with back-off)"""
+DELIVERY_DELIVERED: DeliveryState.ValueType  # 2
+"""the PACS stored it"""
+DELIVERY_REFUSED: DeliveryState.ValueType  # 3
+"""the PACS refused it for good: status and reason say why"""
+Global___DeliveryState: _TypeAlias = DeliveryState  # noqa: Y015
+
 @_typing.final
 class ScoreRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -289,6 +316,39 @@ class Rejection(_message.Message):
 Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 
 @_typing.final
+class Delivery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REPORT_SOP_INSTANCE_UID_FIELD_NUMBER: _builtins.int
+    state: Global___DeliveryState.ValueType
+    attempts: _builtins.int
+    status: _builtins.int
+    """the PACS's last DIMSE status (0 when none yet)"""
+    reason: _builtins.str
+    report_sop_instance_uid: _builtins.str
+    """the SR's own UID, to find it in the PACS"""
+    def __init__(
+        self,
+        *,
+        state: Global___DeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        status: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        report_sop_instance_uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "reason", b"reason", "report_sop_instance_uid", b"report_sop_instance_uid", "state", b"state", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
+
+@_typing.final
 class Result(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -314,6 +374,7 @@ class Result(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     INPUT_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     outcome: Global___Outcome.ValueType
     model_name: _builtins.str
@@ -333,7 +394,7 @@ class Result(_message.Message):
     frame_count: _builtins.int
     created_unix_ms: _builtins.int
     source: _builtins.str
-    """"folder" or "grpc" """
+    """the way in: "folder", "grpc" or "dicom" """
     input_id: _builtins.int
     """the journal's id of the input"""
     @_builtins.property
@@ -347,6 +408,10 @@ class Result(_message.Message):
     @_builtins.property
     def rejection(self) -> Global___Rejection:
         """set when outcome is REJECTED"""
+
+    @_builtins.property
+    def delivery(self) -> Global___Delivery:
+        """the DICOM report's way to the PACS (GetResult fills it; the stream sends results as stored)"""
 
     def __init__(
         self,
@@ -373,10 +438,11 @@ class Result(_message.Message):
         created_unix_ms: _builtins.int = ...,
         source: _builtins.str = ...,
         input_id: _builtins.int = ...,
+        delivery: Global___Delivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rejection", b"rejection", "timings", b"timings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "rejection", b"rejection", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "backend", b"backend", "content_hash", b"content_hash", "created_unix_ms", b"created_unix_ms", "decision", b"decision", "file_name", b"file_name", "findings", b"findings", "frame_count", b"frame_count", "frame_index", b"frame_index", "input_id", b"input_id", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "rejection", b"rejection", "scores", b"scores", "sequence", b"sequence", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "source", b"source", "study_instance_uid", b"study_instance_uid", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "backend", b"backend", "content_hash", b"content_hash", "created_unix_ms", b"created_unix_ms", "decision", b"decision", "delivery", b"delivery", "file_name", b"file_name", "findings", b"findings", "frame_count", b"frame_count", "frame_index", b"frame_index", "input_id", b"input_id", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "rejection", b"rejection", "scores", b"scores", "sequence", b"sequence", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "source", b"source", "study_instance_uid", b"study_instance_uid", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -487,6 +553,8 @@ class Status(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
     MODEL_GENERATION_FIELD_NUMBER: _builtins.int
+    OUTBOX_PENDING_FIELD_NUMBER: _builtins.int
+    OUTBOX_OLDEST_AGE_S_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     backend: _builtins.str
     queue_depth: _builtins.int
@@ -503,6 +571,10 @@ class Status(_message.Message):
     ready: _builtins.bool
     model_generation: _builtins.int
     """how many times the model was reloaded since the start"""
+    outbox_pending: _builtins.int
+    """DICOM reports waiting to reach the PACS"""
+    outbox_oldest_age_s: _builtins.float
+    """how long the oldest of them has waited (0 when none)"""
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
     @_builtins.property
@@ -527,10 +599,12 @@ class Status(_message.Message):
         ready: _builtins.bool = ...,
         problems: _abc.Iterable[_builtins.str] | None = ...,
         model_generation: _builtins.int = ...,
+        outbox_pending: _builtins.int = ...,
+        outbox_oldest_age_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "duplicates", b"duplicates", "last_sequence", b"last_sequence", "model", b"model", "model_generation", b"model_generation", "problems", b"problems", "queue_depth", b"queue_depth", "ready", b"ready", "rejected", b"rejected", "scored", b"scored", "uptime_s", b"uptime_s", "version", b"version", "watch_dir", b"watch_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "duplicates", b"duplicates", "last_sequence", b"last_sequence", "model", b"model", "model_generation", b"model_generation", "outbox_oldest_age_s", b"outbox_oldest_age_s", "outbox_pending", b"outbox_pending", "problems", b"problems", "queue_depth", b"queue_depth", "ready", b"ready", "rejected", b"rejected", "scored", b"scored", "uptime_s", b"uptime_s", "version", b"version", "watch_dir", b"watch_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,10 @@ def _toml_value(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, str | Path):
         return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return str(v)
 
 

@@ -1,0 +1,70 @@
+"""Which results go to the PACS, and their DICOM reports made ready for the outbox. They are made on the
+finisher's thread before the results are stored, so each report is queued in the same transaction as its
+result: a result stored is a report queued, even across a crash."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from appliance import __version__
+from appliance.config import PacsConfig
+from appliance.delivery.sr import Device, ReportError, build_report, encode
+from appliance.domain.manifest import Manifest
+from appliance.domain.result import Outcome, Result
+from appliance.journal.journal import NewDelivery
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "imaging-appliance"
+
+
+def device_for(pacs: PacsConfig, journal_id: str) -> Device:
+    """This appliance as its reports' observer: one UID per box (its journal's identity), never a patient's."""
+    return Device(
+        uid=generate_uid(entropy_srcs=[MODEL_NAME, journal_id]),
+        name=pacs.calling_ae_title,
+        manufacturer=pacs.manufacturer,
+        model_name=MODEL_NAME,
+        software_version=__version__,
+    )
+
+
+class Reports:
+    def __init__(self, pacs: PacsConfig, device: Device) -> None:
+        self.pacs = pacs
+        self.device = device
+
+    def for_input(
+        self, input_id: int, path: Path, results: list[Result], manifest: Manifest
+    ) -> list[tuple[NewDelivery, ...]]:
+        """Per result, its report when it scored a DICOM image; nothing for the rest. A source whose header
+        cannot be read again gets no report (its result is stored and streamed all the same), and says why."""
+        wanted = [r.outcome is Outcome.SCORED and bool(r.ids.sop_instance_uid) for r in results]
+        if not any(wanted):
+            return [() for _ in results]
+        try:
+            source = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as e:
+            log.warning(
+                "input %d: no report for the PACS: its header could not be read again (%s)",
+                input_id,
+                type(e).__name__,
+            )
+            return [() for _ in results]
+        out: list[tuple[NewDelivery, ...]] = []
+        for result, want in zip(results, wanted, strict=True):
+            if not want:
+                out.append(())
+                continue
+            try:
+                report = build_report(source, result, manifest, self.device, series_number=self.pacs.series_number)
+            except ReportError as e:
+                log.warning("input %d frame %d: no report for the PACS: %s", input_id, result.frame_index, e.message)
+                out.append(())
+                continue
+            out.append((NewDelivery(str(report.SOPClassUID), str(report.SOPInstanceUID), encode(report)),))
+        return out

@@ -1,0 +1,198 @@
+"""The appliance between a scanner and a PACS, all real: DCMTK's storescu as the scanner, the daemon's DICOM
+receiver, and a real Orthanc as the PACS its reports (Enhanced SR, TID 1500) go to through the outbox."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from appliance.v1 import scoring_pb2 as pb
+from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.integration.conftest import Daemon, free_port
+from tests.peers import needs, require
+from tests.peers.dcmtk import dciodvfy, storescu
+from tests.peers.orthanc import Code, Orthanc, RemoteAe
+
+pytestmark = needs("Orthanc", "storescu")
+
+SCANNER = "SCANNER"
+APPLIANCE = "APPLIANCE"
+LESION = Code("52988006", "SCT", "Lesion")  # models/pipeline-test/model.toml's code for its label
+PRESENT, ABSENT = "52101004", "272519000"
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    require("Orthanc")
+    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
+        yield peer
+
+
+def _appliance(make_daemon: type[Daemon], pacs: Orthanc) -> tuple[Daemon, int]:
+    port = free_port()
+    d = make_daemon(
+        dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": [{"ae_title": SCANNER}]},
+        pacs={
+            "enabled": True,
+            "ae_title": pacs.ae_title,
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+            "calling_ae_title": APPLIANCE,
+            "retry_s": 0.2,
+            "retry_max_s": 1.0,
+        },
+    )
+    d.start()
+    return d, port
+
+
+def _study(folder: Path, count: int) -> list[str]:
+    """``count`` CT images of one study (pydicom's CT_small, each its own instance); their SOP Instance UIDs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study, series = generate_uid(), generate_uid()
+    uids = []
+    for n in range(count):
+        ds = template.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n + 1
+        ds.save_as(folder / f"ct{n:03d}.dcm", enforce_file_format=True)
+        uids.append(str(ds.SOPInstanceUID))
+    return uids
+
+
+def _send(files: list[Path], port: int, calling: str = SCANNER, *extra: str) -> str:
+    done = storescu(files, "127.0.0.1", port, calling, APPLIANCE, extra)
+    return done.stdout + done.stderr
+
+
+def _until(what: str, check: Callable[[], bool], d: Daemon, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so after {timeout} s: {what}\n{d.log()[-4000:]}")
+        time.sleep(0.1)
+
+
+def _result(d: Daemon, seq: int) -> pb.Result:
+    with d.channel() as ch:
+        return pb_grpc.ScoringStub(ch).GetResult(pb.GetResultRequest(sequence=seq), timeout=10)
+
+
+def _delivered(d: Daemon, results: list[pb.Result]) -> Callable[[], bool]:
+    return lambda: all(_result(d, r.sequence).delivery.state == pb.DELIVERY_DELIVERED for r in results)
+
+
+def test_a_study_sent_by_the_scanner_reaches_the_pacs_as_reports(make_daemon, pacs: Orthanc, tmp_path: Path) -> None:
+    d, port = _appliance(make_daemon, pacs)
+    uids = _study(tmp_path / "study", 6)
+    output = _send(sorted((tmp_path / "study").iterdir()), port)
+    results = d.collect(6)
+    assert {r.sop_instance_uid for r in results} == set(uids), output
+    assert {r.source for r in results} == {"dicom"} and {r.outcome for r in results} == {pb.OUTCOME_SCORED}
+    pacs.wait_for_instances(6, timeout=60)
+    _until("every report delivered", _delivered(d, results), d)
+    assert d.status().outbox_pending == 0
+
+    for r in results:
+        delivery = _result(d, r.sequence).delivery
+        report = pacs.find_sop(delivery.report_sop_instance_uid)
+        assert report is not None and delivery.attempts == 0
+        tags = pacs.tags(report)
+        assert tags["Modality"] == "SR" and tags["StudyInstanceUID"] != "" and tags["SeriesInstanceUID"] != ""
+        items = pacs.content_items(report)
+        assert r.sop_instance_uid in [i.value for i in items if i.value_type == "IMAGE"]  # the scored image
+        evaluation = next(i for i in items if i.value_type == "CODE" and i.name == LESION)
+        assert isinstance(evaluation.value, Code)
+        assert evaluation.value.value == (PRESENT if "lesion" in r.findings else ABSENT)
+        (score,) = [i.value for i in items if i.value_type == "NUM"]
+        assert isinstance(score, float) and score == pytest.approx(r.scores[0].score, abs=1e-6)
+    source = pydicom.dcmread(tmp_path / "study" / "ct000.dcm", stop_before_pixels=True)
+    report_tags = pacs.tags(pacs.find_sop(_result(d, results[0].sequence).delivery.report_sop_instance_uid) or "")
+    assert report_tags["StudyInstanceUID"] == source.StudyInstanceUID  # in the scanned study, a series of its own
+    assert report_tags["SeriesInstanceUID"] != source.SeriesInstanceUID
+
+
+def test_a_report_passes_dciodvfy(make_daemon, pacs: Orthanc, tmp_path: Path) -> None:
+    require("dciodvfy")
+    d, port = _appliance(make_daemon, pacs)
+    _study(tmp_path / "one", 1)
+    _send([tmp_path / "one" / "ct000.dcm"], port)
+    (result,) = d.collect(1)
+    _until("the report delivered", _delivered(d, [result]), d)
+    orthanc_id = pacs.find_sop(_result(d, result.sequence).delivery.report_sop_instance_uid)
+    assert orthanc_id is not None
+    path = tmp_path / "report.dcm"
+    path.write_bytes(pacs.get_bytes(f"/instances/{orthanc_id}/file"))
+    rc, errors = dciodvfy(path)
+    assert rc == 0 and errors == []
+
+
+def test_an_unknown_scanner_is_refused_at_association(make_daemon, pacs: Orthanc, tmp_path: Path) -> None:
+    d, port = _appliance(make_daemon, pacs)
+    _study(tmp_path / "study", 1)
+    done = storescu([tmp_path / "study" / "ct000.dcm"], "127.0.0.1", port, "STRANGER", APPLIANCE)
+    assert done.returncode != 0
+    assert "Calling AE Title Not Recognized" in done.stdout + done.stderr
+    wrong = storescu([tmp_path / "study" / "ct000.dcm"], "127.0.0.1", port, SCANNER, "SOMEONE")
+    assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+    status = d.status()
+    assert status.queue_depth + status.scored + status.rejected == 0  # nothing was taken in
+
+
+def test_a_pacs_away_for_a_while_loses_nothing_and_gets_each_report_once(
+    make_daemon, pacs: Orthanc, tmp_path: Path
+) -> None:
+    d, port = _appliance(make_daemon, pacs)
+    pacs.stop()
+    uids = _study(tmp_path / "study", 5)
+    _send(sorted((tmp_path / "study").iterdir()), port)
+    results = d.collect(5)
+    assert {r.sop_instance_uid for r in results} == set(uids)
+    _until("five reports waiting", lambda: d.status().outbox_pending == 5, d)
+    _until("retried while away", lambda: all(_result(d, r.sequence).delivery.attempts >= 1 for r in results), d)
+    waiting = _result(d, results[0].sequence).delivery
+    assert waiting.state == pb.DELIVERY_PENDING and waiting.reason != ""
+    pacs.start()
+    _until("every report delivered", _delivered(d, results), d)
+    assert d.status().outbox_pending == 0
+    assert len(pacs.instances()) == 5  # each once
+    reports = {_result(d, r.sequence).delivery.report_sop_instance_uid for r in results}
+    assert len(reports) == 5 and all(pacs.find_sop(uid) for uid in reports)
+
+
+def test_kill_9_during_a_burst_scores_every_acknowledged_instance_once(
+    make_daemon, pacs: Orthanc, tmp_path: Path
+) -> None:
+    """The scanner sends 40 images; the daemon is killed mid-burst, restarted, and the scanner sends them all
+    again (it re-sends what was not acknowledged; re-sending the rest too is the harder case)."""
+    d, port = _appliance(make_daemon, pacs)
+    uids = _study(tmp_path / "burst", 40)
+    files = sorted((tmp_path / "burst").iterdir())
+    first: list[str] = []
+    sending = threading.Thread(target=lambda: first.append(_send(files, port, SCANNER, "-v")))
+    sending.start()
+    _until("a few images taken in", lambda: d.status().queue_depth + d.status().scored >= 5, d)
+    d.kill()
+    sending.join(timeout=120)
+    acknowledged = first[0].count("Received Store Response (Success)")
+    assert 1 <= acknowledged < 40, first[0][-2000:]  # the kill came mid-burst
+    d.start()
+    _send(files, port)
+    results = d.collect(40, timeout=120)
+    scored = [r for r in results if r.outcome == pb.OUTCOME_SCORED]
+    assert sorted(r.sop_instance_uid for r in scored) == sorted(uids)  # every image scored, none twice
+    status = d.status()
+    assert status.scored == 40 and status.queue_depth == 0
+    pacs.wait_for_instances(40, timeout=120)
+    _until("every report delivered", _delivered(d, scored), d)
+    assert len(pacs.instances()) == 40
+    print(f"sent 40 twice; acknowledged before the kill: {acknowledged}; scored: {len(scored)}; delivered: 40")
