@@ -9,6 +9,7 @@ import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -157,6 +158,16 @@ class Recorder:
 # --- reports ----------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _running(outbox: Outbox) -> Iterator[Outbox]:
+    """The outbox sending in its thread for the block, stopped after it whatever happens."""
+    outbox.start()
+    try:
+        yield outbox
+    finally:
+        outbox.stop()
+
+
 def _sr(sop_class: str = EnhancedSRStorage) -> NewDelivery:
     """A small structured report (the outbox does not care what it sends, only that it is DICOM)."""
     ds = Dataset()
@@ -224,13 +235,9 @@ def test_reports_go_to_the_pacs_several_on_one_association(journal: Journal, pac
     reports = [_sr(), _sr(Comprehensive3DSRStorage), _jpeg_image(), _sr(), _sr()]
     seqs = _store(journal, *reports)
     seen = Recorder()
-    outbox = Outbox(journal, _config(pacs), seen)
-    outbox.start()
-    try:
+    with _running(Outbox(journal, _config(pacs), seen)) as outbox:
         pacs.wait(lambda: len(pacs.stored) == len(reports))
         seen.wait(lambda: seen.delivered == len(reports) and seen.drained())
-    finally:
-        outbox.stop()
     assert not outbox.alive()
     assert pacs.stored == Counter({r.sop_instance_uid: 1 for r in reports})
     assert pacs.associations == 1  # three SOP classes, two transfer syntaxes, one association
@@ -246,9 +253,7 @@ def test_a_pacs_down_for_a_while_loses_nothing_and_the_outbox_drains_when_it_ret
     pacs.stop()
     seqs = _store(journal, *(_sr() for _ in range(6)))
     seen = Recorder()
-    outbox = Outbox(journal, _config(pacs, per_association=4), seen)
-    outbox.start()
-    try:
+    with _running(Outbox(journal, _config(pacs, per_association=4), seen)) as outbox:
         # Down: every report is tried again and again, with back-off, and stays pending.
         seen.wait(lambda: all(journal.delivery_of(s).attempts >= 3 for s in seqs))  # type: ignore[union-attr]
         assert [_state(journal, s) for s in seqs] == [DeliveryState.PENDING] * 6
@@ -262,8 +267,6 @@ def test_a_pacs_down_for_a_while_loses_nothing_and_the_outbox_drains_when_it_ret
         pacs.start()  # back, on the same port
         pacs.wait(lambda: len(pacs.stored) == 7)
         seen.wait(seen.drained)
-    finally:
-        outbox.stop()
     assert set(pacs.stored.values()) == {1}  # each delivered exactly once
     assert [_state(journal, s) for s in seqs + more] == [DeliveryState.DELIVERED] * 7
     assert seen.delivered == 7 and seen.refused == []
@@ -287,13 +290,9 @@ def test_a_refusal_is_set_aside_and_does_not_block_the_rest(
     }
     seqs = dict(zip((r.sop_instance_uid for r in reports), _store(journal, *reports), strict=True))
     seen = Recorder()
-    outbox = Outbox(journal, _config(pacs), seen)
-    outbox.start()
-    try:
+    with _running(Outbox(journal, _config(pacs), seen)):
         pacs.wait(lambda: len(pacs.stored) == 4)
         seen.wait(seen.drained)
-    finally:
-        outbox.stop()
 
     def delivery(r: NewDelivery) -> tuple[DeliveryState, int, int | None]:
         d = journal.delivery_of(seqs[r.sop_instance_uid])
@@ -324,13 +323,9 @@ def test_an_association_lost_mid_batch_keeps_what_was_acknowledged_and_retries_t
     pacs.abort_once = {reports[2].sop_instance_uid}
     seqs = _store(journal, *reports)
     seen = Recorder()
-    outbox = Outbox(journal, _config(pacs), seen)
-    outbox.start()
-    try:
+    with _running(Outbox(journal, _config(pacs), seen)):
         pacs.wait(lambda: len(pacs.stored) == 5)
         seen.wait(seen.drained)
-    finally:
-        outbox.stop()
     assert set(pacs.stored.values()) == {1}
     attempts = [journal.delivery_of(s).attempts for s in seqs]  # type: ignore[union-attr]
     assert attempts == [0, 0, 1, 1, 1]  # the first two were acknowledged before the abort
@@ -344,12 +339,8 @@ def test_a_kind_the_pacs_does_not_take_is_refused_and_the_others_are_sent(journa
         enhanced, comprehensive = _sr(), _sr(Comprehensive3DSRStorage)
         seqs = _store(journal, enhanced, comprehensive)
         seen = Recorder()
-        outbox = Outbox(journal, _config(pacs), seen)
-        outbox.start()
-        try:
+        with _running(Outbox(journal, _config(pacs), seen)):
             seen.wait(seen.drained)
-        finally:
-            outbox.stop()
         assert pacs.stored == Counter({enhanced.sop_instance_uid: 1})
         refused = journal.delivery_of(seqs[1])
         assert refused is not None and (refused.state, refused.status) == (DeliveryState.REFUSED, 0x0122)
@@ -358,12 +349,8 @@ def test_a_kind_the_pacs_does_not_take_is_refused_and_the_others_are_sent(journa
 
         # A PACS that takes none of the kinds offered refuses at association: that is no outage.
         only = _store(journal, _sr(Comprehensive3DSRStorage))
-        outbox = Outbox(journal, _config(pacs), seen)
-        outbox.start()
-        try:
+        with _running(Outbox(journal, _config(pacs), seen)):
             seen.wait(lambda: seen.refused == [0x0122, 0x0122])
-        finally:
-            outbox.stop()
         assert _state(journal, only[0]) is DeliveryState.REFUSED
     finally:
         pacs.stop()
@@ -417,13 +404,9 @@ def test_stop_finishes_the_send_in_flight_and_leaves_the_rest_pending(journal: J
 
     pacs.hold = None
     seen = Recorder()
-    outbox = Outbox(journal, _config(pacs), seen)
-    outbox.start()
-    try:
+    with _running(Outbox(journal, _config(pacs), seen)) as outbox:
         pacs.wait(lambda: len(pacs.stored) == 4)
         seen.wait(seen.drained)
-    finally:
-        outbox.stop()
     assert set(pacs.stored.values()) == {1}
 
 
@@ -440,12 +423,8 @@ def test_dicom_tls_with_a_client_certificate(journal: Journal, tmp_path: Path) -
         seqs = _store(journal, _sr(), _sr())
         # Without its certificate the appliance is turned away at the handshake: retried, nothing lost.
         seen = Recorder()
-        outbox = Outbox(journal, _config(pacs, tls_ca=certs / "ca.crt"), seen)
-        outbox.start()
-        try:
+        with _running(Outbox(journal, _config(pacs, tls_ca=certs / "ca.crt"), seen)):
             seen.wait(lambda: all(journal.delivery_of(s).attempts >= 1 for s in seqs))  # type: ignore[union-attr]
-        finally:
-            outbox.stop()
         assert not pacs.stored
 
         config = _config(
@@ -454,13 +433,9 @@ def test_dicom_tls_with_a_client_certificate(journal: Journal, tmp_path: Path) -
             tls_cert=client / "appliance.crt",
             tls_key=client / "appliance.key",
         )
-        outbox = Outbox(journal, config, seen)
-        outbox.start()
-        try:
+        with _running(Outbox(journal, config, seen)):
             pacs.wait(lambda: len(pacs.stored) == 2)
             seen.wait(seen.drained)
-        finally:
-            outbox.stop()
         assert [_state(journal, s) for s in seqs] == [DeliveryState.DELIVERED] * 2
     finally:
         pacs.stop()

@@ -167,6 +167,8 @@ def test_a_pacs_away_for_a_while_loses_nothing_and_gets_each_report_once(
     assert len(pacs.instances()) == 5  # each once
     reports = {_result(d, r.sequence).delivery.report_sop_instance_uid for r in results}
     assert len(reports) == 5 and all(pacs.find_sop(uid) for uid in reports)
+    tries = sorted(_result(d, r.sequence).delivery.attempts for r in results)
+    print(f"sent 5 with the PACS away; scored: 5; failed tries per report: {tries}; delivered once each: 5")
 
 
 def test_kill_9_during_a_burst_scores_every_acknowledged_instance_once(
