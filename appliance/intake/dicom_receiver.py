@@ -359,12 +359,14 @@ class DicomReceiver:
             if not self.faults.report(e):  # a full disk is said once, by the fault
                 log.error("could not spool a C-STORE from AE %s (answered 0xA700): %s", calling, e.strerror)
             return OUT_OF_RESOURCES
+        known = _UID.fullmatch(instance) is not None
         arrival = Arrival(
             source=SOURCE,
             path=path,
-            file_name=f"{instance}.dcm" if _UID.fullmatch(instance) else "instance.dcm",
+            file_name=f"{instance}.dcm" if known else "instance.dcm",
             size=len(data),
             content_hash=digest_bytes(data),
+            instance_uid=instance if known else None,  # the same instance in another encoding is not scored again
         )
         try:
             submitted = self.intake.submit(arrival)

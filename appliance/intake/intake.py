@@ -43,6 +43,7 @@ class Arrival:
     size: int
     content_hash: str
     mtime_ns: int = 0  # the folder's: with the path and size, how a file already seen is known again
+    instance_uid: str | None = None  # a DICOM instance's SOP Instance UID, where known before decoding
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Intake:
             size=arrival.size,
             mtime_ns=arrival.mtime_ns,
             content_hash=arrival.content_hash,
+            instance_uid=arrival.instance_uid,
         )
         original = reg.duplicate_of
         if original is not None:

@@ -29,7 +29,7 @@ RESERVE = 1000
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _INPUT_COLUMNS = [
     *("id", "source", "path", "file_name", "size", "mtime_ns", "content_hash", "state", "duplicate_of"),
-    *("disposed_path", "attempts", "created_ms", "updated_ms"),
+    *("disposed_path", "attempts", "created_ms", "updated_ms", "instance_uid"),
 ]
 _RESULT_COLUMNS = ["seq", "input_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms", "payload_version"]
 _OUTBOX_COLUMNS = [

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS {name} (
     disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
     attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
     created_ms      INTEGER NOT NULL,
-    updated_ms      INTEGER NOT NULL
+    updated_ms      INTEGER NOT NULL,
+    instance_uid    TEXT              -- a DICOM instance's SOP Instance UID, where the way in knows it up front
 );
 """
 _INPUT_FIELDS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of, disposed_path, "
@@ -59,6 +60,9 @@ SCHEMA = (
 -- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
 CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
     WHERE state NOT IN ('duplicate', 'failed');
+-- And one per DICOM instance: the same instance sent again in another encoding (other bytes) is a duplicate.
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_instance ON inputs(instance_uid)
+    WHERE instance_uid IS NOT NULL AND state NOT IN ('duplicate', 'failed');
 CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
 CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
 
@@ -421,20 +425,23 @@ class Journal:
         size: int,
         mtime_ns: int,
         content_hash: str,
+        instance_uid: str | None = None,
     ) -> Registration:
-        """Record an input before any work on it. Content seen before becomes a 'duplicate' row."""
+        """Record an input before any work on it. Content seen before, or a DICOM instance seen before
+        (``instance_uid``, where the way in knows it), becomes a 'duplicate' row."""
         now = _now_ms()
         with self._transaction() as db:
             first = db.execute(
-                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE content_hash = ? AND state NOT IN ('duplicate', 'failed')",
-                (content_hash,),
+                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE (content_hash = ? OR instance_uid = ?) "
+                "AND state NOT IN ('duplicate', 'failed') ORDER BY id LIMIT 1",
+                (content_hash, instance_uid),
             ).fetchone()
             state = "duplicate" if first else "queued"
             fields = (source, path, file_name, size, mtime_ns, content_hash, state, first[0] if first else None)
             cur = db.execute(
                 "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_hash, state, "
-                "duplicate_of, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (source, _path_bytes(path), *fields[2:], now, now),
+                "duplicate_of, created_ms, updated_ms, instance_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (source, _path_bytes(path), *fields[2:], now, now, instance_uid),
             )
             input_id = cur.lastrowid
             assert input_id is not None

@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode_file_meta
@@ -219,6 +220,24 @@ def test_the_same_instance_sent_twice_is_scored_once(core: ScoringCore, receive:
     assert _store(receiver.port, CT) == [SUCCESS]  # a re-send, on a new association: answered, not scored
     first, again = _inputs(core.journal)
     assert first.content_hash == again.content_hash and again.duplicate_of == first.id
+    assert len(results_of(core.journal, first.id)) == 1
+    assert core.journal.results_for_input(again.id) == [] and _duplicates(core) == 1.0
+    _spool_empties(core)
+
+
+def test_the_same_instance_sent_again_in_another_encoding_is_scored_once(
+    core: ScoringCore, receive: Receive, tmp_path: Path
+) -> None:
+    """Other bytes (implicit VR, as another sender or a gateway would send it), the same SOP Instance UID."""
+    receiver = receive()
+    implicit = tmp_path / "ct-implicit.dcm"
+    ds = dcmread(CT)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(implicit, enforce_file_format=True)
+    assert _store(receiver.port, CT) == [SUCCESS]
+    assert _store(receiver.port, implicit) == [SUCCESS]
+    first, again = _inputs(core.journal)
+    assert first.content_hash != again.content_hash and again.duplicate_of == first.id
     assert len(results_of(core.journal, first.id)) == 1
     assert core.journal.results_for_input(again.id) == [] and _duplicates(core) == 1.0
     _spool_empties(core)

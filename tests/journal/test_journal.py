@@ -198,3 +198,20 @@ def test_a_recorded_move_is_never_erased_by_a_later_empty_one(tmp_path: Path) ->
     j.set_disposed(i, "")  # the finisher found the file already moved by a rescan
     row = j._reader().execute("SELECT disposed_path FROM inputs WHERE id = ?", (i,)).fetchone()
     assert bytes(row[0]) == b"/processed/a"
+
+
+def test_a_dicom_instance_seen_before_is_a_duplicate_whatever_its_bytes(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    kw = {"source": "dicom", "size": 10, "mtime_ns": 0, "instance_uid": "1.2.3"}
+    first = j.register(path="/spool/a", file_name="a", content_hash="explicit-vr", **kw)  # type: ignore[arg-type]
+    again = j.register(path="/spool/b", file_name="b", content_hash="implicit-vr", **kw)  # type: ignore[arg-type]
+    assert first.duplicate_of is None and again.duplicate_of is not None and again.duplicate_of.id == first.input.id
+    other = j.register(
+        source="dicom", path="/spool/c", file_name="c", size=1, mtime_ns=0, content_hash="x", instance_uid="1.2.4"
+    )
+    plain = j.register(source="folder", path="/in/d", file_name="d", size=1, mtime_ns=0, content_hash="y")
+    assert other.duplicate_of is None and plain.duplicate_of is None  # no UID known: content alone decides
+    # A transient failure does not count: the instance sent again is scored.
+    j.complete(first.input.id, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x", transient=True)])
+    retry = j.register(path="/spool/e", file_name="e", content_hash="third", **kw)  # type: ignore[arg-type]
+    assert retry.duplicate_of is None
