@@ -18,8 +18,12 @@ from appliance.api.client import wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
+DICOM_AE = "APPLIANCE"  # the daemon's receiver
+SCANNER_AE = "BENCH"  # the only caller it allows: storescu
+PACS_AE = "BENCHPACS"  # the stand-in PACS the reports go to
 
-def _free_port() -> int:
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -61,7 +65,10 @@ class BenchDaemon:
     decode_with: str = "processes"
     backend: str = "auto"  # the config's inference.backend: `make gpu-check` benches TensorRT by name
     device: int = 0
-    port: int = field(default_factory=_free_port)
+    dicom: bool = False  # the DICOM receiver on too, for callers titled SCANNER_AE
+    pacs_port: int | None = None  # [pacs] on: reports go to a PACS_AE on this loopback port
+    port: int = field(default_factory=free_port)
+    dicom_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     arrivals: list[Arrival] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -77,6 +84,14 @@ class BenchDaemon:
         self.incoming.mkdir(parents=True)
         workers = self.decode_workers or os.cpu_count() or 2
         config = self.root / "appliance.toml"
+        ways = ""
+        if self.dicom:
+            ways += (
+                f'[dicom]\nenabled = true\nhost = "127.0.0.1"\nport = {self.dicom_port}\nae_title = "{DICOM_AE}"\n'
+                f'allowed = [{{ ae_title = "{SCANNER_AE}" }}]\n'
+            )
+        if self.pacs_port is not None:
+            ways += f'[pacs]\nenabled = true\nhost = "127.0.0.1"\nport = {self.pacs_port}\nae_title = "{PACS_AE}"\n'
         config.write_text(
             f'[watch]\ndir = "{self.incoming}"\nprocessed_dir = "{self.root / "processed"}"\nstable_s = 0.2\n'
             f'rejected_dir = "{self.root / "rejected"}"\n'
@@ -86,7 +101,7 @@ class BenchDaemon:
             f'backend = "{self.backend}"\ndevice = {self.device}\n'
             f'decode_with = "{self.decode_with}"\n'
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
-            '[logging]\nlevel = "WARNING"\n'
+            '[logging]\nlevel = "WARNING"\n' + ways
         )
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(

@@ -48,7 +48,40 @@ def text(figures: dict[str, Any]) -> str:
             f"  shrink-first vs full-res float: max |diff| {e['max_abs']:.4f}, mean {e['mean_abs']:.5f} "
             f"(display units 0..1, on {e['images']} images)"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + cstore_text(f))
+
+
+def cstore_text(f: dict[str, Any]) -> list[str]:
+    """The C-STORE runs (bench/cstore.py), each against the run before it in this same bench."""
+    if "cstore" not in f:
+        return []
+    c = f["cstore"]
+    if "skipped" in c:
+        return [f"  C-STORE                skipped: {c['skipped']}"]
+    lines = [
+        f"  C-STORE (DCMTK storescu on this host -> the DICOM receiver, one association, the same {f['count']} files)",
+        f"    end to end           {c['e2e_files_s']:8.1f} files/s   ratio to the folder's e2e "
+        f"{c['ratio_e2e_to_folder']:.2f}   (storescu's start to the last result)",
+        f"    latency              first file sent to last result {c['latency_s']:.2f} s; storescu had every "
+        f"acknowledgement after {c['storescu_s']:.2f} s",
+        f"                         ratio {c['ratio_storescu_to_latency']:.2f} (the scanner's wait / the whole)",
+        f"    CPU per file         {c['daemon_cpu_ms_per_file']:.1f} ms   ratio to the folder's "
+        f"{c['ratio_cpu_to_folder']:.2f}",
+    ]
+    if "cstore_pacs" in f:
+        p = f["cstore_pacs"]
+        after = p["last_report_after_last_result_s"]
+        lines += [
+            "  C-STORE with [pacs] on: the same burst, each scored image's Enhanced SR made on the finisher thread",
+            "    and sent by the outbox to a stand-in PACS (a pynetdicom Storage SCP in the bench that keeps nothing)",
+            f"    end to end           {p['e2e_files_s']:8.1f} files/s   ratio to C-STORE without PACS "
+            f"{p['ratio_e2e_to_cstore']:.2f}",
+            f"    CPU per file         {p['daemon_cpu_ms_per_file']:.1f} ms   ratio to C-STORE without PACS "
+            f"{p['ratio_cpu_to_cstore']:.2f}",
+            f"    reports delivered    {p['reports_received']} of {p['reports_expected']}"
+            + (f", the last {after:.2f} s after the last result" if after is not None else ""),
+        ]
+    return lines
 
 
 def write_json(path: Path, figures: dict[str, Any]) -> None:

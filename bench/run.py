@@ -4,6 +4,7 @@ and percentiles (machines here are noisy; absolute timings are never pass/fail a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -24,6 +25,7 @@ from appliance.toolkit import (
     quiet_pydicom,
 )
 from appliance.v1 import scoring_pb2 as pb
+from bench import cstore
 from bench.daemon_run import BenchDaemon
 from bench.inputs import WORKLOADS, write_inputs
 from bench.report import percentiles, text, write_json, write_png
@@ -75,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=int, default=10, help="single images on an idle daemon, for latency")
     p.add_argument("--naive", type=int, default=24, help="files through the hand-written loop")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="the batcher's delay, as the daemon has it")
+    p.add_argument("--no-cstore", action="store_true", help="radiograph: skip the burst sent by DCMTK's storescu")
+    p.add_argument("--no-pacs", action="store_true", help="radiograph: skip the C-STORE burst with [pacs] on")
     return p
 
 
@@ -131,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     figures["naive_files_s"] = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
 
     print("the daemon: idle latency, then the burst ...", flush=True)
-    daemon = BenchDaemon(work / "daemon", model_dir, config.model.engines_dir, max_delay_ms=args.max_delay_ms,
-                         backend=config.inference.backend, device=config.inference.device)  # fmt: skip
+    make_daemon = functools.partial(BenchDaemon, model=model_dir, engines=config.model.engines_dir,
+                                    max_delay_ms=args.max_delay_ms, backend=config.inference.backend,
+                                    device=config.inference.device)  # fmt: skip
+    daemon = make_daemon(root=work / "daemon")
     daemon.start()
     try:
         idle = []
@@ -172,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["e2e_files_s"], prepare_alone, figures["raw_max_batch_img_s"], [a.result.timings for a in burst]
     )
     figures["daemon_cpu_ms_per_file"] = burst_cpu_s * 1e3 / len(burst)
+    if args.workload == "radiograph" and not args.no_cstore:  # the scanner's other way to send: DICOM
+        figures.update(cstore.measure(make_daemon, work, idle_paths, burst_paths, figures, with_pacs=not args.no_pacs))
 
     report = text(figures)
     print(report)
