@@ -39,6 +39,9 @@ def setup_logging(level: str, json_format: bool) -> None:
     # the receiver and the outbox say what matters in their own lines, with hashed UIDs.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     logging.getLogger("pynetdicom").propagate = False
+    # highdicom logs the source image's SOP Instance UID at INFO for every report it makes.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").propagate = False
     quiet_pydicom()
 
 

@@ -45,6 +45,7 @@ MAX_CONTEXTS = 128
 # resource limitation (PS3.7 C.5.21).
 _OUT_OF_RESOURCES = 0xA700
 _RESOURCE_LIMITATION = 0x0213
+_DUPLICATE_INSTANCE = 0x0111  # "Duplicate SOP Instance": the PACS has it
 # Statuses recorded for what was refused before the PACS was asked (no DIMSE status exists for it); each is the
 # standard's status of that meaning, and the reason says it was decided here.
 _NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported (the PACS accepted no presentation context for it)
@@ -72,8 +73,8 @@ def verdict(status: int) -> Verdict:
     0x0116, ...) are delivered; out of resources (0xA7xx, 0x0213), cancel and pending are tried again; every
     other failure (0xA9xx, 0xCxxx, 0x0122, unknown codes) is a refusal."""
     category = code_to_category(status)
-    if category in ("Success", "Warning"):
-        return Verdict.DELIVERED
+    if category in ("Success", "Warning") or status == _DUPLICATE_INSTANCE:
+        return Verdict.DELIVERED  # a duplicate: the PACS holds it already (sent again after a crash)
     if status & 0xFF00 == _OUT_OF_RESOURCES or status == _RESOURCE_LIMITATION or category in ("Cancel", "Pending"):
         return Verdict.RETRY
     return Verdict.REFUSED

@@ -62,9 +62,16 @@ class Reports:
                 continue
             try:
                 report = build_report(source, result, manifest, self.device, series_number=self.pacs.series_number)
+                out.append((NewDelivery(str(report.SOPClassUID), str(report.SOPInstanceUID), encode(report)),))
             except ReportError as e:
                 log.warning("input %d frame %d: no report for the PACS: %s", input_id, result.frame_index, e.message)
                 out.append(())
-                continue
-            out.append((NewDelivery(str(report.SOPClassUID), str(report.SOPInstanceUID), encode(report)),))
+            except Exception as e:  # a result is never held back by its report; the type only (no header data)
+                log.error(
+                    "input %d frame %d: no report for the PACS: %s while making it",
+                    input_id,
+                    result.frame_index,
+                    type(e).__name__,
+                )
+                out.append(())
         return out

@@ -97,7 +97,9 @@ def _resolve(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Addre
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError as e:
-        raise ConfigError(f"dicom.allowed: the host {host!r} does not resolve ({e.strerror or e}).") from e
+        # A DNS hiccup at boot must not keep the folder and gRPC down: this caller is refused until a restart.
+        log.error("dicom.allowed: the host %r does not resolve (%s); that scanner is refused", host, e.strerror or e)
+        return frozenset()
     return frozenset(a for info in infos if (a := _address(str(info[4][0]))) is not None)
 
 

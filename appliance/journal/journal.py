@@ -21,7 +21,7 @@ from appliance.journal import payload as payload_format
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _INPUTS_TABLE = """
 CREATE TABLE IF NOT EXISTS {name} (
     id              INTEGER PRIMARY KEY,
@@ -36,10 +36,12 @@ CREATE TABLE IF NOT EXISTS {name} (
     disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
     attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
     created_ms      INTEGER NOT NULL,
-    updated_ms      INTEGER NOT NULL,
-    instance_uid    TEXT              -- a DICOM instance's SOP Instance UID, where the way in knows it up front
+    updated_ms      INTEGER NOT NULL{extra}
 );
 """
+# Version 4's column, beside what version 3 rebuilt the table with (version 3 steps rebuild it without).
+_INSTANCE_UID = """,
+    instance_uid    TEXT              -- a DICOM instance's SOP Instance UID, where the way in knows it up front"""
 _INPUT_FIELDS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of, disposed_path, "
 _INPUT_FIELDS += "attempts, created_ms, updated_ms"
 # Each step upgrades one version to the next; a journal is upgraded whole, in one transaction, or not at all.
@@ -49,20 +51,23 @@ MIGRATIONS = {
     1: "ALTER TABLE inputs RENAME COLUMN content_sha256 TO content_hash;",
     # Version 2 allowed only the folder and gRPC as sources (SQLite changes a CHECK by rebuilding the
     # table), and stored every payload as an appliance.v1.Result: those rows say payload version 1.
-    2: _INPUTS_TABLE.format(name="inputs_v3")
+    2: _INPUTS_TABLE.format(name="inputs_v3", extra="")
     + f"INSERT INTO inputs_v3 ({_INPUT_FIELDS}) SELECT {_INPUT_FIELDS} FROM inputs;"
     + "DROP TABLE inputs; ALTER TABLE inputs_v3 RENAME TO inputs;"
     + "ALTER TABLE results ADD COLUMN payload_version INTEGER NOT NULL DEFAULT 1;",
+    # Version 3 had no instance UIDs (its outbox table, new in 4, is made by SCHEMA).
+    3: "ALTER TABLE inputs ADD COLUMN instance_uid TEXT;",
 }
 SCHEMA = (
-    _INPUTS_TABLE.format(name="inputs")
+    _INPUTS_TABLE.format(name="inputs", extra=_INSTANCE_UID)
     + """-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
 -- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
 CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
     WHERE state NOT IN ('duplicate', 'failed');
--- And one per DICOM instance: the same instance sent again in another encoding (other bytes) is a duplicate.
+-- And one per DICOM instance: the same instance sent again in another encoding (other bytes) is a duplicate
+-- of one queued or scored; a rejection judged those bytes, so other bytes of the instance are tried.
 CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_instance ON inputs(instance_uid)
-    WHERE instance_uid IS NOT NULL AND state NOT IN ('duplicate', 'failed');
+    WHERE instance_uid IS NOT NULL AND state IN ('queued', 'scored');
 CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
 CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
 
@@ -432,8 +437,8 @@ class Journal:
         now = _now_ms()
         with self._transaction() as db:
             first = db.execute(
-                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE (content_hash = ? OR instance_uid = ?) "
-                "AND state NOT IN ('duplicate', 'failed') ORDER BY id LIMIT 1",
+                f"SELECT {_INPUT_COLUMNS} FROM inputs WHERE (content_hash = ? AND state NOT IN ('duplicate', "
+                "'failed')) OR (instance_uid = ? AND state IN ('queued', 'scored')) ORDER BY id LIMIT 1",
                 (content_hash, instance_uid),
             ).fetchone()
             state = "duplicate" if first else "queued"

@@ -445,7 +445,7 @@ def test_dicom_tls_with_a_client_certificate(journal: Journal, tmp_path: Path) -
     ("status", "expected"),
     [
         (0x0000, Verdict.DELIVERED),
-        *((w, Verdict.DELIVERED) for w in (0xB000, 0xB006, 0xB007, 0x0107, 0x0116)),
+        *((w, Verdict.DELIVERED) for w in (0xB000, 0xB006, 0xB007, 0x0107, 0x0116, 0x0111)),
         *((f, Verdict.RETRY) for f in (0xA700, 0xA7FF, 0x0213)),
         *((f, Verdict.REFUSED) for f in (0xA900, 0xA9FF, 0xC000, 0xCFFF, 0x0117, 0x0122, 0x0124, 0x0211)),
     ],

@@ -45,3 +45,47 @@ CREATE TABLE IF NOT EXISTS meta (
 
 # Schema version 1 (0.1.0): version 2 with the content column under its old name.
 SCHEMA_1 = SCHEMA_2.replace("content_hash", "content_sha256")
+
+# Schema version 3 (issue 11's rooms): any source, versioned payloads; no instance UIDs, no outbox yet.
+SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS inputs (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT NOT NULL CHECK (source != ''),  -- the way in (folder, grpc, ...): any new one fits
+    path            BLOB,             -- where the file was found, as the OS's bytes (names need not be UTF-8)
+    file_name       TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    content_hash    TEXT NOT NULL,    -- BLAKE3-256, hex (appliance.journal.content_hash)
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'scored', 'rejected', 'failed', 'duplicate')),
+    duplicate_of    INTEGER REFERENCES inputs(id),
+    disposed_path   BLOB,             -- where the file went afterwards (empty when deleted)
+    attempts        INTEGER NOT NULL DEFAULT 0,  -- starts that found it unfinished: a poison file is given up
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL
+);
+-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
+-- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
+CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
+    WHERE state NOT IN ('duplicate', 'failed');
+CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
+CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
+
+CREATE TABLE IF NOT EXISTS results (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the stream's resume point
+    input_id        INTEGER NOT NULL REFERENCES inputs(id),
+    frame_index     INTEGER NOT NULL,
+    outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected')),
+    sop_uid         TEXT NOT NULL DEFAULT '',
+    payload         BLOB NOT NULL,    -- the result without its sequence (appliance.journal.payload)
+    created_ms      INTEGER NOT NULL,
+    payload_version INTEGER NOT NULL DEFAULT 1,  -- the payload's format: appliance.journal.payload.VERSION
+    UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
+);
+CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+
+-- The journal's identity (journal_id, created_ms), matched at start against the marker file beside it.
+CREATE TABLE IF NOT EXISTS meta (
+    key             TEXT PRIMARY KEY,
+    value           TEXT NOT NULL
+);
+"""

@@ -215,3 +215,7 @@ def test_a_dicom_instance_seen_before_is_a_duplicate_whatever_its_bytes(tmp_path
     j.complete(first.input.id, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x", transient=True)])
     retry = j.register(path="/spool/e", file_name="e", content_hash="third", **kw)  # type: ignore[arg-type]
     assert retry.duplicate_of is None
+    # A rejection judged those bytes (a syntax that would not decode, say): other bytes of it are tried.
+    j.complete(retry.input.id, [NewResult(frame_index=0, outcome="rejected", sop_uid="", payload=b"x")])
+    other_bytes = j.register(path="/spool/f", file_name="f", content_hash="fourth", **kw)  # type: ignore[arg-type]
+    assert other_bytes.duplicate_of is None

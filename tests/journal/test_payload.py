@@ -111,3 +111,29 @@ def test_an_empty_source_is_still_refused(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite3")
     with pytest.raises(sqlite3.IntegrityError):
         j.register(source="", path="/x", file_name="x", size=1, mtime_ns=0, content_hash="h")
+
+
+def test_a_version_3_journal_is_upgraded_and_gains_instance_dedupe_and_the_outbox(tmp_path: Path) -> None:
+    from tests.journal.old_schemas import SCHEMA_3
+
+    path = tmp_path / "j.sqlite3"
+    with sqlite3.connect(path) as db:  # as issue 11's release wrote it
+        db.executescript(SCHEMA_3)
+        db.execute("PRAGMA user_version = 3")
+        db.execute(
+            "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_hash, state, created_ms, "
+            "updated_ms) VALUES ('dicom', CAST('/spool/a' AS BLOB), 'a', 10, 1, 'old', 'queued', 1, 1)"
+        )
+    j = Journal(path)
+    assert [row.id for row in j.pending()] == [1]  # what was queued stays queued
+    first = j.register(
+        source="dicom", path="/spool/b", file_name="b", size=1, mtime_ns=0, content_hash="b", instance_uid="9.9"
+    )
+    again = j.register(
+        source="dicom", path="/spool/c", file_name="c", size=1, mtime_ns=0, content_hash="c", instance_uid="9.9"
+    )
+    assert first.duplicate_of is None and again.duplicate_of is not None and again.duplicate_of.id == first.input.id
+    assert j.outbox_depth() == (0, None)
+    j.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
