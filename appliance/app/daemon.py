@@ -41,6 +41,7 @@ CHECK_S = 1.0  # how often the run loop checks free space and the stages
 # systemd kills the service TimeoutStopSec (60 s) after SIGTERM: a graceful stop gives up well before that.
 STOP_LIMIT_S = 40.0
 FINISH_IN_FLIGHT_S = 20.0  # of which finishing what is in the stages may take this long
+OUTBOX_STOP_S = 5.0  # and the outbox's send in flight this long
 
 
 def _check_folders(config: Config) -> None:
@@ -369,6 +370,11 @@ class Daemon:
         step[0] = "stopping the DICOM receiver"
         if self.receiver is not None:
             self.receiver.stop()
+        step[0] = "stopping the outbox"
+        if self.outbox is not None:
+            # First, and briefly: what it has not sent stays in the journal's outbox for the next start, and a
+            # PACS that does not answer must not hold the stop past systemd's limit.
+            self.outbox.stop(timeout=OUTBOX_STOP_S)
         step[0] = "stopping the ingest"
         if self.ingestor is not None:
             self.ingestor.stop()
@@ -380,9 +386,6 @@ class Daemon:
         if self.processor is not None:
             # Leave time for the rest of the stop (pool, batcher, journal) inside the limit.
             self.processor.stop(timeout=max(1.0, min(FINISH_IN_FLIGHT_S, deadline - time.monotonic() - 15.0)))
-        step[0] = "stopping the outbox"
-        if self.outbox is not None:
-            self.outbox.stop()  # what it has not sent stays in the journal's outbox for the next start
         step[0] = "closing the backend"
         if self.backend is not None:
             self.backend.close()

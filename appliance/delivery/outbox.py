@@ -204,14 +204,15 @@ class Outbox:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Finish the object being sent, record the answers, and return (within about the timeout): what was not
-        sent stays pending, as it was."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the object being sent, record the answers, and return (within about ``timeout``, by default
+        the PACS's timeout): what was not sent stays pending, as it was."""
         self._stopping.set()
         self.wake()
         if not self._thread.is_alive():
             return
-        self._thread.join(self._config.timeout_s + 1.0)
+        wait = self._config.timeout_s + 1.0 if timeout is None else timeout
+        self._thread.join(wait)
         assoc = self._assoc
         if self._thread.is_alive() and assoc is not None:
             # The PACS does not answer within the timeout: give up the association; the object in flight stays
@@ -220,7 +221,7 @@ class Outbox:
                 "outbox: the PACS %s did not answer in %g s; stopping without it", self._peer, self._config.timeout_s
             )
             assoc.abort()
-            self._thread.join(5.0)
+            self._thread.join(min(5.0, wait))
 
     def alive(self) -> bool:
         return self._thread.is_alive()

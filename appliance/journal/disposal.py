@@ -60,13 +60,15 @@ def spooled(source: str) -> bool:
 
 def dispose(src: Path, input_id: int, source: str, result: Result | None, config: WatchConfig) -> str:
     """The one disposal policy, for a scored input and for a duplicate of one alike, from its (first)
-    result: a spooled copy is deleted; a rejected file is set aside with its reason; a scored one follows
-    ``after_scoring``. Returns where the file is now ('' when gone)."""
+    result: a rejected file is set aside with its reason (a spooled copy too: its sender may have been
+    answered before scoring, as a DICOM sender is, and can send it again only if it is kept); a scored
+    spooled copy is deleted; a scored file follows ``after_scoring``. Returns where the file is now ('' when
+    gone)."""
+    if result is not None and result.rejection is not None:
+        return dispose_rejected(src, input_id, result.rejection, config)
     if spooled(source):
         src.unlink(missing_ok=True)
         return ""
-    if result is not None and result.rejection is not None:
-        return dispose_rejected(src, input_id, result.rejection, config)
     return dispose_scored(src, input_id, config)
 
 

@@ -437,3 +437,21 @@ def test_dcmtk_storescu_over_tls_with_its_certificate(core: ScoringCore, receive
     assert storescu([CT], HOST, receiver.port, SCANNER, APPLIANCE).returncode != 0  # plain TCP
     [row] = _inputs(core.journal)
     assert row.source == "dicom"
+
+
+def test_an_instance_that_is_not_scored_is_set_aside_with_its_reason_not_deleted(
+    core: ScoringCore, receive: Receive
+) -> None:
+    """The scanner was answered before scoring and will not send it again: a rejected instance is kept."""
+    receiver = receive()
+    report = Path(get_testdata_file("test-SR.dcm"))  # no pixel data: rejected
+    assert _store(receiver.port, report) == [SUCCESS]
+    [row] = _inputs(core.journal)
+    [result] = results_of(core.journal, row.id)
+    assert result.rejection is not None and result.rejection.code == "no_pixel_data"
+    _spool_empties(core)  # moved aside after the commit
+    rejected = core.config.watch.rejected_dir
+    kept = [p for p in rejected.iterdir() if not p.name.endswith(".reason.txt")]
+    assert [p.read_bytes() for p in kept] == [_as_received(report)]
+    reason = next(rejected.glob("*.reason.txt")).read_text()
+    assert f"input_id: {row.id}" in reason and "code: no_pixel_data" in reason
