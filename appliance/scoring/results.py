@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from appliance.domain.errors import ApplianceError, DecodeTimeout, FileVanished, InferenceFailed, InputRejected
 from appliance.domain.manifest import Manifest
@@ -68,14 +69,30 @@ def build_results(
     return out
 
 
-def _ids(meta: ImageMeta | None) -> ImageIds:
-    if meta is None:
-        return ImageIds()
-    return ImageIds(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number)
-
-
-def _scored_by(manifest: Manifest, backend_name: str) -> ScoredBy:
-    return ScoredBy(manifest.model.name, manifest.model.version, backend_name)
+def _result(
+    facts: InputFacts,
+    manifest: Manifest,
+    backend_name: str,
+    meta: ImageMeta | None,
+    times: Timings,
+    frame_index: int,
+    frame_count: int,
+    **outcome: Any,
+) -> Result:
+    """What every result holds, scored or not; ``outcome`` says which, and what it found or why not."""
+    ids = ImageIds()
+    if meta is not None:
+        ids = ImageIds(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number)
+    return Result(
+        input=facts,
+        scored_by=ScoredBy(manifest.model.name, manifest.model.version, backend_name),
+        created_unix_ms=time.time_ns() // 1_000_000,
+        timings=times,
+        ids=ids,
+        frame_index=frame_index,
+        frame_count=frame_count,
+        **outcome,
+    )
 
 
 def scored(
@@ -88,15 +105,15 @@ def scored(
     frame_index: int,
     frame_count: int,
 ) -> Result:
-    return Result(
-        input=facts,
-        scored_by=_scored_by(manifest, backend_name),
+    return _result(
+        facts,
+        manifest,
+        backend_name,
+        meta,
+        times,
+        frame_index,
+        frame_count,
         outcome=Outcome.SCORED,
-        created_unix_ms=time.time_ns() // 1_000_000,
-        timings=times,
-        ids=_ids(meta),
-        frame_index=frame_index,
-        frame_count=frame_count,
         scores=tuple(LabelScore(lb, v) for lb, v in zip(scores.labels, scores.values, strict=True)),
         decision=scores.verdict,
         findings=scores.findings,
@@ -136,16 +153,17 @@ def rejected(
     frame_count: int = 1,
 ) -> Result:
     """The result that says why an input was not scored, with the error's own code."""
-    return Result(
-        input=facts,
-        scored_by=_scored_by(manifest, backend_name),
+    rejection = Rejection(error.code, error.message)
+    return _result(
+        facts,
+        manifest,
+        backend_name,
+        meta,
+        times,
+        frame_index,
+        frame_count,
         outcome=Outcome.REJECTED,
-        created_unix_ms=time.time_ns() // 1_000_000,
-        timings=times,
-        ids=_ids(meta),
-        frame_index=frame_index,
-        frame_count=frame_count,
-        rejection=Rejection(error.code, error.message),
+        rejection=rejection,
     )
 
 
