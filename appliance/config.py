@@ -88,6 +88,11 @@ class InferenceConfig(_Section):
         "(inference.threads, inference.device) or from an [inference.<name>] table; defaults for the rest.",
     )
     max_batch: int = Field(0, ge=0, description="Cap on the batch size; 0 uses the manifest's max_batch.")
+    heatmaps: bool = Field(
+        True,
+        description="Compute where the model looked (the manifest's [heatmap]) in the same inference call, and "
+        "send it with each result; false saves its cost (`make bench` measures it).",
+    )
     max_delay_ms: float = Field(
         5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."
     )

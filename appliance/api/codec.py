@@ -57,6 +57,19 @@ def to_message(result: Result, delivery: Delivery | None = None) -> pb.Result:
     if result.rejection is not None:
         message.rejection.code = result.rejection.code
         message.rejection.message = result.rejection.message
+    if result.heatmap is not None:
+        h = result.heatmap
+        x0, y0, x1, y1 = h.extent
+        message.heatmap.CopyFrom(
+            pb.Heatmap(
+                width=h.width,
+                height=h.height,
+                values=h.values,
+                label=h.label,
+                method=h.method,
+                extent=pb.Extent(x0=x0, y0=y0, x1=x1, y1=y1),
+            )
+        )
     if delivery is not None:
         message.delivery.CopyFrom(
             pb.Delivery(

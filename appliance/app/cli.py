@@ -18,7 +18,7 @@ from appliance.domain.manifest import load_manifest
 from appliance.domain.result import InputFacts, Timings
 from appliance.inference.batcher import BatchTiming
 from appliance.inference.loader import open_backend
-from appliance.inference.runs import scores_in_batches
+from appliance.inference.runs import rows_in_batches
 from appliance.journal.content_hash import digest_bytes
 from appliance.logging_setup import setup_logging
 from appliance.prepare.preparer import Preparer
@@ -192,7 +192,7 @@ def _score(config: Config, files: list[Path]) -> int:
                 failures += 1
                 continue
             t1 = time.perf_counter()
-            rows = scores_in_batches(backend, prepared.tensors, manifest.output.activation)
+            rows = rows_in_batches(backend, prepared.tensors, manifest.output.activation)
             timing = BatchTiming(queue_ms=0.0, infer_ms=(time.perf_counter() - t1) * 1e3, batch_size=len(rows))
             frames: list[Frame | None] = [(row, None, timing) for row in rows]
             # The daemon's own result builder: an offline score is the daemon's result exactly.

@@ -182,6 +182,17 @@ class Decision(_Strict):
     )
 
 
+class Heatmap(_Strict):
+    """Where the model looked: an output `make engine` and the loader add to the graph (inference/heatmap_graph.py)."""
+
+    method: Literal["gradcam", "cam"] = Field(
+        description="gradcam: the decided class's logit's gradient, taken back through the head to the feature "
+        "maps; cam: class activation maps, for a global-average-pooling head with one linear layer."
+    )
+    feature: str = Field(description="The ONNX tensor holding the last feature maps, N x C x H x W.")
+    output: str = Field("heatmap", description="Name of the heatmap output added to the graph.")
+
+
 class Batching(_Strict):
     max_batch: int = Field(8, ge=1, le=1024, description="Largest batch the daemon sends to the backend.")
 
@@ -213,6 +224,7 @@ class Manifest(_Strict):
     preprocess: Preprocess = Field(default_factory=Preprocess)
     output: Output
     decision: Decision = Field(default_factory=Decision)
+    heatmap: Heatmap | None = Field(None, description="Where the model looked; a model that declares none has none.")
     batching: Batching = Field(default_factory=Batching)
     accuracy: Accuracy = Field(default_factory=Accuracy)
     calibration: Calibration = Field(default_factory=Calibration)
@@ -226,6 +238,8 @@ class Manifest(_Strict):
         unknown = set(self.decision.negative_labels) - set(self.output.labels)
         if unknown:
             raise ValueError(f"decision.negative_labels names unknown labels: {sorted(unknown)}")
+        if self.heatmap is not None and self.heatmap.output == self.output.name:
+            raise ValueError(f"heatmap.output {self.heatmap.output!r} is the scores' output name; choose another")
         return self
 
 

@@ -68,6 +68,33 @@ class ScoredBy:
 
 
 @dataclass(frozen=True)
+class Heatmap:
+    """Where the model looked for one label, as an 8-bit grid at the feature maps' resolution.
+
+    ``values`` is row-major, ``height`` x ``width`` bytes; 255 is the map's peak, 0 no evidence (the map is
+    normalised per image, so values compare places within one image, not images). The grid covers the model's
+    input, which the source image was resized (and perhaps letterboxed) into: ``extent`` is where the grid's
+    outer edges fall in the source image's pixel coordinates, (x0, y0, x1, y1) with x along columns and y down
+    rows, so cell (i, j) covers x0 + j * (x1 - x0) / width ... and may reach past the image over padding.
+    """
+
+    width: int
+    height: int
+    values: bytes
+    label: str  # the class the map explains: the decided (top) one
+    method: str  # "gradcam" or "cam"
+    extent: tuple[float, float, float, float]
+
+    @property
+    def peak(self) -> tuple[float, float]:
+        """The centre of the grid's hottest cell (the first in row order on a tie), in source pixels (x, y)."""
+        index = max(range(len(self.values)), key=self.values.__getitem__)
+        row, col = divmod(index, self.width)
+        x0, y0, x1, y1 = self.extent
+        return x0 + (col + 0.5) * (x1 - x0) / self.width, y0 + (row + 0.5) * (y1 - y0) / self.height
+
+
+@dataclass(frozen=True)
 class Result:
     input: InputFacts
     scored_by: ScoredBy
@@ -82,6 +109,7 @@ class Result:
     findings: tuple[str, ...] = ()  # labels that make the decision (the top label for argmax)
     threshold: float = 0.0
     rejection: Rejection | None = None  # set when rejected
+    heatmap: Heatmap | None = None  # where the model looked, when its manifest declares a heatmap and it is on
     sequence: int = 0  # the journal's number, once stored
 
     @property

@@ -229,7 +229,17 @@ def _meta(ds: Dataset) -> ImageMeta:
         modality=text("Modality"),
         transfer_syntax=_syntax_name(ds),
         photometric=text("PhotometricInterpretation"),
+        rows=_size(ds, "Rows"),
+        columns=_size(ds, "Columns"),
     )
+
+
+def _size(ds: Dataset, keyword: str) -> int:
+    """Rows or Columns as the header gives it; 0 where it is missing or unreadable (decoding refuses those)."""
+    try:
+        return max(0, int(ds.get(keyword) or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _check_pixels_present(ds: Dataset) -> None:

@@ -58,6 +58,16 @@ class Preprocessor:
             return None
         return rows, cols
 
+    def source_extent(self, rows: int, cols: int) -> tuple[float, float, float, float]:
+        """Where the model input's outer edges fall in a rows x cols source image's pixel coordinates,
+        (x0, y0, x1, y1): the source itself when stretched, past its edges by the padding when letterboxed."""
+        if not self.letterbox:
+            return 0.0, 0.0, float(cols), float(rows)
+        new_h, new_w = self._target(rows, cols)
+        top, left = (self.height - new_h) // 2, (self.width - new_w) // 2
+        sx, sy = cols / new_w, rows / new_h
+        return -left * sx, -top * sy, (self.width - left) * sx, (self.height - top) * sy
+
     def _resize(self, img: np.ndarray) -> np.ndarray:
         h, w = img.shape[:2]
         if not self.letterbox:

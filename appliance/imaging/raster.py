@@ -139,7 +139,8 @@ def _read(data: bytes, kind: str, limits: DecodeLimits, preprocess: Preprocess) 
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         else:
             raise UnsupportedPixelFormat(f"Images with {channels} channels are not supported.")
-    return DecodedImage(frames=(_to_display(img, preprocess),), meta=ImageMeta(source_format=kind))
+    meta = ImageMeta(source_format=kind, rows=img.shape[0], columns=img.shape[1])
+    return DecodedImage(frames=(_to_display(img, preprocess),), meta=meta)
 
 
 def _to_display(img: np.ndarray, preprocess: Preprocess) -> np.ndarray:

@@ -21,6 +21,8 @@ class ImageMeta:
     modality: str = ""
     transfer_syntax: str = ""  # DICOM transfer syntax name, "" for raster files
     photometric: str = ""  # as read, e.g. MONOCHROME1, RGB, YBR_FULL_422
+    rows: int = 0  # the source image's size in pixels, before any shrinking: what a heatmap maps onto
+    columns: int = 0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from appliance.domain.errors import BackendError
 
 if TYPE_CHECKING:
+    from appliance.domain.manifest import Heatmap as HeatmapSpec
     from appliance.inference.artifacts import Sidecar
 
 
@@ -28,6 +29,15 @@ class TensorSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One batch's outputs: the scores (N x labels) and, where the model has one and it was asked for, the
+    heatmap (N x H x W, float32 in 0..1)."""
+
+    scores: np.ndarray
+    heatmap: np.ndarray | None = None
 
 
 class Backend(abc.ABC):
@@ -65,8 +75,18 @@ class Backend(abc.ABC):
         """The file this backend runs, for logs and ListModels."""
         return self._artifact_impl()
 
+    @property
+    def has_heatmap(self) -> bool:
+        """Whether ``run`` returns a heatmap: the manifest declares one, it was asked for, and the artifact has it."""
+        self._require_loaded()
+        return self._has_heatmap_impl()
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run one batch (N x sample shape) and return the first output (N x outputs)."""
+        """Run one batch (N x sample shape) and return its scores (N x outputs)."""
+        return self.run(batch).scores
+
+    def run(self, batch: np.ndarray) -> Outputs:
+        """Run one batch (N x sample shape) and return its scores and, where ``has_heatmap``, its heatmap."""
         self._require_loaded()
         spec = self._input_spec_impl()
         if batch.ndim != len(spec.shape):
@@ -76,8 +96,9 @@ class Backend(abc.ABC):
         if batch.dtype != spec.dtype:
             raise BackendError(f"Batch dtype {batch.dtype} does not match the model's {spec.dtype}.")
         out = self._infer_impl(np.ascontiguousarray(batch))
-        if out.shape[0] != batch.shape[0]:
-            raise BackendError(f"Backend returned {out.shape[0]} rows for a batch of {batch.shape[0]}.")
+        for what, array in (("score", out.scores), ("heatmap", out.heatmap)):
+            if array is not None and array.shape[0] != batch.shape[0]:
+                raise BackendError(f"Backend returned {array.shape[0]} {what} rows for a batch of {batch.shape[0]}.")
         return out
 
     def close(self) -> None:
@@ -113,7 +134,11 @@ class Backend(abc.ABC):
     def _artifact_impl(self) -> str: ...
 
     @abc.abstractmethod
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray: ...
+    def _infer_impl(self, batch: np.ndarray) -> Outputs:
+        """Scores N x labels (float32) and, where the backend has one, the heatmap N x H x W (float32)."""
+
+    def _has_heatmap_impl(self) -> bool:
+        return False
 
     @abc.abstractmethod
     def _close_impl(self) -> None: ...
@@ -154,7 +179,12 @@ class Choice:
 
 
 class Opener(Protocol):
-    def __call__(self, path: Path, *, output_name: str, max_batch: int, settings: Any) -> Backend: ...
+    """Opens an artifact, not yet loaded. ``heatmap``: the manifest's heatmap to return beside the scores (the
+    artifact has it built in, or, for the FP32 ONNX, the backend adds it as it loads); None for none."""
+
+    def __call__(
+        self, path: Path, *, output_name: str, max_batch: int, settings: Any, heatmap: HeatmapSpec | None = None
+    ) -> Backend: ...
 
 
 # A backend's own facts about this host (its runtime's version, its device, the CPU class): what its

@@ -15,8 +15,17 @@ from appliance.inference.backend import Backend
 
 log = logging.getLogger(__name__)
 
-# Called once per sample from the batcher thread: (activated scores row or None, error or None, timing).
-Done = Callable[[np.ndarray | None, BaseException | None, "BatchTiming"], None]
+
+@dataclass(frozen=True)
+class Row:
+    """One sample's share of a batch's outputs: activated scores, and its heatmap where the backend gives one."""
+
+    scores: np.ndarray
+    heatmap: np.ndarray | None = None
+
+
+# Called once per sample from the batcher thread: (its row or None, error or None, timing).
+Done = Callable[[Row | None, BaseException | None, "BatchTiming"], None]
 
 
 @dataclass(frozen=True)
@@ -162,11 +171,15 @@ class Batcher:
         started = time.perf_counter()
         try:
             batch = np.stack([it.sample for it in items])
-            scores: np.ndarray | None = self._postprocess(self._backend.infer(batch))
+            out = self._backend.run(batch)
+            scores = self._postprocess(out.scores)
+            rows: list[Row] | None = [
+                Row(scores[i], None if out.heatmap is None else out.heatmap[i]) for i in range(len(items))
+            ]
             error: BaseException | None = None
         except Exception as e:  # one bad batch must not stop the service: its members are rejected
             log.exception("inference failed on a batch of %d", len(items))
-            scores, error = None, e
+            rows, error = None, e
         infer_ms = (time.perf_counter() - started) * 1e3
         if self._on_batch is not None:
             self._on_batch(len(items), infer_ms)
@@ -175,6 +188,6 @@ class Batcher:
                 queue_ms=(started - it.submitted) * 1e3, infer_ms=infer_ms, batch_size=len(items), scored_by=self._tag
             )
             try:
-                it.done(None if scores is None else scores[i], error, timing)
+                it.done(None if rows is None else rows[i], error, timing)
             except Exception:
                 log.exception("a batch completion callback failed")

@@ -10,6 +10,7 @@ import numpy as np
 
 from appliance.config import InferenceConfig
 from appliance.domain.errors import ArtifactRefused, BackendError, BackendUnavailable, ManifestError, ModelMismatchError
+from appliance.domain.manifest import Heatmap as HeatmapSpec
 from appliance.domain.manifest import LoadedManifest
 from appliance.inference import registry, self_check
 from appliance.inference.backend import Backend, Choice, Why
@@ -90,7 +91,8 @@ def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choic
         # `make engine` measured this host: larger batches are no faster here, only slower to fill.
         log.info("batching up to %d, the fastest batch `make engine` measured on this host", best)
         max_batch = best
-    backend = make_backend(choice.backend, choice.path, manifest.output.name, max_batch, config)
+    heatmap = manifest.heatmap if config.heatmaps else None
+    backend = make_backend(choice.backend, choice.path, manifest.output.name, max_batch, config, heatmap)
     try:
         backend.load()
         check_backend_matches(backend, loaded)
@@ -106,10 +108,18 @@ def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choic
     return backend
 
 
-def make_backend(name: str, path: Path, output_name: str, max_batch: int, config: InferenceConfig) -> Backend:
+def make_backend(
+    name: str,
+    path: Path,
+    output_name: str,
+    max_batch: int,
+    config: InferenceConfig,
+    heatmap: HeatmapSpec | None = None,
+) -> Backend:
     """The registry's backend `name` on `path`, with its settings from the config; not yet loaded."""
     kind = registry.get(name)
-    return kind.open(path, output_name=output_name, max_batch=max_batch, settings=config.settings_of(name))
+    settings = config.settings_of(name)
+    return kind.open(path, output_name=output_name, max_batch=max_batch, settings=settings, heatmap=heatmap)
 
 
 def check_backend_matches(backend: Backend, loaded: LoadedManifest) -> None:

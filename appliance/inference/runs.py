@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from appliance.inference.backend import Backend
+from appliance.inference.batcher import Row
 from appliance.inference.postprocess import activate
 
 
@@ -18,6 +19,16 @@ def scores_in_batches(backend: Backend, tensors: Sequence[np.ndarray], activatio
         for start in range(0, len(tensors), backend.max_batch)
     ]
     return np.concatenate(rows)
+
+
+def rows_in_batches(backend: Backend, tensors: Sequence[np.ndarray], activation: str) -> list[Row]:
+    """Each sample's activated scores and heatmap (where the backend gives one), in chunks as the batcher sends."""
+    rows: list[Row] = []
+    for start in range(0, len(tensors), backend.max_batch):
+        out = backend.run(np.stack(tensors[start : start + backend.max_batch]))
+        scores = activate(out.scores, activation)
+        rows += [Row(scores[i], None if out.heatmap is None else out.heatmap[i]) for i in range(len(scores))]
+    return rows
 
 
 def images_per_second(

@@ -8,11 +8,13 @@ Version 1 (journals of schema 1 and 2): an encoded appliance.v1.Result message. 
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 from appliance.domain.result import (
     Decision,
+    Heatmap,
     ImageIds,
     InputFacts,
     LabelScore,
@@ -45,6 +47,16 @@ def encode(result: Result) -> bytes:
         doc["threshold"] = result.threshold
     if result.rejection is not None:
         doc["rejection"] = vars(result.rejection)
+    if result.heatmap is not None:
+        h = result.heatmap
+        doc["heatmap"] = {
+            "width": h.width,
+            "height": h.height,
+            "values": base64.b64encode(h.values).decode("ascii"),
+            "label": h.label,
+            "method": h.method,
+            "extent": list(h.extent),
+        }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -74,7 +86,23 @@ def _from_json(doc: dict[str, Any], sequence: int) -> Result:
         findings=tuple(doc.get("findings", ())),
         threshold=doc.get("threshold", 0.0),
         rejection=Rejection(**rejection) if rejection else None,
+        heatmap=_heatmap(doc.get("heatmap")),
         sequence=sequence,
+    )
+
+
+def _heatmap(doc: dict[str, Any] | None) -> Heatmap | None:
+    # Added to version 2 without a new version: older rows simply have none.
+    if not doc:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in doc["extent"])
+    return Heatmap(
+        width=doc["width"],
+        height=doc["height"],
+        values=base64.b64decode(doc["values"]),
+        label=doc["label"],
+        method=doc["method"],
+        extent=(x0, y0, x1, y1),
     )
 
 

@@ -8,14 +8,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from appliance.domain.result import InputFacts, Result
-from appliance.inference.batcher import BatchTiming
+from appliance.inference.batcher import BatchTiming, Row
 from appliance.prepare.preparer import Prepared
 
-# One frame's outcome from the batcher: activated scores or an error, and its batch's timing.
-Frame = tuple[np.ndarray | None, BaseException | None, BatchTiming]
+# One frame's outcome from the batcher: its row (activated scores, heatmap) or an error, and its batch's timing.
+Frame = tuple[Row | None, BaseException | None, BatchTiming]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any
 from appliance.domain.errors import ApplianceError, DecodeTimeout, FileVanished, InferenceFailed, InputRejected
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import (
+    Heatmap,
     ImageIds,
     InputFacts,
     LabelScore,
@@ -25,6 +26,7 @@ from appliance.journal import payload
 from appliance.journal.journal import NewDelivery, NewResult
 from appliance.prepare.preparer import Prepared
 from appliance.privacy import log_failure
+from appliance.scoring.heatmaps import heatmap_of
 from appliance.scoring.job import Frame
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def build_results(
     out: list[Result] = []
     for index, frame in enumerate(frames):
         assert frame is not None
-        scores, error, timing = frame
+        row, error, timing = frame
         times = Timings(
             decode_ms=prepared.decode_ms if prepared else 0.0,
             preprocess_ms=prepared.preprocess_ms if prepared else 0.0,
@@ -57,13 +59,14 @@ def build_results(
         # The model that ran this frame's batch (a reload may have swapped another in since).
         scored_by: Scorer = timing.scored_by or current  # type: ignore[assignment]
         manifest, backend_name = scored_by
-        if error is None and scores is not None:
+        if error is None and row is not None:
             try:
-                decision = decide(scores, manifest)
+                decision = decide(row.scores, manifest)
             except ValueError as e:
                 error = InferenceFailed(str(e))
             else:
-                out.append(scored(facts, manifest, backend_name, meta, decision, times, index, len(frames)))
+                heatmap = None if row.heatmap is None else heatmap_of(row.heatmap, row.scores, manifest, meta)
+                out.append(scored(facts, manifest, backend_name, meta, decision, times, index, len(frames), heatmap))
                 continue
         out.append(rejection(facts, manifest, backend_name, error, times, meta, index, len(frames)))
     return out
@@ -104,6 +107,7 @@ def scored(
     times: Timings,
     frame_index: int,
     frame_count: int,
+    heatmap: Heatmap | None = None,
 ) -> Result:
     return _result(
         facts,
@@ -118,6 +122,7 @@ def scored(
         decision=scores.verdict,
         findings=scores.findings,
         threshold=scores.threshold,
+        heatmap=heatmap,
     )
 
 

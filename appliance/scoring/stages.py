@@ -10,15 +10,13 @@ import os
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
-
 from appliance.config import Config
 from appliance.domain.errors import CorruptImage, InputRejected
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import InputFacts, Result
 from appliance.inference.backend import Backend
-from appliance.inference.batcher import Batcher, BatchTiming
+from appliance.inference.batcher import Batcher, BatchTiming, Row
 from appliance.inference.postprocess import activate
 from appliance.journal.journal import Journal
 from appliance.prepare.pool import PreparePool, ReadAhead
@@ -182,10 +180,10 @@ class ScoringStages:
         self.admission.arrived()
 
     def _frame_done(
-        self, job: Job, index: int, scores: np.ndarray | None, error: BaseException | None, timing: BatchTiming
+        self, job: Job, index: int, row: Row | None, error: BaseException | None, timing: BatchTiming
     ) -> None:
         with job.lock:
-            job.frames[index] = (scores, error, timing)
+            job.frames[index] = (row, error, timing)
             job.remaining -= 1
             last = job.remaining == 0
         if last:

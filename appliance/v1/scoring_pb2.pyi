@@ -375,6 +375,7 @@ class Result(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     INPUT_ID_FIELD_NUMBER: _builtins.int
     DELIVERY_FIELD_NUMBER: _builtins.int
+    HEATMAP_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     outcome: Global___Outcome.ValueType
     model_name: _builtins.str
@@ -413,6 +414,10 @@ class Result(_message.Message):
     def delivery(self) -> Global___Delivery:
         """the DICOM report's way to the PACS (GetResult fills it; the stream sends results as stored)"""
 
+    @_builtins.property
+    def heatmap(self) -> Global___Heatmap:
+        """where the model looked (scored results of a model with a heatmap, unless turned off)"""
+
     def __init__(
         self,
         *,
@@ -439,14 +444,90 @@ class Result(_message.Message):
         source: _builtins.str = ...,
         input_id: _builtins.int = ...,
         delivery: Global___Delivery | None = ...,
+        heatmap: Global___Heatmap | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "rejection", b"rejection", "timings", b"timings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "heatmap", b"heatmap", "rejection", b"rejection", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "backend", b"backend", "content_hash", b"content_hash", "created_unix_ms", b"created_unix_ms", "decision", b"decision", "delivery", b"delivery", "file_name", b"file_name", "findings", b"findings", "frame_count", b"frame_count", "frame_index", b"frame_index", "input_id", b"input_id", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "rejection", b"rejection", "scores", b"scores", "sequence", b"sequence", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "source", b"source", "study_instance_uid", b"study_instance_uid", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "backend", b"backend", "content_hash", b"content_hash", "created_unix_ms", b"created_unix_ms", "decision", b"decision", "delivery", b"delivery", "file_name", b"file_name", "findings", b"findings", "frame_count", b"frame_count", "frame_index", b"frame_index", "heatmap", b"heatmap", "input_id", b"input_id", "model_name", b"model_name", "model_version", b"model_version", "outcome", b"outcome", "rejection", b"rejection", "scores", b"scores", "sequence", b"sequence", "series_instance_uid", b"series_instance_uid", "sop_instance_uid", b"sop_instance_uid", "source", b"source", "study_instance_uid", b"study_instance_uid", "threshold", b"threshold", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
+
+@_typing.final
+class Heatmap(_message.Message):
+    """Where the model looked for one label: an 8-bit grid at the model's feature maps' resolution, normalised per
+    image (255 is this image's peak; values compare places within one image, not images).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    EXTENT_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    height: _builtins.int
+    values: _builtins.bytes
+    """height x width bytes, row-major, the top row first"""
+    label: _builtins.str
+    """the class it explains: the decided (top) one"""
+    method: _builtins.str
+    """"gradcam" or "cam" """
+    @_builtins.property
+    def extent(self) -> Global___Extent:
+        """Where the grid's outer edges fall in the source image's pixel coordinates (x along columns, y down rows;
+        0,0 is the top-left corner of the top-left pixel). Resize the grid onto this rectangle and crop it to the
+        image: it reaches past the image where the model's input was letterboxed.
+        """
+
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        values: _builtins.bytes = ...,
+        label: _builtins.str = ...,
+        method: _builtins.str = ...,
+        extent: Global___Extent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["extent", b"extent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extent", b"extent", "height", b"height", "label", b"label", "method", b"method", "values", b"values", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heatmap: _TypeAlias = Heatmap  # noqa: Y015
+
+@_typing.final
+class Extent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X0_FIELD_NUMBER: _builtins.int
+    Y0_FIELD_NUMBER: _builtins.int
+    X1_FIELD_NUMBER: _builtins.int
+    Y1_FIELD_NUMBER: _builtins.int
+    x0: _builtins.float
+    y0: _builtins.float
+    x1: _builtins.float
+    y1: _builtins.float
+    def __init__(
+        self,
+        *,
+        x0: _builtins.float = ...,
+        y0: _builtins.float = ...,
+        x1: _builtins.float = ...,
+        y1: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["x0", b"x0", "x1", b"x1", "y0", b"y0", "y1", b"y1"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Extent: _TypeAlias = Extent  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):

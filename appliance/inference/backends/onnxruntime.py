@@ -8,6 +8,7 @@ artifact in every chain.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,12 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.domain.errors import BackendError, ModelMismatchError
+from appliance.domain.manifest import Heatmap as HeatmapSpec
 from appliance.inference.artifacts import ArtifactKey, SidecarError, artifact_problem, read_sidecar, slug
-from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
+from appliance.inference.backend import Backend, BackendKind, Choice, Outputs, PassedOver, TensorSpec, Why
 from appliance.inference.cpu_class import detect as detect_cpu_class
+
+log = logging.getLogger(__name__)
 
 NAME = "onnxruntime"
 TIER = 1
@@ -66,10 +70,20 @@ def onnxruntime_stem(cpu_class: str) -> str:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, *, output_name: str, max_batch: int, threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        output_name: str,
+        max_batch: int,
+        threads: int = 0,
+        heatmap: HeatmapSpec | None = None,
+    ) -> None:
         super().__init__()
         self._path = model_path
         self._output_name = output_name
+        self._heatmap = heatmap
+        self._outputs = [output_name]
         self._wanted_max_batch = max_batch
         self._threads = threads
         self._session: Any = None
@@ -86,8 +100,10 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
-                str(self._path), sess_options=options, providers=["CPUExecutionProvider"]
+                self._model_bytes(), sess_options=options, providers=["CPUExecutionProvider"]
             )
+        except ModelMismatchError:
+            raise
         except Exception as e:
             raise BackendError(f"ONNX Runtime could not load {self._path}: {e}") from e
         inputs = self._session.get_inputs()
@@ -103,8 +119,39 @@ class OnnxRuntimeBackend(Backend):
             raise ModelMismatchError(
                 f"{self._path} has no output named {self._output_name!r} (it has {', '.join(outputs)})."
             )
+        if self._heatmap is not None and self._heatmap.output in outputs:
+            self._outputs = [self._output_name, self._heatmap.output]
         # A fixed batch axis of 1 means the model cannot batch, whatever the manifest says.
         self._max_batch = self._wanted_max_batch if shape and shape[0] is None else max(1, shape[0] or 1)
+
+    def _model_bytes(self) -> bytes | str:
+        """The artifact as ONNX Runtime loads it: with the manifest's heatmap added when it is the float model
+        and lacks it. `make engine` builds the heatmap into quantized artifacts, keeping its branch in float;
+        one built before the manifest declared a heatmap is served without it."""
+        if self._heatmap is None:
+            return str(self._path)
+        import onnx
+
+        from appliance.inference.heatmap_graph import add_heatmap
+
+        try:
+            model = onnx.load(str(self._path))
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime could not load {self._path}: {e}") from e
+        if any(o.name == self._heatmap.output for o in model.graph.output):
+            return model.SerializeToString()
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in model.graph.node):
+            log.warning(
+                "%s was built without the manifest's heatmap; results carry none until `make engine` rebuilds it",
+                self._path.name,
+            )
+            return model.SerializeToString()
+        return add_heatmap(
+            model, method=self._heatmap.method, feature=self._heatmap.feature, output_name=self._heatmap.output
+        ).SerializeToString()
+
+    def _has_heatmap_impl(self) -> bool:
+        return len(self._outputs) == 2
 
     def _input_spec_impl(self) -> TensorSpec:
         assert self._spec is not None  # set by _load_impl; the base class checks loaded state
@@ -116,20 +163,30 @@ class OnnxRuntimeBackend(Backend):
     def _artifact_impl(self) -> str:
         return str(self._path)
 
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+    def _infer_impl(self, batch: np.ndarray) -> Outputs:
         assert self._spec is not None
         try:
-            (out,) = self._session.run([self._output_name], {self._spec.name: batch})
+            out = self._session.run(self._outputs, {self._spec.name: batch})
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed on a batch of {batch.shape[0]}: {e}") from e
-        return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
+        scores = np.asarray(out[0], dtype=np.float32).reshape(batch.shape[0], -1)
+        return Outputs(scores, np.asarray(out[1], dtype=np.float32) if len(out) == 2 else None)
 
     def _close_impl(self) -> None:
         self._session = None
 
 
-def open_artifact(path: Path, *, output_name: str, max_batch: int, settings: OnnxRuntimeSettings) -> Backend:
-    return OnnxRuntimeBackend(path, output_name=output_name, max_batch=max_batch, threads=settings.threads)
+def open_artifact(
+    path: Path,
+    *,
+    output_name: str,
+    max_batch: int,
+    settings: OnnxRuntimeSettings,
+    heatmap: HeatmapSpec | None = None,
+) -> Backend:
+    return OnnxRuntimeBackend(
+        path, output_name=output_name, max_batch=max_batch, threads=settings.threads, heatmap=heatmap
+    )
 
 
 # --- which CPU artifact this host may serve ---------------------------------------------------------

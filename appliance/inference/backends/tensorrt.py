@@ -27,8 +27,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.domain.errors import BackendError, BackendUnavailable, ModelMismatchError
+from appliance.domain.manifest import Heatmap as HeatmapSpec
 from appliance.inference.artifacts import SidecarError, artifact_problem, read_sidecar, slug
-from appliance.inference.backend import Backend, BackendKind, Choice, PassedOver, TensorSpec, Why
+from appliance.inference.backend import Backend, BackendKind, Choice, Outputs, PassedOver, TensorSpec, Why
 from appliance.inference.backends import cuda
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,7 @@ class TensorRtBackend(Backend):
     def _artifact_impl(self) -> str:
         return str(self._path)
 
-    def _infer_impl(self, batch: np.ndarray) -> np.ndarray:
+    def _infer_impl(self, batch: np.ndarray) -> Outputs:
         spec, pool = self._spec, self._pool
         if spec is None or pool is None:  # closed by another thread since Backend.infer checked
             raise BackendError("The TensorRT backend is closed.")
@@ -375,7 +376,7 @@ class TensorRtBackend(Backend):
         cuda.check(cuda.runtime().cudaSetDevice(self._device))
         slot = pool.take()
         try:
-            return self._run(slot, spec.name, batch)
+            return Outputs(self._run(slot, spec.name, batch))
         except BaseException:
             # The copy in or the engine may still be running on this slot's stream; the next batch
             # given this slot would overwrite pinned input still being read.
@@ -407,7 +408,9 @@ class TensorRtBackend(Backend):
         self._runtime = None
 
 
-def open_artifact(path: Path, *, output_name: str, max_batch: int, settings: TensorRtSettings) -> Backend:
+def open_artifact(
+    path: Path, *, output_name: str, max_batch: int, settings: TensorRtSettings, heatmap: HeatmapSpec | None = None
+) -> Backend:
     return TensorRtBackend(path, output_name=output_name, max_batch=max_batch, device=settings.device)
 
 

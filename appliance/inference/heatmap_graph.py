@@ -26,7 +26,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from build_engine.errors import BuildError
+from appliance.domain.errors import ModelMismatchError
+
+
+class HeatmapError(ModelMismatchError):
+    """The manifest's heatmap cannot be added to this model: one sentence saying why."""
+
+    code = "heatmap_unsupported"
+
 
 Method = Literal["gradcam", "cam"]
 
@@ -106,7 +113,7 @@ class _Model:
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as e:  # onnx raises several types; without shapes the broadcasts cannot be checked
-            raise BuildError(f"Shape inference failed, so no heatmap can be added: {str(e).splitlines()[0]}") from e
+            raise HeatmapError(f"Shape inference failed, so no heatmap can be added: {str(e).splitlines()[0]}") from e
         self.types: dict[str, onnx.TypeProto.Tensor] = {}
         for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
             if v.type.HasField("tensor_type"):
@@ -114,9 +121,9 @@ class _Model:
         self.outputs = {o.name for o in self.graph.output}
         ftype = self.types.get(feature)
         if ftype is None and feature not in self.consumers:
-            raise BuildError(f"The model has no tensor named {feature!r} to take the feature maps from.")
+            raise HeatmapError(f"The model has no tensor named {feature!r} to take the feature maps from.")
         if ftype is None or ftype.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-            raise BuildError(f"{feature!r} is not a floating-point tensor (or its type is unknown).")
+            raise HeatmapError(f"{feature!r} is not a floating-point tensor (or its type is unknown).")
         self.elem_type: int = ftype.elem_type  # the head's type: the gradient is computed in it
         self.dtype = helper.tensor_dtype_to_np_dtype(ftype.elem_type)
 
@@ -128,7 +135,7 @@ class _Model:
 
     def constant(self, name: str, node: onnx.NodeProto) -> np.ndarray:
         if name not in self.constants:
-            raise BuildError(
+            raise HeatmapError(
                 f"The heatmap needs {node.op_type} {node.name!r} to take a constant besides the feature path, "
                 f"but {name!r} is computed."
             )
@@ -154,26 +161,26 @@ def _walk(m: _Model, feature: str) -> tuple[list[_Step], str]:
             break
         if len(users) > 1:
             ops = ", ".join(f"{n.op_type} {n.name!r}" for n in users)
-            raise BuildError(
+            raise HeatmapError(
                 f"{current!r} feeds {ops}; the heatmap needs one chain from the feature maps to the output."
             )
         node = users[0]
         if node.op_type not in _SUPPORTED:
-            raise BuildError(
+            raise HeatmapError(
                 f"The heatmap cannot pass back through {node.op_type} {node.name!r}: it supports "
                 f"{', '.join(_SUPPORTED)} between the feature maps and the output."
             )
         if steps and steps[-1].node.op_type in _END:
-            raise BuildError(
+            raise HeatmapError(
                 f"{steps[-1].node.op_type} {steps[-1].node.name!r} is followed by more: it must end the head."
             )
         steps.append(_Step(node, current, shape))
         current = node.output[0]
         shape = m.shape(current) or _out_shape(steps[-1], m)
     if current not in m.outputs:
-        raise BuildError(f"The chain from the feature maps ends at {current!r}, which is not an output of the model.")
+        raise HeatmapError(f"The chain from the feature maps ends at {current!r}, which is not an output of the model.")
     if not steps:
-        raise BuildError(f"{feature!r} is an output itself: no head follows it to explain.")
+        raise HeatmapError(f"{feature!r} is an output itself: no head follows it to explain.")
     logits = current
     if steps[-1].node.op_type in _END:
         logits = steps.pop().data
@@ -231,7 +238,7 @@ def _broadcast_ok(data: Dims | None, const: tuple[int, ...]) -> bool:
 def _axes(step: _Step, m: _Model) -> tuple[list[int], int]:
     """A mean's reduced axes (non-negative) and the data's rank."""
     if step.shape is None:
-        raise BuildError(f"The rank of {step.data!r} is unknown, so {step.node.name!r} cannot be undone.")
+        raise HeatmapError(f"The rank of {step.data!r} is unknown, so {step.node.name!r} cannot be undone.")
     rank = len(step.shape)
     if step.node.op_type == "GlobalAveragePool":
         return list(range(2, rank)), rank
@@ -239,7 +246,7 @@ def _axes(step: _Step, m: _Model) -> tuple[list[int], int]:
     if len(step.node.input) > 1 and step.node.input[1]:
         axes = m.constant(step.node.input[1], step.node).tolist()
     if not axes:
-        raise BuildError(f"ReduceMean {step.node.name!r} averages every axis, the batch too.")
+        raise HeatmapError(f"ReduceMean {step.node.name!r} averages every axis, the batch too.")
     return sorted(int(a) % rank for a in axes), rank
 
 
@@ -256,18 +263,20 @@ def _back(step: _Step, g: str, m: _Model, b: _Builder) -> str:
         return b.op("Mul", [g, mask], "grad")
     if op in ("Add", "Mul"):
         if len(others) != 1:
-            raise BuildError(
+            raise HeatmapError(
                 f"{op} {node.name!r} takes the feature path twice; the heatmap needs one operand constant."
             )
         if not _broadcast_ok(step.shape, m.constant(others[0], node).shape):
-            raise BuildError(f"{op} {node.name!r} broadcasts {x!r} to a larger shape; the heatmap cannot undo that.")
+            raise HeatmapError(f"{op} {node.name!r} broadcasts {x!r} to a larger shape; the heatmap cannot undo that.")
         return g if op == "Add" else b.op("Mul", [g, others[0]], "grad")
     if op in _LINEAR:
         if node.input[0] != x or (op == "Gemm" and _attr(node, "transA", 0)):
-            raise BuildError(f"{op} {node.name!r} multiplies the feature path from the right; only x @ W is supported.")
+            raise HeatmapError(
+                f"{op} {node.name!r} multiplies the feature path from the right; only x @ W is supported."
+            )
         w = m.constant(node.input[1], node)
         if w.ndim != 2:
-            raise BuildError(f"{op} {node.name!r} has a {w.ndim}-D weight; the heatmap supports 2-D ones.")
+            raise HeatmapError(f"{op} {node.name!r} has a {w.ndim}-D weight; the heatmap supports 2-D ones.")
         if op == "Gemm":
             if len(node.input) > 2 and node.input[2]:
                 m.constant(node.input[2], node)  # a computed bias would be another path to differentiate
@@ -284,13 +293,13 @@ def _back(step: _Step, g: str, m: _Model, b: _Builder) -> str:
         axes, _ = _axes(step, m)
         sizes = [(step.shape or [])[a] for a in axes]
         if not all(isinstance(s, int) for s in sizes):
-            raise BuildError(f"{op} {node.name!r} averages over axes of unknown size; the heatmap needs them fixed.")
+            raise HeatmapError(f"{op} {node.name!r} averages over axes of unknown size; the heatmap needs them fixed.")
         if op == "ReduceMean" and not _attr(node, "keepdims", 1):
             g = b.op("Unsqueeze", [g, b.axes(axes)], "grad")
         count = np.asarray(np.prod(sizes), dtype=m.dtype)  # type: ignore[arg-type]
         spread = b.op("Expand", [g, b.op("Shape", [x], "shape")], "grad")
         return b.op("Div", [spread, b.const("count", count)], "grad")
-    raise BuildError(f"The heatmap cannot pass back through {op} {node.name!r}.")  # _walk lets none else through
+    raise HeatmapError(f"The heatmap cannot pass back through {op} {node.name!r}.")  # _walk lets none else through
 
 
 def _decided(logits: str, m: _Model, b: _Builder) -> str:
@@ -313,7 +322,7 @@ def _check_cam(steps: list[_Step], feature: str, m: _Model) -> _Step:
     rest = ops[k:]
     ok = ops[0] in _POOLS and _axes(steps[0], m) == ([2, 3], 4) and rest[:1] in (["MatMul"], ["Gemm"])
     if not ok or rest[1:] not in ([], ["Add"]):
-        raise BuildError(
+        raise HeatmapError(
             f"CAM needs global average pooling, then one MatMul or Gemm (+ Add) on {feature!r}, but it is followed "
             f"by {' -> '.join(ops)}; use method 'gradcam'."
         )
@@ -345,21 +354,21 @@ def add_heatmap(
         feature maps (N x C x H x W), for tests to check against finite differences.
     """
     if method not in ("gradcam", "cam"):
-        raise BuildError(f"Unknown heatmap method {method!r}: 'gradcam' or 'cam'.")
+        raise HeatmapError(f"Unknown heatmap method {method!r}: 'gradcam' or 'cam'.")
     if expose_gradient and method != "gradcam":
-        raise BuildError("Only Grad-CAM computes a gradient with respect to the feature maps to expose.")
+        raise HeatmapError("Only Grad-CAM computes a gradient with respect to the feature maps to expose.")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     m = _Model(out, feature)
     b = _Builder(out, output_name)
     if b.opset < MIN_OPSET:
-        raise BuildError(f"The model is opset {b.opset}; the heatmap needs {MIN_OPSET} or later.")
+        raise HeatmapError(f"The model is opset {b.opset}; the heatmap needs {MIN_OPSET} or later.")
     for name in (output_name, f"{output_name}_gradient") if expose_gradient else (output_name,):
         if b.taken(name):
-            raise BuildError(f"The model already has a tensor named {name!r}; choose another heatmap output name.")
+            raise HeatmapError(f"The model already has a tensor named {name!r}; choose another heatmap output name.")
     fshape = m.shape(feature)
     if fshape is not None and len(fshape) != 4:
-        raise BuildError(f"{feature!r} has shape {fshape}; the heatmap needs feature maps N x C x H x W.")
+        raise HeatmapError(f"{feature!r} has shape {fshape}; the heatmap needs feature maps N x C x H x W.")
 
     steps, logits = _walk(m, feature)
     g = _decided(logits, m, b)
@@ -390,5 +399,5 @@ def add_heatmap(
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as e:
-        raise BuildError(f"The model with a heatmap does not check: {str(e).splitlines()[0]}") from e
+        raise HeatmapError(f"The model with a heatmap does not check: {str(e).splitlines()[0]}") from e
     return out

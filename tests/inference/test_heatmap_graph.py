@@ -17,8 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from build_engine.errors import BuildError
-from build_engine.heatmap import EPSILON, add_heatmap
+from appliance.inference.heatmap_graph import EPSILON, HeatmapError, add_heatmap
 
 from ..integration.conftest import DEFAULT_MODEL, TEST_MODEL
 
@@ -168,7 +167,7 @@ def test_the_default_models_outputs_are_unchanged_and_each_sample_has_its_own_ma
 
 @needs_vgg
 def test_cam_refuses_the_default_models_dense_head(vgg: onnx.ModelProto) -> None:
-    with pytest.raises(BuildError, match="gradcam"):
+    with pytest.raises(HeatmapError, match="gradcam"):
         add_heatmap(vgg, method="cam", feature=VGG_FEATURE)
 
 
@@ -333,7 +332,7 @@ def test_an_unsupported_op_is_named() -> None:
     model = dense_model()
     relu = next(n for n in model.graph.node if n.output[0] == "h2")
     relu.op_type = "Tanh"
-    with pytest.raises(BuildError, match="Tanh"):
+    with pytest.raises(HeatmapError, match="Tanh"):
         add_heatmap(model, method="gradcam", feature="x")
 
 
@@ -341,19 +340,19 @@ def test_a_widening_constant_or_a_branch_is_refused() -> None:
     model = dense_model()
     scale = next(i for i in model.graph.initializer if i.name == "bn_scale")
     scale.CopyFrom(numpy_helper.from_array(np.ones((3, 6), np.float32), "bn_scale"))  # N x 6 -> 3 x 6
-    with pytest.raises(BuildError, match="broadcasts 'h1' to a larger shape"):
+    with pytest.raises(HeatmapError, match="broadcasts 'h1' to a larger shape"):
         add_heatmap(model, method="gradcam", feature="x")
     model = dense_model()
     model.graph.node.append(helper.make_node("Identity", ["h1"], ["hidden"]))
     model.graph.output.append(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", 6]))
-    with pytest.raises(BuildError, match=r"'h1' feeds Mul .*, Identity"):
+    with pytest.raises(HeatmapError, match=r"'h1' feeds Mul .*, Identity"):
         add_heatmap(model, method="gradcam", feature="x")
 
 
 def test_a_missing_feature_tensor_or_a_taken_output_name_is_refused() -> None:
-    with pytest.raises(BuildError, match="no tensor named 'nope'"):
+    with pytest.raises(HeatmapError, match="no tensor named 'nope'"):
         add_heatmap(dense_model(), method="gradcam", feature="nope")
-    with pytest.raises(BuildError, match="already has a tensor named 'logits'"):
+    with pytest.raises(HeatmapError, match="already has a tensor named 'logits'"):
         add_heatmap(dense_model(), method="gradcam", feature="x", output_name="logits")
 
 

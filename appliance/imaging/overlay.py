@@ -1,0 +1,59 @@
+"""A heatmap drawn over the image it explains: the colour map laid on the windowed image, as a terminal shows it
+and as the PACS receives it (delivery/overlay.py)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from appliance.domain.result import Heatmap
+
+ALPHA = 0.45  # the colour's weight where the map is at its peak; the image shows through everywhere
+FLOOR = 0.2  # below this share of the peak, no colour: faint evidence would tint the whole image
+
+
+def heat_on_source(heatmap: Heatmap, rows: int, cols: int) -> np.ndarray:
+    """The map resampled onto a rows x cols source image's pixels, float32 in 0..1 (0 outside the grid)."""
+    grid = np.frombuffer(heatmap.values, dtype=np.uint8).reshape(heatmap.height, heatmap.width)
+    x0, y0, x1, y1 = heatmap.extent
+    sx, sy = heatmap.width / (x1 - x0), heatmap.height / (y1 - y0)
+    # Source pixel centre (c + 0.5, r + 0.5) -> grid coordinates, sampled bilinearly between cell centres.
+    map_x = ((np.arange(cols, dtype=np.float32) + 0.5 - x0) * sx - 0.5)[np.newaxis, :].repeat(rows, axis=0)
+    map_y = ((np.arange(rows, dtype=np.float32) + 0.5 - y0) * sy - 0.5)[:, np.newaxis].repeat(cols, axis=1)
+    heat = cv2.remap(
+        grid.astype(np.float32) / 255.0,
+        map_x.astype(np.float32),
+        map_y.astype(np.float32),
+        interpolation=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return np.asarray(heat, dtype=np.float32)
+
+
+def to_gray8(display: np.ndarray) -> np.ndarray:
+    """A display frame (H x W or H x W x 3 RGB; 0..1 floats or 8-bit) as 8-bit RGB."""
+    img = np.asarray(display)
+    if img.dtype != np.uint8:
+        img = np.round(np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, np.newaxis], 3, axis=2)
+    return np.ascontiguousarray(img)
+
+
+def render(display: np.ndarray, heatmap: Heatmap, *, alpha: float = ALPHA, floor: float = FLOOR) -> np.ndarray:
+    """The overlay, H x W x 3 8-bit RGB at the display frame's size: the turbo colour map over the image, its
+    opacity rising with the map from ``floor`` to ``alpha`` at the peak."""
+    image = to_gray8(display)
+    rows, cols = image.shape[:2]
+    heat = heat_on_source(heatmap, rows, cols)
+    colour = cv2.applyColorMap(np.round(heat * 255.0).astype(np.uint8), cv2.COLORMAP_TURBO)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
+    weight = (alpha * np.clip((heat - floor) / max(1.0 - floor, 1e-6), 0.0, 1.0))[:, :, np.newaxis]
+    out = image.astype(np.float32) * (1.0 - weight) + colour * weight
+    return np.round(out).astype(np.uint8)
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    """An 8-bit RGB image as a PNG file; OSError where it cannot be written."""
+    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
