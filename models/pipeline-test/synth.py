@@ -32,10 +32,14 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return 0.6 * coarse + rng.uniform(0.1, 0.4) * fine + ramp
 
 
-def _add_discs(rng: np.random.Generator, raw: np.ndarray) -> np.ndarray:
-    """One to three bright discs with soft (blurred) edges, of random size, place and contrast."""
+Disc = tuple[float, float, float]  # centre row, centre column, radius, in pixels
+
+
+def _add_discs(rng: np.random.Generator, raw: np.ndarray) -> tuple[np.ndarray, list[Disc]]:
+    """One to three bright discs with soft (blurred) edges, of random size, place and contrast; and where."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
     out = raw.copy()
+    discs: list[Disc] = []
     for _ in range(int(rng.integers(1, 4))):
         radius = rng.uniform(2.5, 9.0)
         cy, cx = rng.uniform(radius, SIZE - radius, size=2)
@@ -43,7 +47,8 @@ def _add_discs(rng: np.random.Generator, raw: np.ndarray) -> np.ndarray:
         contrast = rng.uniform(1.5, 3.0)  # in units of the background texture's std
         dist = np.hypot(yy - cy, xx - cx)
         out += contrast / (1.0 + np.exp((dist - radius) / softness))
-    return out
+        discs.append((float(cy), float(cx), float(radius)))
+    return out, discs
 
 
 def _window(rng: np.random.Generator, raw: np.ndarray) -> np.ndarray:
@@ -57,11 +62,16 @@ def _window(rng: np.random.Generator, raw: np.ndarray) -> np.ndarray:
 
 def make_image(rng: np.random.Generator, lesion: bool) -> np.ndarray:
     """One 64x64 image in display units 0..1 (float32), with or without lesions."""
-    raw = _background(rng)
+    return make_marked_image(rng, lesion)[0]
+
+
+def make_marked_image(rng: np.random.Generator, lesion: bool) -> tuple[np.ndarray, list[Disc]]:
+    """As make_image (the same draws, so the same image), with where its discs are: for the pointing game."""
+    raw, discs = _background(rng), []
     if lesion:
-        raw = _add_discs(rng, raw)
+        raw, discs = _add_discs(rng, raw)
     raw = raw + rng.uniform(0.05, 0.25) * rng.standard_normal(raw.shape)  # acquisition noise
-    return _window(rng, raw).astype(np.float32)
+    return _window(rng, raw).astype(np.float32), discs
 
 
 def make_set(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:

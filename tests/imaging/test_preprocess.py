@@ -128,3 +128,22 @@ def test_a_single_channel_axis_is_accepted_and_other_shapes_refused() -> None:
     assert np.array_equal(pre(frame[:, :, None]), pre(frame))
     with pytest.raises(UnsupportedPixelFormat):
         pre(_random((40, 40, 4)))
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+@pytest.mark.parametrize(("rows", "cols"), [(100, 100), (25, 100), (300, 90), (32, 48)])
+def test_source_extent_maps_the_model_input_back_onto_the_source_pixels(resize: str, rows: int, cols: int) -> None:
+    """A bright dot in the source lands where the extent says the model input's pixel covers it."""
+    pre = Preprocessor(_manifest(preprocess={"resize": resize, "interpolation": "area"}))
+    x0, y0, x1, y1 = pre.source_extent(rows, cols)
+    if resize == "stretch":
+        assert (x0, y0, x1, y1) == (0.0, 0.0, cols, rows)
+    for dot_r, dot_c in ((rows // 4, cols // 3), (rows - 2, cols - 2)):
+        frame = np.zeros((rows, cols), np.float32)
+        frame[dot_r, dot_c] = 1.0
+        sample = pre(frame)[0]
+        r, c = np.unravel_index(int(np.argmax(sample)), sample.shape)
+        # The model pixel's centre, in source pixels, is within one model pixel of the dot.
+        x = x0 + (c + 0.5) * (x1 - x0) / 48
+        y = y0 + (r + 0.5) * (y1 - y0) / 32
+        assert abs(x - (dot_c + 0.5)) <= (x1 - x0) / 48 and abs(y - (dot_r + 0.5)) <= (y1 - y0) / 32

@@ -84,3 +84,38 @@ def test_the_host_holds_each_backend_s_own_facts_by_its_name() -> None:
         problem = kind.unavailable_on(host.of(kind))
         assert problem == "" or (problem[:1].isalpha() and not problem.endswith(".")), problem
         assert kind.stem(host.of(kind)).startswith(kind.name)
+
+
+def test_the_fp32_model_gets_its_heatmap_at_load_in_the_same_call() -> None:
+    """The manifest's heatmap is added to the FP32 ONNX as it loads: one call returns both, the scores as before."""
+    spec = load_manifest(MODEL).manifest.heatmap
+    assert spec is not None
+    batch = np.random.default_rng(3).standard_normal((5, 1, 64, 64)).astype(np.float32)
+    with _onnxruntime() as plain:
+        assert not plain.has_heatmap
+        assert plain.run(batch).heatmap is None
+        scores = plain.infer(batch)
+    with OnnxRuntimeBackend(MODEL / "model.onnx", output_name="logit", max_batch=16, threads=1, heatmap=spec) as b:
+        assert b.has_heatmap
+        out = b.run(batch)
+    assert np.array_equal(out.scores, scores)  # the model's own nodes run as before
+    assert out.heatmap is not None and out.heatmap.shape == (5, 8, 8) and out.heatmap.dtype == np.float32
+    assert np.all(out.heatmap >= 0.0) and np.all(out.heatmap <= 1.0)
+    assert np.allclose(out.heatmap.max(axis=(1, 2)), 1.0, atol=1e-6)  # normalised per image
+
+
+def test_a_heatmap_the_model_cannot_have_refuses_the_load_with_the_reason() -> None:
+    spec = load_manifest(MODEL).manifest.heatmap
+    assert spec is not None
+    wrong = spec.model_copy(update={"feature": "no_such_tensor"})
+    backend = OnnxRuntimeBackend(MODEL / "model.onnx", output_name="logit", max_batch=4, threads=1, heatmap=wrong)
+    with pytest.raises(ModelMismatchError, match="no_such_tensor"):
+        backend.load()
+
+
+def test_the_loader_asks_for_the_heatmap_unless_the_config_turns_it_off(tmp_path: Path) -> None:
+    loaded = load_manifest(MODEL)
+    with open_backend(loaded, InferenceConfig(threads=1), tmp_path) as on:
+        assert on.has_heatmap
+    with open_backend(loaded, InferenceConfig(threads=1, heatmaps=False), tmp_path) as off:
+        assert not off.has_heatmap

@@ -10,6 +10,7 @@ import pytest
 from appliance.api.codec import to_message
 from appliance.domain.result import (
     Decision,
+    Heatmap,
     ImageIds,
     InputFacts,
     LabelScore,
@@ -137,3 +138,27 @@ def test_a_version_3_journal_is_upgraded_and_gains_instance_dedupe_and_the_outbo
     j.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_heatmap_reads_back_byte_for_byte_and_goes_on_the_wire() -> None:
+    heat = Heatmap(
+        width=3,
+        height=2,
+        values=bytes([0, 17, 255, 3, 0, 128]),
+        label="glioma",
+        method="gradcam",
+        extent=(-12.5, 0.0, 180.5, 192.0),
+    )
+    with_heat = Result(**{**vars(SCORED), "heatmap": heat})
+    back = payload.decode(payload.encode(with_heat), payload.VERSION, 9)
+    assert back.heatmap == heat
+    # Rows stored before heatmaps existed are the same version and read as results without one.
+    assert payload.decode(payload.encode(SCORED), payload.VERSION, 9).heatmap is None
+
+    wire = to_message(with_heat).heatmap
+    assert (wire.width, wire.height, wire.values, wire.label, wire.method) == (3, 2, heat.values, "glioma", "gradcam")
+    assert (wire.extent.x0, wire.extent.y0, wire.extent.x1, wire.extent.y1) == (-12.5, 0.0, 180.5, 192.0)
+    assert not to_message(SCORED).HasField("heatmap")
+    # The peak's centre in source pixels: cell (0, 2) of cells 64.33 wide and 96 high.
+    x, y = heat.peak
+    assert (x, y) == pytest.approx((-12.5 + 2.5 * 193.0 / 3, 48.0))
