@@ -9,6 +9,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench import heatmap_cost
+
 
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
@@ -48,7 +50,7 @@ def text(figures: dict[str, Any]) -> str:
             f"  shrink-first vs full-res float: max |diff| {e['max_abs']:.4f}, mean {e['mean_abs']:.5f} "
             f"(display units 0..1, on {e['images']} images)"
         )
-    return "\n".join(lines + cstore_text(f))
+    return "\n".join(lines + heatmap_cost.text(f) + cstore_text(f))
 
 
 def cstore_text(f: dict[str, Any]) -> list[str]:

@@ -25,7 +25,7 @@ from appliance.toolkit import (
     quiet_pydicom,
 )
 from appliance.v1 import scoring_pb2 as pb
-from bench import cstore
+from bench import cstore, heatmap_cost
 from bench.daemon_run import BenchDaemon
 from bench.inputs import WORKLOADS, write_inputs
 from bench.report import percentiles, text, write_json, write_png
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["raw_max_batch_img_s"] = images_per_second(backend, samples, min_seconds=2.0)
     finally:
         backend.close()
+    print("inference with and without the heatmap ...", flush=True)
+    figures["heatmap"] = heatmap_cost.measure(loaded, chosen, config.model.engines_dir, samples)
     figures["single_infer_ms"] = 1000 / figures["raw_batch1_img_s"]
     figures["latency_budget_ms"] = figures["single_infer_ms"] + figures["single_decode_ms"] + 5
     figures["prepare_threads_files_s"] = prepare_throughput(manifest, limits, burst_paths, "thread")
