@@ -13,10 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.api.codec import result_to_dict
 from appliance.config import is_loopback
+from appliance.domain.errors import ApplianceError
+from appliance.domain.manifest import Preprocess
+from appliance.domain.result import Heatmap
+from appliance.imaging.overlay import render, write_png
+from appliance.imaging.reader import decode
+from appliance.imaging.types import DecodedImage, DecodeLimits
+from appliance.journal.content_hash import digest_bytes
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -130,7 +138,20 @@ def format_result(r: pb.Result) -> str:
     decision = pb.Decision.Name(r.decision).removeprefix("DECISION_")
     scores = " ".join(f"{s.label}={s.score:.3f}" for s in r.scores)
     line = f"#{r.sequence:<6} {decision:<13} {name}: {','.join(r.findings)} ({scores}) {r.timings.total_ms:.0f} ms"
-    return line + delivery_note(r.delivery)
+    return line + looked_at(r) + delivery_note(r.delivery)
+
+
+def looked_at(r: pb.Result) -> str:
+    """Where the model looked, when the result carries a heatmap: its peak in the image's pixels."""
+    if not r.HasField("heatmap"):
+        return ""
+    x, y = heatmap_of(r.heatmap).peak
+    return f"; looked at ({x:.0f}, {y:.0f}) for {r.heatmap.label}"
+
+
+def heatmap_of(h: pb.Heatmap) -> Heatmap:
+    e = h.extent
+    return Heatmap(h.width, h.height, h.values, h.label, h.method, (e.x0, e.y0, e.x1, e.y1))
 
 
 def delivery_note(d: pb.Delivery) -> str:
@@ -180,6 +201,79 @@ def _watch(connection: Connection, since: int, as_json: bool, follow_reconnect: 
 _FINAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # retrying will not help
 
 
+class Mismatch(Exception):
+    """The image given is not the one the result was made from, or lacks its frame."""
+
+
+def _overlay(stub: pb_grpc.ScoringStub, req: pb.GetResultRequest, image: Path, out: Path) -> int:
+    """`overlay`: the stored result's heatmap over the image it was made from, windowed as a radiologist sees
+    it (the DICOM file's own VOI window, a PNG or JPEG's full range), as a PNG of the image's own size."""
+    r = stub.GetResult(req, timeout=10)
+    which = f"result #{r.sequence} ({r.file_name})"
+    if r.outcome == pb.OUTCOME_REJECTED:
+        print(f"appliance-client: {which} was rejected ({r.rejection.code}), so it has no heatmap.", file=sys.stderr)
+        return 1
+    if not r.HasField("heatmap"):
+        print(
+            f"appliance-client: {which} has no heatmap: its model ({r.model_name} {r.model_version}) declares "
+            "none, or the appliance has them turned off (inference.heatmaps = false).",
+            file=sys.stderr,
+        )
+        return 1
+    data = image.read_bytes()
+    try:
+        decoded = decode(data, limits=DecodeLimits(), preprocess=Preprocess(), name=image.name)
+    except ApplianceError as e:
+        print(f"appliance-client: cannot read {image}: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        frame = _matching_frame(r, decoded, digest_bytes(data))
+    except Mismatch as e:
+        print(f"appliance-client: {image} {e}", file=sys.stderr)
+        return 1
+    heatmap = heatmap_of(r.heatmap)
+    write_png(out, render(frame, heatmap))
+    x, y = heatmap.peak
+    frame_note = f" frame {r.frame_index + 1}/{r.frame_count}" if r.frame_count > 1 else ""
+    print(f"wrote {out}: {image.name}{frame_note}, looked at ({x:.0f}, {y:.0f}) for {heatmap.label}")
+    return 0
+
+
+def _matching_frame(r: pb.Result, image: DecodedImage, content_hash: str) -> np.ndarray:
+    """The result's frame of the image, once the image is known to be the one scored: the same bytes, or
+    (re-encoded by the PACS, say) the same DICOM instance; and of a size the heatmap's extent fits."""
+    if content_hash != r.content_hash:
+        sop = image.meta.sop_instance_uid
+        if not (sop and sop == r.sop_instance_uid):
+            raise Mismatch(
+                f"is not the image result #{r.sequence} was made from: its content differs"
+                + (", and so does its SOP Instance UID" if r.sop_instance_uid else "")
+                + ". Pass the file that was scored."
+            )
+    if r.frame_index >= len(image.frames) or len(image.frames) != max(r.frame_count, 1):
+        raise Mismatch(
+            f"has {len(image.frames)} frame(s); result #{r.sequence} is frame {r.frame_index + 1} of {r.frame_count}."
+        )
+    rows, cols = image.frames[r.frame_index].shape[:2]
+    e, h = r.heatmap.extent, r.heatmap
+    # The grid covers the image, centred, to within one of its cells (the model's letterbox rounds to a pixel).
+    cell_x, cell_y = (e.x1 - e.x0) / h.width, (e.y1 - e.y0) / h.height
+    fits = (
+        e.x0 <= cell_x
+        and e.y0 <= cell_y
+        and e.x1 >= cols - cell_x
+        and e.y1 >= rows - cell_y
+        and abs(e.x0 + e.x1 - cols) <= cell_x
+        and abs(e.y0 + e.y1 - rows) <= cell_y
+    )
+    if not fits:
+        raise Mismatch(
+            f"is {cols} x {rows} pixels; result #{r.sequence}'s heatmap covers ({e.x0:.0f}, {e.y0:.0f}) to "
+            f"({e.x1:.0f}, {e.y1:.0f}), so it is not the image that was scored."
+        )
+    return image.frames[r.frame_index]
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -203,7 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("get", help="Look a stored result up.")
     key = g.add_mutually_exclusive_group(required=True)
     key.add_argument("--sequence", type=int)
-    key.add_argument("--sop-uid")
+    key.add_argument("--sop-uid", "--sop-instance-uid", dest="sop_uid")
+    o = sub.add_parser(
+        "overlay",
+        help="Write a PNG of where the model looked for a stored result, over the image it was made from.",
+        description="Fetch a stored result and draw its heatmap (turbo colour map) over the image it was made from, "
+        "windowed as a radiologist sees it (a DICOM file's own VOI window, a PNG or JPEG's full range), at the "
+        "image's own size. The image must be the one scored: the same bytes, or the same DICOM instance.",
+    )
+    okey = o.add_mutually_exclusive_group(required=True)
+    okey.add_argument("--sequence", type=int)
+    okey.add_argument("--sop-uid", "--sop-instance-uid", dest="sop_uid")
+    o.add_argument("--image", type=Path, required=True, help="The image the result is for (DICOM, PNG, JPEG, TIFF).")
+    o.add_argument("-o", "--output", type=Path, required=True, help="The PNG to write.")
     sub.add_parser("status", help="Model, backend, queue depth and counts.")
     sub.add_parser("models", help="The model being served.")
     sub.add_parser("reload", help="Load the configured model again and swap it in (needs an admin token).")
@@ -224,12 +330,14 @@ def main(argv: list[str] | None = None) -> int:
                 r = stub.Score(pb.ScoreRequest(image=data, file_name=args.file.name), timeout=180)
                 _emit(r, args.json)
                 return 0 if r.outcome == pb.OUTCOME_SCORED else 1
-            if args.command == "get":
+            if args.command in ("get", "overlay"):
                 req = (
                     pb.GetResultRequest(sequence=args.sequence)
                     if args.sequence is not None
                     else pb.GetResultRequest(sop_instance_uid=args.sop_uid)
                 )
+                if args.command == "overlay":
+                    return _overlay(stub, req, args.image, args.output)
                 _emit(stub.GetResult(req, timeout=10), args.json)
                 return 0
             from google.protobuf.json_format import MessageToDict

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -14,8 +15,11 @@ from appliance.api.codec import result_to_dict, to_message
 from appliance.api.tokens import Scope, TokenStore
 from appliance.config import Config, load_config
 from appliance.domain.errors import ApplianceError
-from appliance.domain.manifest import load_manifest
-from appliance.domain.result import InputFacts, Timings
+from appliance.domain.manifest import Manifest, load_manifest
+from appliance.domain.result import InputFacts, Result, Timings
+from appliance.imaging.overlay import render, text_grid, write_png
+from appliance.imaging.reader import decode
+from appliance.imaging.types import ImageMeta
 from appliance.inference.batcher import BatchTiming
 from appliance.inference.loader import open_backend
 from appliance.inference.runs import rows_in_batches
@@ -64,10 +68,32 @@ def _parser() -> argparse.ArgumentParser:
             "--config", type=Path, default=None, help="The daemon's config (where its data_dir is)."
         )
 
-    score = sub.add_parser("score", help="Score files offline (no daemon) and print one JSON object per result.")
+    score = sub.add_parser(
+        "score",
+        help="Score files offline (no daemon) and print one JSON object per result.",
+        description="Score files offline with the daemon's own code (no daemon, no journal). stdout has one JSON "
+        "object per result (a frame of a file), heatmap included, values base64, so scripts can read it; "
+        "everything meant for a person (--heatmap, notes) goes to stderr.",
+    )
     score.add_argument("files", nargs="+", type=Path)
     score.add_argument("--config", type=Path, default=None, help="Use this config's model, limits and threads.")
     score.add_argument("--model", type=Path, default=None, help="Model folder (overrides the config).")
+    score.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="After each result, show on stderr where the model looked: the class it explains, the peak in the "
+        "file's pixels, and the grid as rows of digits (tenths of the peak, '.' under a tenth). stdout is "
+        "unchanged.",
+    )
+    score.add_argument(
+        "--overlays",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="Write each scored frame's heatmap over its image as a PNG: DIR/<file stem>.png, or "
+        "<file stem>-frame<N>.png for frame N (from 1) of a multi-frame file; at the file's own size, the image "
+        "windowed as the model saw it. Existing files of those names are replaced.",
+    )
     return p
 
 
@@ -86,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return _token(config, args)
         if args.command == "journal":
             return _journal(config, args.journal_command)
-        return _score(config, args.files)
+        return _score(config, args)
     except ApplianceError as e:
         logging.basicConfig()
         log.error("%s", e.message)
@@ -162,15 +188,22 @@ def _journal(config: Config, command: str) -> int:
     return 0
 
 
-def _score(config: Config, files: list[Path]) -> int:
+def _score(config: Config, args: argparse.Namespace) -> int:
     """Same decode, preprocessing, inference and decision code as the daemon, without journal or server."""
     loaded = load_manifest(config.model.dir)
     manifest = loaded.manifest
+    if args.overlays is not None:
+        try:
+            args.overlays.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"appliance: cannot make the overlay folder {args.overlays}: {e.strerror}", file=sys.stderr)
+            return 1
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     preparer = Preparer(manifest, config.limits)
+    overlays = _Overlays(args.overlays, preparer, _no_heatmap_reason(config, manifest)) if args.overlays else None
     failures = 0
     with backend:
-        for number, path in enumerate(files, start=1):
+        for number, path in enumerate(args.files, start=1):
             t0 = time.perf_counter()
             try:
                 data = path.read_bytes()
@@ -196,10 +229,86 @@ def _score(config: Config, files: list[Path]) -> int:
             timing = BatchTiming(queue_ms=0.0, infer_ms=(time.perf_counter() - t1) * 1e3, batch_size=len(rows))
             frames: list[Frame | None] = [(row, None, timing) for row in rows]
             # The daemon's own result builder: an offline score is the daemon's result exactly.
-            for result in build_results(facts, prepared, frames, t0, (manifest, backend.name)):
-                print(json.dumps(result_to_dict(to_message(result))))
+            results = build_results(facts, prepared, frames, t0, (manifest, backend.name))
+            for result in results:
+                # Flushed: a person's lines on stderr come after the result they describe.
+                print(json.dumps(result_to_dict(to_message(result))), flush=True)
                 failures += result.rejected
+                if args.heatmap and not result.rejected:
+                    print(_heatmap_text(result, prepared.meta, _no_heatmap_reason(config, manifest)), file=sys.stderr)
+            if overlays is not None:
+                failures += overlays.write(path, data, results)
     return 1 if failures else 0
+
+
+def _frame_name(result: Result) -> str:
+    return result.input.file_name + (
+        f" [frame {result.frame_index + 1}/{result.frame_count}]" if result.frame_count > 1 else ""
+    )
+
+
+def _no_heatmap_reason(config: Config, manifest: Manifest) -> str:
+    if manifest.heatmap is None:
+        return f"model {manifest.model.name} declares no [heatmap]"
+    if not config.inference.heatmaps:
+        return "heatmaps are turned off (inference.heatmaps = false)"
+    return "the model's map for this frame was not usable"
+
+
+def _heatmap_text(result: Result, meta: ImageMeta, no_heatmap: str) -> str:
+    """Where the model looked, for a person at a terminal: a line that says it, then the grid as digits."""
+    h = result.heatmap
+    if h is None:
+        return f"{_frame_name(result)}: no heatmap: {no_heatmap}"
+    x, y = h.peak
+    head = (
+        f"{_frame_name(result)}: looked at ({x:.0f}, {y:.0f}) of its {meta.columns} x {meta.rows} pixels for "
+        f"{h.label} ({h.method}, {h.width} x {h.height} grid, tenths of the peak):"
+    )
+    return head + "\n" + textwrap.indent(text_grid(h), "  ")
+
+
+class _Overlays:
+    """`score --overlays DIR`: each scored frame's heatmap over the display frame the model saw, before its resize."""
+
+    def __init__(self, folder: Path, preparer: Preparer, no_heatmap: str) -> None:
+        self.folder, self.preparer, self.no_heatmap = folder, preparer, no_heatmap
+        self.written: set[Path] = set()
+
+    def write(self, path: Path, data: bytes, results: list[Result]) -> int:
+        """Write the input's overlays; the number of frames that were scored but got none."""
+        scored = [r for r in results if not r.rejected]
+        if not scored:
+            return 0
+        missing = [r for r in scored if r.heatmap is None]
+        for r in missing:
+            print(f"appliance: no overlay for {_frame_name(r)}: {self.no_heatmap}", file=sys.stderr)
+        if len(missing) == len(scored):
+            return len(missing)
+        try:
+            # Decoded again, whole: the preparer keeps only the model's tensors, and may have shrunk the
+            # frames while decoding. Same limits and windowing, so the same frames, at the file's own size.
+            image = decode(data, limits=self.preparer.limits, preprocess=self.preparer.manifest.preprocess)
+        except ApplianceError as e:
+            print(f"appliance: no overlay for {path.name}: {e.message}", file=sys.stderr)
+            return len(scored)
+        failed = len(missing)
+        for r in scored:
+            if r.heatmap is None:
+                continue
+            target = self.folder / (path.stem + (f"-frame{r.frame_index + 1}" if r.frame_count > 1 else "") + ".png")
+            if target in self.written:
+                print(f"appliance: not writing {target} twice: two files are named {path.stem}", file=sys.stderr)
+                failed += 1
+                continue
+            try:
+                write_png(target, render(image.frames[r.frame_index], r.heatmap))
+            except OSError as e:
+                print(f"appliance: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            self.written.add(target)
+        return failed
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ and as the PACS receives it (delivery/overlay.py)."""
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
@@ -53,7 +55,16 @@ def render(display: np.ndarray, heatmap: Heatmap, *, alpha: float = ALPHA, floor
     return np.round(out).astype(np.uint8)
 
 
-def write_png(path: str, rgb: np.ndarray) -> None:
+def text_grid(heatmap: Heatmap) -> str:
+    """The grid as a terminal shows it: one line per row, each cell a digit, its tenths of the peak (9 is 90%
+    or more), and '.' under a tenth, so the hot region stands out from the noise."""
+    grid = np.frombuffer(heatmap.values, dtype=np.uint8).reshape(heatmap.height, heatmap.width)
+    tenths = np.minimum(grid.astype(np.int32) * 10 // 255, 9)
+    return "\n".join(" ".join("." if t == 0 else str(t) for t in row) for row in tenths)
+
+
+def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     """An 8-bit RGB image as a PNG file; OSError where it cannot be written."""
-    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+    # zlib's default level: a third smaller than OpenCV's fast default, for files that are kept and sent.
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 6]):
         raise OSError(f"could not write {path}")
