@@ -18,6 +18,7 @@ from appliance.api.tokens import TokenStore
 from appliance.app.systemd_notify import notify, watchdog_interval_s
 from appliance.config import Config
 from appliance.delivery.outbox import Outbox
+from appliance.delivery.overlay import DISPLAY_SIDE
 from appliance.delivery.reports import Reports, device_for
 from appliance.domain.errors import ApplianceError, ConfigError
 from appliance.domain.faults import Faults
@@ -106,8 +107,18 @@ class Daemon:
         reports = (
             Reports(config.pacs, device_for(config.pacs, self.journal.identity())) if config.pacs.enabled else None
         )
+        # Beside each report, a heatmap overlay where the served model gives heatmaps (the manifest declares one,
+        # inference.heatmaps is on): drawn on the frames as shown, which the preparer then keeps.
+        overlays = reports is not None and self.backend.has_heatmap
         self.processor = ScoringStages(
-            config, self.loaded.manifest, self.backend, self.journal, self.metrics, faults=self.faults, reports=reports
+            config,
+            self.loaded.manifest,
+            self.backend,
+            self.journal,
+            self.metrics,
+            faults=self.faults,
+            reports=reports,
+            display_side=DISPLAY_SIDE if overlays else 0,
         )
         self.intake = Intake(
             self.journal, self.processor, config.watch, on_duplicate=self.metrics.duplicates.inc, faults=self.faults

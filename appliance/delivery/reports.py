@@ -1,17 +1,22 @@
-"""Which results go to the PACS, and their DICOM reports made ready for the outbox. They are made on the
-finisher's thread before the results are stored, so each report is queued in the same transaction as its
-result: a result stored is a report queued, even across a crash."""
+"""Which results go to the PACS, and their DICOM objects made ready for the outbox: the report (SR) of each
+scored DICOM image, and beside it the heatmap overlay (Secondary Capture) where the result has a heatmap and the
+preparer kept the frame as shown. They are made on the finisher's thread before the results are stored, so each
+object is queued in the same transaction as its result: a result stored is its objects queued, even across a
+crash. The report comes first: the result's delivery (GetResult) is its report's."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
 from appliance import __version__
 from appliance.config import PacsConfig
+from appliance.delivery.overlay import build_overlay
 from appliance.delivery.sr import Device, ReportError, build_report, encode
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Outcome, Result
@@ -39,10 +44,17 @@ class Reports:
         self.device = device
 
     def for_input(
-        self, input_id: int, path: Path, results: list[Result], manifest: Manifest
+        self,
+        input_id: int,
+        path: Path,
+        results: list[Result],
+        manifest: Manifest,
+        display: Sequence[np.ndarray] = (),
     ) -> list[tuple[NewDelivery, ...]]:
-        """Per result, its report when it scored a DICOM image; nothing for the rest. A source whose header
-        cannot be read again gets no report (its result is stored and streamed all the same), and says why."""
+        """Per result, its report when it scored a DICOM image, then its overlay where it has a heatmap and
+        ``display`` (the input's frames as shown, Prepared.display) holds its frame; nothing for the rest. A source
+        whose header cannot be read again gets neither (its result is stored and streamed all the same), and says
+        why; an overlay that cannot be made leaves its report to go alone."""
         wanted = [r.outcome is Outcome.SCORED and bool(r.ids.sop_instance_uid) for r in results]
         if not any(wanted):
             return [() for _ in results]
@@ -62,7 +74,8 @@ class Reports:
                 continue
             try:
                 report = build_report(source, result, manifest, self.device, series_number=self.pacs.series_number)
-                out.append((NewDelivery(str(report.SOPClassUID), str(report.SOPInstanceUID), encode(report)),))
+                sent = NewDelivery(str(report.SOPClassUID), str(report.SOPInstanceUID), encode(report))
+                out.append((sent, *self._overlay(input_id, source, result, manifest, display, sent)))
             except ReportError as e:
                 log.warning("input %d frame %d: no report for the PACS: %s", input_id, result.frame_index, e.message)
                 out.append(())
@@ -75,3 +88,37 @@ class Reports:
                 )
                 out.append(())
         return out
+
+    def _overlay(
+        self,
+        input_id: int,
+        source: pydicom.Dataset,
+        result: Result,
+        manifest: Manifest,
+        display: Sequence[np.ndarray],
+        report: NewDelivery,
+    ) -> tuple[NewDelivery, ...]:
+        if result.heatmap is None or result.frame_index >= len(display):
+            return ()
+        try:
+            overlay = build_overlay(
+                source,
+                result,
+                display[result.frame_index],
+                manifest,
+                self.device,
+                # The overlays' series follows the reports' (9001, 9002 by default).
+                series_number=self.pacs.series_number + 1,
+                report=(report.sop_class_uid, report.sop_instance_uid),
+            )
+            return (NewDelivery(str(overlay.SOPClassUID), str(overlay.SOPInstanceUID), encode(overlay)),)
+        except ReportError as e:
+            log.warning("input %d frame %d: no overlay for the PACS: %s", input_id, result.frame_index, e.message)
+        except Exception as e:  # the report goes without it; the type only (no header data)
+            log.error(
+                "input %d frame %d: no overlay for the PACS: %s while making it",
+                input_id,
+                result.frame_index,
+                type(e).__name__,
+            )
+        return ()

@@ -71,16 +71,20 @@ class ReadAhead:
     error: BaseException | None
 
 
-def worker_initargs(manifest: Manifest, limits: LimitsConfig, processes: bool) -> tuple[Any, ...]:
+def worker_initargs(
+    manifest: Manifest, limits: LimitsConfig, processes: bool, display_side: int = 0
+) -> tuple[Any, ...]:
     """The arguments of `init_worker` for decode workers of this process (processes watch it to leave
-    with it; threads share its Preparer)."""
-    return (manifest, limits, (os.getpid(), _identity(os.getpid())) if processes else None)
+    with it; threads share its Preparer). ``display_side``: see `Preparer`."""
+    return (manifest, limits, (os.getpid(), _identity(os.getpid())) if processes else None, display_side)
 
 
-def init_worker(manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None) -> None:
+def init_worker(
+    manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None, display_side: int = 0
+) -> None:
     global _preparer, _timeout_s
     quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
-    _preparer = Preparer(manifest, limits)
+    _preparer = Preparer(manifest, limits, display_side=display_side)
     if daemon is not None:  # a worker process
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -233,8 +237,11 @@ def _decoder_crashed() -> Any:
 
 
 class PreparePool:
-    def __init__(self, manifest: Manifest, limits: LimitsConfig, workers: int, mode: Mode = "processes") -> None:
-        self._init_args = worker_initargs(manifest, limits, mode == "processes")
+    def __init__(
+        self, manifest: Manifest, limits: LimitsConfig, workers: int, mode: Mode = "processes", display_side: int = 0
+    ) -> None:
+        """``display_side`` > 0: each DICOM input's Prepared also holds its display frames, for overlays."""
+        self._init_args = worker_initargs(manifest, limits, mode == "processes", display_side)
         self._workers = workers
         self.mode = mode
         self._lock = threading.Lock()

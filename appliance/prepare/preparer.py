@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from appliance.config import LimitsConfig
-from appliance.domain.errors import DecodeOutOfMemory, InputTooLarge
+from appliance.domain.errors import DecodeOutOfMemory, InputRejected, InputTooLarge
 from appliance.domain.manifest import Manifest
+from appliance.imaging.overlay import to_gray8
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
-from appliance.imaging.types import DecodeLimits, ImageMeta
+from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
+
+log = logging.getLogger(__name__)
+
+# Display frames of one input together hold at most this many pixels (8-bit: bytes per channel), whatever its
+# frame count: what crosses from a decode worker to the daemon, and what the PACS's overlays are drawn on.
+DISPLAY_BUDGET_PIXELS = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -23,15 +33,21 @@ class Prepared:
     meta: ImageMeta
     decode_ms: float
     preprocess_ms: float
+    # The frames as a reader sees them, 8-bit (H x W gray, H x W x 3 RGB), at most `display_side` on their longer
+    # side, for the heatmap overlay sent to the PACS: only for a DICOM input, only when the Preparer was asked.
+    display: tuple[np.ndarray, ...] = ()
 
 
 class Preparer:
     """Decode + preprocess exactly as the manifest says; raises an InputRejected subclass for bad input."""
 
-    def __init__(self, manifest: Manifest, limits: LimitsConfig, *, shrink_first: bool = True) -> None:
+    def __init__(
+        self, manifest: Manifest, limits: LimitsConfig, *, shrink_first: bool = True, display_side: int = 0
+    ) -> None:
         self.manifest = manifest
         # Large grayscale DICOM frames are shrunk as stored integers before windowing (see dicom.py).
         self.shrink_first = shrink_first
+        self.display_side = display_side  # 0: no display frames (the cost of none)
         self.max_bytes = int(limits.max_file_mb * 1024 * 1024)
         self.limits = DecodeLimits(
             max_pixels=limits.max_pixels,
@@ -66,4 +82,43 @@ class Preparer:
             # fault. `from None`: the error's traceback would keep the frames' arrays alive.
             raise DecodeOutOfMemory() from None
         t2 = time.perf_counter()
-        return Prepared(tensors=tensors, meta=image.meta, decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3)
+        display = self._display(data, image) if self.display_side and image.meta.source_format == "dicom" else ()
+        return Prepared(
+            tensors=tensors,
+            meta=image.meta,
+            decode_ms=(t1 - t0) * 1e3,
+            preprocess_ms=(t2 - t1) * 1e3,
+            display=display,
+        )
+
+    def _display(self, data: bytes, image: DecodedImage) -> tuple[np.ndarray, ...]:
+        """The frames as shown, 8-bit, area-shrunk to the display size. Frames shrunk first for the model (to its
+        input size) are decoded again, shrunk first to the display size instead: the model's tensors never depend
+        on whether a PACS gets overlays. Never the input's rejection: without display frames it gets no overlay."""
+        rows, cols = image.meta.rows or image.frames[0].shape[0], image.meta.columns or image.frames[0].shape[1]
+        scale = min(
+            1.0,
+            self.display_side / max(rows, cols, 1),
+            math.sqrt(DISPLAY_BUDGET_PIXELS / max(len(image.frames) * rows * cols, 1)),
+        )
+        size = max(1, round(rows * scale)), max(1, round(cols * scale))
+        frames = image.frames
+        try:
+            if frames[0].shape[0] < size[0] or frames[0].shape[1] < size[1]:
+
+                def to_display(h: int, w: int) -> tuple[int, int] | None:
+                    return size if size[0] < h and size[1] < w else None
+
+                frames = decode(data, limits=self.limits, preprocess=self.manifest.preprocess, shrink=to_display).frames
+            return tuple(_gray8(frame, size) for frame in frames)
+        except (InputRejected, MemoryError) as e:  # decoded once already: past a worker's memory cap, most likely
+            log.warning("no display frames for the overlay: %s", type(e).__name__)
+            return ()
+
+
+def _gray8(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A display frame at ``size`` (area-shrunk), 8-bit; a gray one stays one channel (a third of the bytes)."""
+    if frame.shape[:2] != size:
+        frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    out = to_gray8(frame)
+    return np.ascontiguousarray(out[:, :, 0]) if frame.ndim == 2 else out

@@ -9,10 +9,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from appliance.config import WatchConfig
 from appliance.domain.errors import StorageFull
@@ -37,7 +39,7 @@ class ReportMaker(Protocol):
     """What goes to the PACS with a stored result (appliance.delivery.reports.Reports)."""
 
     def for_input(
-        self, input_id: int, path: Path, results: list[Result], manifest: Manifest
+        self, input_id: int, path: Path, results: list[Result], manifest: Manifest, display: Sequence[np.ndarray]
     ) -> list[tuple[NewDelivery, ...]]: ...
 
 
@@ -211,7 +213,8 @@ class Finisher:
     def _reports(self, job: Job, results: list[Result], manifest: Manifest) -> list[tuple[NewDelivery, ...]]:
         if self.reports is None:
             return [() for _ in results]
-        return self.reports.for_input(job.facts.input_id, job.path, results, manifest)
+        display = job.prepared.display if job.prepared else ()  # the frames as shown, for heatmap overlays
+        return self.reports.for_input(job.facts.input_id, job.path, results, manifest, display)
 
     def _hold(self, job: Job) -> None:
         """A result that found no space is kept for a retry; a Score call waiting on it is answered now

@@ -40,7 +40,9 @@ class ScoringStages:
         observer: ScoringObserver | None = None,
         faults: Faults | None = None,
         reports: ReportMaker | None = None,
+        display_side: int = 0,
     ) -> None:
+        """``display_side`` > 0: the preparer keeps each DICOM input's frames as shown (for heatmap overlays)."""
         self.observer = observer or NoObserver()
         self._scorer: Scorer = (manifest, backend.name)
         max_batch = backend.max_batch
@@ -57,7 +59,7 @@ class ScoringStages:
             coming=self.admission.coming,
             tag=self._scorer,
         )
-        self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with)
+        self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with, display_side)
         self.finisher = Finisher(
             journal, config.watch, self.admission, self.observer, lambda: self._scorer, faults or Faults(), reports
         )

@@ -157,14 +157,15 @@ def test_a_pacs_away_for_a_while_loses_nothing_and_gets_each_report_once(
     _send(sorted((tmp_path / "study").iterdir()), port)
     results = d.collect(5)
     assert {r.sop_instance_uid for r in results} == set(uids)
-    _until("five reports waiting", lambda: d.status().outbox_pending == 5, d)
+    # With each report its heatmap overlay (pipeline-test declares a heatmap): two objects per image.
+    _until("five reports and their overlays waiting", lambda: d.status().outbox_pending == 10, d)
     _until("retried while away", lambda: all(_result(d, r.sequence).delivery.attempts >= 1 for r in results), d)
     waiting = _result(d, results[0].sequence).delivery
     assert waiting.state == pb.DELIVERY_PENDING and waiting.reason != ""
     pacs.start()
     _until("every report delivered", _delivered(d, results), d)
-    assert d.status().outbox_pending == 0
-    assert len(pacs.instances()) == 5  # each once
+    _until("every overlay delivered", lambda: d.status().outbox_pending == 0, d)
+    assert len(pacs.instances()) == 10  # each once
     reports = {_result(d, r.sequence).delivery.report_sop_instance_uid for r in results}
     assert len(reports) == 5 and all(pacs.find_sop(uid) for uid in reports)
     tries = sorted(_result(d, r.sequence).delivery.attempts for r in results)
@@ -206,8 +207,9 @@ def test_kill_9_during_a_burst_scores_every_acknowledged_instance_once(
     assert sorted(r.sop_instance_uid for r in scored) == sorted(uids)  # every image scored, none twice
     status = d.status()
     assert status.scored == 40 and status.queue_depth == 0
-    pacs.wait_for_instances(40, timeout=120)
+    pacs.wait_for_instances(80, timeout=120)  # a report and a heatmap overlay per image
     _until("every report delivered", _delivered(d, scored), d)
-    assert len(pacs.instances()) == 40
+    _until("every overlay delivered", lambda: d.status().outbox_pending == 0, d)
+    assert len(pacs.instances()) == 80
     again = 40 - len(acknowledged)
     print(f"sent 40; acknowledged before the kill: {len(acknowledged)}; sent again: {again}; scored: {len(scored)}")

@@ -1,0 +1,162 @@
+"""Heatmap overlays in the PACS, all real: DCMTK's storescu as the scanner, the daemon's DICOM receiver, and a real
+Orthanc that ends up holding, for each scored image, its report (Enhanced SR) and its overlay (an RGB Secondary
+Capture) that references the image and the report, and that dciodvfy passes as fetched back from Orthanc."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import EnhancedSRStorage, SecondaryCaptureImageStorage, generate_uid
+
+from appliance.v1 import scoring_pb2 as pb
+from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.integration.conftest import Daemon, free_port
+from tests.peers import needs, require
+from tests.peers.dcmtk import dciodvfy, storescu
+from tests.peers.orthanc import Orthanc, RemoteAe
+
+pytestmark = needs("Orthanc", "storescu")
+
+SCANNER = "SCANNER"
+APPLIANCE = "APPLIANCE"
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    require("Orthanc")
+    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
+        yield peer
+
+
+def _appliance(make_daemon: type[Daemon], pacs: Orthanc, **overrides: dict[str, object]) -> tuple[Daemon, int]:
+    port = free_port()
+    d = make_daemon(
+        dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": [{"ae_title": SCANNER}]},
+        pacs={
+            "enabled": True,
+            "ae_title": pacs.ae_title,
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+            "calling_ae_title": APPLIANCE,
+            "retry_s": 0.2,
+            "retry_max_s": 1.0,
+        },
+        **overrides,
+    )
+    d.start()
+    return d, port
+
+
+def _study(folder: Path) -> dict[str, tuple[int, int]]:
+    """Three images of one study: two CT_small (128 x 128) and one large CT-like image (2400 x 1800, windowed, so
+    the daemon shrinks it first for the model) with a bright disc; their SOP Instance UIDs and sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study, series = generate_uid(), generate_uid()
+    sizes = {}
+    for n in range(3):
+        ds = template.copy()
+        if n == 2:
+            yy, xx = np.mgrid[0:1800, 0:2400]
+            pixels = 100 + 900 * np.exp(-(((yy - 500) ** 2 + (xx - 1700) ** 2) / (2 * 110.0**2)))
+            ds.Rows, ds.Columns = 1800, 2400
+            ds.PixelData = pixels.astype(np.int16).tobytes()
+            ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, 0, 500, 1000
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n + 1
+        ds.save_as(folder / f"ct{n:03d}.dcm", enforce_file_format=True)
+        sizes[str(ds.SOPInstanceUID)] = (int(ds.Rows), int(ds.Columns))
+    return sizes
+
+
+def _until(what: str, check: Callable[[], bool], d: Daemon, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so after {timeout} s: {what}\n{d.log()[-4000:]}")
+        time.sleep(0.1)
+
+
+def _result(d: Daemon, seq: int) -> pb.Result:
+    with d.channel() as ch:
+        return pb_grpc.ScoringStub(ch).GetResult(pb.GetResultRequest(sequence=seq), timeout=10)
+
+
+def _held(pacs: Orthanc) -> dict[str, tuple[bytes, pydicom.Dataset]]:
+    """Every instance Orthanc holds, fetched back as a file: by SOP Instance UID, its bytes and dataset."""
+    out: dict[str, tuple[bytes, pydicom.Dataset]] = {}
+    for orthanc_id in pacs.instances():
+        data = pacs.get_bytes(f"/instances/{orthanc_id}/file")
+        ds = pydicom.dcmread(io.BytesIO(data))
+        out[str(ds.SOPInstanceUID)] = (data, ds)
+    return out
+
+
+def test_a_scanned_image_reaches_the_pacs_with_its_report_and_its_heatmap_overlay(
+    make_daemon, pacs: Orthanc, tmp_path: Path
+) -> None:
+    d, port = _appliance(make_daemon, pacs)
+    sizes = _study(tmp_path / "study")
+    done = storescu(sorted((tmp_path / "study").iterdir()), "127.0.0.1", port, SCANNER, APPLIANCE)
+    results = d.collect(3)
+    assert {r.sop_instance_uid for r in results} == set(sizes), done.stdout + done.stderr
+    assert all(r.outcome == pb.OUTCOME_SCORED and r.HasField("heatmap") for r in results)
+    pacs.wait_for_instances(6, timeout=90)
+    _until("every object delivered", lambda: d.status().outbox_pending == 0, d)
+    held = _held(pacs)
+    assert len(held) == 6  # a report and an overlay per image, each once
+
+    overlays = {
+        ds.SourceImageSequence[0].ReferencedSOPInstanceUID: (data, ds)
+        for data, ds in held.values()
+        if ds.SOPClassUID == SecondaryCaptureImageStorage
+    }
+    assert set(overlays) == set(sizes)
+    for r in results:
+        delivery = _result(d, r.sequence).delivery  # the report's, as before overlays
+        assert delivery.state == pb.DELIVERY_DELIVERED
+        _, report = held[delivery.report_sop_instance_uid]
+        assert report.SOPClassUID == EnhancedSRStorage
+        _, sc = overlays[r.sop_instance_uid]
+        assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
+        assert sc.StudyInstanceUID == report.StudyInstanceUID and sc.SeriesNumber == report.SeriesNumber + 1
+        assert sc.SeriesInstanceUID != report.SeriesInstanceUID
+        (source,) = sc.SourceImageSequence
+        assert source.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        (document,) = sc.ReferencedInstanceSequence
+        assert (document.ReferencedSOPClassUID, document.ReferencedSOPInstanceUID) == (
+            EnhancedSRStorage,
+            delivery.report_sop_instance_uid,
+        )
+        assert "pipeline-test" in sc.ImageComments and "Not for diagnosis" in sc.ImageComments
+        rows, cols = sizes[r.sop_instance_uid]
+        # As large as the source up to 1024 px on its longer side: the large one was shrunk first for the model
+        # (to 64 px) and decoded again for the overlay.
+        assert (sc.Rows, sc.Columns) == ((rows, cols) if max(rows, cols) <= 1024 else (768, 1024))
+
+    require("dciodvfy")
+    (large,) = [uid for uid, size in sizes.items() if size == (1800, 2400)]
+    for uid in (large, next(u for u in sizes if u != large)):
+        path = tmp_path / f"overlay-{uid}.dcm"
+        path.write_bytes(overlays[uid][0])
+        rc, errors = dciodvfy(path)
+        assert rc == 0 and errors == [], errors
+
+
+def test_with_heatmaps_off_only_the_report_goes(make_daemon, pacs: Orthanc, tmp_path: Path) -> None:
+    d, port = _appliance(make_daemon, pacs, inference={"heatmaps": False})
+    sizes = _study(tmp_path / "study")
+    storescu([sorted((tmp_path / "study").iterdir())[0]], "127.0.0.1", port, SCANNER, APPLIANCE)
+    (result,) = d.collect(1)
+    assert result.sop_instance_uid in sizes and not result.HasField("heatmap")
+    _until("the report delivered", lambda: _result(d, result.sequence).delivery.state == pb.DELIVERY_DELIVERED, d)
+    assert d.status().outbox_pending == 0
+    assert [ds.SOPClassUID for _, ds in _held(pacs).values()] == [EnhancedSRStorage]
