@@ -15,18 +15,19 @@ FLOOR = 0.2  # below this share of the peak, no colour: faint evidence would tin
 
 
 def heat_on_source(heatmap: Heatmap, rows: int, cols: int) -> np.ndarray:
-    """The map resampled onto a rows x cols source image's pixels, float32 in 0..1 (0 outside the grid)."""
+    """The map resampled onto a rows x cols source image's pixels, float32 in 0..1; past the grid's edge (where
+    the extent is smaller than the image) the edge cells go on."""
     grid = np.frombuffer(heatmap.values, dtype=np.uint8).reshape(heatmap.height, heatmap.width)
     x0, y0, x1, y1 = heatmap.extent
     sx, sy = heatmap.width / (x1 - x0), heatmap.height / (y1 - y0)
-    # Source pixel centre (c + 0.5, r + 0.5) -> grid coordinates, sampled bilinearly between cell centres.
-    map_x = ((np.arange(cols, dtype=np.float32) + 0.5 - x0) * sx - 0.5)[np.newaxis, :].repeat(rows, axis=0)
-    map_y = ((np.arange(rows, dtype=np.float32) + 0.5 - y0) * sy - 0.5)[:, np.newaxis].repeat(cols, axis=1)
-    heat = cv2.remap(
-        grid.astype(np.float32) / 255.0,
-        map_x.astype(np.float32),
-        map_y.astype(np.float32),
-        interpolation=cv2.INTER_LINEAR,
+    # Source pixel centre (c + 0.5, r + 0.5) -> grid coordinates (cell centres at integers), an affine map:
+    # sampled bilinearly between cell centres.
+    to_grid = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]], dtype=np.float64)
+    heat = cv2.warpAffine(
+        grid.astype(np.float32) * np.float32(1 / 255),
+        to_grid,
+        (cols, rows),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
     )
     return np.asarray(heat, dtype=np.float32)
@@ -47,12 +48,20 @@ def render(display: np.ndarray, heatmap: Heatmap, *, alpha: float = ALPHA, floor
     opacity rising with the map from ``floor`` to ``alpha`` at the peak."""
     image = to_gray8(display)
     rows, cols = image.shape[:2]
-    heat = heat_on_source(heatmap, rows, cols)
-    colour = cv2.applyColorMap(np.round(heat * 255.0).astype(np.uint8), cv2.COLORMAP_TURBO)
-    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
-    weight = (alpha * np.clip((heat - floor) / max(1.0 - floor, 1e-6), 0.0, 1.0))[:, :, np.newaxis]
-    out = image.astype(np.float32) * (1.0 - weight) + colour * weight
-    return np.round(out).astype(np.uint8)
+    heat = np.round(heat_on_source(heatmap, rows, cols) * 255.0).astype(np.uint8)
+    # Colour and opacity by table and blended by OpenCV: the finisher draws one for each image sent to a PACS.
+    colour = cv2.LUT(cv2.cvtColor(heat, cv2.COLOR_GRAY2RGB), _TURBO)
+    weight = cv2.LUT(heat, _weights(alpha, floor))
+    return np.asarray(cv2.blendLinear(image, colour, 1.0 - weight, weight))
+
+
+_TURBO = cv2.cvtColor(cv2.applyColorMap(np.arange(256, dtype=np.uint8), cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
+
+
+def _weights(alpha: float, floor: float) -> np.ndarray:
+    """Opacity per heat level: none up to ``floor``, rising to ``alpha`` at the peak."""
+    level = np.arange(256, dtype=np.float32) / 255.0
+    return (alpha * np.clip((level - floor) / max(1.0 - floor, 1e-6), 0.0, 1.0)).astype(np.float32)
 
 
 def text_grid(heatmap: Heatmap) -> str:
