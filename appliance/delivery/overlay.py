@@ -15,7 +15,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
-from appliance.delivery.sr import Device, _frames, _instance_number
+from appliance.delivery.sr import Device, instance_number_of, referenced_frames
 from appliance.domain.errors import ReportError
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Heatmap, Outcome, Result
@@ -97,7 +97,7 @@ def build_overlay(
             series_instance_uid=series_uid(source.StudyInstanceUID, result.scored_by.model_name, device.uid),
             series_number=series_number,
             sop_instance_uid=instance_uid(result, device.uid),
-            instance_number=_instance_number(source, result),
+            instance_number=instance_number_of(source, result),
             manufacturer=device.manufacturer,
             # highdicom requires an orientation for a patient's image; where the source gives none it is emptied
             # below (Type 2 in a Secondary Capture).
@@ -125,7 +125,7 @@ def build_overlay(
             if keyword in source:
                 image[keyword] = source[keyword]
     source_image = _reference(str(source.SOPClassUID), str(source.SOPInstanceUID), SOURCE_IMAGE)
-    frames = _frames(source, result)
+    frames = referenced_frames(source, result)
     if frames is not None:
         source_image.ReferencedFrameNumber = frames
     image.SourceImageSequence = [source_image]

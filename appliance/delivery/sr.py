@@ -113,7 +113,7 @@ def build_report(
             ),
         )
         image = SourceImageForMeasurementGroup.from_source_image(
-            evidence, referenced_frame_numbers=_frames(source, result)
+            evidence, referenced_frame_numbers=referenced_frames(source, result)
         )
         scores = {s.label: s.score for s in result.scores}
         groups = [
@@ -142,7 +142,7 @@ def build_report(
             series_instance_uid=series_uid(source.StudyInstanceUID, result.scored_by.model_name, device.uid),
             series_number=series_number,
             sop_instance_uid=sop_uid,
-            instance_number=_instance_number(source, result),
+            instance_number=instance_number_of(source, result),
             manufacturer=device.manufacturer,
             is_complete=True,
             manufacturer_model_name=device.model_name,
@@ -189,7 +189,7 @@ def _check(source: pydicom.Dataset, result: Result, manifest: Manifest) -> None:
         raise ReportError("The result's frame index lies outside its frame count.")
 
 
-def _frames(source: pydicom.Dataset, result: Result) -> list[int] | None:
+def referenced_frames(source: pydicom.Dataset, result: Result) -> list[int] | None:
     """The frame the result is about (1-based), for a multi-frame source only."""
     try:
         frames = int(source.get("NumberOfFrames", 1) or 1)
@@ -202,7 +202,7 @@ def _frames(source: pydicom.Dataset, result: Result) -> list[int] | None:
     return [result.frame_index + 1]
 
 
-def _instance_number(source: pydicom.Dataset, result: Result) -> int:
+def instance_number_of(source: pydicom.Dataset, result: Result) -> int:
     """A multi-frame source's report is numbered by its frame; a single image's takes the image's own number,
     so the reports list in the order of the images they are about."""
     if result.frame_count > 1:
