@@ -4,17 +4,18 @@ is the daemon's own code, so what the tools measure and gate is what the daemon 
 daemon's inside is theirs to reach into.
 
 `make engine` also writes the artifacts the daemon loads, so it shares their contract with the loader:
-`appliance.inference.artifacts` (names, sidecar), `self_check` (the load-time check), `cpu_class`, and the
-backend registry with each backend's build-side helpers. Those modules are that contract, not internals.
+`appliance.inference.artifacts` (names, sidecar), `self_check` (the load-time check), `cpu_class`,
+`heatmap_graph` (the heatmap branch both add to the FP32 model), and the backend registry with each
+backend's build-side helpers. Those modules are that contract, not internals.
 """
 
 from appliance.config import Config, InferenceConfig, LimitsConfig, load_config
 from appliance.domain.errors import ApplianceError, InputRejected
-from appliance.domain.manifest import Accuracy, LoadedManifest, Manifest, load_manifest
+from appliance.domain.manifest import Accuracy, Heatmap, LoadedManifest, Manifest, load_manifest
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape, open_backend
 from appliance.inference.postprocess import decide
-from appliance.inference.runs import images_per_second, scores_in_batches
+from appliance.inference.runs import images_per_second, rows_in_batches, scores_in_batches
 from appliance.logging_setup import quiet_pydicom
 from appliance.prepare.pool import init_worker, prepare_file, worker_initargs
 from appliance.prepare.preparer import Prepared, Preparer
@@ -24,6 +25,7 @@ __all__ = [
     "ApplianceError",
     "Backend",
     "Config",
+    "Heatmap",
     "InferenceConfig",
     "InputRejected",
     "LimitsConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "open_backend",
     "prepare_file",
     "quiet_pydicom",
+    "rows_in_batches",
     "scores_in_batches",
     "worker_initargs",
 ]

@@ -1,5 +1,9 @@
 """The build: validate, calibrate, quantize, gate, fall back, write artifact + sidecar, measure, report.
 
+Where the manifest declares a heatmap, it is added to the FP32 model before anything is made from it, so
+every artifact returns it from the same call; its branch stays in float in every precision, and the gate
+checks its peaks against FP32's.
+
 The same for every backend; what differs (recipe, artifact, its name) is its target's, in build_engine/targets/.
 Each backend's file declares its precision chain, tried in order until one passes the gate:
   onnxruntime (CPU): int8 -> fp32 (the FP32 ONNX served as is; FP16 is slower than FP32 on x86 CPUs)
@@ -46,7 +50,7 @@ from appliance.toolkit import (
     Preparer,
     images_per_second,
     load_manifest,
-    scores_in_batches,
+    rows_in_batches,
 )
 from build_engine.errors import BuildError, GateFailed
 from build_engine.gate import GateReport, compare
@@ -56,6 +60,7 @@ from build_engine.quantize import (
     Recipe,
     TensorReader,
     classifier_head,
+    feature_producer,
     last_convolutions,
     prepare_float_model,
     quantize,
@@ -67,7 +72,7 @@ from build_engine.target import EARLIER_INPUT_KEYS, BuildTarget, target_for
 
 EXCLUSION_STEPS = (3, 8)  # how many of the most sensitive layers to keep in float, after the head
 LAST_CONVOLUTIONS = 2  # kept in float with the head, before the sensitivity ranking is consulted
-BUILD_RECIPE = 3  # bump when the build changes in a way that should invalidate reused artifacts
+BUILD_RECIPE = 4  # bump when the build changes in a way that should invalidate reused artifacts (4: heatmaps)
 
 
 @dataclass
@@ -130,11 +135,14 @@ class Builder:
         except ValueError as e:
             raise BuildError(f"A --tolerance value is invalid: {e}.") from e
         self.folder = engines_folder(options.engines_dir, self.manifest.model.name)
+        # The nodes named under this (the heatmap's branch) stay in float in every artifact.
+        self.float_branch = self.manifest.heatmap.output if self.manifest.heatmap else ""
         self.onnx_sha = ""
         self.facts: ModelFacts | None = None
         self.calibration: ImageSet | None = None
         self.validation: ImageSet | None = None
         self.reference: np.ndarray | None = None
+        self.reference_heatmaps: np.ndarray | None = None
         self.fp32_speed: float | None = None
         self.cpu_class = cpu_class.detect()
         self.recipe_class = options.recipe_class or self.cpu_class
@@ -158,6 +166,12 @@ class Builder:
             f"checked   opset {self.facts.opset}, input {m.input.name} {self.facts.input_shape} {m.input.dtype}, "
             f"output {m.output.name} {self.facts.output_shape}; {self.facts.note}"
         )
+        if m.heatmap is not None:
+            cells = " x ".join(map(str, (self.facts.heatmap_shape or [])[1:]))
+            self.out(
+                f"heatmap   {m.heatmap.method} on {m.heatmap.feature}: output {m.heatmap.output} ({cells} per image), "
+                "built into every artifact, its branch kept in float"
+            )
         targets = self._targets()
         for target in targets:
             for line in target.intro(self):
@@ -221,20 +235,33 @@ class Builder:
         if self.reference is not None:
             return
         with self._open(registry.reference(), self.loaded.onnx_path) as fp32:
-            self.reference = scores_in_batches(fp32, self.validation.tensors, self.manifest.output.activation)
+            self.reference, self.reference_heatmaps = self._outputs(fp32)
             self.fp32_speed = images_per_second(fp32, self.validation.tensors[:1])
 
     def _open(self, kind: BackendKind[Any], path: Path) -> Backend:
-        """A loaded backend for a built artifact (or the FP32 ONNX on the reference), with the build's settings."""
+        """A loaded backend for a built artifact (or the FP32 ONNX on the reference), with the build's settings.
+
+        With the manifest's heatmap, as the daemon opens it by default: an artifact returns its own, and the
+        FP32 ONNX gets it added as it loads (the reference the gate compares heatmaps with).
+        """
         assert self.facts is not None
         backend = kind.open(
             path,
             output_name=self.manifest.output.name,
             max_batch=self.facts.max_batch,
             settings=self.inference.settings_of(kind.name),
+            heatmap=self.manifest.heatmap,
         )
         backend.load()
         return backend
+
+    def _outputs(self, backend: Backend) -> tuple[np.ndarray, np.ndarray | None]:
+        """Activated scores (N x labels) on the validation set and, where the backend returns them, heatmaps."""
+        assert self.validation is not None
+        rows = rows_in_batches(backend, self.validation.tensors, self.manifest.output.activation)
+        maps = [row.heatmap for row in rows if row.heatmap is not None]
+        heatmaps = np.stack(maps) if maps and len(maps) == len(rows) else None
+        return np.stack([row.scores for row in rows]), heatmaps
 
     def _inputs_hash(self, target: BuildTarget) -> str:
         assert self.calibration is not None and self.validation is not None and self.facts is not None
@@ -284,7 +311,7 @@ class Builder:
         with tempfile.TemporaryDirectory(prefix=".build-", dir=self.folder) as tmp:
             work = Path(tmp)
             float_model = work / "float.onnx"
-            note = prepare_float_model(self.loaded.onnx_path, float_model)
+            note = prepare_float_model(self.loaded.onnx_path, float_model, self.manifest.heatmap)
             notes = [note] if note else []
             attempt = None
             int8_verdict = ""  # why INT8 cannot pass here, kept for the failure's sentence
@@ -338,9 +365,10 @@ class Builder:
     def _fp32_attempt(self) -> Attempt:
         """The FP32 ONNX served as is: gated as the reference against itself, not by running it again."""
         assert self.validation is not None and self.reference is not None
-        v = self.validation
-        return Attempt("fp32", None, compare(self.manifest, self.reference, self.reference, v.labels, self.tolerance,
-                                             v.label_note))  # fmt: skip
+        v, maps = self.validation, self.reference_heatmaps
+        report = compare(self.manifest, self.reference, self.reference, v.labels, self.tolerance, v.label_note,
+                         reference_heatmaps=maps, candidate_heatmaps=maps)  # fmt: skip
+        return Attempt("fp32", None, report)
 
     def _attempt(self, target: BuildTarget, precision: str, float_model: Path, work: Path, notes: list[str]) -> Attempt:
         assert self.calibration is not None
@@ -352,7 +380,7 @@ class Builder:
         source = float_model
         if precision == "fp16":
             source = work / "fp16.onnx"
-            to_fp16(float_model, source)
+            to_fp16(float_model, source, self.float_branch)
         return self._make_and_gate(target, precision, source, work)
 
     def _make_and_gate(self, target: BuildTarget, precision: str, onnx_path: Path, work: Path) -> Attempt:
@@ -365,32 +393,40 @@ class Builder:
         self, target: BuildTarget, float_model: Path, work: Path, reader: TensorReader, notes: list[str]
     ) -> Attempt:
         """INT8 with every weighted layer quantized; failing the gate, keep layers in float, step by step:
-        the classifier head, then also the last 2 convolutions, then instead of those the 3, then the 8
-        layers whose inputs quantize worst (lowest SQNR)."""
+        the classifier head, then (where the heatmap's peaks failed) also the layer that makes its feature
+        maps, whose rounding the heatmap shows directly, then also the last 2 convolutions, then instead of
+        those the 3, then the 8 layers whose inputs quantize worst (lowest SQNR)."""
         qdq = work / "int8.qdq.onnx"
         recipe = target.recipe(self)
-        quantize(float_model, qdq, recipe, reader)
+        quantize(float_model, qdq, recipe, reader, keep_float=self.float_branch)
         attempt = self._make_and_gate(target, "int8", qdq, work)
         if attempt.report.passed:
             return attempt
-        head = classifier_head(float_model)
+        branch = self.float_branch
+        head = classifier_head(float_model, branch)
         try:
-            ranked = [s.node for s in rank_sensitive_nodes(float_model, qdq, reader) if s.node not in head]
+            ranked = [s.node for s in rank_sensitive_nodes(float_model, qdq, reader, keep_float=branch)
+                      if s.node not in head]  # fmt: skip
         except Exception as e:  # the debug tooling cannot run every graph; the head alone is still tried
             notes.append(f"could not rank layers by sensitivity ({str(e).splitlines()[0]})")
             ranked = []
         tried: list[list[str]] = []
         # Past half the weighted layers in float, the result is no longer an INT8 model worth the name.
-        most = len(weighted_nodes(float_model)) // 2
-        tail = [n for n in last_convolutions(float_model, LAST_CONVOLUTIONS) if n not in head]
-        for excluded in [head, head + tail, *(head + ranked[:count] for count in EXCLUSION_STEPS)]:
+        most = len(weighted_nodes(float_model, branch)) // 2
+        tail = [n for n in last_convolutions(float_model, LAST_CONVOLUTIONS, branch) if n not in head]
+        makes_maps: list[str] = []
+        peaks = attempt.report.heatmap_agreement
+        if self.manifest.heatmap is not None and peaks is not None and peaks < self.tolerance.min_heatmap_agreement:
+            makes_maps = [n for n in feature_producer(float_model, self.manifest.heatmap.feature) if n not in head]
+        steps = [head, head + makes_maps, head + tail, *(head + ranked[:count] for count in EXCLUSION_STEPS)]
+        for excluded in steps:
             if not excluded or excluded in tried or len(excluded) > most:
                 continue
             tried.append(excluded)
             layers = f"{len(excluded)} layer{'s' if len(excluded) != 1 else ''}"
             self.out(f"{target.name:<9} int8: {attempt.report.summary()}; now keeping {layers} in float")
             candidate = work / f"int8-x{len(excluded)}.qdq.onnx"
-            quantize(float_model, candidate, recipe, reader, exclude=excluded)
+            quantize(float_model, candidate, recipe, reader, exclude=excluded, keep_float=branch)
             attempt = self._make_and_gate(target, "int8", candidate, work)
             attempt.excluded = excluded
             if attempt.report.passed:
@@ -424,9 +460,11 @@ class Builder:
 
     def _gate(self, backend: Backend) -> tuple[GateReport, np.ndarray]:
         assert self.validation is not None and self.reference is not None
-        scores = scores_in_batches(backend, self.validation.tensors, self.manifest.output.activation)
+        scores, heatmaps = self._outputs(backend)
         labels, note = self.validation.labels, self.validation.label_note
-        return compare(self.manifest, self.reference, scores, labels, self.tolerance, note), scores
+        report = compare(self.manifest, self.reference, scores, labels, self.tolerance, note,
+                         reference_heatmaps=self.reference_heatmaps, candidate_heatmaps=heatmaps)  # fmt: skip
+        return report, scores
 
     # --- results ---------------------------------------------------------------------------------
 
@@ -548,9 +586,10 @@ class Builder:
         )
         gate = sidecar.gate
         if gate:
+            peaks = gate.get("heatmap_agreement")
             self.out(
                 f"{'':<9} gate: agreement {gate['agreement']:.1%}, max |score diff| {gate['max_abs_diff']:.4f}, "
-                f"mean {gate['mean_abs_diff']:.4f}"
+                f"mean {gate['mean_abs_diff']:.4f}" + ("" if peaks is None else f", heatmap peaks {peaks:.1%}")
             )
         return True
 

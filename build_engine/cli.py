@@ -23,7 +23,9 @@ saturate), keyed to the CPU class and the ONNX Runtime version it was gated on. 
 and a GPU is visible: also a TensorRT plan (INT8 from a Q/DQ model, strongly typed), keyed to that GPU,
 its compute capability, SM count and the TensorRT version. Each artifact stores a few of the gate's
 images with its scores on them; the daemon reruns them at every load and refuses an artifact whose
-scores moved. Running it again with nothing changed reuses what exists.
+scores moved. Running it again with nothing changed reuses what exists. Where model.toml declares a
+[heatmap], every artifact returns it from the same call, its branch kept in float, and the gate checks
+its peaks against FP32's.
 
 Calibration and validation folders hold images as the scanner exports them (DICOM of any transfer
 syntax, PNG, JPEG, 16-bit), read through the daemon's own decoding and preprocessing, in sorted order.
@@ -38,12 +40,15 @@ tolerances (model.toml [accuracy], overridable with --tolerance NAME=VALUE):
   max_abs_diff    largest |score - FP32 score| on any image and label          (default 0.05)
   mean_abs_diff   mean |score - FP32 score|                                    (default 0.01)
   max_auc_drop    largest AUC loss per label, when labels exist                (default 0.01)
+  min_heatmap_agreement
+                  share of validation images whose heatmap peak cell is within
+                  one cell of FP32's, where model.toml declares a [heatmap]    (default 0.95)
 
 exit status: 0 built or up to date; 1 an explicitly requested precision failed the gate;
 2 bad input (model, manifest, images, options) or a build error.
 """
 
-TOLERANCES = ("min_agreement", "max_abs_diff", "mean_abs_diff", "max_auc_drop")
+TOLERANCES = ("min_agreement", "max_abs_diff", "mean_abs_diff", "max_auc_drop", "min_heatmap_agreement")
 
 
 def _tolerance(text: str) -> tuple[str, float]:

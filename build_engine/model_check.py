@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
+from appliance.inference.heatmap_graph import HeatmapError, add_heatmap
 from appliance.toolkit import LoadedManifest, expected_sample_shape
 from build_engine.errors import BuildError
 
@@ -22,6 +23,7 @@ class ModelFacts:
     dynamic_batch: bool
     max_batch: int
     note: str
+    heatmap_shape: list[int | str] | None = None  # N x H x W, where the manifest declares a heatmap
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
@@ -32,7 +34,8 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
-    """onnx.checker, shape inference, and the manifest's names, shapes and dtypes against the graph."""
+    """onnx.checker, shape inference, the manifest's names, shapes and dtypes against the graph, and whether
+    its heatmap can be added to it."""
     path = loaded.onnx_path
     manifest = loaded.manifest
     try:
@@ -67,6 +70,15 @@ def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
     width = out_dims[-1] if out_dims else None
     if isinstance(width, int) and width != labels:
         raise BuildError(f"{path}: the model outputs {width} scores but model.toml names {labels} labels.")
+    heatmap_shape = None
+    if manifest.heatmap is not None:
+        h = manifest.heatmap
+        try:
+            with_map = add_heatmap(model, method=h.method, feature=h.feature, output_name=h.output)
+        except HeatmapError as e:
+            why = str(e)
+            raise BuildError(f"{path}: the manifest's [heatmap] cannot be added: {why[:1].lower()}{why[1:]}") from e
+        heatmap_shape = next(_dims(o) for o in with_map.graph.output if o.name == h.output)
     dynamic = not isinstance(in_dims[0], int)
     if dynamic:
         note = f"dynamic batch axis: batches of 1..{max_batch}"
@@ -75,4 +87,4 @@ def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
     else:
         raise BuildError(f"{path}: the batch axis is fixed at {in_dims[0]}; export it as dynamic (or 1).")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return ModelFacts(opset, in_dims, out_dims, dynamic, max_batch, note)
+    return ModelFacts(opset, in_dims, out_dims, dynamic, max_batch, note, heatmap_shape)

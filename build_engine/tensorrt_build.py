@@ -8,6 +8,12 @@ STRONGLY_TYPED creation flag, 11.x networks are always strongly typed (the flag 
 The one precision switch kept is TF32, which TensorRT turns on by default (10.x and 11.x): it lets float32
 matrix products round their inputs to 10-bit mantissas. A plan we call "fp32" clears it, so it computes
 what ONNX Runtime FP32 computes.
+
+The heatmap's branch (layers named `{output}/...`, as the parser names them after their ONNX nodes) is kept
+in float32 by its ONNX: left out of quantization and out of the FP16 conversion (build_engine/quantize.py).
+A strongly typed network takes every layer's type from its ONNX and refuses per-layer precision
+(`layer.precision`, `set_output_type`) and OBEY_PRECISION_CONSTRAINTS, so the build checks the types the
+parser gave the branch instead of setting them, and refuses a plan whose branch would run in reduced precision.
 """
 
 from __future__ import annotations
@@ -29,6 +35,22 @@ def _network_flags(trt: Any) -> int:
 
 
 PRECISIONS = ("int8", "fp16", "fp32")
+REDUCED = ("HALF", "BF16", "INT8", "FP8", "INT4", "FP4")  # trt.DataType names; each looked up, as versions add them
+
+
+def _reduced_in_branch(trt: Any, network: Any, prefix: str) -> list[str]:
+    """Layers named under `prefix/` with an output in a reduced-precision type: '<layer> (<type>)' each."""
+    reduced = {getattr(trt.DataType, name) for name in REDUCED if hasattr(trt.DataType, name)}
+    found = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not layer.name.startswith(f"{prefix}/"):
+            continue
+        for j in range(layer.num_outputs):
+            dtype = layer.get_output(j).dtype
+            if dtype in reduced:
+                found.append(f"{layer.name} ({dtype})")
+    return found
 
 
 def _set_precision(trt: Any, config: Any, precision: str) -> None:
@@ -59,11 +81,13 @@ def build_plan(
     opt_batch: int,
     workspace_bytes: int,
     timing_cache: Path,
+    keep_float: str = "",
 ) -> bytes:
     """Parse, configure (profile 1..max, workspace, timing cache, TF32 off for fp32), build; raise BuildError.
 
     ``precision`` is the precision the ONNX was made for ("int8" Q/DQ, "fp16" or "fp32"); the network's
     types come from the ONNX either way, and only "fp32" changes the configuration (no TF32).
+    ``keep_float``: the prefix of the layers that must stay in float (the heatmap's branch), checked.
     """
     trt = import_tensorrt()
     logger = make_logger(trt)
@@ -76,6 +100,12 @@ def build_plan(
             log.error("TensorRT ONNX parser: %s", error)
         first = errors[0] if errors else "no details"
         raise BuildError(f"TensorRT could not parse {onnx_path.name} ({len(errors)} errors; first: {first}).")
+    reduced = _reduced_in_branch(trt, network, keep_float) if keep_float else []
+    if reduced:
+        raise BuildError(
+            f"In {onnx_path.name} the layers under {keep_float}/ must stay in float, but {len(reduced)} output a "
+            f"reduced-precision type (first: {reduced[0]}); the ONNX was converted without keeping them."
+        )
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)

@@ -206,6 +206,13 @@ class Accuracy(_Strict):
     max_abs_diff: float = Field(0.05, ge=0.0, le=1.0, description="Largest allowed |score - FP32 score|.")
     mean_abs_diff: float = Field(0.01, ge=0.0, le=1.0, description="Largest allowed mean |score - FP32 score|.")
     max_auc_drop: float = Field(0.01, ge=0.0, le=1.0, description="Largest allowed AUC loss per label (with labels).")
+    min_heatmap_agreement: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="Share of validation images whose heatmap peak cell must lie within one cell (in any "
+        "direction, diagonals included) of FP32's; checked where the manifest declares a [heatmap].",
+    )
     require_labels: bool = Field(False, description="Refuse to gate without labelled validation images.")
 
 

@@ -1,5 +1,6 @@
 """TensorRT on the GPU: a plan built from the ONNX made for each precision (Q/DQ int8, FP16, FP32 without
-TF32), its kernels tuned for `--opt-batch` within `--workspace-mb`, keyed to the GPU and TensorRT version."""
+TF32), its kernels tuned for `--opt-batch` within `--workspace-mb`, keyed to the GPU and TensorRT version.
+The ONNX holds the manifest's heatmap with its branch in float32, which the plan keeps (tensorrt_build.py)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class TensorRtTarget(BuildTarget):
                 workspace_bytes=b.o.workspace_mb << 20,
                 # Beside the model folders, one per GPU: every model built on this GPU reuses its timings.
                 timing_cache=b.o.engines_dir / f"{b.sidecar_path(self).stem}.{TIMING_CACHE}",
+                keep_float=b.float_branch,
             )
         )
         return plan

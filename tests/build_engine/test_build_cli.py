@@ -16,7 +16,7 @@ from appliance.inference.artifacts import read_sidecar, sha256_file
 from appliance.inference.backends.onnxruntime import onnxruntime_stem
 from appliance.inference.cpu_class import detect
 
-from .conftest import INT8, build
+from .conftest import INT8, build, drop_heatmap
 
 RECORD = Path("pipeline-test") / f"{onnxruntime_stem(detect())}.json"
 
@@ -35,6 +35,7 @@ def test_help_documents_every_option() -> None:
         "--tolerance",
         "labels.csv",
         "min_agreement",
+        "min_heatmap_agreement",
     ):
         assert option in r.stdout, option
 
@@ -130,6 +131,10 @@ def _model_copy(pipeline_model: Path, tmp_path: Path) -> Path:
         (("height = 64", "height = 128"), "input shape"),
         (('name = "logit"', 'name = "score"'), "no output named 'score'"),
         (('labels = ["lesion"]', 'labels = ["lesion", "cyst"]'), "outputs 1 scores but model.toml names 2 labels"),
+        (
+            ('feature = "/features/features.8/MaxPool_output_0"', 'feature = "/features/pool"'),
+            "the manifest's [heatmap] cannot be added: the model has no tensor named '/features/pool'",
+        ),
     ],
 )
 def test_a_manifest_that_does_not_match_the_graph_is_refused(
@@ -221,6 +226,7 @@ def test_sidecar_json_is_plain_and_readable(int8_engines: Path) -> None:
 def test_a_model_below_opset_13_is_not_quantized(pipeline_model: Path, tmp_path: Path) -> None:
     """Per-channel int8 needs QuantizeLinear's `axis`, which opset 13 brought."""
     model = _model_copy(pipeline_model, tmp_path)
+    drop_heatmap(model)  # this graph has no feature maps to explain
     graph = helper.make_graph(
         [
             helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),

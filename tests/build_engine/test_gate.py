@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from appliance.domain.manifest import Accuracy, load_manifest
-from build_engine.gate import auc, compare
+from build_engine.gate import auc, compare, peaks_agree
 
 from ..integration.conftest import DEFAULT_MODEL, TEST_MODEL
 
@@ -78,3 +78,62 @@ def test_auc_per_label_and_its_drop_with_argmax_labels() -> None:
     assert report.auc["glioma"]["drop"] == pytest.approx(0.5)  # 2 of 4 positive-negative pairs now misordered
     assert report.auc["meningioma"]["drop"] is None  # no positives for it
     assert any("AUC of glioma drops 0.5000 > 0.01" in f for f in report.failures)
+
+
+def _maps(peaks: list[tuple[int, int]], size: int = 8) -> np.ndarray:
+    """One N x size x size map per peak: a low uniform field with its largest value at the peak."""
+    maps = np.full((len(peaks), size, size), 0.2, dtype=np.float32)
+    for i, (row, col) in enumerate(peaks):
+        maps[i, row, col] = 1.0
+    return maps
+
+
+def test_heatmap_peaks_within_one_cell_agree_and_farther_ones_do_not() -> None:
+    ref = _maps([(3, 3)] * 6)
+    cand = _maps([(3, 3), (4, 4), (2, 4), (3, 5), (5, 5), (0, 3)])  # same, diagonal, diagonal, 2 right, 2 diag, 3 up
+    assert peaks_agree(ref, cand).tolist() == [True, True, True, False, False, False]
+
+
+def test_heatmap_peaks_that_disagree_fail_the_gate_with_the_figures() -> None:
+    manifest = _pipeline_manifest()
+    scores = np.array([[0.1], [0.9], [0.8], [0.2]])
+    ref, cand = _maps([(1, 1), (6, 6), (4, 2), (0, 7)]), _maps([(1, 2), (2, 1), (4, 2), (7, 0)])
+    report = compare(manifest, scores, scores.copy(), None, Accuracy(), reference_heatmaps=ref, candidate_heatmaps=cand)
+    assert report.agreement == 1.0 and report.max_abs_diff == 0.0  # the scores alone would pass
+    assert report.heatmap_agreement == 0.5 and report.heatmap_disagreements == 2
+    assert report.failures == ["heatmap peak agreement 50.00% (2 of 4 peaks more than one cell from FP32's) < 95.00%"]
+    assert "heatmap peaks 50.0% (2/4) within a cell of FP32's" in report.summary()
+    as_recorded = report.to_dict()  # what the sidecar's gate holds
+    assert as_recorded["heatmap_agreement"] == 0.5 and not as_recorded["passed"]
+
+    lenient = Accuracy(min_heatmap_agreement=0.5)
+    assert compare(manifest, scores, scores, None, lenient, reference_heatmaps=ref, candidate_heatmaps=cand).passed
+
+
+def test_an_artifact_without_a_heatmap_fails_where_fp32_has_one() -> None:
+    manifest = _pipeline_manifest()
+    scores = np.array([[0.1], [0.9]])
+    report = compare(manifest, scores, scores, None, Accuracy(), reference_heatmaps=_maps([(1, 1), (2, 2)]))
+    assert report.heatmap_agreement == 0.0
+    assert report.failures == ["the artifact returns no heatmap, though the manifest declares one"]
+
+
+def test_without_a_heatmap_in_the_manifest_the_gate_says_nothing_of_heatmaps() -> None:
+    manifest = _pipeline_manifest()
+    scores = np.array([[0.1], [0.9]])
+    report = compare(manifest, scores, scores, None, Accuracy())
+    assert report.passed and report.heatmap_agreement is None and "heatmap" not in report.summary()
+
+
+def test_flat_and_non_finite_heatmaps() -> None:
+    """A map with no positive cell points nowhere: it agrees only with another such map. NaN agrees with nothing."""
+    ref = np.zeros((4, 7, 7), dtype=np.float32)
+    ref[2:, 3, 3] = 1.0
+    cand = np.zeros_like(ref)
+    cand[1, 0, 0] = 0.5  # FP32 saw nothing, the artifact a spot
+    cand[2, 3, 3] = 1.0
+    cand[3] = np.nan
+    cand[3, 3, 3] = 1.0
+    assert peaks_agree(ref, cand).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="heatmap shapes differ"):
+        peaks_agree(ref, cand[:, :6])

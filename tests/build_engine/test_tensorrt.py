@@ -1,5 +1,6 @@
 """TensorRT for real: build a plan from the default model, run it, compare it with ONNX Runtime; build
-small ONNX graphs that pin down one behaviour each (a second output, FP32 without TF32).
+small ONNX graphs that pin down one behaviour each (a second output, FP32 without TF32); build pipeline-test
+with its heatmap in each precision and get the heatmap back from the same call.
 
 Runs where `tensorrt` imports and a GPU is visible; skipped elsewhere with the reason (never faked).
 """
@@ -22,7 +23,10 @@ from appliance.inference.backends.onnxruntime import OnnxRuntimeBackend
 from appliance.inference.backends.tensorrt import TensorRtBackend, is_available, tensorrt_stem, tensorrt_version
 from appliance.inference.postprocess import activate
 from appliance.prepare.preparer import Preparer
+from build_engine.errors import BuildError
+from build_engine.gate import peaks_agree
 from build_engine.image_sets import load_set
+from build_engine.quantize import TensorReader, prepare_float_model, quantize, recipe_for, to_fp16
 from build_engine.tensorrt_build import build_plan
 
 from ..integration.conftest import DEFAULT_MODEL
@@ -152,3 +156,69 @@ def test_an_fp32_plan_does_not_round_products_to_tf32(tmp_path: Path) -> None:
         got = backend.infer(x)
     exact = x.reshape(4, -1).astype(np.float64) @ w.astype(np.float64)
     assert np.abs(got - exact).max() < 1e-4
+
+
+def _pipeline_plan(pipeline_model: Path, tmp_path: Path, precision: str) -> tuple[Path, Path]:
+    """pipeline-test's plan for `precision` made as `make engine` makes it (heatmap added, its branch in
+    float), and the float model with the heatmap it was made from."""
+    manifest = load_manifest(pipeline_model).manifest
+    float_model = tmp_path / "float.onnx"
+    prepare_float_model(pipeline_model / "model.onnx", float_model, manifest.heatmap)
+    source = float_model
+    if precision == "fp16":
+        source = tmp_path / "fp16.onnx"
+        to_fp16(float_model, source, keep_float="heatmap")
+    elif precision == "int8":
+        source = tmp_path / "int8.qdq.onnx"
+        calibration = load_set(pipeline_model / "calibration", Preparer(manifest, LimitsConfig()), what="c", limit=32)
+        reader = TensorReader("image", calibration.tensors, batch=8)
+        quantize(float_model, source, recipe_for("tensorrt"), reader, keep_float="heatmap")
+    plan = tmp_path / f"{precision}.plan"
+    plan.write_bytes(build_plan(source, precision=precision, input_name="image", sample_shape=(1, 64, 64),
+                                max_batch=16, opt_batch=16, workspace_bytes=1 << 30,
+                                timing_cache=tmp_path / "timing-cache", keep_float="heatmap"))  # fmt: skip
+    return plan, float_model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_plan_returns_the_heatmap_beside_the_scores(pipeline_model: Path, tmp_path: Path, precision: str) -> None:
+    manifest = load_manifest(pipeline_model).manifest
+    plan, float_model = _pipeline_plan(pipeline_model, tmp_path, precision)
+    images = load_set(pipeline_model / "validation", Preparer(manifest, LimitsConfig()), what="v", limit=64).tensors
+    got_scores, got, want_scores, want = [], [], [], []
+    with (
+        TensorRtBackend(plan, output_name="logit", max_batch=16, heatmap=manifest.heatmap) as trt,
+        OnnxRuntimeBackend(float_model, output_name="logit", max_batch=16, heatmap=manifest.heatmap) as ort,
+    ):
+        assert trt.has_heatmap
+        for start in range(0, len(images), 7):  # odd batch sizes: the shape changes per call
+            batch = np.stack(images[start : start + 7])
+            out, ref = trt.run(batch), ort.run(batch)
+            assert out.heatmap is not None and ref.heatmap is not None
+            got_scores.append(out.scores)
+            got.append(out.heatmap)
+            want_scores.append(ref.scores)
+            want.append(ref.heatmap)
+    maps, fp32 = np.concatenate(got), np.concatenate(want)
+    assert maps.shape == fp32.shape == (len(images), 8, 8) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    if precision == "fp32":  # no TF32: what ONNX Runtime computes
+        np.testing.assert_allclose(maps, fp32, atol=1e-3)
+    # Where the model found the disc its map has one clear peak, and the plan's must point at it.
+    found = activate(np.concatenate(want_scores), manifest.output.activation)[:, 0] >= 0.5
+    assert found.any() and peaks_agree(fp32[found], maps[found]).mean() >= 0.9
+    with TensorRtBackend(plan, output_name="logit", max_batch=16) as trt:  # not asked for: not returned
+        assert not trt.has_heatmap and trt.run(np.stack(images[:3])).heatmap is None
+
+
+def test_a_heatmap_branch_converted_to_fp16_is_refused(pipeline_model: Path, tmp_path: Path) -> None:
+    """The plan must keep the branch in float; an ONNX converted without keeping it is refused, not built."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    float_model = tmp_path / "float.onnx"
+    prepare_float_model(pipeline_model / "model.onnx", float_model, load_manifest(pipeline_model).manifest.heatmap)
+    all_fp16 = tmp_path / "all-fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(float_model)), keep_io_types=True), str(all_fp16))
+    with pytest.raises(BuildError, match="the layers under heatmap/ must stay in float"):
+        build_plan(all_fp16, precision="fp16", input_name="image", sample_shape=(1, 64, 64), max_batch=4, opt_batch=4,
+                   workspace_bytes=1 << 30, timing_cache=tmp_path / "tc", keep_float="heatmap")  # fmt: skip

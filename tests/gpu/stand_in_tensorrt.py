@@ -4,8 +4,9 @@
 It lets the backend's slots, streams, pinned and device buffers and copies be tested for real on a GPU
 where TensorRT itself is not installed (common cloud images): a missed synchronization gives wrong rows,
 a buffer freed under a running batch a CUDA error or garbage. The engine: input "images" [N, 3, 8, 8]
-float32 (N in 1..8); outputs "features" [N, 3] float16 (each channel's mean) and "scores" [N, 2] float32
-(twice the sample's sum, the sample's max), "features" first so the manifest's output is not output 0.
+float32 (N in 1..8); outputs "features" [N, 3] float16 (each channel's mean), "scores" [N, 2] float32
+(twice the sample's sum, the sample's max) and "heatmap" [N, 8, 8] float32 (each pixel's largest channel),
+"features" first so the manifest's output is not output 0.
 Like TensorRT, it refuses to enqueue while any I/O tensor has no address.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 PLAN = b"stand-in TensorRT plan"
 SAMPLE = (3, 8, 8)
 MAX_BATCH = 8
-SHAPES = {"images": (-1, *SAMPLE), "features": (-1, 3), "scores": (-1, 2)}
+SHAPES = {"images": (-1, *SAMPLE), "features": (-1, 3), "scores": (-1, 2), "heatmap": (-1, *SAMPLE[1:])}
 
 # Holds the stream for a while on the GPU, not the CPU: the host returns at once, as from a real engine.
 _SPIN = r"""
@@ -39,6 +40,10 @@ extern "C" __global__ void spin(unsigned long long ns) {
 def expected_scores(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(len(x), -1)
     return np.stack([flat.sum(axis=1) * 2, flat.max(axis=1)], axis=1).astype(np.float32)
+
+
+def expected_heatmap(x: np.ndarray) -> np.ndarray:
+    return x.max(axis=1).astype(np.float32)
 
 
 @dataclass
@@ -124,6 +129,7 @@ def make_module() -> tuple[types.ModuleType, Behaviour]:
                 scores[:, 0] = flat.sum(axis=1) * 2
                 scores[:, 1] = flat.max(axis=1)
                 self.view("features", np.float16)[...] = x.mean(axis=(2, 3)).astype(np.float16)
+                self.view("heatmap", np.float32)[...] = x.max(axis=1)
             behaviour.streams.append(int(stream_handle))
             behaviour.last = self
             behaviour.enqueued.set()
@@ -133,10 +139,10 @@ def make_module() -> tuple[types.ModuleType, Behaviour]:
             return True
 
     class Engine:
-        num_io_tensors = 3
+        num_io_tensors = len(SHAPES)
 
         def get_tensor_name(self, index: int) -> str:
-            return ["images", "features", "scores"][index]
+            return list(SHAPES)[index]
 
         def get_tensor_mode(self, name: str) -> TensorIOMode:
             return TensorIOMode.INPUT if name == "images" else TensorIOMode.OUTPUT

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from appliance.domain.errors import BackendError
+from appliance.domain.manifest import Heatmap
 from appliance.inference.backends import cuda
 from appliance.inference.backends import tensorrt as trt_backend
 from appliance.inference.backends.tensorrt import TensorRtBackend
 
-from .stand_in_tensorrt import PLAN, SAMPLE, Behaviour, expected_scores, make_module
+from .stand_in_tensorrt import PLAN, SAMPLE, Behaviour, expected_heatmap, expected_scores, make_module
 
 GPU_PROBLEM = cuda.gpu_problem()
 pytestmark = [
@@ -90,13 +91,41 @@ def test_every_output_is_bound_and_only_the_named_one_comes_back(stand_in: tuple
     behaviour, plan = stand_in
     x = batch(np.random.default_rng(3), 5)
     with TensorRtBackend(plan, output_name="scores", max_batch=8) as backend:
-        got = backend.infer(x)
+        out = backend.run(x)
         context = behaviour.last
-        assert set(context.addresses) == {"images", "features", "scores"}
-        assert len(set(context.addresses.values())) == 3
+        assert set(context.addresses) == {"images", "features", "scores", "heatmap"}
+        assert len(set(context.addresses.values())) == 4
         features = context.view("features", np.float16).get()  # after infer: the stream is idle
-    assert got.shape == (5, 2) and np.array_equal(got, expected_scores(x))
+        assert not backend.has_heatmap  # not asked for: computed (the plan has it) but not copied back
+    assert out.scores.shape == (5, 2) and np.array_equal(out.scores, expected_scores(x)) and out.heatmap is None
     np.testing.assert_allclose(features, x.mean(axis=(2, 3)), atol=1e-2)
+
+
+def test_the_heatmap_comes_back_with_the_scores_from_the_same_batch(stand_in: tuple[Behaviour, Path]) -> None:
+    _, plan = stand_in
+    rng = np.random.default_rng(7)
+    spec = Heatmap(method="cam", feature="features", output="heatmap")
+    backend = TensorRtBackend(plan, output_name="scores", max_batch=8, heatmap=spec)
+    with backend:
+        assert backend.has_heatmap
+        for n in (8, 3, 1, 5):  # the shape changes per call; the buffers are sized for the max batch
+            x = batch(rng, n)
+            out = backend.run(x)
+            assert out.heatmap is not None and out.heatmap.shape == (n, *SAMPLE[1:])
+            assert np.array_equal(out.scores, expected_scores(x)) and np.array_equal(out.heatmap, expected_heatmap(x))
+        slots = slots_of(backend)
+    assert all(s.host_heatmap is not None and s.host_heatmap.pointer is None for s in slots)  # freed with the rest
+
+
+def test_a_plan_without_the_heatmap_is_served_without_one(
+    stand_in: tuple[Behaviour, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, plan = stand_in
+    spec = Heatmap(method="cam", feature="features", output="where")
+    backend = TensorRtBackend(plan, output_name="scores", max_batch=8, heatmap=spec)
+    with caplog.at_level(logging.WARNING, logger=trt_backend.__name__), backend:
+        assert not backend.has_heatmap and backend.run(batch(np.random.default_rng(8), 2)).heatmap is None
+    assert "built without the manifest's heatmap" in caplog.text
 
 
 def test_a_failed_enqueue_waits_for_its_stream_and_leaves_the_slot_usable(

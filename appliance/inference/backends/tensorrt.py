@@ -4,9 +4,10 @@ Written against the TensorRT 10 Python API, which TensorRT 11 keeps for everythi
 (name-based I/O tensors, `set_input_shape`, `set_tensor_address`, `execute_async_v3`). Each slot is one
 execution context on its own CUDA stream with page-locked host and device buffers sized for the max
 batch; two slots let one batch's copies overlap the other's compute when two threads call `infer`.
-Every output gets a device buffer (TensorRT refuses to enqueue with any I/O address unset); only the
-manifest's output is copied back. A slot goes back to the pool only once its stream is idle, and
-`close()` waits for lent slots before freeing anything.
+Every output gets a device buffer (TensorRT refuses to enqueue with any I/O address unset); the
+manifest's output is copied back, and so is its heatmap where it was asked for and the plan has it
+(`make engine` builds it in, its layers in float32). A slot goes back to the pool only once its stream
+is idle, and `close()` waits for lent slots before freeing anything.
 
 Its artifacts are plans named and keyed for one GPU model, SM count and TensorRT version
 (`engines/<model>/tensorrt-<gpu>-sm<cc>-<n>mp.json` beside them). `tensorrt` and `cuda` are imported only
@@ -160,6 +161,7 @@ class _Slot:
     device_in: cuda.DeviceBuffer
     host_out: cuda.PinnedBuffer
     device_outs: dict[str, cuda.DeviceBuffer]  # every output tensor, the manifest's among them
+    host_heatmap: cuda.PinnedBuffer | None = None  # where the heatmap is returned
 
     def settle(self) -> None:
         """Wait until this slot's stream has nothing queued, so its buffers can take the next batch.
@@ -175,6 +177,8 @@ class _Slot:
     def close(self) -> None:
         parts: list[cuda.PinnedBuffer | cuda.DeviceBuffer | cuda.Stream]
         parts = [self.host_in, self.device_in, self.host_out, *self.device_outs.values(), self.stream]
+        if self.host_heatmap is not None:
+            parts.append(self.host_heatmap)
         for part in parts:
             try:
                 part.close()
@@ -240,10 +244,15 @@ class _SlotPool:
 class TensorRtBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, plan_path: Path, *, output_name: str, max_batch: int, device: int = 0) -> None:
+    def __init__(
+        self, plan_path: Path, *, output_name: str, max_batch: int, device: int = 0, heatmap: HeatmapSpec | None = None
+    ) -> None:
         super().__init__()
         self._path = plan_path
         self._output_name = output_name
+        self._heatmap = heatmap
+        self._heatmap_name = ""  # the heatmap's output, where it was asked for and the plan has it
+        self._heatmap_shape: tuple[int, ...] = ()  # H x W
         self._wanted_max_batch = max_batch
         self._device = device
         self._runtime: Any = None
@@ -301,6 +310,7 @@ class TensorRtBackend(Backend):
             raise ModelMismatchError(f"{self._path}: an input or output type has no NumPy equivalent ({e}).") from e
         if out_dtype != np.float32:
             raise ModelMismatchError(f"{self._path}: output {self._output_name!r} is {out_dtype}; float32 needed.")
+        self._heatmap_name = self._heatmap_output(trt, self._heatmap.output) if self._heatmap is not None else ""
         shape = tuple(engine.get_tensor_shape(name))
         if any(int(d) < 0 for d in shape[1:]):
             raise ModelMismatchError(f"{self._path}: only the batch axis may be dynamic; the input is {list(shape)}.")
@@ -308,6 +318,20 @@ class TensorRtBackend(Backend):
         self._max_batch = max(1, min(self._wanted_max_batch, int(max_shape[0])))
         self._sample_shape = tuple(int(d) for d in shape[1:])
         self._spec = TensorSpec(name=name, shape=(None, *self._sample_shape), dtype=dtype)
+
+    def _heatmap_output(self, trt: Any, name: str) -> str:
+        """`name` where the plan has that output (float32), else '' with a warning: a plan built before the
+        manifest declared a heatmap is served without one."""
+        if name not in self._outputs:
+            log.warning(
+                "%s was built without the manifest's heatmap; results carry none until `make engine` rebuilds it",
+                self._path.name,
+            )
+            return ""
+        dtype = self._engine.get_tensor_dtype(name)
+        if dtype != trt.DataType.FLOAT:
+            raise ModelMismatchError(f"{self._path}: output {name!r} is {dtype}; the heatmap must be float32.")
+        return name
 
     def _output_bytes(self, context: Any, name: str) -> tuple[tuple[int, ...], int]:
         """An output's shape at the max batch and the bytes it needs (types NumPy lacks included)."""
@@ -333,6 +357,11 @@ class TensorRtBackend(Backend):
         sizes = {name: self._output_bytes(context, name) for name in self._outputs}
         out_shape = sizes[self._output_name][0]
         self._out_width = math.prod(out_shape[1:]) if len(out_shape) > 1 else 1
+        if self._heatmap_name:
+            heat_shape = sizes[self._heatmap_name][0]
+            if len(heat_shape) != 3:
+                raise ModelMismatchError(f"{self._path}: the heatmap is {list(heat_shape)}, not N x H x W.")
+            self._heatmap_shape = heat_shape[1:]
         made: list[cuda.Stream | cuda.PinnedBuffer | cuda.DeviceBuffer] = []
         try:
             stream = cuda.Stream()
@@ -343,6 +372,11 @@ class TensorRtBackend(Backend):
             made.append(device_in)
             host_out = cuda.PinnedBuffer(self._max_batch * self._out_width, np.dtype(np.float32))
             made.append(host_out)
+            host_heatmap = None
+            if self._heatmap_name:
+                cells = self._max_batch * math.prod(self._heatmap_shape)
+                host_heatmap = cuda.PinnedBuffer(cells, np.dtype(np.float32))
+                made.append(host_heatmap)
             device_outs: dict[str, cuda.DeviceBuffer] = {}
             for name, (_, nbytes) in sizes.items():
                 device_outs[name] = cuda.DeviceBuffer(nbytes)
@@ -355,7 +389,7 @@ class TensorRtBackend(Backend):
         context.set_tensor_address(spec.name, device_in.pointer)
         for name, buffer in device_outs.items():
             context.set_tensor_address(name, buffer.pointer)
-        return _Slot(context, stream, host_in, device_in, host_out, device_outs)
+        return _Slot(context, stream, host_in, device_in, host_out, device_outs, host_heatmap)
 
     def _input_spec_impl(self) -> TensorSpec:
         if self._spec is None:
@@ -368,6 +402,9 @@ class TensorRtBackend(Backend):
     def _artifact_impl(self) -> str:
         return str(self._path)
 
+    def _has_heatmap_impl(self) -> bool:
+        return bool(self._heatmap_name)
+
     def _infer_impl(self, batch: np.ndarray) -> Outputs:
         spec, pool = self._spec, self._pool
         if spec is None or pool is None:  # closed by another thread since Backend.infer checked
@@ -376,7 +413,7 @@ class TensorRtBackend(Backend):
         cuda.check(cuda.runtime().cudaSetDevice(self._device))
         slot = pool.take()
         try:
-            return Outputs(self._run(slot, spec.name, batch))
+            return self._run(slot, spec.name, batch)
         except BaseException:
             # The copy in or the engine may still be running on this slot's stream; the next batch
             # given this slot would overwrite pinned input still being read.
@@ -385,9 +422,10 @@ class TensorRtBackend(Backend):
         finally:
             pool.give_back(slot)
 
-    def _run(self, slot: _Slot, input_name: str, batch: np.ndarray) -> np.ndarray:
+    def _run(self, slot: _Slot, input_name: str, batch: np.ndarray) -> Outputs:
         n = batch.shape[0]
         out_count = n * self._out_width
+        heat_count = n * math.prod(self._heatmap_shape)
         slot.host_in.array[: batch.size] = batch.reshape(-1)
         if not slot.context.set_input_shape(input_name, batch.shape):
             raise BackendError(f"TensorRT refused the input shape {list(batch.shape)}.")
@@ -395,9 +433,14 @@ class TensorRtBackend(Backend):
         if not slot.context.execute_async_v3(slot.stream.address):
             raise BackendError(f"TensorRT failed to enqueue a batch of {n}; its log above says why.")
         cuda.copy_to_host(slot.host_out, slot.device_outs[self._output_name], out_count * 4, slot.stream)
+        if slot.host_heatmap is not None:
+            cuda.copy_to_host(slot.host_heatmap, slot.device_outs[self._heatmap_name], heat_count * 4, slot.stream)
         slot.stream.synchronize()
-        # Copy out: the pinned buffer is reused by the next batch.
-        return slot.host_out.array[:out_count].reshape(n, self._out_width).copy()
+        # Copy out: the pinned buffers are reused by the next batch.
+        scores = slot.host_out.array[:out_count].reshape(n, self._out_width).copy()
+        if slot.host_heatmap is None:
+            return Outputs(scores)
+        return Outputs(scores, slot.host_heatmap.array[:heat_count].reshape(n, *self._heatmap_shape).copy())
 
     def _close_impl(self) -> None:
         pool, self._pool = self._pool, None
@@ -411,7 +454,7 @@ class TensorRtBackend(Backend):
 def open_artifact(
     path: Path, *, output_name: str, max_batch: int, settings: TensorRtSettings, heatmap: HeatmapSpec | None = None
 ) -> Backend:
-    return TensorRtBackend(path, output_name=output_name, max_batch=max_batch, device=settings.device)
+    return TensorRtBackend(path, output_name=output_name, max_batch=max_batch, device=settings.device, heatmap=heatmap)
 
 
 # --- which plan this host may serve ------------------------------------------------------------------
