@@ -21,7 +21,7 @@ from pydicom.uid import EnhancedSRStorage, SecondaryCaptureImageStorage, generat
 import appliance.prepare.preparer as preparer_module
 from appliance.config import InferenceConfig, LimitsConfig, PacsConfig
 from appliance.delivery.outbox import Outbox
-from appliance.delivery.overlay import DISPLAY_SIDE, build_overlay, instance_uid, overlay_pixels
+from appliance.delivery.overlay import DISPLAY_SIDE, instance_uid, overlay_pixels
 from appliance.delivery.reports import Reports
 from appliance.delivery.sr import Device
 from appliance.domain.delivery import DeliveryState
@@ -257,20 +257,6 @@ def test_a_shrunk_first_image_s_overlay_lies_where_the_full_size_one_does(backen
     x, y = result.heatmap.peak
     peak = sc[int(y * 768 / 1800), int(x * 1024 / 2400)].astype(int)
     assert peak[0] - peak[2] > 30  # turbo's hot end is red, the gray image shows through
-
-
-def test_build_time_of_one_overlay(backend: Backend, tmp_path: Path) -> None:
-    """Said, not judged: what one overlay costs the finisher's thread (build and encode), at the cap's size."""
-    scored = score(backend, big_ct(tmp_path / "big.dcm", rows=1024, cols=1024, disc=(300, 700, 90)))
-    (result,) = scored.results
-    source = pydicom.dcmread(scored.path, stop_before_pixels=True)
-    (display,) = scored.prepared.display
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        build_overlay(source, result, display, MANIFEST, DEVICE, series_number=9002, report=(EnhancedSRStorage, "1.2"))
-        times.append((time.perf_counter() - t0) * 1e3)
-    print(f"one overlay of 1024 x 1024: {min(times):.1f} ms (best of 5), {np.median(times):.1f} ms median")
 
 
 # --- beside the report, through the journal and the outbox ----------------------------------------------
