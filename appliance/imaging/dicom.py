@@ -172,18 +172,30 @@ def _declared_bytes(ds: Dataset) -> int:
 
 
 def read_dicom(
-    data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None = None
+    data: bytes,
+    *,
+    limits: DecodeLimits,
+    preprocess: Preprocess,
+    shrink: ShrinkTo | None = None,
+    display: ShrinkTo | None = None,
 ) -> DecodedImage:
     """A DICOM Part 10 file -> display-ready frames. Raises an InputRejected subclass for a bad file."""
-    return decode_dataset(parse(data, limits=limits), limits=limits, preprocess=preprocess, shrink=shrink)
+    ds = parse(data, limits=limits)
+    return decode_dataset(ds, limits=limits, preprocess=preprocess, shrink=shrink, display=display)
 
 
 def decode_dataset(
-    ds: Dataset, *, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None = None
+    ds: Dataset,
+    *,
+    limits: DecodeLimits,
+    preprocess: Preprocess,
+    shrink: ShrinkTo | None = None,
+    display: ShrinkTo | None = None,
 ) -> DecodedImage:
-    """A parsed dataset -> display-ready frames; any failure of the pixel pipeline is this file's CorruptDicom."""
+    """A parsed dataset -> display-ready frames; any failure of the pixel pipeline is this file's CorruptDicom.
+    With `display`, also each frame as shown at the size it gives (DecodedImage.display_frames)."""
     try:
-        return _decode(ds, limits, preprocess, shrink)
+        return _decode(ds, limits, preprocess, shrink, display)
     except (InputRejected, MemoryError):
         raise
     except Exception as e:  # truncated fragments, bad JPEG streams, malformed LUTs: the file's fault
@@ -372,7 +384,9 @@ def _check_jp2_boxes(ds: Dataset) -> None:
         raise CorruptDicom("The encapsulated JPEG 2000 pixel data is corrupt.") from e
 
 
-def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None) -> DecodedImage:
+def _decode(
+    ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: ShrinkTo | None, display: ShrinkTo | None
+) -> DecodedImage:
     _check_pixels_present(ds)
     meta = _meta(ds)
     frames = _check_limits(ds, limits)
@@ -388,6 +402,7 @@ def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: S
     voi = gray and preprocess.dicom_window == "voi"
     top_level_span = _voi_span(ds) if voi else None  # measured once, not per frame
     out: list[np.ndarray] = []
+    shown_frames: list[np.ndarray] = []  # asked for with `display`
     # One frame at a time: a long multi-frame series never sits decoded in its stored form all at once.
     # Gray frames come as read-only views on the pixel bytes where pydicom can (native syntaxes): the
     # steps below never write into their input. Colour keeps pydicom's own handling.
@@ -402,19 +417,33 @@ def _decode(ds: Dataset, limits: DecodeLimits, preprocess: Preprocess, shrink: S
             frame = _clear_unused_bits(frame, ds)
             view = _lut_view(ds, index)
             span = top_level_span if view is ds or not voi else _voi_span(view)
+            stored = frame
             if span is not None:
                 # Only under a window or VOI LUT: without one the display range is the frame's own
                 # minimum and maximum, which averaging would move (a single hot pixel would vanish).
-                frame = _shrink_stored(frame, shrink)
-            shown = _gray(frame, view, span)
-            if photometric == "MONOCHROME1":
-                np.subtract(1.0, shown, out=shown)  # high stored values are dark; look like MONOCHROME2
-            out.append(shown)
+                frame = _shrink_stored(stored, shrink)
+            out.append(_shown(frame, view, span, photometric))
+            if display is not None:
+                # The same stored frame shrunk to the display size instead: one decode for both.
+                again = span is not None and frame is not stored
+                shown = (
+                    _shown(_shrink_stored(stored, display, blocks=True), view, span, photometric) if again else out[-1]
+                )
+                shown_frames.append(shown)
         else:
             out.append(_color(frame, ds, photometric, top))
+            if display is not None:
+                shown_frames.append(out[-1])
     if len(out) != frames:
         raise CorruptDicom(f"The header announces {frames} frames but {len(out)} could be decoded.")
-    return DecodedImage(frames=tuple(out), meta=meta, original_frame_count=frames)
+    return DecodedImage(frames=tuple(out), meta=meta, original_frame_count=frames, display_frames=tuple(shown_frames))
+
+
+def _shown(frame: np.ndarray, view: Dataset, span: _Span | None, photometric: str) -> np.ndarray:
+    shown = _gray(frame, view, span)
+    if photometric == "MONOCHROME1":
+        np.subtract(1.0, shown, out=shown)  # high stored values are dark; look like MONOCHROME2
+    return shown
 
 
 def _lut_view(ds: Dataset, index: int) -> Dataset:
@@ -479,7 +508,7 @@ def _voi_span(ds: Dataset) -> _Span | None:
 _SHRINKABLE = (np.uint8, np.uint16, np.int16)
 
 
-def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None) -> np.ndarray:
+def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None, *, blocks: bool = False) -> np.ndarray:
     """Shrink the stored integers first, so the LUTs and the float conversion run on the small image.
 
     Area averaging commutes with the rescale and with a window's linear part; it differs from shrinking
@@ -499,6 +528,11 @@ def _shrink_stored(frame: np.ndarray, shrink: ShrinkTo | None) -> np.ndarray:
     if target is None:
         return frame
     rows, cols = target
+    k = frame.shape[0] // rows
+    if blocks and k >= 2 and frame.shape[1] // cols == k:
+        # A picture's frame (the display size an integer factor below the stored one): exact k x k means, the
+        # last rows and columns short of a block dropped (under a display pixel), 4x cheaper than fractional.
+        return cv2.resize(frame[: rows * k, : cols * k], (cols, rows), interpolation=cv2.INTER_AREA)
     if frame.shape[0] >= 4 * rows and frame.shape[1] >= 4 * cols:
         even = frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2]
         frame = cv2.resize(even, (even.shape[1] // 2, even.shape[0] // 2), interpolation=cv2.INTER_AREA)

@@ -29,13 +29,20 @@ def bare_dicom(data: bytes) -> Dataset | None:
 
 
 def decode(
-    data: bytes, *, limits: DecodeLimits, preprocess: Preprocess, name: str = "", shrink: ShrinkTo | None = None
+    data: bytes,
+    *,
+    limits: DecodeLimits,
+    preprocess: Preprocess,
+    name: str = "",
+    shrink: ShrinkTo | None = None,
+    display: ShrinkTo | None = None,
 ) -> DecodedImage:
     """Bytes -> display-ready frames. Raises an InputRejected subclass, never anything else but MemoryError.
 
     `name` is the file's name, accepted for the caller's convenience; the bytes alone decide the format,
     and the name never goes into a message (it may carry a patient's name). With `shrink`, grayscale
-    DICOM frames come back already shrunk to the size preprocessing would resize them to.
+    DICOM frames come back already shrunk to the size preprocessing would resize them to; with `display`,
+    a DICOM input's frames as shown come back too, from the same decode (`DecodedImage.display_frames`).
     """
     if not data:
         raise EmptyFile()
@@ -43,13 +50,13 @@ def decode(
     kind = None if dicom else sniff(data)
     try:
         if dicom:
-            return read_dicom(data, limits=limits, preprocess=preprocess, shrink=shrink)
+            return read_dicom(data, limits=limits, preprocess=preprocess, shrink=shrink, display=display)
         if kind is not None:
             return read_raster(data, kind, limits=limits, preprocess=preprocess)
         ds = bare_dicom(data)
         if ds is not None:
             dicom = True
-            return decode_dataset(ds, limits=limits, preprocess=preprocess, shrink=shrink)
+            return decode_dataset(ds, limits=limits, preprocess=preprocess, shrink=shrink, display=display)
     except (InputRejected, MemoryError):
         raise
     except Exception as e:  # the last line of the per-input error boundary; the readers have their own

@@ -33,6 +33,10 @@ class DecodedImage:
     frames: tuple[np.ndarray, ...]
     meta: ImageMeta
     original_frame_count: int = 1
+    # Asked for with `display`: each frame as shown, for pictures (heatmap overlays), from the same decode; a
+    # grayscale DICOM frame shrunk as stored integers to the display size where `frames` were shrunk to the
+    # model's, else the frame in `frames` itself.
+    display_frames: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)

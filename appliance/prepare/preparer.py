@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -11,14 +10,12 @@ import cv2
 import numpy as np
 
 from appliance.config import LimitsConfig
-from appliance.domain.errors import DecodeOutOfMemory, InputRejected, InputTooLarge
+from appliance.domain.errors import DecodeOutOfMemory, InputTooLarge
 from appliance.domain.manifest import Manifest
 from appliance.imaging.overlay import to_gray8
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
-
-log = logging.getLogger(__name__)
 
 # Display frames of one input together hold at most this many pixels (8-bit: bytes per channel), whatever its
 # frame count: what crosses from a decode worker to the daemon, and what the PACS's overlays are drawn on.
@@ -74,6 +71,7 @@ class Preparer:
                 preprocess=self.manifest.preprocess,
                 name=name,
                 shrink=self.preprocessor.shrink_target if self.shrink_first else None,
+                display=self._display_target if self.display_side else None,
             )
             t1 = time.perf_counter()
             tensors = tuple(self.preprocessor(frame) for frame in image.frames)
@@ -82,7 +80,7 @@ class Preparer:
             # fault. `from None`: the error's traceback would keep the frames' arrays alive.
             raise DecodeOutOfMemory() from None
         t2 = time.perf_counter()
-        display = self._display(data, image) if self.display_side and image.meta.source_format == "dicom" else ()
+        display = self._display(image) if image.display_frames else ()
         return Prepared(
             tensors=tensors,
             meta=image.meta,
@@ -91,34 +89,28 @@ class Preparer:
             display=display,
         )
 
-    def _display(self, data: bytes, image: DecodedImage) -> tuple[np.ndarray, ...]:
-        """The frames as shown, 8-bit, area-shrunk to the display size. Frames shrunk first for the model (to its
-        input size) are decoded again, shrunk first to the display size instead: the model's tensors never depend
-        on whether a PACS gets overlays. Never the input's rejection: without display frames it gets no overlay."""
+    def _display_target(self, rows: int, cols: int) -> tuple[int, int] | None:
+        """A frame's size as shown: its stored size divided by the least whole number that brings its longer side
+        to `display_side` or under (exact block means are the cheap shrink); None where it is already there."""
+        k = -(-max(rows, cols) // self.display_side)
+        return None if k <= 1 else (max(1, rows // k), max(1, cols // k))
+
+    def _display(self, image: DecodedImage) -> tuple[np.ndarray, ...]:
+        """The frames as shown, 8-bit, area-shrunk to the display size, within the input's pixel budget. They come
+        from the same decode as the model's (frames shrunk first for the model were shrunk, from the same stored
+        integers, to the display size too), so the model's tensors never depend on whether a PACS gets overlays."""
         rows, cols = image.meta.rows or image.frames[0].shape[0], image.meta.columns or image.frames[0].shape[1]
-        scale = min(
-            1.0,
-            self.display_side / max(rows, cols, 1),
-            math.sqrt(DISPLAY_BUDGET_PIXELS / max(len(image.frames) * rows * cols, 1)),
-        )
-        size = max(1, round(rows * scale)), max(1, round(cols * scale))
-        frames = image.frames
-        try:
-            if frames[0].shape[0] < size[0] or frames[0].shape[1] < size[1]:
-
-                def to_display(h: int, w: int) -> tuple[int, int] | None:
-                    return size if size[0] < h and size[1] < w else None
-
-                frames = decode(data, limits=self.limits, preprocess=self.manifest.preprocess, shrink=to_display).frames
-            return tuple(_gray8(frame, size) for frame in frames)
-        except (InputRejected, MemoryError) as e:  # decoded once already: past a worker's memory cap, most likely
-            log.warning("no display frames for the overlay: %s", type(e).__name__)
-            return ()
+        size = self._display_target(rows, cols) or (rows, cols)
+        budget = math.sqrt(DISPLAY_BUDGET_PIXELS / max(len(image.frames) * size[0] * size[1], 1))
+        if budget < 1.0:
+            size = max(1, round(size[0] * budget)), max(1, round(size[1] * budget))
+        return tuple(_gray8(frame, size) for frame in image.display_frames)
 
 
 def _gray8(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A display frame at ``size`` (area-shrunk), 8-bit; a gray one stays one channel (a third of the bytes)."""
     if frame.shape[:2] != size:
         frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    out = to_gray8(frame)
-    return np.ascontiguousarray(out[:, :, 0]) if frame.ndim == 2 else out
+    if frame.ndim == 2:
+        return frame if frame.dtype == np.uint8 else np.round(np.clip(frame, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return to_gray8(frame)

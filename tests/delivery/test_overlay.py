@@ -149,12 +149,15 @@ def test_display_frames_only_when_asked_and_only_for_dicom(backend: Backend, tmp
     assert colour.shape == (480, 640, 3) and colour.dtype == np.uint8
 
 
-def test_shrunk_first_frames_are_decoded_again_at_the_display_size_the_tensors_unchanged(tmp_path: Path) -> None:
+def test_shrunk_first_frames_are_shrunk_to_the_display_size_in_the_same_decode_the_tensors_unchanged(
+    tmp_path: Path,
+) -> None:
     data = big_ct(tmp_path / "big.dcm").read_bytes()
     plain = Preparer(MANIFEST, LimitsConfig()).prepare(data)
     asked = Preparer(MANIFEST, LimitsConfig(), display_side=DISPLAY_SIDE).prepare(data)
     (frame,) = asked.display
-    assert frame.shape == (768, 1024)  # the longer side at the cap, the aspect kept; not the model's 64 px
+    # The stored 1800 x 2400 over the least whole factor that brings it under the cap (3): not the model's 64 px.
+    assert frame.shape == (600, 800)
     assert all(np.array_equal(a, b) for a, b in zip(plain.tensors, asked.tensors, strict=True))
     assert asked.meta.rows == 1800 and asked.meta.columns == 2400  # the source's size, which the extent is in
 
@@ -236,26 +239,26 @@ def test_an_overlay_rebuilt_is_the_same_object_and_a_new_model_version_makes_ano
 
 
 def test_a_shrunk_first_image_s_overlay_lies_where_the_full_size_one_does(backend: Backend, tmp_path: Path) -> None:
-    """The heatmap's extent is in the source's pixels; the display frame is 1024 x 768 of a 2400 x 1800 source.
+    """The heatmap's extent is in the source's pixels; the display frame is 800 x 600 of a 2400 x 1800 source.
     The SC must be the full-resolution overlay (the source's frame as shown, the map in its own pixels), shrunk."""
     scored = score(backend, big_ct(tmp_path / "big.dcm"))
     (result,) = scored.results
     ((_, overlay),) = deliveries(scored)
     sc = read(overlay).pixel_array
-    assert sc.shape == (768, 1024, 3)
+    assert sc.shape == (600, 800, 3)
     assert result.heatmap is not None
     frame = decode(scored.path.read_bytes(), limits=Preparer(MANIFEST, LimitsConfig()).limits,
                    preprocess=MANIFEST.preprocess).frames[0]  # fmt: skip
-    reference = cv2.resize(render(frame, result.heatmap), (1024, 768), interpolation=cv2.INTER_AREA)
+    reference = cv2.resize(render(frame, result.heatmap), (800, 600), interpolation=cv2.INTER_AREA)
     diff = np.abs(sc.astype(np.int16) - reference.astype(np.int16))
     assert diff.mean() < 1.5 and np.percentile(diff, 99) < 8, (diff.mean(), np.percentile(diff, 99))
-    # Drawn with the extent left in source pixels, the map would sit 2.34 times too far right and down.
+    # Drawn with the extent left in source pixels, the map would sit 3 times too far right and down.
     (display,) = scored.prepared.display
     wrong = np.abs(render(display, result.heatmap).astype(np.int16) - reference.astype(np.int16))
     assert wrong.mean() > 3 * diff.mean() + 1
     # The hottest grid cell's centre, in the overlay's pixels, is coloured at the map's peak colour.
     x, y = result.heatmap.peak
-    peak = sc[int(y * 768 / 1800), int(x * 1024 / 2400)].astype(int)
+    peak = sc[int(y * 600 / 1800), int(x * 800 / 2400)].astype(int)
     assert peak[0] - peak[2] > 30  # turbo's hot end is red, the gray image shows through
 
 
