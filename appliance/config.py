@@ -314,6 +314,11 @@ class PacsConfig(_Section):
     tls_key: Path | None = Field(None, description="DICOM TLS: its private key.")
     manufacturer: str = Field("Imaging appliance", description="The reports' Manufacturer.")
     series_number: int = Field(9001, ge=1, description="The Series Number of the appliance's report series.")
+    overlays: bool = Field(
+        True,
+        description="Beside each report, an RGB Secondary Capture of the heatmap over the image (in series "
+        "series_number + 1; uncompressed, 0.5 to 3 MB each), where the model gives heatmaps; false: reports only.",
+    )
 
     @model_validator(mode="after")
     def _tls_whole(self) -> PacsConfig:

@@ -106,22 +106,26 @@ def burst(
     warm: Sequence[Path],
     files: Sequence[Path],
     pacs: StandInPacs | None = None,
+    per_result: int = 1,
 ) -> dict[str, Any]:
-    """One daemon: the warm-up sent and scored (and its reports delivered) untimed, then the burst."""
+    """One daemon: the warm-up sent and scored (and its reports delivered) untimed, then the burst.
+    ``per_result``: the objects the PACS gets for each scored image (its report, and its heatmap overlay)."""
     daemon = make_daemon(root=root, dicom=True, pacs_port=pacs.port if pacs else None)
     daemon.start()
     try:
         if warm:
             send(storescu, daemon.dicom_port, warm)
             daemon.wait_for(len(warm), RESULTS_WAIT_S)
-        if pacs is not None and not pacs.wait_for(_scored(daemon), REPORTS_WAIT_S):
-            raise RuntimeError(f"the stand-in PACS got {len(pacs.received)} of the warm-up's {_scored(daemon)} reports")
+        if pacs is not None and not pacs.wait_for(per_result * _scored(daemon), REPORTS_WAIT_S):
+            raise RuntimeError(
+                f"the stand-in PACS got {len(pacs.received)} of the warm-up's {per_result * _scored(daemon)} objects"
+            )
         cpu_before = daemon.cpu_seconds()
         sent = send(storescu, daemon.dicom_port, files)
         daemon.wait_for(len(warm) + len(files), RESULTS_WAIT_S)
         cpu_s = daemon.cpu_seconds() - cpu_before
         if pacs is not None:
-            pacs.wait_for(_scored(daemon), REPORTS_WAIT_S)
+            pacs.wait_for(per_result * _scored(daemon), REPORTS_WAIT_S)
     finally:
         daemon.stop()
     last = max(a.at for a in daemon.arrivals[len(warm) :])
@@ -136,7 +140,7 @@ def burst(
     if figures["rejected"]:
         print(f"warning: {figures['rejected']} C-STORE inputs were rejected ({root / 'daemon.log'})", file=sys.stderr)
     if pacs is not None:
-        figures["reports_expected"], figures["reports_received"] = _scored(daemon), len(pacs.received)
+        figures["reports_expected"], figures["reports_received"] = per_result * _scored(daemon), len(pacs.received)
         figures["last_report_after_last_result_s"] = max(pacs.received) - last if pacs.received else None
     shutil.rmtree(root, ignore_errors=True)  # its spool and journal: space for the next run
     return figures
@@ -149,6 +153,7 @@ def measure(
     files: Sequence[Path],
     folder: dict[str, Any],
     with_pacs: bool = True,
+    per_result: int = 1,
 ) -> dict[str, Any]:
     """The C-STORE figures beside the folder's (its e2e files/s and CPU per file): {"cstore": ..., and with
     a PACS "cstore_pacs": ...}; only {"cstore": {"skipped": why}} where DCMTK is missing."""
@@ -167,7 +172,7 @@ def measure(
         pacs = StandInPacs()
         pacs.start()
         try:
-            reported = burst(make_daemon, work / "daemon-pacs", storescu, warm, files, pacs)
+            reported = burst(make_daemon, work / "daemon-pacs", storescu, warm, files, pacs, per_result)
         finally:
             pacs.stop()
         reported["ratio_e2e_to_cstore"] = reported["e2e_files_s"] / plain["e2e_files_s"]

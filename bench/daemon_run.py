@@ -64,6 +64,7 @@ class BenchDaemon:
     decode_workers: int = 0
     decode_with: str = "processes"
     backend: str = "auto"  # the config's inference.backend: `make gpu-check` benches TensorRT by name
+    heatmaps: bool = True  # the config's inference.heatmaps
     device: int = 0
     dicom: bool = False  # the DICOM receiver on too, for callers titled SCANNER_AE
     pacs_port: int | None = None  # [pacs] on: reports go to a PACS_AE on this loopback port
@@ -98,7 +99,7 @@ class BenchDaemon:
             f'[storage]\ndata_dir = "{self.root / "data"}"\n'
             f'[model]\ndir = "{self.model}"\nengines_dir = "{self.engines}"\n'
             f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
-            f'backend = "{self.backend}"\ndevice = {self.device}\n'
+            f'backend = "{self.backend}"\ndevice = {self.device}\nheatmaps = {str(self.heatmaps).lower()}\n'
             f'decode_with = "{self.decode_with}"\n'
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
             '[logging]\nlevel = "WARNING"\n' + ways

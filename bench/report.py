@@ -74,13 +74,14 @@ def cstore_text(f: dict[str, Any]) -> list[str]:
         p = f["cstore_pacs"]
         after = p["last_report_after_last_result_s"]
         lines += [
-            "  C-STORE with [pacs] on: the same burst, each scored image's Enhanced SR made on the finisher thread",
-            "    and sent by the outbox to a stand-in PACS (a pynetdicom Storage SCP in the bench that keeps nothing)",
+            "  C-STORE with [pacs] on: the same burst, each scored image's Enhanced SR (and heatmap overlay, where the",
+            "    model has one) made on the finisher thread and sent by the outbox to a stand-in PACS (a pynetdicom",
+            "    Storage SCP in the bench that keeps nothing)",
             f"    end to end           {p['e2e_files_s']:8.1f} files/s   ratio to C-STORE without PACS "
             f"{p['ratio_e2e_to_cstore']:.2f}",
             f"    CPU per file         {p['daemon_cpu_ms_per_file']:.1f} ms   ratio to C-STORE without PACS "
             f"{p['ratio_cpu_to_cstore']:.2f}",
-            f"    reports delivered    {p['reports_received']} of {p['reports_expected']}"
+            f"    objects delivered    {p['reports_received']} of {p['reports_expected']}"
             + (f", the last {after:.2f} s after the last result" if after is not None else ""),
         ]
     return lines

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print("the daemon: idle latency, then the burst ...", flush=True)
     make_daemon = functools.partial(BenchDaemon, model=model_dir, engines=config.model.engines_dir,
                                     max_delay_ms=args.max_delay_ms, backend=config.inference.backend,
-                                    device=config.inference.device)  # fmt: skip
+                                    device=config.inference.device, heatmaps=config.inference.heatmaps)  # fmt: skip
     daemon = make_daemon(root=work / "daemon")
     daemon.start()
     try:
@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     figures["daemon_cpu_ms_per_file"] = burst_cpu_s * 1e3 / len(burst)
     if args.workload == "radiograph" and not args.no_cstore:  # the scanner's other way to send: DICOM
-        figures.update(cstore.measure(make_daemon, work, idle_paths, burst_paths, figures, with_pacs=not args.no_pacs))
+        # A report per scored image, and beside it its heatmap overlay where the model gives heatmaps (by default).
+        per_result = 2 if manifest.heatmap is not None and config.inference.heatmaps else 1
+        figures.update(cstore.measure(make_daemon, work, idle_paths, burst_paths, figures, with_pacs=not args.no_pacs,
+                                      per_result=per_result))  # fmt: skip
 
     report = text(figures)
     print(report)

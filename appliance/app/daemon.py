@@ -108,8 +108,8 @@ class Daemon:
             Reports(config.pacs, device_for(config.pacs, self.journal.identity())) if config.pacs.enabled else None
         )
         # Beside each report, a heatmap overlay where the served model gives heatmaps (the manifest declares one,
-        # inference.heatmaps is on): drawn on the frames as shown, which the preparer then keeps.
-        overlays = reports is not None and self.backend.has_heatmap
+        # inference.heatmaps is on) and pacs.overlays is on: drawn on the frames as shown, which the preparer keeps.
+        overlays = reports is not None and config.pacs.overlays and self.backend.has_heatmap
         self.processor = ScoringStages(
             config,
             self.loaded.manifest,

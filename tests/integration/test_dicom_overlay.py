@@ -35,7 +35,9 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
         yield peer
 
 
-def _appliance(make_daemon: type[Daemon], pacs: Orthanc, **overrides: dict[str, object]) -> tuple[Daemon, int]:
+def _appliance(
+    make_daemon: type[Daemon], pacs: Orthanc, pacs_overlays: bool = True, **overrides: dict[str, object]
+) -> tuple[Daemon, int]:
     port = free_port()
     d = make_daemon(
         dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": [{"ae_title": SCANNER}]},
@@ -47,6 +49,7 @@ def _appliance(make_daemon: type[Daemon], pacs: Orthanc, **overrides: dict[str, 
             "calling_ae_title": APPLIANCE,
             "retry_s": 0.2,
             "retry_max_s": 1.0,
+            "overlays": pacs_overlays,
         },
         **overrides,
     )
@@ -152,12 +155,19 @@ def test_a_scanned_image_reaches_the_pacs_with_its_report_and_its_heatmap_overla
         assert rc == 0 and errors == [], errors
 
 
-def test_with_heatmaps_off_only_the_report_goes(make_daemon, pacs: Orthanc, tmp_path: Path) -> None:
-    d, port = _appliance(make_daemon, pacs, inference={"heatmaps": False})
+@pytest.mark.parametrize("off", ["heatmaps", "overlays"])
+def test_with_heatmaps_or_overlays_off_only_the_report_goes(
+    make_daemon, pacs: Orthanc, tmp_path: Path, off: str
+) -> None:
+    if off == "heatmaps":
+        d, port = _appliance(make_daemon, pacs, inference={"heatmaps": False})
+    else:
+        d, port = _appliance(make_daemon, pacs, pacs_overlays=False)
     sizes = _study(tmp_path / "study")
     storescu([sorted((tmp_path / "study").iterdir())[0]], "127.0.0.1", port, SCANNER, APPLIANCE)
     (result,) = d.collect(1)
-    assert result.sop_instance_uid in sizes and not result.HasField("heatmap")
+    assert result.sop_instance_uid in sizes
+    assert result.HasField("heatmap") == (off == "overlays")  # the stream keeps it where only overlays are off
     _until("the report delivered", lambda: _result(d, result.sequence).delivery.state == pb.DELIVERY_DELIVERED, d)
     assert d.status().outbox_pending == 0
     assert [ds.SOPClassUID for _, ds in _held(pacs).values()] == [EnhancedSRStorage]
