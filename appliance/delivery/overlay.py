@@ -15,7 +15,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
-from appliance.delivery.sr import Device, instance_number_of, referenced_frames
+from appliance.delivery.sr import Device, check_source, instance_number_of, referenced_frames
 from appliance.domain.errors import ReportError
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Heatmap, Outcome, Result
@@ -31,7 +31,6 @@ SOURCE_IMAGE = codes.DCM.SourceImageForImageProcessingOperation  # 121322
 SOURCE_DOCUMENT = codes.DCM.SourceDocument  # 121335
 ACQUISITION = codes.DCM.AcquisitionEquipment  # 109101: the source's scanner, among the contributing equipment
 
-_REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 # Patient Orientation's letters for the +x, +y, +z patient axes (LPS) and their opposites.
 _AXES = (("L", "R"), ("P", "A"), ("H", "F"))
 
@@ -149,14 +148,7 @@ def build_overlay(
 def _check(source: pydicom.Dataset, result: Result, display: np.ndarray, manifest: Manifest) -> Heatmap:
     if result.outcome is not Outcome.SCORED or result.heatmap is None:
         raise ReportError("Only a scored result with a heatmap has an overlay.")
-    missing = [k for k in (*_REFERENCED, "Rows", "Columns") if not str(source.get(k, "") or "").strip()]
-    if missing:
-        raise ReportError(f"The source's header lacks {', '.join(missing)}, which an overlay needs.")
-    if result.ids.sop_instance_uid and result.ids.sop_instance_uid != source.SOPInstanceUID:
-        raise ReportError("The header given is not that of the image the result is about (another SOP Instance UID).")
-    by = result.scored_by
-    if (by.model_name, by.model_version) != (manifest.model.name, manifest.model.version):
-        raise ReportError("The manifest given is not that of the model that scored the result.")
+    check_source(source, result, manifest, "an overlay", needs=("Rows", "Columns"))
     grid = result.heatmap
     if grid.width < 1 or grid.height < 1 or len(grid.values) != grid.width * grid.height:
         raise ReportError("The heatmap's values are not its width x height grid.")

@@ -175,18 +175,26 @@ def encode(report: pydicom.Dataset) -> bytes:
 def _check(source: pydicom.Dataset, result: Result, manifest: Manifest) -> None:
     if result.outcome is not Outcome.SCORED or result.decision is None:
         raise ReportError("Only a scored result has a report; this one was rejected.")
-    missing = [k for k in _REFERENCED if not str(source.get(k, "") or "").strip()]
+    check_source(source, result, manifest, "a report")
+    if sorted(s.label for s in result.scores) != sorted(manifest.output.labels):
+        raise ReportError("The result's labels are not those its manifest names.")
+    if not 0 <= result.frame_index < max(result.frame_count, 1):
+        raise ReportError("The result's frame index lies outside its frame count.")
+
+
+def check_source(
+    source: pydicom.Dataset, result: Result, manifest: Manifest, made: str, needs: tuple[str, ...] = ()
+) -> None:
+    """What every object made for a result checks first: the source's header is the scored image's and has what
+    the object references, and the manifest is the scoring model's. ``made``: "a report", "an overlay"."""
+    missing = [k for k in (*_REFERENCED, *needs) if not str(source.get(k, "") or "").strip()]
     if missing:
-        raise ReportError(f"The source's header lacks {', '.join(missing)}, which a report must reference.")
+        raise ReportError(f"The source's header lacks {', '.join(missing)}, which {made} must reference.")
     if result.ids.sop_instance_uid and result.ids.sop_instance_uid != source.SOPInstanceUID:
         raise ReportError("The header given is not that of the image the result is about (another SOP Instance UID).")
     by = result.scored_by
     if (by.model_name, by.model_version) != (manifest.model.name, manifest.model.version):
         raise ReportError("The manifest given is not that of the model that scored the result.")
-    if sorted(s.label for s in result.scores) != sorted(manifest.output.labels):
-        raise ReportError("The result's labels are not those its manifest names.")
-    if not 0 <= result.frame_index < max(result.frame_count, 1):
-        raise ReportError("The result's frame index lies outside its frame count.")
 
 
 def referenced_frames(source: pydicom.Dataset, result: Result) -> list[int] | None:

@@ -23,7 +23,6 @@ from appliance.config import InferenceConfig, LimitsConfig, PacsConfig
 from appliance.delivery.outbox import Outbox
 from appliance.delivery.overlay import DISPLAY_SIDE, instance_uid, overlay_pixels
 from appliance.delivery.reports import Reports
-from appliance.delivery.sr import Device
 from appliance.domain.delivery import DeliveryState
 from appliance.domain.manifest import load_manifest
 from appliance.domain.result import Heatmap, InputFacts, Result
@@ -39,19 +38,13 @@ from appliance.journal.journal import NewDelivery
 from appliance.prepare.preparer import Prepared, Preparer
 from appliance.scoring.results import build_results, journal_row
 from tests.delivery.test_outbox import Pacs, Recorder, _config, _running
+from tests.delivery.test_sr import DEVICE
 from tests.peers import require
 from tests.peers.dcmtk import dciodvfy
 
 REPO = Path(__file__).resolve().parents[2]
 LOADED = load_manifest(REPO / "models" / "pipeline-test")
 MANIFEST = LOADED.manifest
-DEVICE = Device(
-    uid="1.2.826.0.1.3680043.8.498.1",
-    name="edge-1",
-    manufacturer="Imaging appliance",
-    model_name="Edge",
-    software_version="1.4",
-)
 PACS = PacsConfig(enabled=True, series_number=9001)
 
 

@@ -35,7 +35,10 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
         yield peer
 
 
-def _appliance(make_daemon: type[Daemon], pacs: Orthanc) -> tuple[Daemon, int]:
+def _appliance(
+    make_daemon: type[Daemon], pacs: Orthanc, pacs_overlays: bool = True, **overrides: dict[str, object]
+) -> tuple[Daemon, int]:
+    """The real daemon receiving from SCANNER and sending to a real Orthanc, quick to retry."""
     port = free_port()
     d = make_daemon(
         dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": [{"ae_title": SCANNER}]},
@@ -47,7 +50,9 @@ def _appliance(make_daemon: type[Daemon], pacs: Orthanc) -> tuple[Daemon, int]:
             "calling_ae_title": APPLIANCE,
             "retry_s": 0.2,
             "retry_max_s": 1.0,
+            "overlays": pacs_overlays,
         },
+        **overrides,
     )
     d.start()
     return d, port

@@ -17,15 +17,13 @@ from pydicom.uid import EnhancedSRStorage, SecondaryCaptureImageStorage, generat
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
-from tests.integration.conftest import Daemon, free_port
+from tests.integration.conftest import Daemon
+from tests.integration.test_dicom import APPLIANCE, SCANNER, _appliance
 from tests.peers import needs, require
 from tests.peers.dcmtk import dciodvfy, storescu
 from tests.peers.orthanc import Orthanc, RemoteAe
 
 pytestmark = needs("Orthanc", "storescu")
-
-SCANNER = "SCANNER"
-APPLIANCE = "APPLIANCE"
 
 
 @pytest.fixture
@@ -33,28 +31,6 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
     require("Orthanc")
     with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
         yield peer
-
-
-def _appliance(
-    make_daemon: type[Daemon], pacs: Orthanc, pacs_overlays: bool = True, **overrides: dict[str, object]
-) -> tuple[Daemon, int]:
-    port = free_port()
-    d = make_daemon(
-        dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": [{"ae_title": SCANNER}]},
-        pacs={
-            "enabled": True,
-            "ae_title": pacs.ae_title,
-            "host": "127.0.0.1",
-            "port": pacs.dicom_port,
-            "calling_ae_title": APPLIANCE,
-            "retry_s": 0.2,
-            "retry_max_s": 1.0,
-            "overlays": pacs_overlays,
-        },
-        **overrides,
-    )
-    d.start()
-    return d, port
 
 
 def _study(folder: Path) -> dict[str, tuple[int, int]]:
