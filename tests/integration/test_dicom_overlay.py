@@ -5,8 +5,7 @@ Capture) that references the image and the report, and that dciodvfy passes as f
 from __future__ import annotations
 
 import io
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import EnhancedSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from appliance.v1 import scoring_pb2 as pb
-from appliance.v1 import scoring_pb2_grpc as pb_grpc
-from tests.integration.conftest import Daemon
-from tests.integration.test_dicom import APPLIANCE, SCANNER, _appliance
+from tests.integration.test_dicom import APPLIANCE, SCANNER, _appliance, _result, _until
 from tests.peers import needs, require
 from tests.peers.dcmtk import dciodvfy, storescu
 from tests.peers.orthanc import Orthanc, RemoteAe
@@ -54,19 +51,6 @@ def _study(folder: Path) -> dict[str, tuple[int, int]]:
         ds.save_as(folder / f"ct{n:03d}.dcm", enforce_file_format=True)
         sizes[str(ds.SOPInstanceUID)] = (int(ds.Rows), int(ds.Columns))
     return sizes
-
-
-def _until(what: str, check: Callable[[], bool], d: Daemon, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not so after {timeout} s: {what}\n{d.log()[-4000:]}")
-        time.sleep(0.1)
-
-
-def _result(d: Daemon, seq: int) -> pb.Result:
-    with d.channel() as ch:
-        return pb_grpc.ScoringStub(ch).GetResult(pb.GetResultRequest(sequence=seq), timeout=10)
 
 
 def _held(pacs: Orthanc) -> dict[str, tuple[bytes, pydicom.Dataset]]:
