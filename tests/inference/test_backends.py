@@ -119,3 +119,24 @@ def test_the_loader_asks_for_the_heatmap_unless_the_config_turns_it_off(tmp_path
         assert on.has_heatmap
     with open_backend(loaded, InferenceConfig(threads=1, heatmaps=False), tmp_path) as off:
         assert not off.has_heatmap
+
+
+def test_an_artifact_with_a_heatmap_served_without_one_does_not_compute_it(tmp_path: Path) -> None:
+    """ONNX Runtime runs every node whatever a call asks for: with heatmaps off, the branch is cut at load."""
+    import onnx
+
+    from appliance.inference.heatmap_graph import add_heatmap
+
+    spec = load_manifest(MODEL).manifest.heatmap
+    assert spec is not None
+    built = add_heatmap(onnx.load(str(MODEL / "model.onnx")), method=spec.method, feature=spec.feature)
+    artifact = tmp_path / "with-heatmap.onnx"
+    onnx.save(built, str(artifact))
+    cut = onnxruntime._only_output(onnx.load(str(artifact)), "logit")
+    assert [o.name for o in cut.graph.output] == ["logit"]
+    assert not [n.name for n in cut.graph.node if n.name.startswith("heatmap/")]
+    assert len(cut.graph.node) == len(onnx.load(str(MODEL / "model.onnx")).graph.node)
+    batch = np.random.default_rng(5).standard_normal((3, 1, 64, 64)).astype(np.float32)
+    with OnnxRuntimeBackend(artifact, output_name="logit", max_batch=4, threads=1) as off, _onnxruntime() as plain:
+        assert not off.has_heatmap and off.run(batch).heatmap is None
+        assert np.array_equal(off.infer(batch), plain.infer(batch))

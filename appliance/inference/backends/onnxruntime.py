@@ -126,26 +126,30 @@ class OnnxRuntimeBackend(Backend):
 
     def _model_bytes(self) -> bytes | str:
         """The artifact as ONNX Runtime loads it: with the manifest's heatmap added when it is the float model
-        and lacks it. `make engine` builds the heatmap into quantized artifacts, keeping its branch in float;
-        one built before the manifest declared a heatmap is served without it."""
-        if self._heatmap is None:
-            return str(self._path)
+        and lacks it, and without one it has when none is asked for (ONNX Runtime runs every node, whatever
+        outputs a call asks for). `make engine` builds the heatmap into quantized artifacts, keeping its branch
+        in float; one built before the manifest declared a heatmap is served without it."""
         import onnx
-
-        from appliance.inference.heatmap_graph import add_heatmap
 
         try:
             model = onnx.load(str(self._path))
         except Exception as e:
             raise BackendError(f"ONNX Runtime could not load {self._path}: {e}") from e
-        if any(o.name == self._heatmap.output for o in model.graph.output):
-            return model.SerializeToString()
+        outputs = {o.name for o in model.graph.output}
+        if self._heatmap is None:
+            if outputs - {self._output_name} and self._output_name in outputs:
+                return _only_output(model, self._output_name).SerializeToString()
+            return str(self._path)
+        if self._heatmap.output in outputs:
+            return str(self._path)
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in model.graph.node):
             log.warning(
                 "%s was built without the manifest's heatmap; results carry none until `make engine` rebuilds it",
                 self._path.name,
             )
-            return model.SerializeToString()
+            return str(self._path)
+        from appliance.inference.heatmap_graph import add_heatmap
+
         return add_heatmap(
             model, method=self._heatmap.method, feature=self._heatmap.feature, output_name=self._heatmap.output
         ).SerializeToString()
@@ -174,6 +178,26 @@ class OnnxRuntimeBackend(Backend):
 
     def _close_impl(self) -> None:
         self._session = None
+
+
+def _only_output(model: Any, keep: str) -> Any:
+    """The model with one output, and only the nodes and initializers that output needs."""
+    graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        return model  # a subgraph reads outer tensors unseen here: left whole
+    needed = {keep}
+    nodes = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            nodes.append(node)
+            needed.update(node.input)
+    kept_outputs = [o for o in graph.output if o.name == keep]
+    kept_inits = [i for i in graph.initializer if i.name in needed]
+    del graph.output[:], graph.node[:], graph.initializer[:]
+    graph.output.extend(kept_outputs)
+    graph.node.extend(reversed(nodes))
+    graph.initializer.extend(kept_inits)
+    return model
 
 
 def open_artifact(
