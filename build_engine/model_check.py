@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from appliance.inference.heatmap_graph import HeatmapError, add_heatmap
-from appliance.toolkit import LoadedManifest, expected_sample_shape
+from appliance.inference.heatmap_graph import HeatmapError, add_heatmap, feature_stride
+from appliance.toolkit import LoadedManifest, Manifest, expected_sample_shape
 from build_engine.errors import BuildError
 
 MIN_OPSET = 13  # for INT8: per-channel QuantizeLinear/DequantizeLinear (the `axis` attribute)
@@ -79,6 +80,7 @@ def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
             why = str(e)
             raise BuildError(f"{path}: the manifest's [heatmap] cannot be added: {why[:1].lower()}{why[1:]}") from e
         heatmap_shape = next(_dims(o) for o in with_map.graph.output if o.name == h.output)
+        _check_cells(path, manifest, model, heatmap_shape)
     dynamic = not isinstance(in_dims[0], int)
     if dynamic:
         note = f"dynamic batch axis: batches of 1..{max_batch}"
@@ -88,3 +90,23 @@ def check_model(loaded: LoadedManifest, max_batch: int) -> ModelFacts:
         raise BuildError(f"{path}: the batch axis is fixed at {in_dims[0]}; export it as dynamic (or 1).")
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return ModelFacts(opset, in_dims, out_dims, dynamic, max_batch, note, heatmap_shape)
+
+
+def _check_cells(path: Path, manifest: Manifest, model: onnx.ModelProto, shape: list[int | str] | None) -> None:
+    """The manifest places the heatmap's cells on the input as the graph does: its stride, or the input over the
+    grid, is the product of the strides on the way to the feature maps (where the graph tells)."""
+    spec, spec_in = manifest.heatmap, manifest.input
+    assert spec is not None
+    grid = tuple(shape[1:3]) if shape and len(shape) == 3 else ()
+    if len(grid) != 2 or not all(isinstance(d, int) for d in grid):
+        return  # shapes unknown before a run: the daemon's load checks the grid it gets
+    try:
+        cell = spec.cell((spec_in.height, spec_in.width), (int(grid[0]), int(grid[1])))
+    except ValueError as e:
+        raise BuildError(f"{path}: {e}.") from e
+    graph = feature_stride(model, spec.feature)
+    if graph is not None and graph != cell:
+        raise BuildError(
+            f"{path}: the heatmap's cells are {graph[0]} x {graph[1]} input pixels apart in the graph, but model.toml "
+            f"places them {cell[0]} x {cell[1]} apart; set heatmap.stride = {graph[0]}."
+        )

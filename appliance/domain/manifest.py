@@ -191,6 +191,35 @@ class Heatmap(_Strict):
     )
     feature: str = Field(description="The ONNX tensor holding the last feature maps, N x C x H x W.")
     output: str = Field("heatmap", description="Name of the heatmap output added to the graph.")
+    stride: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="The input's pixels from one cell of the feature maps to the next (the product of the strides "
+        "before them: VGG16's five pools make 32). Needed where the input is not a whole number of cells (VGG16: "
+        "240 px, 7 cells of 32 and 16 px the last pool drops); `make engine` checks it against the graph.",
+    )
+
+    def cell(self, input_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, int]:
+        """The input pixels a cell spans (rows, columns); ValueError, one sentence, where the grid cannot be
+        placed on the input: no stride is declared and the input is not a whole number of cells, or the grid at
+        that stride overruns the input or leaves a whole cell of it uncovered."""
+        out = []
+        for axis, size, cells in (("rows", input_hw[0], grid_hw[0]), ("columns", input_hw[1], grid_hw[1])):
+            stride = self.stride or (size // cells if cells and size % cells == 0 else 0)
+            if not stride:
+                raise ValueError(
+                    f"the input's {size} {axis} are not a whole number of the heatmap's {cells} cells: declare "
+                    "heatmap.stride, the input pixels from one cell to the next"
+                )
+            if not size - stride < cells * stride <= size:
+                raise ValueError(
+                    f"heatmap.stride {stride} puts the heatmap's {cells} cells over {cells * stride} of the input's "
+                    f"{size} {axis}: only {size // (cells + 1) + 1} to {size // cells} fit (`make engine` reads the "
+                    "graph's own)"
+                )
+            out.append(stride)
+        return out[0], out[1]
 
 
 class Batching(_Strict):

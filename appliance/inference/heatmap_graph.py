@@ -401,3 +401,34 @@ def add_heatmap(
     except onnx.checker.ValidationError as e:
         raise HeatmapError(f"The model with a heatmap does not check: {str(e).splitlines()[0]}") from e
     return out
+
+
+# Ops on the way from the input to the feature maps that keep the pixel grid as it is, and those that stride it.
+_SAME_GRID = (
+    *("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "BatchNormalization", "Identity", "Cast", "Transpose"),
+    *("Add", "Sub", "Mul", "Div", "QuantizeLinear", "DequantizeLinear", "Dropout"),
+)
+_STRIDING = ("Conv", "MaxPool", "AveragePool", "QLinearConv", "ConvInteger")
+
+
+def feature_stride(model: onnx.ModelProto, feature: str) -> tuple[int, int] | None:
+    """How many of the input's pixels lie between neighbouring cells of the feature maps (rows, columns): the
+    product of the strides on the path from the input. None where the path holds an op of unknown geometry."""
+    produced = {o: n for n in model.graph.node for o in n.output}
+    constant = {i.name for i in model.graph.initializer}
+    constant |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    inputs = {i.name for i in model.graph.input} - constant
+    rows, cols, name = 1, 1, feature
+    for _ in range(len(model.graph.node) + 1):
+        if name in inputs:
+            return rows, cols
+        node = produced.get(name)
+        if node is None or node.op_type not in (*_SAME_GRID, *_STRIDING):
+            return None
+        if node.op_type in _STRIDING:
+            strides = _attr(node, "strides", [1, 1])
+            if len(strides) != 2:
+                return None
+            rows, cols = rows * int(strides[0]), cols * int(strides[1])
+        name = next((i for i in node.input if i and i not in constant), "")
+    return None

@@ -142,7 +142,14 @@ def check_backend_matches(backend: Backend, loaded: LoadedManifest) -> None:
             f"{where}: the model's input is {spec.dtype} but model.toml says {manifest.input.dtype}."
         )
     probe = np.zeros((1, *want), dtype=spec.dtype)
-    width = backend.infer(probe).shape[1]  # also warms the session up before we report ready
+    out = backend.run(probe)  # also warms the session up before we report ready
+    width = out.scores.shape[1]
+    if manifest.heatmap is not None and out.heatmap is not None:
+        # Where each cell lies on the input: every result's heatmap is placed on its image by it.
+        try:
+            manifest.heatmap.cell((manifest.input.height, manifest.input.width), out.heatmap.shape[1:3])
+        except ValueError as e:
+            raise ModelMismatchError(f"{where}: {e}.") from e
     if width != len(manifest.output.labels):
         raise ModelMismatchError(
             f"{where}: the model outputs {width} scores but model.toml names {len(manifest.output.labels)} labels."

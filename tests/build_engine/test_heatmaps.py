@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto
 
 from appliance.config import LimitsConfig
@@ -155,3 +156,24 @@ def test_a_heatmap_the_graph_cannot_give_is_refused_before_calibrating(pipeline_
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "the manifest's [heatmap] cannot be added: the heatmap cannot pass back through Conv" in r.stderr
     assert "calibrate" not in r.stdout
+
+
+def test_the_heatmap_s_cells_are_placed_as_the_graph_strides_them() -> None:
+    """VGG16's five pools put its cells 32 input pixels apart: model.toml must say so, since 240 is not 7 of them."""
+    from appliance.domain.manifest import LoadedManifest
+    from build_engine.errors import BuildError
+    from build_engine.model_check import check_model
+
+    brain = load_manifest(Path(__file__).resolve().parents[2] / "models" / "brain-mri-vgg16")
+    assert check_model(brain, 8).heatmap_shape is not None  # the bundled stride, 32, is the graph's
+    spec = brain.manifest.heatmap
+    assert spec is not None
+
+    def with_stride(stride: int | None) -> LoadedManifest:
+        manifest = brain.manifest.model_copy(update={"heatmap": spec.model_copy(update={"stride": stride})})
+        return LoadedManifest(manifest=manifest, folder=brain.folder)
+
+    with pytest.raises(BuildError, match=r"declare heatmap\.stride"):
+        check_model(with_stride(None), 8)
+    with pytest.raises(BuildError, match=r"32 x 32 input pixels apart in the graph.*set heatmap.stride = 32"):
+        check_model(with_stride(31), 8)

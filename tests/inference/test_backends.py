@@ -140,3 +140,12 @@ def test_an_artifact_with_a_heatmap_served_without_one_does_not_compute_it(tmp_p
     with OnnxRuntimeBackend(artifact, output_name="logit", max_batch=4, threads=1) as off, _onnxruntime() as plain:
         assert not off.has_heatmap and off.run(batch).heatmap is None
         assert np.array_equal(off.infer(batch), plain.infer(batch))
+
+
+def test_a_heatmap_stride_that_does_not_fit_the_grid_refuses_the_load(tmp_path: Path) -> None:
+    loaded = load_manifest(MODEL)
+    spec = loaded.manifest.heatmap
+    assert spec is not None
+    wrong = loaded.manifest.model_copy(update={"heatmap": spec.model_copy(update={"stride": 7})})
+    with pytest.raises(ModelMismatchError, match=r"heatmap\.stride 7 puts the heatmap's 8 cells over 56"):
+        open_backend(type(loaded)(manifest=wrong, folder=loaded.folder), InferenceConfig(threads=1), tmp_path)
