@@ -418,7 +418,14 @@ class Builder:
         peaks = attempt.report.heatmap_agreement
         if self.manifest.heatmap is not None and peaks is not None and peaks < self.tolerance.min_heatmap_agreement:
             makes_maps = [n for n in feature_producer(float_model, self.manifest.heatmap.feature) if n not in head]
-        steps = [head, head + makes_maps, head + tail, *(head + ranked[:count] for count in EXCLUSION_STEPS)]
+        # Once the heatmap's peaks needed the maps' layer in float, every later step keeps it there too.
+        base = head + makes_maps
+        steps = [
+            head,
+            base,
+            base + [n for n in tail if n not in base],
+            *(base + [n for n in ranked[:count] if n not in base] for count in EXCLUSION_STEPS),
+        ]
         for excluded in steps:
             if not excluded or excluded in tried or len(excluded) > most:
                 continue

@@ -18,7 +18,7 @@ from pydicom.valuerep import DA, DT, TM
 from appliance.delivery.sr import Device, check_source, instance_number_of, referenced_frames
 from appliance.domain.errors import ReportError
 from appliance.domain.manifest import Manifest
-from appliance.domain.result import Heatmap, Outcome, Result
+from appliance.domain.result import Decision, Heatmap, Outcome, Result
 from appliance.imaging.overlay import render
 
 # The overlay's longer side at most, in pixels: the daemon asks the preparer for display frames no larger (a
@@ -57,13 +57,22 @@ def overlay_pixels(display: np.ndarray, heatmap: Heatmap, rows: int, columns: in
     return render(display, replace(heatmap, extent=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
 
 
+_DECISION_WORDS = {
+    Decision.POSITIVE: "positive",
+    Decision.NEGATIVE: "negative",
+    Decision.INDETERMINATE: "indeterminate",
+    None: "not decided",
+}
+
+
 def describe(result: Result, heatmap: Heatmap) -> str:
     """What the overlay is, for a person reading the header: said in Derivation Description and Image Comments."""
     by = result.scored_by
     method = {"gradcam": "Grad-CAM", "cam": "class activation map"}.get(heatmap.method, heatmap.method)
     return (
-        f"Heatmap ({method}) of model {by.model_name} {by.model_version} for its decided label {heatmap.label}: "
-        "where the model looked, drawn over the image. Not for diagnosis."
+        f"Heatmap ({method}) of model {by.model_name} {by.model_version}: where it looked for {heatmap.label}, its "
+        f"top label, drawn over the image; the result is {_DECISION_WORDS[result.decision]}. Each map is scaled to "
+        "its own peak, so a negative result shows a peak too. Not for diagnosis."
     )
 
 

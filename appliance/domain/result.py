@@ -81,7 +81,7 @@ class Heatmap:
     width: int
     height: int
     values: bytes
-    label: str  # the class the map explains: the decided (top) one
+    label: str  # the class the map explains: the top-scoring one (the evidence for it, whatever the decision)
     method: str  # "gradcam" or "cam"
     extent: tuple[float, float, float, float]
 

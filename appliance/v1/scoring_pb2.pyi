@@ -473,7 +473,7 @@ class Heatmap(_message.Message):
     values: _builtins.bytes
     """height x width bytes, row-major, the top row first"""
     label: _builtins.str
-    """the class it explains: the decided (top) one"""
+    """the class it explains: the top-scoring one (the evidence for it, whatever the decision)"""
     method: _builtins.str
     """"gradcam" or "cam" """
     @_builtins.property
