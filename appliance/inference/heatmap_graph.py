@@ -336,6 +336,7 @@ def add_heatmap(
     feature: str,
     output_name: str = "heatmap",
     expose_gradient: bool = False,
+    copy: bool = True,
 ) -> onnx.ModelProto:
     """A copy of `model` with an output `output_name`: N x H x W, float32, in [0, 1], where the decided class looked.
 
@@ -352,17 +353,27 @@ def add_heatmap(
     expose_gradient
         Grad-CAM only: also output `{output_name}_gradient`, the decided logit's gradient with respect to the
         feature maps (N x C x H x W), for tests to check against finite differences.
+    copy
+        False: add to ``model`` itself (a caller that keeps no other use of it saves a copy of the weights).
     """
     if method not in ("gradcam", "cam"):
         raise HeatmapError(f"Unknown heatmap method {method!r}: 'gradcam' or 'cam'.")
     if expose_gradient and method != "gradcam":
         raise HeatmapError("Only Grad-CAM computes a gradient with respect to the feature maps to expose.")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     m = _Model(out, feature)
     b = _Builder(out, output_name)
     if b.opset < MIN_OPSET:
         raise HeatmapError(f"The model is opset {b.opset}; the heatmap needs {MIN_OPSET} or later.")
+    if any(n.name.startswith(f"{output_name}/") for n in out.graph.node):
+        raise HeatmapError(
+            f"The model's own nodes are named under {output_name!r}/, which marks the heatmap's branch (kept in "
+            "float); choose another heatmap output name."
+        )
     for name in (output_name, f"{output_name}_gradient") if expose_gradient else (output_name,):
         if b.taken(name):
             raise HeatmapError(f"The model already has a tensor named {name!r}; choose another heatmap output name.")

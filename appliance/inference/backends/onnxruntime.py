@@ -102,6 +102,14 @@ class OnnxRuntimeBackend(Backend):
             self._session = ort.InferenceSession(
                 self._model_bytes(), sess_options=options, providers=["CPUExecutionProvider"]
             )
+            extra = {o.name for o in self._session.get_outputs()} - {self._output_name}
+            if self._heatmap is None and extra:
+                # Built with a heatmap that is turned off: ONNX Runtime runs every node whatever a call asks
+                # for, so the branch goes (read again only here: the common loads read the file once).
+                self._session = None
+                self._session = ort.InferenceSession(
+                    self._pruned(), sess_options=options, providers=["CPUExecutionProvider"]
+                )
         except ModelMismatchError:
             raise
         except Exception as e:
@@ -126,21 +134,12 @@ class OnnxRuntimeBackend(Backend):
 
     def _model_bytes(self) -> bytes | str:
         """The artifact as ONNX Runtime loads it: with the manifest's heatmap added when it is the float model
-        and lacks it, and without one it has when none is asked for (ONNX Runtime runs every node, whatever
-        outputs a call asks for). `make engine` builds the heatmap into quantized artifacts, keeping its branch
-        in float; one built before the manifest declared a heatmap is served without it."""
-        import onnx
-
-        try:
-            model = onnx.load(str(self._path))
-        except Exception as e:
-            raise BackendError(f"ONNX Runtime could not load {self._path}: {e}") from e
-        outputs = {o.name for o in model.graph.output}
+        and lacks it. `make engine` builds the heatmap into quantized artifacts, keeping its branch in float;
+        one built before the manifest declared a heatmap is served without it."""
         if self._heatmap is None:
-            if outputs - {self._output_name} and self._output_name in outputs:
-                return _only_output(model, self._output_name).SerializeToString()
             return str(self._path)
-        if self._heatmap.output in outputs:
+        model = self._onnx()
+        if any(o.name == self._heatmap.output for o in model.graph.output):
             return str(self._path)
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in model.graph.node):
             log.warning(
@@ -150,9 +149,21 @@ class OnnxRuntimeBackend(Backend):
             return str(self._path)
         from appliance.inference.heatmap_graph import add_heatmap
 
-        return add_heatmap(
-            model, method=self._heatmap.method, feature=self._heatmap.feature, output_name=self._heatmap.output
-        ).SerializeToString()
+        spec = self._heatmap
+        with_map = add_heatmap(model, method=spec.method, feature=spec.feature, output_name=spec.output, copy=False)
+        del model
+        return with_map.SerializeToString()
+
+    def _pruned(self) -> bytes:
+        return _only_output(self._onnx(), self._output_name).SerializeToString()
+
+    def _onnx(self) -> Any:
+        import onnx
+
+        try:
+            return onnx.load(str(self._path))
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime could not load {self._path}: {e}") from e
 
     def _has_heatmap_impl(self) -> bool:
         return len(self._outputs) == 2
