@@ -253,6 +253,7 @@ class Daemon:
                 "its input or preprocessing differs from the serving model's; restart the service to switch to it."
             )
         served = open_served(loaded, config.inference, config.model.engines_dir)
+        had_heatmaps = self.served.backend.has_heatmap
         if not self.processor.swap_model(new, served.backend):
             served.backend.close()
             raise ConfigError("the scoring stage did not take the new model within its time limit.")
@@ -262,6 +263,13 @@ class Daemon:
         self.generation += 1
         self.metrics.serving.labels(served.backend.name, served.precision).set(1)
         self.metrics.passed_over.set(served.refused)
+        if config.pacs.enabled and config.pacs.overlays and served.backend.has_heatmap != had_heatmaps:
+            # The decode workers keep the frames overlays are drawn on only if they were started for them.
+            log.warning(
+                "the reloaded model %s heatmaps: the PACS gets heatmap overlays %s after a restart",
+                "gives" if served.backend.has_heatmap else "gives no",
+                "too" if served.backend.has_heatmap else "no longer",
+            )
         return (
             f"reloaded: model {new.model.name} {new.model.version} on {served.backend.name} {served.precision} "
             f"(generation {self.generation}; was {old.model.name} {old.model.version})"
