@@ -91,7 +91,8 @@ class InferenceConfig(_Section):
     heatmaps: bool = Field(
         True,
         description="Compute where the model looked (the manifest's [heatmap]) in the same inference call, and "
-        "send it with each result; false saves its cost (`make bench` measures it).",
+        "send it with each result; false saves its cost on ONNX Runtime (`make bench` measures it). A TensorRT "
+        "plan built with it computes it regardless.",
     )
     max_delay_ms: float = Field(
         5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."

@@ -23,10 +23,18 @@ def measure(
     if loaded.manifest.heatmap is None:
         return {"skipped": f"{loaded.manifest.model.name} declares no [heatmap]"}
     with_map = open_backend(loaded, chosen.model_copy(update={"heatmaps": True}), engines_dir)
-    without = open_backend(loaded, chosen.model_copy(update={"heatmaps": False}), engines_dir)
+    try:
+        without = open_backend(loaded, chosen.model_copy(update={"heatmaps": False}), engines_dir)
+    except BaseException:
+        with_map.close()
+        raise
     try:
         if not with_map.has_heatmap:
             return {"skipped": f"{Path(with_map.artifact).name} has no heatmap (built before [heatmap]; rebuild it)"}
+        if with_map.name == "tensorrt":
+            # A plan runs every layer it was built with: the same plan without its heatmap copied back is no
+            # measure of the cost. `make engine` on a model without [heatmap] gives the plan to compare with.
+            return {"skipped": "a TensorRT plan computes its heatmap whether or not it is asked for"}
         batch = min(with_map.max_batch, without.max_batch)
         ratios, on, off = [], [], []
         for _ in range(ROUNDS):

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
         figures["max_batch"] = backend.max_batch
+        figures["served_heatmap"] = backend.has_heatmap  # an artifact built before [heatmap] serves none
         figures["raw_batch1_img_s"] = images_per_second(backend, samples, 1, min_seconds=2.0)
         figures["raw_max_batch_img_s"] = images_per_second(backend, samples, min_seconds=2.0)
     finally:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["daemon_cpu_ms_per_file"] = burst_cpu_s * 1e3 / len(burst)
     if args.workload == "radiograph" and not args.no_cstore:  # the scanner's other way to send: DICOM
         # A report per scored image, and beside it its heatmap overlay where the model gives heatmaps (by default).
-        per_result = 2 if manifest.heatmap is not None and config.inference.heatmaps else 1
+        per_result = 2 if figures["served_heatmap"] else 1
         figures.update(cstore.measure(make_daemon, work, idle_paths, burst_paths, figures, with_pacs=not args.no_pacs,
                                       per_result=per_result))  # fmt: skip
 
