@@ -252,7 +252,7 @@ def _no_heatmap_reason(config: Config, manifest: Manifest) -> str:
         return f"model {manifest.model.name} declares no [heatmap]"
     if not config.inference.heatmaps:
         return "heatmaps are turned off (inference.heatmaps = false)"
-    return "the model's map for this frame was not usable"
+    return "the served artifact gives none (built before [heatmap]: `make engine` rebuilds it), or its map was unusable"
 
 
 def _heatmap_text(result: Result, meta: ImageMeta, no_heatmap: str) -> str:

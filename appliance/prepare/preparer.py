@@ -18,8 +18,9 @@ from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
 
 # Display frames of one input together hold at most this many pixels (8-bit: bytes per channel), whatever its
-# frame count: what crosses from a decode worker to the daemon, and what the PACS's overlays are drawn on.
-DISPLAY_BUDGET_PIXELS = 32 << 20
+# frame count: what crosses from a decode worker to the daemon, and what the PACS's overlays are drawn on (on
+# the finisher's thread, stored in one transaction: a long series gets smaller overlays, not a stalled finisher).
+DISPLAY_BUDGET_PIXELS = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ class Preparer:
             # fault. `from None`: the error's traceback would keep the frames' arrays alive.
             raise DecodeOutOfMemory() from None
         t2 = time.perf_counter()
-        display = self._display(image) if image.display_frames else ()
+        try:
+            display = self._display(image) if image.display_frames else ()
+        except MemoryError:  # the overlay's frames only: the input is still scored, without an overlay
+            display = ()
         return Prepared(
             tensors=tensors,
             meta=image.meta,
