@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["single_decode_ms"] = float(np.median(single_ms))  # read + decode + preprocess
     figures["shrink_first_error"] = shrink_first_error(preparer, Preparer(manifest, limits, shrink_first=False),
                                                        burst_paths[:8])  # fmt: skip
-    chosen = InferenceConfig(backend=config.inference.backend, device=config.inference.device)
+    chosen = InferenceConfig(
+        backend=config.inference.backend, device=config.inference.device, heatmaps=config.inference.heatmaps
+    )
     backend = open_backend(loaded, chosen, config.model.engines_dir)
     try:
         figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
