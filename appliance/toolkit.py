@@ -15,7 +15,7 @@ from appliance.domain.manifest import Accuracy, Heatmap, LoadedManifest, Manifes
 from appliance.inference.backend import Backend
 from appliance.inference.loader import expected_sample_shape, open_backend
 from appliance.inference.postprocess import decide
-from appliance.inference.runs import images_per_second, rows_in_batches, scores_in_batches
+from appliance.inference.runs import images_per_second, rows_in_batches
 from appliance.logging_setup import quiet_pydicom
 from appliance.prepare.pool import init_worker, prepare_file, worker_initargs
 from appliance.prepare.preparer import Prepared, Preparer
@@ -43,6 +43,5 @@ __all__ = [
     "prepare_file",
     "quiet_pydicom",
     "rows_in_batches",
-    "scores_in_batches",
     "worker_initargs",
 ]

@@ -12,15 +12,6 @@ from appliance.inference.batcher import Row
 from appliance.inference.postprocess import activate
 
 
-def scores_in_batches(backend: Backend, tensors: Sequence[np.ndarray], activation: str) -> np.ndarray:
-    """Activated scores (N x labels) for samples sent in chunks of the backend's max batch, as the batcher would."""
-    rows = [
-        activate(backend.infer(np.stack(tensors[start : start + backend.max_batch])), activation)
-        for start in range(0, len(tensors), backend.max_batch)
-    ]
-    return np.concatenate(rows)
-
-
 def rows_in_batches(backend: Backend, tensors: Sequence[np.ndarray], activation: str) -> list[Row]:
     """Each sample's activated scores and heatmap (where the backend gives one), in chunks as the batcher sends."""
     rows: list[Row] = []
