@@ -16,11 +16,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from appliance.api.codec import result_to_dict
+from appliance.api.codec import heatmap_from_message, result_to_dict
 from appliance.config import is_loopback
 from appliance.domain.errors import ApplianceError
 from appliance.domain.manifest import Preprocess
-from appliance.domain.result import Heatmap
 from appliance.imaging.overlay import render, write_png
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits
@@ -145,13 +144,8 @@ def looked_at(r: pb.Result) -> str:
     """Where the model looked, when the result carries a heatmap: its peak in the image's pixels."""
     if not r.HasField("heatmap"):
         return ""
-    x, y = heatmap_of(r.heatmap).peak
+    x, y = heatmap_from_message(r.heatmap).peak
     return f"; looked at ({x:.0f}, {y:.0f}) for {r.heatmap.label}"
-
-
-def heatmap_of(h: pb.Heatmap) -> Heatmap:
-    e = h.extent
-    return Heatmap(h.width, h.height, h.values, h.label, h.method, (e.x0, e.y0, e.x1, e.y1))
 
 
 def delivery_note(d: pb.Delivery) -> str:
@@ -231,7 +225,7 @@ def _overlay(stub: pb_grpc.ScoringStub, req: pb.GetResultRequest, image: Path, o
     except Mismatch as e:
         print(f"appliance-client: {image} {e}", file=sys.stderr)
         return 1
-    heatmap = heatmap_of(r.heatmap)
+    heatmap = heatmap_from_message(r.heatmap)
     write_png(out, render(frame, heatmap))
     x, y = heatmap.peak
     frame_note = f" frame {r.frame_index + 1}/{r.frame_count}" if r.frame_count > 1 else ""

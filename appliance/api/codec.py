@@ -1,10 +1,10 @@
-"""The API's wire form of a result: the domain Result as an `appliance.v1.Result` message, and a JSON view of
-one for people (`appliance score`, `appliance-client --json`)."""
+"""The API's wire form of a result: the domain Result as an `appliance.v1.Result` message (and a heatmap back, for
+terminals), and a JSON view of one for people (`appliance score`, `appliance-client --json`)."""
 
 from __future__ import annotations
 
 from appliance.domain.delivery import Delivery, DeliveryState
-from appliance.domain.result import Decision, Outcome, Result
+from appliance.domain.result import Decision, Heatmap, Outcome, Result
 from appliance.v1 import scoring_pb2 as pb
 
 _DECISIONS = {
@@ -81,6 +81,12 @@ def to_message(result: Result, delivery: Delivery | None = None) -> pb.Result:
             )
         )
     return message
+
+
+def heatmap_from_message(h: pb.Heatmap) -> Heatmap:
+    """A result's heatmap as the terminal received it, in the domain's form (its peak, its place on the image)."""
+    e = h.extent
+    return Heatmap(h.width, h.height, h.values, h.label, h.method, (e.x0, e.y0, e.x1, e.y1))
 
 
 def encoded(result: Result) -> bytes:

@@ -14,6 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from appliance.api import client
+from appliance.api.codec import heatmap_from_message
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -57,7 +58,7 @@ def test_overlay_of_a_stored_result(make_daemon, tmp_path: Path, capsys: pytest.
     # The result's line says where the model looked, in the image's pixels.
     assert run_client(d.target, "get", "--sequence", str(scored.sequence)) == 0
     line = capsys.readouterr().out
-    x, y = client.heatmap_of(scored.heatmap).peak
+    x, y = heatmap_from_message(scored.heatmap).peak
     assert f"; looked at ({x:.0f}, {y:.0f}) for lesion" in line
     assert np.hypot(x - 110.0, y - 45.0) <= 16.0 + SIZE / 8  # within a grid cell of the disc
 
