@@ -33,11 +33,17 @@ def heat_on_source(heatmap: Heatmap, rows: int, cols: int) -> np.ndarray:
     return np.asarray(heat, dtype=np.float32)
 
 
-def to_gray8(display: np.ndarray) -> np.ndarray:
-    """A display frame (H x W or H x W x 3 RGB; 0..1 floats or 8-bit) as 8-bit RGB."""
+def to_8bit(display: np.ndarray) -> np.ndarray:
+    """A display frame (H x W or H x W x 3 RGB; 0..1 floats or 8-bit) as 8-bit, its channels as they are."""
     img = np.asarray(display)
     if img.dtype != np.uint8:
         img = np.round(np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return img
+
+
+def to_gray8(display: np.ndarray) -> np.ndarray:
+    """A display frame (H x W or H x W x 3 RGB; 0..1 floats or 8-bit) as 8-bit RGB."""
+    img = to_8bit(display)
     if img.ndim == 2:
         img = np.repeat(img[:, :, np.newaxis], 3, axis=2)
     return np.ascontiguousarray(img)

@@ -12,7 +12,7 @@ import numpy as np
 from appliance.config import LimitsConfig
 from appliance.domain.errors import DecodeOutOfMemory, InputTooLarge
 from appliance.domain.manifest import Manifest
-from appliance.imaging.overlay import to_gray8
+from appliance.imaging.overlay import to_8bit
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
@@ -115,6 +115,4 @@ def _gray8(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A display frame at ``size`` (area-shrunk), 8-bit; a gray one stays one channel (a third of the bytes)."""
     if frame.shape[:2] != size:
         frame = cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    if frame.ndim == 2:
-        return frame if frame.dtype == np.uint8 else np.round(np.clip(frame, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return to_gray8(frame)
+    return np.ascontiguousarray(to_8bit(frame))
