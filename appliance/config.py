@@ -60,6 +60,12 @@ class WatchConfig(_Section):
 
 class StorageConfig(_Section):
     data_dir: Path = Field(Path("var/data"), description="Holds the journal (SQLite, WAL).")
+    identity_dir: Path | None = Field(
+        None,
+        description="Where a copy of the journal's marker (its identity and sequence ceiling) is kept, apart from "
+        "data_dir, so that losing data_dir's contents is caught rather than starting a new journal; default: "
+        "$STATE_DIRECTORY/identity under systemd, else <data_dir>/../identity.",
+    )
     min_free_mb: int = Field(
         256,
         ge=0,
@@ -277,6 +283,34 @@ class DicomConfig(_Section):
         description="Who may send: every other calling AE title (or host) is refused at association.",
     )
     max_associations: int = Field(8, ge=1, le=256, description="Associations open at once; more are refused.")
+    max_associations_per_host: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Connections open at once from one address (before and after its association is accepted).",
+    )
+    max_associations_per_ae: int = Field(
+        4, ge=1, le=256, description="Accepted associations open at once from one calling AE title."
+    )
+    max_pending: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Connections that have not yet completed their association request, all hosts together; "
+        "they never count against max_associations.",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must deliver its whole A-ASSOCIATE-RQ (after any TLS handshake) within this "
+        "long, or it is closed.",
+    )
+    max_request_kb: int = Field(
+        64,
+        ge=4,
+        le=1024,
+        description="The largest A-ASSOCIATE-RQ accepted; a longer declared length is refused before it is read.",
+    )
     timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeouts.")
     tls_cert: Path | None = Field(None, description="DICOM TLS: the certificate (PEM); set with tls_key.")
     tls_key: Path | None = Field(None, description="DICOM TLS: its private key.")
