@@ -63,8 +63,8 @@ class StorageConfig(_Section):
     identity_dir: Path | None = Field(
         None,
         description="Where a copy of the journal's marker (its identity and sequence ceiling) is kept, apart from "
-        "data_dir, so that losing data_dir's contents is caught rather than starting a new journal; default: "
-        "$STATE_DIRECTORY/identity under systemd, else <data_dir>/../identity.",
+        "data_dir, so that losing data_dir's contents is refused rather than a new journal started; default: the "
+        "folder <data_dir>.identity beside data_dir.",
     )
     min_free_mb: int = Field(
         256,
@@ -397,7 +397,12 @@ class Config(_Section):
                         "rejected_dir": fix(self.watch.rejected_dir),
                     }
                 ),
-                "storage": self.storage.model_copy(update={"data_dir": fix(self.storage.data_dir)}),
+                "storage": self.storage.model_copy(
+                    update={
+                        "data_dir": (data := fix(self.storage.data_dir)),
+                        "identity_dir": fix(self.storage.identity_dir or data.parent / f"{data.name}.identity"),
+                    }
+                ),
                 "model": self.model.model_copy(
                     update={"dir": fix(self.model.dir), "engines_dir": fix(self.model.engines_dir)}
                 ),

@@ -180,10 +180,10 @@ def _journal(config: Config, command: str) -> int:
 
     path = config.storage.data_dir / integrity.JOURNAL_NAME
     if command == "check":
-        problem = integrity.check(path)
+        problem = integrity.check(path, config.storage.identity_dir)
         print(f"appliance: {problem}" if problem else f"ok: the journal {path} is sound")
         return EXIT_CONFIG if problem else 0
-    for line in integrity.recover(path):
+    for line in integrity.recover(path, config.storage.identity_dir):
         print(line)
     return 0
 

@@ -45,15 +45,32 @@ FINISH_IN_FLIGHT_S = 20.0  # of which finishing what is in the stages may take t
 OUTBOX_STOP_S = 5.0  # and the outbox's send in flight this long
 
 
+PRIVATE_UMASK = 0o077  # every file the daemon and its workers make holds patient data or points to it: 0600/0700
+
+
 def _check_folders(config: Config) -> None:
+    """The watch folder must exist (it is the scanner's); the appliance's own folders are made, and closed to
+    other users (0700) whatever an older version or an installer left, since files moved in keep their mode."""
     watch = config.watch.dir
     if not watch.is_dir():
         raise ConfigError(f"The watch folder {watch} does not exist (watch.dir); create it or fix the path.")
-    for folder in (config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir):
+    assert config.storage.identity_dir is not None, "Config.resolved sets it"
+    for folder in (
+        config.watch.processed_dir,
+        config.watch.rejected_dir,
+        config.storage.data_dir,
+        config.storage.data_dir / "spool",
+        config.storage.identity_dir,
+    ):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"Cannot create {folder}: {e.strerror}.") from e
+        try:
+            if folder.stat().st_mode & 0o077:
+                folder.chmod(0o700)
+        except OSError as e:  # another user's folder, a share: said, not fatal
+            log.warning("%s is open to other users and cannot be made private (%s): chmod 700 it", folder, e.strerror)
 
 
 class Daemon:
@@ -91,11 +108,12 @@ class Daemon:
     def start(self) -> int:
         """Bring every stage up; returns the gRPC port. Raises ApplianceError with one clear sentence."""
         config = self.config
+        os.umask(PRIVATE_UMASK)
         _check_folders(config)
         assert config.server.tokens_file is not None, "Config.resolved sets it"
         check_exposure(config.server, TokenStore(config.server.tokens_file))  # before the slow model load
         # Refuses (exit 2, one sentence naming `appliance journal recover`) a missing, damaged or foreign journal.
-        self.journal = open_journal(config.storage.data_dir / JOURNAL_NAME)
+        self.journal = open_journal(config.storage.data_dir / JOURNAL_NAME, config.storage.identity_dir)
         self.journal.on_damage(lambda sentence: self.faults.set("journal", sentence, blocks_intake=True))
         self.loaded = load_manifest(config.model.dir)
         # Loading also runs one warm-up inference, so the first real image is not the slow one.

@@ -17,8 +17,12 @@ def _unique_target(folder: Path, input_id: int, name: str) -> Path:
     return folder / f"{input_id:08d}-{name}"
 
 
+PRIVATE_FILE = 0o600
+PRIVATE_FOLDER = 0o700
+
+
 def _move(src: Path, folder: Path, input_id: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
     target = _unique_target(folder, input_id, src.name)
     try:
         # Link, then unlink: the watched folder sees a delete, not a rename. A rename out of it is an
@@ -30,6 +34,8 @@ def _move(src: Path, folder: Path, input_id: int) -> Path:
     except OSError:  # another filesystem, or one without hard links (SMB, FAT)
         _copy_then_remove(src, target)
         return target
+    # A linked file keeps the mode its writer gave it (often 0644): here it holds patient data of ours.
+    target.chmod(PRIVATE_FILE)
     src.unlink()
     return target
 
@@ -40,6 +46,7 @@ def _copy_then_remove(src: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.moving")
     try:
         shutil.copyfile(src, tmp)
+        tmp.chmod(PRIVATE_FILE)  # whatever the umask of the process that calls (the CLI's, a test's)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -90,7 +97,9 @@ def dispose_rejected(src: Path, input_id: int, rejection: Rejection, config: Wat
         return ""
     # The reason first: where it cannot be written (a full disk) the file stays in the watch folder and
     # the whole disposal is retried, rather than a rejected file lying there without its reason.
-    config.rejected_dir.mkdir(parents=True, exist_ok=True)
+    config.rejected_dir.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
     reason = _unique_target(config.rejected_dir, input_id, src.name + ".reason.txt")
-    reason.write_text(f"input_id: {input_id}\ncode: {rejection.code}\nreason: {rejection.message}\n", encoding="utf-8")
+    fd = os.open(reason, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(f"input_id: {input_id}\ncode: {rejection.code}\nreason: {rejection.message}\n")
     return str(_move(src, config.rejected_dir, input_id))

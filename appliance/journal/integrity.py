@@ -43,6 +43,11 @@ def marker_path(journal: Path) -> Path:
     return journal.with_suffix(".marker")
 
 
+def copy_path(journal: Path, identity_dir: Path) -> Path:
+    """The marker's copy, kept where losing the data folder's contents does not take it too."""
+    return identity_dir / marker_path(journal).name
+
+
 def _lock_path(journal: Path) -> Path:
     return journal.with_suffix(".lock")
 
@@ -56,9 +61,7 @@ class Marker:
     floor: int  # numbers up to here were committed: a journal that holds fewer lost results
 
 
-def read_marker(journal: Path) -> Marker | None:
-    """The marker beside the journal, None if there is none; JournalDamaged if it cannot be read."""
-    path = marker_path(journal)
+def _read_one(journal: Path, path: Path) -> Marker | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return Marker(str(raw["journal_id"]), int(raw["ceiling"]), int(raw["floor"]))
@@ -66,6 +69,29 @@ def read_marker(journal: Path) -> Marker | None:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise JournalDamaged(damaged_sentence(journal, f"has an unreadable marker file {path} ({e})")) from e
+
+
+def read_marker(journal: Path, identity_dir: Path | None = None) -> Marker | None:
+    """What the marker beside the journal and its copy in ``identity_dir`` say together, None if neither is
+    there; JournalDamaged if one cannot be read or the two name different journals. Each is written before
+    any number under its ceiling is issued, so the higher of the two is the truth (a crash between the two
+    writes leaves one behind)."""
+    found = [_read_one(journal, marker_path(journal))]
+    if identity_dir is not None:
+        found.append(_read_one(journal, copy_path(journal, identity_dir)))
+    markers = [m for m in found if m is not None]
+    if not markers:
+        return None
+    if len({m.journal_id for m in markers}) > 1:
+        assert identity_dir is not None
+        raise JournalDamaged(
+            damaged_sentence(
+                journal,
+                f"has a marker ({marker_path(journal)}) and a marker copy ({copy_path(journal, identity_dir)}) "
+                "that name different journals",
+            )
+        )
+    return Marker(markers[0].journal_id, max(m.ceiling for m in markers), max(m.floor for m in markers))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -76,53 +102,65 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_marker(journal: Path, marker: Marker) -> None:
-    """Atomic and durable: a temporary file, fsync, rename over the old one, fsync of the folder."""
-    path = marker_path(journal)
-    tmp = path.with_name(path.name + ".tmp")
+def write_marker(journal: Path, marker: Marker, identity_dir: Path | None = None) -> None:
+    """Beside the journal and, with ``identity_dir``, its copy there; each atomic and durable (a temporary
+    file, fsync, rename over the old one, fsync of the folder)."""
     body = {
         "journal_id": marker.journal_id,
         "ceiling": marker.ceiling,
         "floor": marker.floor,
         "written_ms": time.time_ns() // 1_000_000,
     }
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(body) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    paths = [marker_path(journal)]
+    if identity_dir is not None:
+        identity_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths.append(copy_path(journal, identity_dir))
+    for path in paths:
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(body) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 class MarkerReserve:
     """The journal's SequenceReserve: raises the marker's ceiling ahead of the numbers it issues. Holds the
     data folder's lock (two daemons, or a recovery under a running daemon, are refused) until closed."""
 
-    def __init__(self, journal: Path, marker: Marker, lock_fd: int) -> None:
+    def __init__(self, journal: Path, marker: Marker, lock_fd: int, identity_dir: Path | None) -> None:
         self._journal = journal
         self._marker = marker
         self._lock_fd = lock_fd
+        self._identity_dir = identity_dir
 
     def ceiling(self) -> int:
         return self._marker.ceiling
 
     def reserve(self, top: int, committed: int) -> None:
         marker = Marker(self._marker.journal_id, top + RESERVE, committed)
-        write_marker(self._journal, marker)
+        write_marker(self._journal, marker, self._identity_dir)
         self._marker = marker
 
     def closed(self, committed: int) -> None:
         try:
             marker = Marker(self._marker.journal_id, max(self._marker.ceiling, committed), committed)
-            write_marker(self._journal, marker)
+            write_marker(self._journal, marker, self._identity_dir)
             self._marker = marker
         finally:
             os.close(self._lock_fd)
 
 
 def _lock(journal: Path) -> int:
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(_lock_path(journal), os.O_RDWR | os.O_CREAT, 0o644)
+    journal.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # A journal made by an older version, or under a looser umask, is closed to other users: it names inputs.
+    for part in (journal, Path(f"{journal}-wal"), Path(f"{journal}-shm"), marker_path(journal)):
+        with contextlib.suppress(FileNotFoundError):
+            if part.stat().st_mode & 0o077:
+                part.chmod(0o600)
+    fd = os.open(_lock_path(journal), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
@@ -203,12 +241,14 @@ def _integrity(path: Path) -> tuple[str | None, str | None, int]:
     return None, journal_id, int(issued)
 
 
-def diagnose(path: Path) -> Diagnosis:
-    """Integrity (file, header, PRAGMA quick_check) and identity (against the marker) of the journal."""
+def diagnose(path: Path, identity_dir: Path | None = None) -> Diagnosis:
+    """Integrity (file, header, PRAGMA quick_check) and identity (against the marker and its copy in
+    ``identity_dir``) of the journal."""
     try:
-        marker = read_marker(path)
-    except JournalDamaged:
-        return Diagnosis("damaged", f"has an unreadable marker file {marker_path(path)}", None)
+        marker = read_marker(path, identity_dir)
+    except JournalDamaged as e:
+        unreadable = e.message.removeprefix(f"The journal {path} ").split("; nothing was changed")[0]
+        return Diagnosis("damaged", unreadable, None)
     said = (
         f" (its marker {marker_path(path).name} names journal {marker.journal_id}, #{marker.floor} issued)"
         if marker
@@ -241,9 +281,9 @@ def diagnose(path: Path) -> Diagnosis:
     return Diagnosis("ok", None, marker, journal_id, issued)
 
 
-def check(path: Path) -> str | None:
+def check(path: Path, identity_dir: Path | None = None) -> str | None:
     """None if the daemon may open the journal, else the refusal's sentence."""
-    found = diagnose(path)
+    found = diagnose(path, identity_dir)
     return damaged_sentence(path, found.problem) if found.problem else None
 
 
@@ -260,32 +300,46 @@ def _create(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def open_journal(path: Path) -> Journal:
+def open_journal(path: Path, identity_dir: Path | None = None) -> Journal:
     """Open the daemon's journal, refusing (JournalDamaged, one sentence) one that is missing, truncated,
-    malformed, another one than the marker names, or behind it; creates or adopts one otherwise."""
+    malformed, another one than the marker (or its copy in ``identity_dir``) names, or behind it; creates
+    one where neither marker is found, or adopts one that has neither."""
     lock_fd = _lock(path)
     try:
-        found = diagnose(path)
+        found = diagnose(path, identity_dir)
         if found.problem:
             raise JournalDamaged(damaged_sentence(path, found.problem))
         if found.kind == "new":
+            log.info("a new journal %s (no marker beside it%s)", path, _copy_said(path, identity_dir))
             _create(path)
         journal = Journal(path)
         try:
             issued = journal.issued()
             if found.kind == "adopt":
                 log.warning("the journal %s had no marker; adopting it (%d results issued)", path, issued)
+            elif identity_dir is not None and found.marker is not None and not marker_path(path).exists():
+                log.warning(
+                    "the marker beside the journal %s was missing; its copy %s names this journal: written again",
+                    path,
+                    copy_path(path, identity_dir),
+                )
+            if identity_dir is not None and not copy_path(path, identity_dir).exists():
+                log.info("keeping a copy of the journal's marker in %s", identity_dir)
             old_ceiling = found.marker.ceiling if found.marker else 0
             marker = Marker(journal.identity(), max(old_ceiling, issued + RESERVE), issued)
-            write_marker(path, marker)
+            write_marker(path, marker, identity_dir)
         except BaseException:
             journal.close()
             raise
     except BaseException:
         os.close(lock_fd)
         raise
-    journal.set_reserve(MarkerReserve(path, marker, lock_fd))
+    journal.set_reserve(MarkerReserve(path, marker, lock_fd, identity_dir))
     return journal
+
+
+def _copy_said(path: Path, identity_dir: Path | None) -> str:
+    return f" nor a copy in {identity_dir}" if identity_dir is not None else ""
 
 
 # --- recovery -----------------------------------------------------------------------------------------
@@ -451,18 +505,19 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
-def recover(path: Path) -> list[str]:
+def recover(path: Path, identity_dir: Path | None = None) -> list[str]:
     """Set a refused journal aside (kept, timestamped), salvage its readable rows into a new journal whose
-    numbers continue after the marker's ceiling, and say what was kept and what was lost."""
+    numbers continue after the marker's ceiling (the higher of the marker and its copy in ``identity_dir``),
+    and say what was kept and what was lost."""
     lock_fd = _lock(path)
     try:
-        return _recover(path)
+        return _recover(path, identity_dir)
     finally:
         os.close(lock_fd)
 
 
-def _recover(path: Path) -> list[str]:
-    found = diagnose(path)
+def _recover(path: Path, identity_dir: Path | None) -> list[str]:
+    found = diagnose(path, identity_dir)
     if found.problem is None:
         return [f"ok: the journal {path} is sound; nothing to recover"]
     lines = [f"problem: the journal {path} {found.problem}"]
@@ -533,7 +588,7 @@ def _recover(path: Path) -> list[str]:
         outbox = dict(db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    write_marker(path, Marker(new_id, start_after + RESERVE, start_after))
+    write_marker(path, Marker(new_id, start_after + RESERVE, start_after), identity_dir)
 
     lines.append(
         f"salvaged: {kept_inputs} inputs ({queued} still queued: scored at the next start, their files are "

@@ -144,3 +144,32 @@ def test_a_journal_from_before_markers_is_adopted_by_the_daemon(make_daemon, fir
     j = Journal(d.root / "data" / "journal.sqlite3")
     assert j.identity() == marker.journal_id
     j.close()
+
+
+def test_a_data_folder_emptied_is_refused_by_the_marker_copy_kept_apart(
+    make_daemon, first_run: tuple[Path, int]
+) -> None:
+    """Journal and marker both gone (they sit in one folder): the copy beside the data folder still names the
+    journal, so the daemon refuses to start numbering again at 1 under terminals that resume from #12."""
+    data, last = first_run
+    d = make_daemon()
+    shutil.copytree(data.with_name("data.identity"), d.root / "data.identity")
+    (d.root / "data").mkdir()  # the folder is there, its contents are not
+    d.port = free_port()
+    d.incoming.mkdir(parents=True, exist_ok=True)
+    d.write_config()
+    refused = _appliance("run", "--config", str(d.config_path))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    sentences = [line for line in refused.stderr.splitlines() if line.startswith("appliance: ")]
+    assert len(sentences) == 1 and "is missing" in sentences[0], refused.stderr[-3000:]
+    assert not (d.root / "data" / "journal.sqlite3").exists()
+
+    recovered = _appliance("journal", "recover", "--config", str(d.config_path))
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    marker = read_marker(d.root / "data" / "journal.sqlite3", d.root / "data.identity")
+    assert marker is not None
+    d.start()
+    drop(d.incoming, "after-loss.png", png_bytes(9200))
+    new = d.collect(1, since=last, timeout=60)
+    assert new[0].file_name == "after-loss.png" and new[0].sequence > last
+    assert d.stop() == 0

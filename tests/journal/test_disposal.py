@@ -55,3 +55,21 @@ def test_a_crash_between_link_and_unlink_is_finished_next_time(tmp_path: Path) -
     os.link(src, tmp_path / "done" / "00000009-a.dcm")  # what the crashed run had done
     where = dispose_scored(src, 9, _config(tmp_path, "move"))
     assert Path(where).read_bytes() == b"data" and not src.exists()
+
+
+@pytest.mark.parametrize("after", ["move", "rejected"])
+def test_a_file_set_aside_is_private_whatever_mode_its_writer_gave_it(tmp_path: Path, after: str) -> None:
+    src = tmp_path / "in" / "scan.dcm"
+    src.parent.mkdir()
+    src.write_bytes(b"data")
+    src.chmod(0o644)  # as a scanner's export often leaves it
+    config = _config(tmp_path, "move")
+    if after == "move":
+        where = Path(dispose_scored(src, 5, config))
+        folder = config.processed_dir
+    else:
+        where = Path(dispose_rejected(src, 5, Rejection("corrupt_dicom", "Cut short."), config))
+        folder = config.rejected_dir
+        assert where.with_name(where.name + ".reason.txt").stat().st_mode & 0o777 == 0o600
+    assert where.stat().st_mode & 0o777 == 0o600
+    assert folder.stat().st_mode & 0o777 == 0o700

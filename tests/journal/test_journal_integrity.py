@@ -355,3 +355,96 @@ def test_recover_of_a_journal_from_the_previous_release_keeps_its_results_readab
     assert {s.payload_version for s in stored[:3]} == {1}
     assert stored[0].result().findings == SCORED.findings and stored[0].result().sequence == 1
     j.close()
+
+
+# --- the marker's copy outside the data folder ----------------------------------------------------------
+
+
+@pytest.fixture
+def kept_apart(tmp_path: Path) -> tuple[Path, Path]:
+    """A journal with RESULTS results whose marker is also copied to a folder beside the data folder."""
+    path = tmp_path / "data" / "journal.sqlite3"
+    identity = tmp_path / "data.identity"
+    j = open_journal(path, identity)
+    _fill(j, RESULTS)
+    j.close()
+    return path, identity
+
+
+def _refused_apart(path: Path, identity: Path) -> str:
+    with pytest.raises(JournalDamaged) as caught:
+        open_journal(path, identity)
+    assert check(path, identity) == caught.value.message
+    return caught.value.message
+
+
+def test_the_marker_is_copied_outside_the_data_folder_and_kept_in_step(kept_apart: tuple[Path, Path]) -> None:
+    path, identity = kept_apart
+    beside, copy = read_marker(path), read_marker(path.parent.parent / "nowhere" / path.name, None)
+    assert copy is None
+    apart = json.loads((identity / marker_path(path).name).read_text())
+    assert beside is not None and apart["journal_id"] == beside.journal_id and apart["floor"] == RESULTS
+    assert (identity.stat().st_mode & 0o777) == 0o700
+    assert ((identity / marker_path(path).name).stat().st_mode & 0o777) == 0o600
+
+
+def test_the_data_folder_emptied_is_refused_not_started_anew(kept_apart: tuple[Path, Path]) -> None:
+    path, identity = kept_apart
+    marker = read_marker(path)
+    assert marker is not None and marker.ceiling >= RESULTS
+    for part in path.parent.iterdir():
+        part.unlink()
+    message = _refused_apart(path, identity)
+    assert "is missing" in message and f"#{RESULTS} issued" in message
+    assert not path.exists()
+    lines = recover(path, identity)
+    assert any(f"continue after #{marker.ceiling} " in line for line in lines), lines
+    j = open_journal(path, identity)
+    assert _fill(j, 1, start=10_000)[0] > marker.ceiling  # a terminal resuming from any old number gets it
+    j.close()
+
+
+def test_an_older_copy_with_its_marker_deleted_is_refused_by_the_copy(
+    kept_apart: tuple[Path, Path], tmp_path: Path
+) -> None:
+    path, identity = kept_apart
+    backup = tmp_path / "backup.sqlite3"
+    shutil.copyfile(path, backup)
+    j = open_journal(path, identity)
+    _fill(j, 5, start=RESULTS)
+    j.close()
+    shutil.copyfile(backup, path)
+    marker_path(path).unlink()
+    assert f"up to #{RESULTS} only, though #{RESULTS + 5}" in _refused_apart(path, identity)
+
+
+def test_a_deleted_marker_is_written_again_from_its_copy(
+    kept_apart: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, identity = kept_apart
+    ceiling = read_marker(path)
+    marker_path(path).unlink()
+    j = open_journal(path, identity)
+    assert _fill(j, 1, start=RESULTS)[0] == RESULTS + 1  # no gap, no reuse
+    j.close()
+    restored = read_marker(path)
+    assert ceiling is not None and restored is not None and restored.journal_id == ceiling.journal_id
+    assert "was missing; its copy" in caplog.text
+
+
+def test_a_marker_and_a_copy_naming_different_journals_are_refused(
+    kept_apart: tuple[Path, Path], tmp_path: Path
+) -> None:
+    path, identity = kept_apart
+    other = tmp_path / "other" / "journal.sqlite3"
+    open_journal(other).close()
+    shutil.copyfile(marker_path(other), identity / marker_path(path).name)
+    assert "name different journals" in _refused_apart(path, identity)
+
+
+def test_a_journal_made_readable_by_others_is_closed_to_them_at_open(journal_path: Path) -> None:
+    for part in (journal_path, marker_path(journal_path)):
+        part.chmod(0o644)
+    open_journal(journal_path).close()
+    for part in journal_path.parent.iterdir():
+        assert part.stat().st_mode & 0o077 == 0, part
