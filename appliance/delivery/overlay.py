@@ -15,6 +15,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from appliance.delivery.patient import highdicom_header, patient_module, set_patient_module
 from appliance.delivery.sr import Device, check_source, instance_number_of, referenced_frames
 from appliance.domain.errors import ReportError
 from appliance.domain.manifest import Manifest
@@ -95,9 +96,10 @@ def build_overlay(
     when = datetime.fromtimestamp(result.created_unix_ms / 1000)  # local time, as DICOM dates are
     orientation = _orientation(source, result.frame_index)
     text = describe(result, heatmap)
+    patient = patient_module(source)
     try:
         image = SCImage.from_ref_dataset(
-            source,
+            highdicom_header(source, patient),
             pixel_array=pixels,
             photometric_interpretation="RGB",
             bits_allocated=8,
@@ -120,6 +122,7 @@ def build_overlay(
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         # highdicom's text may quote header values (patient data): the sentence names the type only.
         raise ReportError(f"highdicom could not build the overlay from this header ({type(e).__name__}).") from e
+    set_patient_module(image, patient)  # as the report of the same image says it
     if orientation is None:
         image["PatientOrientation"].value = None
     # Series-level, and the series holds the overlays of every image of the study (left and right alike): empty.

@@ -30,6 +30,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DT
 
+from appliance.delivery.patient import highdicom_header, patient_module, set_patient_module
 from appliance.domain.errors import ReportError
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Decision, Outcome, Result
@@ -49,13 +50,9 @@ IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # CID 100
 DEVICE = codes.DCM.Device  # CID 270: the observer is a device, not a person
 
 _PRIVATE_VALUE = re.compile(r"[A-Za-z0-9._-]{1,16}")
-# Type 2 patient and study attributes highdicom reads from the source without a default: an anonymised
-# header may lack them, and a report still needs them, empty.
+# Type 2 study attributes highdicom reads from the source without a default: an anonymised header may lack them,
+# and a report still needs them, empty (the patient's are patient_module's).
 _TYPE2_FROM_SOURCE = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
     "AccessionNumber",
     "StudyID",
     "StudyDate",
@@ -94,9 +91,9 @@ def build_report(
 ) -> pydicom.Dataset:
     """The Enhanced SR of one scored frame of ``source`` (its header, read without pixels)."""
     _check(source, result, manifest)
-    # Its own element dict (Dataset(source) and copy.copy would share the source's): the Type 2 fillers below
-    # stay out of the caller's header.
-    evidence = pydicom.Dataset(dict(source.items()))
+    patient = patient_module(source)
+    # A copy: the Type 2 fillers below stay out of the caller's header.
+    evidence = highdicom_header(source, patient)
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in evidence:
             setattr(evidence, keyword, None)
@@ -155,6 +152,7 @@ def build_report(
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         # highdicom's text may quote header values (patient data): the sentence names the type only.
         raise ReportError(f"highdicom could not build the report from this header ({type(e).__name__}).") from e
+    set_patient_module(report, patient)  # as the overlay of the same image says it
     # The scoring time, not the build time, wherever highdicom stamps "now": a report rebuilt after a crash
     # is the same object, byte for byte.
     report.InstanceCreationDate = report.ContentDate

@@ -22,6 +22,7 @@ import appliance.prepare.preparer as preparer_module
 from appliance.config import InferenceConfig, LimitsConfig, PacsConfig
 from appliance.delivery.outbox import Outbox
 from appliance.delivery.overlay import DISPLAY_SIDE, instance_uid, overlay_pixels
+from appliance.delivery.patient import METHOD_NOT_STATED, PATIENT_MODULE
 from appliance.delivery.reports import Reports
 from appliance.domain.delivery import DeliveryState
 from appliance.domain.manifest import load_manifest
@@ -200,6 +201,35 @@ def test_an_overlay_is_rgb_in_the_study_and_references_its_image_and_its_report(
     expected = overlay_pixels(display, result.heatmap, int(source.Rows), int(source.Columns))
     assert np.array_equal(sc.pixel_array, expected)
     assert np.any(sc.pixel_array.max(axis=2) - sc.pixel_array.min(axis=2) > 40)  # colour where the model looked
+    assert_valid(tmp_path, overlay)
+
+
+def anonymised_ct(path: Path) -> Path:
+    """A CT as an anonymiser leaves it (CQ500's, say): a single-component name with digits for the patient's name
+    and ID, Patient Identity Removed YES and no de-identification method."""
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    ds.PatientName = ds.PatientID = "CQ500-CT-310"
+    ds.PatientIdentityRemoved = "YES"
+    for keyword in ("DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        assert keyword not in ds
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_report_and_overlay_of_an_anonymised_image_are_valid_and_say_the_same_of_its_patient(
+    backend: Backend, tmp_path: Path
+) -> None:
+    scored = score(backend, anonymised_ct(tmp_path / "cq500.dcm"))
+    ((report, overlay),) = deliveries(scored)
+    sr, sc = read(report), read(overlay)
+    for made in (sr, sc):
+        assert made.PatientName == made.PatientID == "CQ500-CT-310" and made.PatientIdentityRemoved == "YES"
+        assert made.DeidentificationMethod == METHOD_NOT_STATED  # the Type 1C pair, filled in
+    module = [k for k in PATIENT_MODULE if k in sr]
+    assert module == [k for k in PATIENT_MODULE if k in sc]
+    assert all(sr[k].value == sc[k].value for k in module), module
+    assert_valid(tmp_path, report)
     assert_valid(tmp_path, overlay)
 
 
