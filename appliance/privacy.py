@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import sys
 import traceback
 
 INVALID = "(invalid value)"
@@ -87,3 +89,63 @@ def stack_without_values(error: BaseException) -> str:
         parts.append("".join(frames) + type(current).__name__)
         current = current.__cause__ or current.__context__
     return "\n-- which led to --\n".join(reversed(parts))
+
+
+# The appliance's own loggers: their lines name inputs by journal id and UIDs by hash. Every other logger is a
+# library's, whose text may quote a header value or a file name.
+OURS = "appliance"
+_MODULE = re.compile(r"[A-Za-z0-9_.]{1,200}")
+_WARNING_PLACES = 1024  # places remembered as having warned (a bounded set: each is a line of library code)
+warnings_log = logging.getLogger("appliance.warnings")
+
+
+class WithholdLibraryText(logging.Filter):
+    """A handler's filter: a library's log line keeps its logger and level, its text (and traceback) is withheld;
+    the appliance's own lines pass as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == OURS or record.name.startswith(OURS + "."):
+            return True
+        record.msg = "a line of %s's (its text withheld: it may quote header values or file names)"
+        record.args = (record.name,)
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+class WarningsToLog:
+    """A `warnings.showwarning`: every warning, whatever library raised it, becomes a log line that names its
+    category and the module and line that raised it, never its text (highdicom's quotes a patient's name). The
+    first from each place is logged at INFO, the rest at DEBUG."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str, int]] = set()
+
+    def __call__(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: object = None,
+        line: str | None = None,
+    ) -> None:
+        place = (category.__name__, module_of(filename), int(lineno))
+        first = place not in self._seen
+        if first and len(self._seen) < _WARNING_PLACES:
+            self._seen.add(place)
+        warnings_log.log(
+            logging.INFO if first else logging.DEBUG,
+            "a %s from %s line %d (its text withheld: it may quote header values)",
+            *place,
+        )
+
+
+def module_of(filename: str) -> str:
+    """The dotted module a source file is imported as (its path under the longest sys.path entry holding it)."""
+    path = os.path.abspath(filename) if filename else ""
+    for root in sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True):
+        if path.startswith(root + os.sep):
+            dotted = os.path.splitext(path[len(root) + 1 :])[0].replace(os.sep, ".").removesuffix(".__init__")
+            return dotted if _MODULE.fullmatch(dotted) else "(a module)"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem if _MODULE.fullmatch(stem) else "(a module)"
