@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,12 @@ from pydicom.dataelem import DataElement
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.delivery.test_overlay import anonymised_ct
 from tests.imaging import hostile
+from tests.integration.test_dicom import APPLIANCE, SCANNER, _appliance, _until
+from tests.peers import require
+from tests.peers.dcmtk import storescu
+from tests.peers.orthanc import Orthanc, RemoteAe
 
 from .conftest import drop, free_port
 
@@ -94,3 +100,31 @@ def test_no_patient_data_in_log_reasons_metrics_or_grpc_errors(make_daemon) -> N
     for line in log.splitlines():
         assert not re.match(rf"\S+ \S+ {LEVELS} appliance patient", line), line
         assert not re.match(r"^\S+ \S+ CRITICAL", line), line
+
+
+ANONYMISED = "CQ500-CT-310"  # one component with digits, as anonymisers leave names and IDs: highdicom quotes them
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom and highdicom, here, in the test's own process
+def test_an_anonymised_name_stays_out_of_the_log_while_its_report_and_overlay_are_made(
+    make_daemon, tmp_path: Path
+) -> None:
+    """The daemon at DEBUG receives an anonymised CT by C-STORE and sends its report and heatmap overlay to a real
+    Orthanc: highdicom warns about the name while making both, and the log says so without the name."""
+    require("Orthanc")
+    require("storescu")
+    source = anonymised_ct(tmp_path / "cq500.dcm")
+    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as pacs:
+        d, port = _appliance(make_daemon, pacs, logging={"level": "DEBUG"})
+        storescu([source], "127.0.0.1", port, SCANNER, APPLIANCE)
+        (result,) = d.collect(1)
+        assert result.outcome == pb.OUTCOME_SCORED and result.HasField("heatmap")
+        pacs.wait_for_instances(2, timeout=90)
+        _until("both objects delivered", lambda: d.status().outbox_pending == 0, d)
+        assert d.stop() == 0
+        held = [pacs.tags(i) for i in pacs.instances()]
+    assert sorted(tags["PatientName"] for tags in held) == [ANONYMISED] * 2  # the PACS has it; the log must not
+    log = d.log()
+    assert "a UserWarning from highdicom" in log  # it warned, and the log says where from
+    for marker in (ANONYMISED, "CQ500", "CT-310"):
+        assert marker not in log, "\n".join(line for line in log.splitlines() if marker in line)
