@@ -1,20 +1,26 @@
 """Who may call what: a terminal token on every call but health, bound to the terminal's certificate under
-mutual TLS. Refusals are one sentence for the caller and one log line without the token."""
+mutual TLS, and only while the token is live. Refusals are one sentence for the caller and one throttled log
+line without the token."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
 
+from appliance.api import revocation
+from appliance.api.revocation import OpenCall, OpenCalls
 from appliance.api.tokens import Scope, TokenRecord, TokenStore
 from appliance.domain.errors import ConfigError
+from appliance.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +142,17 @@ class AuthInterceptor(aio.ServerInterceptor):
     is checked as the call arrives: a refusal then answers without reading the request, so an unknown
     caller cannot make the appliance hold a large Score image. The certificate binding is checked when the
     call runs (the peer's certificate is only known then), by a wrapper of the method's own shape (a unary
-    handler answering a streaming call is a known grpcio pitfall)."""
+    handler answering a streaming call is a known grpcio pitfall). The same wrapper holds the call open for
+    its token in ``calls``, so a revocation cuts it (``appliance.api.revocation``).
 
-    def __init__(self, authorizer: Authorizer, admit: Admit | None = None) -> None:
+    Refusals are logged through a throttle: the first of each reason at once, then a count a minute, so a
+    caller repeating a refused call cannot flood the log."""
+
+    def __init__(self, authorizer: Authorizer, admit: Admit | None = None, calls: OpenCalls | None = None) -> None:
         self.authorizer = authorizer
         self.admit = admit
+        self.calls = calls
+        self.refusals = LogThrottle(log)
 
     async def intercept_service(
         self,
@@ -157,14 +169,14 @@ class AuthInterceptor(aio.ServerInterceptor):
         except Refused as e:
             refused = e
         except ConfigError as e:  # the tokens file cannot be read: every call is refused until it can
-            log.error("%s", e.message)
+            self.refusals.log("tokens file unreadable", "%s", e.message)
             refused = Refused(
                 grpc.StatusCode.UNAVAILABLE, "The appliance cannot check tokens now; tell IT.", "tokens unreadable"
             )
         if refused is not None:
-            log.warning("refused %s: %s", method, refused.log_reason)
+            self.refusals.log(f"refused calls: {refused.log_reason}", "refused %s: %s", method, refused.log_reason)
             return _refusal(handler, refused)
-        return _guarded(handler, self._bind(record))
+        return _guarded(handler, self._bind(record), _Watch(self.calls, method, record))
 
     def _bind(self, record: TokenRecord | None) -> Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]:
         async def check(context: aio.ServicerContext[Any, Any]) -> None:
@@ -172,11 +184,49 @@ class AuthInterceptor(aio.ServerInterceptor):
                 admitted = self.admit is not None and record is not None
                 who = self.authorizer.caller(record, context.auth_context(), context.peer(), admitted)
             except Refused as e:
-                log.warning("refused a call from %s: %s", _host(context.peer()), e.log_reason)
+                self.refusals.log(
+                    f"refused calls: {e.log_reason}", "refused a call from %s: %s", _host(context.peer()), e.log_reason
+                )
                 await context.abort(e.code, e.sentence)
             caller.set(who)
 
         return check
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """Where a call is held open for its token while it runs (nothing to hold where no token is required)."""
+
+    calls: OpenCalls | None
+    method: str
+    record: TokenRecord | None
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[OpenCall | None]:
+        if self.calls is None or self.record is None:
+            yield None
+            return
+        with self.calls.open(self.method, self.record) as call:
+            yield call
+
+    def live(self, call: OpenCall | None) -> bool:
+        return call is None or self.calls is None or self.calls.fresh(call)
+
+
+async def _revoked(context: aio.ServicerContext[Any, Any]) -> NoReturn:
+    await context.abort(revocation.CODE, revocation.SENTENCE)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _cut_here(call: OpenCall | None) -> bool:
+    """A cancellation that is the revocation's (not the caller's leaving or the server's stop): it is
+    answered UNAUTHENTICATED, so the task is no longer being cancelled."""
+    if call is None or not call.revoked:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
 
 
 def _refusal(handler: grpc.RpcMethodHandler, refused: Refused) -> grpc.RpcMethodHandler:
@@ -197,28 +247,58 @@ def _refusal(handler: grpc.RpcMethodHandler, refused: Refused) -> grpc.RpcMethod
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler, check: Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]
+    handler: grpc.RpcMethodHandler,
+    check: Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]],
+    watch: _Watch,
 ) -> grpc.RpcMethodHandler:
     def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             await check(context)
-            result = fn(request, context)
-            return await result if inspect.isawaitable(result) else result
+            with watch.open() as call:
+                try:
+                    if call is not None:
+                        call.waiting = True
+                    result = fn(request, context)
+                    answer = await result if inspect.isawaitable(result) else result
+                except asyncio.CancelledError:
+                    if not _cut_here(call):
+                        raise
+                    await _revoked(context)
+                finally:
+                    if call is not None:
+                        call.waiting = False
+                if not watch.live(call):  # revoked while it ran: the answer is not the terminal's any more
+                    await _revoked(context)
+                return answer
 
         return behavior
 
     def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await check(context)
-            out = fn(request, context)
-            if inspect.isasyncgen(out):
-                async for item in out:
-                    yield item
-            elif inspect.isawaitable(out):
-                await out  # a handler that writes with context.write
-            else:
-                for item in out:
-                    yield item
+            with watch.open() as call:
+                items = _items(fn(request, context))
+                try:
+                    while watch.live(call):
+                        if call is not None:
+                            call.waiting = True
+                        try:
+                            item = await anext(items)
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            if call is not None:
+                                call.waiting = False
+                        # Looked at again after the wait: nothing produced after a revocation is sent.
+                        if not watch.live(call):
+                            break
+                        yield item
+                except asyncio.CancelledError:
+                    if not _cut_here(call):
+                        raise
+                finally:
+                    await items.aclose()
+                await _revoked(context)
 
         return behavior
 
@@ -231,3 +311,16 @@ def _guarded(
         return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
     assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
+
+
+async def _items(out: Any) -> AsyncGenerator[Any, None]:
+    """A streaming method's output, whatever its form, as one async iterator."""
+    if inspect.isasyncgen(out):
+        async with contextlib.aclosing(out):
+            async for item in out:
+                yield item
+    elif inspect.isawaitable(out):
+        await out  # a handler that writes with context.write
+    else:
+        for item in out:
+            yield item

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from appliance.api.auth import AuthInterceptor, Authorizer
+from appliance.api.revocation import OpenCalls
 from appliance.api.service import ScoringService
 from appliance.api.tls import credentials
 from appliance.api.tokens import TokenStore
@@ -52,8 +53,10 @@ class GrpcServer:
         authorizer = Authorizer(
             self.tokens, required=config.tokens_required, bind_to_certificate=config.tls_client_ca is not None
         )
+        self.calls = OpenCalls(self.tokens)
+        self.calls.start()
         self.server = aio.server(
-            interceptors=[AuthInterceptor(authorizer, admit=self.service.admit)],
+            interceptors=[AuthInterceptor(authorizer, admit=self.service.admit, calls=self.calls)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -106,6 +109,7 @@ class GrpcServer:
             return
         self.set_serving(False)
         self._call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.calls.stop)
         self.service.close()
         self._close_loop()
 

@@ -66,6 +66,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._by_hash: dict[str, TokenRecord] = {}
+        self.generation = 0  # counts the reads, so each reader can tell whether the file changed since it looked
 
     # --- the daemon's side ----------------------------------------------------------------------
 
@@ -78,7 +79,16 @@ class TokenStore:
         self._refresh()
         return [r for r in self._by_hash.values() if r.revoked_unix is None]
 
-    def _refresh(self) -> None:
+    def live(self, sha256: str) -> bool:
+        """Whether the token with this hash is still in the file and not revoked (as last read)."""
+        record = self._by_hash.get(sha256)
+        return record is not None and record.revoked_unix is None
+
+    def refresh(self) -> bool:
+        """Read the file again if it changed (a stat otherwise); True when it was read."""
+        return self._refresh()
+
+    def _refresh(self) -> bool:
         try:
             st = self.path.stat()
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -86,10 +96,12 @@ class TokenStore:
             stamp = None
         with self._lock:
             if stamp == self._stamp:  # unchanged (or still absent: nothing was read)
-                return
+                return False
             records = self._read() if stamp is not None else []
             self._by_hash = {r.sha256: r for r in records}
             self._stamp = stamp
+            self.generation += 1
+            return True
 
     def _read(self) -> list[TokenRecord]:
         try:
