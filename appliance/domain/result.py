@@ -26,6 +26,9 @@ class InputFacts:
     source: str  # the way in: "folder", "grpc", ...
     file_name: str
     content_hash: str
+    # A DICOM instance's SOP Instance UID as the way in was told it (a C-STORE's), where it was: a result rejected
+    # before its header was read still names its instance.
+    instance_uid: str = ""
 
 
 @dataclass(frozen=True)

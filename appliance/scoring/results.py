@@ -83,7 +83,7 @@ def _result(
     **outcome: Any,
 ) -> Result:
     """What every result holds, scored or not; ``outcome`` says which, and what it found or why not."""
-    ids = ImageIds()
+    ids = ImageIds(sop_instance_uid=facts.instance_uid)  # GetResult finds a rejected instance by it too
     if meta is not None:
         ids = ImageIds(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number)
     return Result(

@@ -218,3 +218,28 @@ def test_kill_9_during_a_burst_scores_every_acknowledged_instance_once(
     assert len(pacs.instances()) == 80
     again = 40 - len(acknowledged)
     print(f"sent 40; acknowledged before the kill: {len(acknowledged)}; sent again: {again}; scored: {len(scored)}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="until intake.submit gives InputFacts the arrival's instance_uid (instance_uid=arrival.instance_uid or '')",
+)
+def test_a_rejected_instance_s_result_is_found_by_its_sop_instance_uid(
+    make_daemon, pacs: Orthanc, tmp_path: Path
+) -> None:
+    """An instance the scanner sent that cannot be scored (its photometric interpretation is not one the appliance
+    reads): its rejected result names the instance, so GetResult by SOP Instance UID finds it."""
+    d, port = _appliance(make_daemon, pacs)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PhotometricInterpretation = "HSV"  # retired, and never a CT's: refused when decoded, after the header
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / "hsv.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    said = _send([path], port)
+    (streamed,) = d.collect(1)
+    assert streamed.outcome == pb.OUTCOME_REJECTED, said
+    assert streamed.rejection.code == "unsupported_pixel_format" and streamed.sop_instance_uid == ds.SOPInstanceUID
+    with d.channel() as ch:
+        found = pb_grpc.ScoringStub(ch).GetResult(pb.GetResultRequest(sop_instance_uid=ds.SOPInstanceUID), timeout=10)
+    assert (found.sequence, found.outcome) == (streamed.sequence, pb.OUTCOME_REJECTED)
+    assert pacs.instances() == []  # nothing scored, nothing sent
