@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from appliance.config import is_loopback
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -70,6 +76,19 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.dicom_refusals = Counter(
+            "appliance_dicom_refusals",
+            "DICOM connections refused and associations aborted by the receiver, by reason (host_limit, "
+            "pending_full, request_timeout, request_too_large, calling_ae, ae_limit, association_limit, "
+            "pdu_too_large, network_timeout, ...): alert on a rise.",
+            ["reason"],
+            registry=r,
+        )
+        self.insecure = Gauge(
+            "appliance_insecure",
+            "1 while server.insecure = true serves the network in plaintext without terminal tokens (a lab only).",
+            registry=r,
+        )
         self.passed_over = Gauge(
             "appliance_artifacts_passed_over",
             "Built artifacts the daemon did not serve at load: another host's key, damaged, or a failed self-check.",
@@ -107,6 +126,20 @@ class Metrics:
         self.outbox_pending.set(pending)
         self.outbox_age.set(oldest_age_s)
 
+    # --- what the DICOM receiver reports (appliance.intake.dicom_admission.RefusalObserver) --------------
+
+    def on_dicom_refusal(self, reason: str) -> None:
+        self.dicom_refusals.labels(reason).inc()
+
     def serve(self, host: str, port: int) -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+        if not port:
+            return
+        if not is_loopback(host):
+            # No patient data here, but the counts, the model served and the faults are the clinic's business.
+            log.warning(
+                "metrics on %s:%d answer anyone who can reach the port, without TLS or a token "
+                "(server.metrics_host): let the firewall admit only the scraper, or listen on 127.0.0.1",
+                host,
+                port,
+            )
+        start_http_server(port, addr=host, registry=self.registry)

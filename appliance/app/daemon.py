@@ -165,7 +165,9 @@ class Daemon:
         self.ingestor.reconsider = self.watcher.consider
         self.watcher.start()
         if config.dicom.enabled:
-            self.receiver = DicomReceiver(config.dicom, self.intake, spool, self.faults, config.storage.min_free_mb)
+            self.receiver = DicomReceiver(
+                config.dicom, self.intake, spool, self.faults, config.storage.min_free_mb, observer=self.metrics
+            )
             self.receiver.start()
         self.ready = True
         self.faults.check_storage()

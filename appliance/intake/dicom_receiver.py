@@ -11,51 +11,43 @@ syntax, encodes the same instance differently: DCMTK re-encodes, pynetdicom send
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import re
-import socket
-import socketserver
 import ssl
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pydicom.pixels as px
 from pydicom import uid as dcm_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import DicomConfig
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import Faults, is_disk_full
+from appliance.intake.dicom_admission import Callers, NoRefusalObserver, RefusalLog, RefusalObserver, address
+from appliance.intake.dicom_front import MAX_PDU, Front, FrontServer
+from appliance.intake.dicom_pdu import printable as _ae_title
 from appliance.intake.intake import Arrival, Intake
 from appliance.journal.content_hash import digest_bytes
 from appliance.privacy import hashed, log_failure
 
 log = logging.getLogger(__name__)
 
-MAX_PDU = 1 << 20  # bytes a scanner may send in one PDU
-
 SOURCE = "dicom"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, out of resources (the scanner keeps the image and retries)
-# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4: rejected permanent, by the service user, for...
-CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # an unknown caller, or a known one from another host
-CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 STOP_WAIT_S = 10.0  # at stop, C-STOREs in flight may finish this long; the rest are not acknowledged
 REFUSAL_LOG_S = 60.0  # during a burst refused for want of space: one log line per this many seconds
 _MIB = 1024 * 1024
 _UID = re.compile(r"[0-9]{1,64}(\.[0-9]{1,64}){0,63}")
-_AE_TITLE = re.compile(r"[ -~]{0,16}")  # printable ASCII: what PS3.5 allows in an AE title
 
 
 def _accepted_syntaxes() -> list[str]:
@@ -71,36 +63,6 @@ def _accepted_syntaxes() -> list[str]:
         if available:
             syntaxes.append(syntax)
     return syntaxes
-
-
-def _ae_title(value: object) -> str:
-    """An AE title fit for a log line (a peer's bytes: no newline may forge a line)."""
-    text = str(value).strip()
-    return repr(text) if _AE_TITLE.fullmatch(text) else "(invalid AE title)"
-
-
-def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(value.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # an IPv4 scanner seen through a dual-stack socket
-    return address
-
-
-def _resolve(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """A caller's host as addresses: a literal address, or a name resolved once at start."""
-    literal = _address(host)
-    if literal is not None:
-        return frozenset({literal})
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as e:
-        # A DNS hiccup at boot must not keep the folder and gRPC down: this caller is refused until a restart.
-        log.error("dicom.allowed: the host %r does not resolve (%s); that scanner is refused", host, e.strerror or e)
-        return frozenset()
-    return frozenset(a for info in infos if (a := _address(str(info[4][0]))) is not None)
 
 
 def _tls_context(config: DicomConfig) -> ssl.SSLContext | None:
@@ -133,47 +95,6 @@ def _tls_context(config: DicomConfig) -> ssl.SSLContext | None:
     return context
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, with the TLS handshake moved off the accept loop into the connection's own
-    thread and bounded by the timeout: pynetdicom shakes hands in the accept loop, with no timeout, so one
-    peer that connects and stays silent would stop every other scanner from connecting."""
-
-    tls: ssl.SSLContext | None = None
-    handshake_timeout_s: float = 30.0
-    daemon_threads = True  # a connection's thread only shakes hands and starts its association: never joined
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        return client, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.tls is not None:
-            raw: socket.socket = request
-            try:
-                raw.settimeout(self.handshake_timeout_s)
-                request = self.tls.wrap_socket(raw, server_side=True)
-                request.settimeout(None)  # as pynetdicom leaves a plain connection: its reactor polls with select
-            except OSError as e:  # ssl.SSLError, a timeout, a reset
-                log.warning("refused a DICOM TLS connection from %s: %s", client_address[0], _tls_reason(e))
-                self.shutdown_request(raw)
-                return
-        super().process_request_thread(request, client_address)
-
-    def shutdown(self) -> None:
-        # pynetdicom's shutdown also takes the server off its AE's list, where only start_server puts it.
-        socketserver.BaseServer.shutdown(self)  # stop the accept loop
-        self.server_close()
-
-
-def _tls_reason(error: OSError) -> str:
-    if isinstance(error, ssl.SSLError):
-        return str(error.reason or type(error).__name__)
-    if isinstance(error, TimeoutError):
-        return "no TLS handshake within the timeout"
-    return error.strerror or type(error).__name__
-
-
 @dataclass
 class _Throttle:
     """One log line for the first of a run of refusals, then at most one per period with the count."""
@@ -195,18 +116,27 @@ class _Throttle:
 class DicomReceiver:
     """C-ECHO and C-STORE SCP for the scanners in ``config.allowed``; each instance is spooled to
     ``spool_dir`` and submitted to ``intake`` before it is acknowledged. Below ``min_free_mb`` on the
-    spool's disk, or while a fault holds intake back, C-STOREs are refused with 0xA700."""
+    spool's disk, or while a fault holds intake back, C-STOREs are refused with 0xA700. Every connection
+    passes the front (appliance.intake.dicom_front) first; its refusals go to ``observer`` too."""
 
-    def __init__(self, config: DicomConfig, intake: Intake, spool_dir: Path, faults: Faults, min_free_mb: int) -> None:
+    def __init__(
+        self,
+        config: DicomConfig,
+        intake: Intake,
+        spool_dir: Path,
+        faults: Faults,
+        min_free_mb: int,
+        observer: RefusalObserver | None = None,
+    ) -> None:
         self.config = config
         self.intake = intake
         self.spool_dir = spool_dir
         self.faults = faults
         self.min_free = min_free_mb * _MIB
-        self._server: _Server | None = None
+        self.observer = observer or NoRefusalObserver()
+        self._server: FrontServer | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
-        self._callers: dict[str, list[frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None]] = {}
         self._state = threading.Condition()
         self._closing = False
         self._in_flight = 0
@@ -218,9 +148,7 @@ class DicomReceiver:
         """Bind and serve in background threads; ConfigError (one sentence) for a busy port or bad TLS files."""
         config = self.config
         tls = _tls_context(config)
-        for caller in config.allowed:
-            hosts = _resolve(caller.host) if caller.host else None
-            self._callers.setdefault(caller.ae_title.strip(), []).append(hosts)
+        callers = Callers(config)
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -232,29 +160,27 @@ class DicomReceiver:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        # The library's own checks of both titles stand behind ours (which also check the caller's host).
-        ae.require_calling_aet = list(self._callers)
+        # The front decides who may send and how many (and says why it refuses); the library's own checks
+        # of the titles and its count stand behind it, and never refuse what the front let through.
+        ae.require_calling_aet = callers.titles
         ae.require_called_aet = True
         ae.maximum_associations = config.max_associations
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.timeout_s
         # pynetdicom's default of 16 KiB per PDU makes a 10 MB radiograph some 600 round trips through Python;
         # 1 MiB takes it at about 1.2-1.5x the rate (measured), and still bounds what one PDU may ask for.
         ae.maximum_pdu_size = MAX_PDU
-        handlers: list[EventHandlerType] = [
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
+        handlers: list[EventHandlerType] = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store)]
+        front = Front(config, callers, RefusalLog(config, self.observer), tls)
         try:
-            server = ae.make_server((config.host, config.port), evt_handlers=handlers, server_class=_Server)
-            assert isinstance(server, _Server)
+            server = ae.make_server(
+                (config.host, config.port), evt_handlers=handlers, server_class=FrontServer, front=front
+            )
+            assert isinstance(server, FrontServer)
         except OSError as e:
             raise ConfigError(
                 f"The DICOM receiver cannot listen on {config.host}:{config.port} ({e.strerror}); "
                 "free the port or change dicom.port."
             ) from e
-        server.tls = tls
-        server.handshake_timeout_s = config.timeout_s
         self._server = server
         self._port = int(server.server_address[1])
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
@@ -267,6 +193,13 @@ class DicomReceiver:
             "TLS" if tls else "no TLS",
             len(config.allowed),
         )
+        if tls is None and not _loopback(config.host):
+            log.warning(
+                "DICOM receiver: listening on %s without TLS: images cross the network in the clear, and anyone "
+                "who can reach the port and knows an allowed AE title can send; set dicom.tls_cert and "
+                "dicom.tls_key, and bind each [[dicom.allowed]] caller to its host",
+                config.host,
+            )
 
     def stop(self) -> None:
         """Stop accepting; C-STOREs in flight finish (for up to STOP_WAIT_S) or are never acknowledged."""
@@ -297,34 +230,6 @@ class DicomReceiver:
         return self._port
 
     # --- association --------------------------------------------------------------------------------
-
-    def _on_requested(self, event: Event) -> None:
-        """Who may send, decided on the A-ASSOCIATE-RQ, before any negotiation: a refused peer gets the
-        standard reject reason (calling or called AE title not recognised) and learns nothing more."""
-        assoc: Association = event.assoc
-        request = assoc.requestor.primitive
-        assert request is not None, "EVT_REQUESTED comes with the A-ASSOCIATE-RQ"
-        calling = str(request.calling_ae_title).strip()
-        called = str(request.called_ae_title).strip()
-        host = assoc.requestor.address
-        reason: tuple[int, int, int] | None = None
-        why = ""
-        if calling not in self._callers:
-            reason, why = CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed"
-        elif called != self.config.ae_title.strip():
-            reason, why = CALLED_AE_NOT_RECOGNISED, f"called AE title {_ae_title(called)} is not this receiver's"
-        elif not self._host_allowed(calling, host):
-            reason, why = CALLING_AE_NOT_RECOGNISED, "this AE title may not send from this host"
-        if reason is None:
-            return
-        log.warning("refused a DICOM association from %s, calling AE %s: %s", host, _ae_title(calling), why)
-        # As pynetdicom rejects on its own checks: the reject, then the association ends once it is sent.
-        assoc.acse.send_reject(*reason)
-        assoc.kill()
-
-    def _host_allowed(self, calling: str, host: str) -> bool:
-        address = _address(host)
-        return any(hosts is None or address in hosts for hosts in self._callers.get(calling, []))
 
     def _on_echo(self, event: Event) -> int:
         return SUCCESS
@@ -436,6 +341,14 @@ class DicomReceiver:
             return  # cannot tell: the next start deletes it if no input refers to it
         if not journaled:
             _remove(path)
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listen address reaches this machine only ("localhost", 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    parsed = address(host)
+    return parsed is not None and parsed.is_loopback
 
 
 def _remove(path: Path) -> None:
