@@ -9,19 +9,18 @@ import ipaddress
 import logging
 import socket
 import threading
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
 from appliance.config import DicomConfig
 from appliance.intake.dicom_pdu import printable
+from appliance.log_throttle import LogThrottle
 
 log = logging.getLogger("appliance.intake.dicom_receiver")  # one logger for the receiver's lines, front and SCP
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-REFUSAL_LOG_S = 60.0  # after the first of a kind, one line per this many seconds with the count
 
 
 class Refusal(Enum):
@@ -74,63 +73,28 @@ class NoRefusalObserver:
         pass
 
 
-@dataclass
-class _Held:
-    last: float = float("-inf")
-    count: int = 0
-    host: str = ""
-    calling: str | None = None
-
-
 class RefusalLog:
-    """Every refusal and timeout, logged through one throttle: the first of each kind at once, then at most
-    one line per REFUSAL_LOG_S with the count and the latest peer (its host and validated AE title only)."""
+    """Every refusal and timeout, logged through the one throttle (appliance.log_throttle): the first of each
+    kind at once with the peer's host and validated AE title, then a count per minute; each counted in the
+    metrics as it happens."""
 
-    def __init__(self, config: DicomConfig, observer: RefusalObserver, period_s: float = REFUSAL_LOG_S) -> None:
+    def __init__(self, config: DicomConfig, observer: RefusalObserver) -> None:
         self._config = config
         self._observer = observer
-        self._period_s = period_s
-        self._held: dict[Refusal, _Held] = {}
-        self._lock = threading.Lock()
+        self._lines = LogThrottle(log, logging.WARNING)
+        self._probes = LogThrottle(log, logging.INFO)  # connections that close unasked: port checks, monitors
 
     def report(self, refusal: Refusal, host: str, calling: str | None = None, detail: str = "") -> None:
         self._observer.on_dicom_refusal(refusal.label)
-        with self._lock:
-            held = self._held.setdefault(refusal, _Held())
-            held.count += 1
-            held.host, held.calling = host, calling
-            due = time.monotonic() - held.last >= self._period_s
-            if due:
-                count, held.count, held.last = held.count, 0, time.monotonic()
-        if due:
-            self._write(refusal, count, host, calling, detail)
-
-    def flush(self) -> None:
-        """Write the counts held longer than the period (called from the accept loop, so that a burst's
-        count is said even when no refusal follows it)."""
-        now = time.monotonic()
-        with self._lock:
-            due = [
-                (r, h.count, h.host, h.calling)
-                for r, h in self._held.items()
-                if h.count and now - h.last >= self._period_s
-            ]
-            for refusal, *_ in due:
-                self._held[refusal].count, self._held[refusal].last = 0, now
-        for refusal, count, host, calling in due:
-            self._write(refusal, count, host, calling, "")
-
-    def _write(self, refusal: Refusal, count: int, host: str, calling: str | None, detail: str) -> None:
-        what = "association" if refusal.aborts else "connection"
-        verb = "aborted" if refusal.aborts else "refused"
+        what = "association aborted" if refusal.aborts else "connection refused"
         peer = host + (f", calling AE {printable(calling)}" if calling is not None else "")
         why = refusal.sentence.format(c=self._config) + (f" ({detail})" if detail else "")
-        level = logging.INFO if refusal is Refusal.CLOSED else logging.WARNING  # port probes and health checks
-        if count == 1:
-            log.log(level, "DICOM: %s a %s from %s: %s", verb, what, peer, why)
-        else:
-            period = f"{self._period_s:.0f} s"
-            log.log(level, "DICOM: %s %d %ss in the last %s, latest from %s: %s", verb, count, what, period, peer, why)
+        lines = self._probes if refusal is Refusal.CLOSED else self._lines
+        lines.log(f"DICOM {what} ({refusal.label})", "DICOM %s (%s) from %s: %s", what, refusal.label, peer, why)
+
+    def close(self) -> None:
+        self._lines.close()
+        self._probes.close()
 
 
 def address(value: str) -> Address | None:
@@ -191,7 +155,6 @@ class Connection:
     sock: socket.socket
     calling: str | None = None  # the calling AE title, once its association is accepted
     evicted: bool = False  # closed by the front for a newer connection while it had sent no whole request
-    opened: float = field(default_factory=time.monotonic)
 
 
 class Admission:

@@ -152,14 +152,11 @@ class FrontServer(ThreadedAssociationServer):
     def _max_request(self) -> int:
         return self.front.config.max_request_kb * 1024
 
-    def service_actions(self) -> None:
-        super().service_actions()
-        self.front.refusals.flush()
-
     def shutdown(self) -> None:
         # pynetdicom's shutdown also takes the server off its AE's list, where only start_server puts it.
         socketserver.BaseServer.shutdown(self)  # stop the accept loop
         self.server_close()
+        self.front.refusals.close()
 
 
 def _read_request(sock: socket.socket, timeout_s: float, max_length: int) -> bytes | tuple[Refusal, None, str]:

@@ -29,10 +29,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from appliance.config import DicomConfig
+from appliance.config import DicomConfig, is_loopback
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import Faults, is_disk_full
-from appliance.intake.dicom_admission import Callers, NoRefusalObserver, RefusalLog, RefusalObserver, address
+from appliance.intake.dicom_admission import Callers, NoRefusalObserver, RefusalLog, RefusalObserver
 from appliance.intake.dicom_front import MAX_PDU, Front, FrontServer
 from appliance.intake.dicom_pdu import printable as _ae_title
 from appliance.intake.intake import Arrival, Intake
@@ -193,7 +193,7 @@ class DicomReceiver:
             "TLS" if tls else "no TLS",
             len(config.allowed),
         )
-        if tls is None and not _loopback(config.host):
+        if tls is None and not is_loopback(config.host):
             log.warning(
                 "DICOM receiver: listening on %s without TLS: images cross the network in the clear, and anyone "
                 "who can reach the port and knows an allowed AE title can send; set dicom.tls_cert and "
@@ -341,14 +341,6 @@ class DicomReceiver:
             return  # cannot tell: the next start deletes it if no input refers to it
         if not journaled:
             _remove(path)
-
-
-def _loopback(host: str) -> bool:
-    """Whether a listen address reaches this machine only ("localhost", 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    parsed = address(host)
-    return parsed is not None and parsed.is_loopback
 
 
 def _remove(path: Path) -> None:
