@@ -99,6 +99,7 @@ class Intake:
             source=arrival.source,
             file_name=arrival.file_name,
             content_hash=arrival.content_hash,
+            instance_uid=arrival.instance_uid or "",
         )
         if ahead is not None:
             self.processor.take(facts, arrival.path, ahead, picked_up)
@@ -142,7 +143,11 @@ class Intake:
                 return
             assert row.path, "every input is journaled with its path"
             facts = InputFacts(
-                input_id=row.id, source=row.source, file_name=row.file_name, content_hash=row.content_hash
+                input_id=row.id,
+                source=row.source,
+                file_name=row.file_name,
+                content_hash=row.content_hash,
+                instance_uid=row.instance_uid or "",
             )
             # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
             if attempts.get(row.id, 0) > MAX_ATTEMPTS:

@@ -172,6 +172,7 @@ class InputRow:
     content_hash: str
     state: str
     duplicate_of: int | None
+    instance_uid: str | None = None  # a DICOM instance's SOP Instance UID, where the way in knew it up front
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class Counts:
 
 
 _RESULT_FIELDS = "seq, input_id, frame_index, outcome, payload, payload_version"
-_INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of"
+_INPUT_COLUMNS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of, instance_uid"
 
 
 class Journal:
@@ -450,7 +451,7 @@ class Journal:
             )
             input_id = cur.lastrowid
             assert input_id is not None
-        row = InputRow(input_id, *fields)
+        row = InputRow(input_id, *fields, instance_uid=instance_uid)
         return Registration(input=row, duplicate_of=_row(first) if first else None)
 
     def pending(self) -> list[InputRow]:
@@ -565,7 +566,9 @@ class Journal:
 
     def result_by_sop_uid(self, sop_uid: str) -> StoredResult | None:
         row = self._read_one(
-            f"SELECT {_RESULT_FIELDS} FROM results WHERE sop_uid = ? ORDER BY seq LIMIT 1",
+            # The latest input's first frame: an instance rejected, then sent again in another encoding and
+            # scored, is answered with its score.
+            f"SELECT {_RESULT_FIELDS} FROM results WHERE sop_uid = ? ORDER BY input_id DESC, seq LIMIT 1",
             (sop_uid,),
         )
         return StoredResult(*row) if row else None

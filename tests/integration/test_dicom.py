@@ -220,10 +220,6 @@ def test_kill_9_during_a_burst_scores_every_acknowledged_instance_once(
     print(f"sent 40; acknowledged before the kill: {len(acknowledged)}; sent again: {again}; scored: {len(scored)}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until intake.submit gives InputFacts the arrival's instance_uid (instance_uid=arrival.instance_uid or '')",
-)
 def test_a_rejected_instance_s_result_is_found_by_its_sop_instance_uid(
     make_daemon, pacs: Orthanc, tmp_path: Path
 ) -> None:

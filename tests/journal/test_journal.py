@@ -76,6 +76,21 @@ def test_lookup_by_file_and_by_sop_uid(tmp_path: Path) -> None:
     assert j.result_by_seq(99) is None
 
 
+def test_a_dicom_instance_keeps_its_uid_across_a_restart_and_the_latest_result_answers_for_it(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    common = {"source": "dicom", "size": 10, "mtime_ns": 0, "instance_uid": "1.2.3.4"}
+    first = j.register(path="/spool/a.dcm", file_name="1.2.3.4.dcm", content_hash="h1", **common).input.id
+    assert [(p.id, p.instance_uid) for p in j.pending()] == [(first, "1.2.3.4")]  # requeued with it
+    j.complete(first, [NewResult(frame_index=0, outcome="rejected", sop_uid="1.2.3.4", payload=b"r")])
+    # Sent again in another encoding after the rejection: scored, and GetResult by its UID answers with the score.
+    again = j.register(path="/spool/b.dcm", file_name="1.2.3.4.dcm", content_hash="h2", **common).input.id
+    (seq,) = j.complete(again, [NewResult(frame_index=0, outcome="scored", sop_uid="1.2.3.4", payload=b"s")])
+    stored = j.result_by_sop_uid("1.2.3.4")
+    assert stored is not None and stored.seq == seq
+
+
 def test_wait_for_results_wakes_on_commit(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite3")
     i = _register(j, "a", "sha")
