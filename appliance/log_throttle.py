@@ -35,7 +35,8 @@ class LogThrottle:
         self._lock = threading.Lock()
         self._kinds: dict[str, _Kind] = {}
 
-    def log(self, kind: str, message: str, *args: object) -> None:
+    def log(self, kind: str, message: str, *args: object, level: int | None = None) -> None:
+        """``level`` overrides the throttle's own for this line (the summary lines keep the throttle's)."""
         now = time.monotonic()
         with self._lock:
             if kind not in self._kinds and len(self._kinds) >= MAX_KINDS:
@@ -52,7 +53,7 @@ class LogThrottle:
                     state.timer.start()
                 write = False
         if write:
-            self.logger.log(self.level, message, *args)
+            self.logger.log(self.level if level is None else level, message, *args)
 
     def _flush(self, kind: str) -> None:
         with self._lock:
@@ -60,7 +61,7 @@ class LogThrottle:
             held, state.held, state.timer = state.held, 0, None
             state.last = time.monotonic()
         if held:
-            self.logger.log(self.level, "%s: %d more in the last %.0f s", kind, held, self.period_s)
+            self.logger.log(self.level, "%s: %d more in the last %g s", kind, held, self.period_s)
 
     def close(self) -> None:
         """Stop the pending timers (their counts are dropped)."""

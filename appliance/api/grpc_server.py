@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from appliance.api.auth import AuthInterceptor, Authorizer
 from appliance.api.revocation import OpenCalls
 from appliance.api.service import ScoringService
-from appliance.api.tls import credentials
+from appliance.api.tls import credentials, insecure_exposure
 from appliance.api.tokens import TokenStore
 from appliance.config import ServerConfig
 from appliance.domain.errors import ConfigError
@@ -25,6 +25,10 @@ from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
+# A health entry of its own for how the server is exposed: NOT_SERVING under server.insecure = true (plaintext,
+# no tokens, on the network), SERVING otherwise. The overall status stays what the scoring says, so a lab box
+# that chose insecure still serves; a probe of this name alerts on a box left that way.
+SECURE_NAME = "appliance.secure"
 
 
 class GrpcServer:
@@ -85,6 +89,12 @@ class GrpcServer:
         if port == 0:
             raise ConfigError(f"Cannot listen on {address}: the port is in use or the address is not local.")
         await self._set_serving(False)
+        secure = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if insecure_exposure(config)
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        await self.health.set(SECURE_NAME, secure)
         return int(port)
 
     async def _set_serving(self, serving: bool) -> None:

@@ -29,6 +29,7 @@ from appliance.api.auth import Caller, Refused, caller
 from appliance.api.codec import encoded, to_message
 from appliance.api.feed import PAGE, ResultFeed
 from appliance.api.metrics import Metrics
+from appliance.api.tls import INSECURE_PROBLEM, insecure_exposure
 from appliance.api.tokens import Scope
 from appliance.config import ServerConfig
 from appliance.domain.errors import ApplianceError
@@ -99,6 +100,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.hooks = hooks
         self.metrics = metrics
         self.limits = limits
+        self.insecure = insecure_exposure(limits)
+        metrics.insecure.set(1 if self.insecure else 0)
         self.feed: ResultFeed | None = None  # set once the server's loop runs (bind)
         self._streams: defaultdict[str, int] = defaultdict(int)
         self._scores = 0
@@ -300,6 +303,8 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext[Any, Any]) -> pb.Status:
         status: pb.Status = await self._blocking(self._lookups, self.hooks.status)
+        if self.insecure:  # not a fault (health stays SERVING: a lab chose it), but said wherever one is read
+            status.problems.append(INSECURE_PROBLEM)
         return status
 
     async def ReloadModel(

@@ -38,6 +38,17 @@ def credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 
+INSECURE_PROBLEM = (
+    "server.insecure = true: serving the network in plaintext without terminal tokens; anyone on it can read "
+    "results and submit images (a lab only, never a clinic)."
+)
+
+
+def insecure_exposure(server: ServerConfig) -> bool:
+    """Whether the server is open to the network in plaintext without tokens (a lab's `insecure = true`)."""
+    return server.insecure and not server.loopback_only
+
+
 def check_exposure(server: ServerConfig, tokens: TokenStore) -> None:
     """Refuse to serve the network in the clear or without tokens, unless a lab said so out loud."""
     if server.loopback_only:

@@ -10,6 +10,7 @@ import time
 from types import FrameType
 
 from appliance import __version__
+from appliance.api.core_log import capture_core_log
 from appliance.api.grpc_server import GrpcServer
 from appliance.api.metrics import Metrics
 from appliance.api.service import Hooks, ScoringService
@@ -112,6 +113,8 @@ class Daemon:
         _check_folders(config)
         assert config.server.tokens_file is not None, "Config.resolved sets it"
         check_exposure(config.server, TokenStore(config.server.tokens_file))  # before the slow model load
+        if config.server.tls_cert is not None:
+            capture_core_log()  # grpc core tells a refused TLS handshake only on fd 2
         # Refuses (exit 2, one sentence naming `appliance journal recover`) a missing, damaged or foreign journal.
         self.journal = open_journal(config.storage.data_dir / JOURNAL_NAME, config.storage.identity_dir)
         self.journal.on_damage(lambda sentence: self.faults.set("journal", sentence, blocks_intake=True))

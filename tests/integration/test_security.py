@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from appliance.api.certs import make_server, make_terminal
+from appliance.api.certs import make_ca, make_server, make_terminal
 from appliance.api.client import Connection, explain
 from appliance.api.tokens import Scope, TokenStore
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 from tests.integration.conftest import TEST_MODEL, Daemon, free_port, png_bytes
+from tests.integration.test_reload import wait_for_log
 
 SCORING = "appliance.v1.Scoring"
 
@@ -174,6 +181,58 @@ def test_handshake_failures_are_told_plainly(clinic: Clinic, tmp_path: Path) -> 
     assert "pass --ca" in explain(e)
 
 
+def _terminal_valid(clinic: Clinic, name: str, start: datetime.datetime, end: datetime.datetime) -> dict[str, object]:
+    """A terminal's certificate from the clinic's CA, valid from ``start`` to ``end`` only."""
+    ca_key, ca_cert = make_ca(clinic.certs)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder = clinic.daemon.root / "dated" / name
+    folder.mkdir(parents=True)
+    (folder / "t.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "t.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return clinic.credentials("ward-1") | {"cert": folder / "t.crt", "key": folder / "t.key"}
+
+
+def test_refused_tls_handshakes_are_logged_in_words_once_per_kind(tmp_path: Path) -> None:
+    """grpc core says a refused handshake only on stderr; the daemon turns it into one throttled line a kind
+    (its own daemon: the module's has refused handshakes in its throttle's minute already)."""
+    clinic = Clinic(tmp_path)
+    clinic.daemon.start()
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    kinds = {
+        "a client certificate the clinic's CA did not sign": clinic.credentials(
+            "ward-1", certs=clinic.daemon.root / "other-clinic"
+        ),
+        "an expired client certificate": _terminal_valid(clinic, "expired", now - 10 * day, now - day),
+        "a client certificate not valid yet": _terminal_valid(clinic, "future", now + day, now + 10 * day),
+        "no client certificate": clinic.credentials("ward-1") | {"cert": None, "key": None},
+        "not TLS": {"token": clinic.token["ward-1"]},
+    }
+    for words, creds in kinds.items():
+        for _ in range(3):  # the first is logged, the rest are counted
+            e = _refusal(lambda creds=creds: _status(clinic.connect(**creds)))
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+        wait_for_log(clinic.daemon, f"refused a TLS handshake: {words}", timeout=30)
+    assert clinic.daemon.stop() == 0
+    lines = clinic.daemon.log().splitlines()
+    for words in kinds:
+        assert len([x for x in lines if f"refused a TLS handshake: {words}" in x]) == 1, words
+    assert not [x for x in lines if "Handshake failed" in x]  # grpc core's own line is not passed on as well
+
+
 def test_the_client_takes_credentials_from_flags_and_says_what_is_wrong(clinic: Clinic) -> None:
     creds = clinic.credentials("ward-1")
     base = [sys.executable, "-m", "appliance.api.client", "--target", clinic.daemon.target]
@@ -231,3 +290,51 @@ def test_a_caller_without_a_token_is_refused_before_its_image_is_read(clinic: Cl
         codes = set(pool.map(call, range(16)))
     assert codes == {grpc.StatusCode.UNAUTHENTICATED}
     assert _peak_rss_mb(pid) - before < 200
+
+
+def test_a_flood_of_refused_calls_is_one_line_not_one_each(make_daemon: type[Daemon]) -> None:
+    """Refusals are throttled: the first at once, the rest counted (a line a minute), so a caller repeating
+    a refused call cannot push real errors past journald's rate limit."""
+    daemon = make_daemon(server={"require_token": True})
+    daemon.start(wait=False)
+    daemon.wait_ready()
+    with grpc.insecure_channel(daemon.target) as ch:
+        stub = pb_grpc.ScoringStub(ch)
+        for _ in range(600):
+            e = _refusal(lambda: stub.GetStatus(pb.GetStatusRequest(), timeout=10))
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert log.count("refused /appliance.v1.Scoring/GetStatus: no token") == 1
+
+
+def test_an_insecure_lab_box_says_so_in_health_status_and_metrics(make_daemon: type[Daemon]) -> None:
+    """server.insecure = true: the box serves (health SERVING), and every place a probe, a terminal or a
+    graph reads says it is open; metrics on the network warn at start."""
+    metrics_port = free_port()
+    daemon = make_daemon(
+        server={"host": "0.0.0.0", "insecure": True, "metrics_host": "0.0.0.0", "metrics_port": metrics_port}
+    )
+    daemon.start()
+    with daemon.channel() as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        secure = health.Check(health_pb2.HealthCheckRequest(service="appliance.secure"), timeout=10)
+        status = pb_grpc.ScoringStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+    assert secure.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert [p for p in status.problems if "server.insecure = true" in p]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert "appliance_insecure 1.0" in text.splitlines()
+    log = daemon.log()
+    assert "INSECURE: serving 0.0.0.0 in plaintext" in log
+    assert f"metrics on 0.0.0.0:{metrics_port} answer anyone who can reach the port" in log
+
+
+def test_a_clinic_box_is_secure_in_health_and_metrics(clinic: Clinic) -> None:
+    with clinic.connect(**clinic.credentials("ward-1", token="")) as ch:
+        secure = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="appliance.secure"), timeout=10
+        )
+    assert secure.status == health_pb2.HealthCheckResponse.SERVING
+    assert not [p for p in _status(clinic.connect(**clinic.credentials("ward-1"))).problems if "insecure" in p]
