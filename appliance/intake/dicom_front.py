@@ -65,6 +65,9 @@ class FrontServer(ThreadedAssociationServer):
     ``AE.make_server(..., server_class=FrontServer, front=Front(...))``."""
 
     daemon_threads = True  # a connection's thread is never joined: stop aborts its association
+    # socketserver listens with a backlog of 5: a burst of connections would leave a scanner's SYN unanswered
+    # for a second or more; the front, not the kernel's queue, is what refuses.
+    request_queue_size = 128
 
     def __init__(self, *args: Any, front: Front, **kwargs: Any) -> None:
         self.front = front
