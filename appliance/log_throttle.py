@@ -50,6 +50,7 @@ class LogThrottle:
                 if state.timer is None:
                     state.timer = threading.Timer(max(0.0, state.last + self.period_s - now), self._flush, (kind,))
                     state.timer.daemon = True
+                    state.timer.name = "log-throttle"
                     state.timer.start()
                 write = False
         if write:
