@@ -119,14 +119,17 @@ class FrontServer(ThreadedAssociationServer):
                 return
         message = _read_request(request, self.front.config.request_timeout_s, self._max_request)
         if isinstance(message, tuple):
-            self._refuse(conn, *message)
+            refusal, detail, answer = message
+            self._refuse(conn, refusal, detail=detail)
+            if answer:
+                _say(request, answer)
             self.shutdown_request(request)
             return
         called, calling = pdu.titles(message)
-        refusal = self.front.callers.refusal(called, calling, conn.host) or self.front.admission.admit(conn, calling)
-        if refusal is not None:
-            self._refuse(conn, refusal, calling)
-            _say(request, pdu.associate_rj(*_REJECT[refusal]))
+        denied = self.front.callers.refusal(called, calling, conn.host) or self.front.admission.admit(conn, calling)
+        if denied is not None:
+            self._refuse(conn, denied, calling)
+            _say(request, pdu.associate_rj(*_REJECT[denied]))
             self.shutdown_request(request)
             return
         handler = Handoff(
@@ -162,32 +165,33 @@ class FrontServer(ThreadedAssociationServer):
         self.front.refusals.close()
 
 
-def _read_request(sock: socket.socket, timeout_s: float, max_length: int) -> bytes | tuple[Refusal, None, str]:
-    """The whole A-ASSOCIATE-RQ within the time and the cap, or why not (a refusal, no caller, a detail);
-    a PDU that is no request is answered with A-ABORT (PS3.8 9.2, state 2)."""
+def _read_request(sock: socket.socket, timeout_s: float, max_length: int) -> bytes | tuple[Refusal, str, bytes]:
+    """The whole A-ASSOCIATE-RQ within the time and the cap, or why not: the refusal, a detail, and the PDU
+    to answer with (A-ABORT for a PDU that is no request, PS3.8 9.2 state 2; nothing to a silent peer)."""
     deadline = time.monotonic() + timeout_s
     try:
         head = pdu.read_until(sock, pdu.HEADER_SIZE, deadline)
         if len(head) < pdu.HEADER_SIZE:
-            return Refusal.CLOSED, None, ""
+            return Refusal.CLOSED, "", b""
         pdu_type, length = pdu.header(head)
         if pdu_type != pdu.ASSOCIATE_RQ:
-            if pdu_type != pdu.ABORT:
-                _say(sock, pdu.abort(pdu.UNEXPECTED_PDU if pdu_type in pdu.KNOWN_TYPES else pdu.UNRECOGNISED_PDU))
-            return Refusal.NOT_A_REQUEST, None, f"PDU type 0x{pdu_type:02X}"
+            reason = pdu.UNEXPECTED_PDU if pdu_type in pdu.KNOWN_TYPES else pdu.UNRECOGNISED_PDU
+            return (
+                Refusal.NOT_A_REQUEST,
+                f"PDU type 0x{pdu_type:02X}",
+                b"" if pdu_type == pdu.ABORT else pdu.abort(reason),
+            )
         if length > max_length:
-            _say(sock, pdu.abort(pdu.INVALID_PARAMETER_VALUE))
-            return Refusal.REQUEST_TOO_LARGE, None, f"{length} bytes declared"
+            return Refusal.REQUEST_TOO_LARGE, f"{length} bytes declared", pdu.abort(pdu.INVALID_PARAMETER_VALUE)
         if length < pdu.REQUEST_FIXED_SIZE:
-            _say(sock, pdu.abort(pdu.INVALID_PARAMETER_VALUE))
-            return Refusal.NOT_A_REQUEST, None, f"{length} bytes declared"
+            return Refusal.NOT_A_REQUEST, f"{length} bytes declared", pdu.abort(pdu.INVALID_PARAMETER_VALUE)
         body = pdu.read_until(sock, length, deadline)
     except TimeoutError:
-        return Refusal.REQUEST_TIMEOUT, None, ""
+        return Refusal.REQUEST_TIMEOUT, "", b""
     except OSError:
-        return Refusal.CLOSED, None, ""
+        return Refusal.CLOSED, "", b""
     if len(body) < length:
-        return Refusal.CLOSED, None, ""
+        return Refusal.CLOSED, "", b""
     return head + body
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from appliance.config import DicomCaller, DicomConfig
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.result import Outcome
+from appliance.intake.dicom_front import MAX_PDU
 from appliance.intake.dicom_receiver import OUT_OF_RESOURCES, SUCCESS, DicomReceiver
 from appliance.intake.intake import Intake
 from appliance.journal.journal import InputRow, Journal
@@ -76,8 +78,11 @@ def receive(core: ScoringCore) -> Iterator[Receive]:
         *, intake: Intake | None = None, faults: Faults | None = None, min_free_mb: int = 0, **fields: Any
     ) -> DicomReceiver:
         fields.setdefault("allowed", [DicomCaller(ae_title=SCANNER)])
-        config = DicomConfig(enabled=True, ae_title=APPLIANCE, host=HOST, port=0, timeout_s=20, **fields)
-        receiver = DicomReceiver(config, intake or core.intake, _spool(core), faults or core.faults, min_free_mb)
+        fields.setdefault("timeout_s", 20)
+        fields.setdefault("host", HOST)
+        config = DicomConfig(enabled=True, ae_title=APPLIANCE, port=0, **fields)
+        spool, faults = _spool(core), faults or core.faults
+        receiver = DicomReceiver(config, intake or core.intake, spool, faults, min_free_mb, observer=core.metrics)
         receiver.start()
         started.append(receiver)
         return receiver
@@ -278,6 +283,145 @@ def test_more_associations_than_the_limit_are_refused(receive: Receive) -> None:
     finally:
         for assoc in held:
             assoc.release()
+
+
+def _refusals(core: ScoringCore, reason: str) -> float:
+    return core.metrics.registry.get_sample_value("appliance_dicom_refusals_total", {"reason": reason}) or 0.0
+
+
+def _from(host: str, port: int) -> Association:
+    """A pynetdicom SCU association (Verification) from another loopback address (Linux routes all 127/8)."""
+    ae = AE(ae_title=SCANNER)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(Verification)
+    return ae.associate(HOST, port, ae_title=APPLIANCE, bind_address=(host, 0))
+
+
+def _receiver_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The receiver's log lines (the test's own SCUs log through pynetdicom)."""
+    return [r.getMessage() for r in caplog.records if r.name == "appliance.intake.dicom_receiver"]
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    """What the receiver sends until it closes (a reset counts as a close)."""
+    sock.settimeout(60)  # a bound on a broken test, not a timing: the receiver closes well before
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_connections_past_the_cap_per_host_are_refused_and_other_hosts_served(
+    core: ScoringCore, receive: Receive, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receive(max_associations_per_host=2)
+    held = [_associate(receiver.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+            third = _associate(receiver.port)  # closed at accept, before any PDU: no association, no reject
+            assert not third.is_established and not third.is_rejected
+            other = _from("127.0.0.2", receiver.port)
+            assert other.is_established and other.send_c_echo().Status == SUCCESS
+            other.release()
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert _refusals(core, "host_limit") == 1.0
+    assert _receiver_lines(caplog) == [
+        "DICOM connection refused (host_limit) from 127.0.0.1: more than dicom.max_associations_per_host = 2 open"
+    ]
+
+
+def test_one_ae_title_at_its_cap_leaves_room_for_another(core: ScoringCore, receive: Receive) -> None:
+    receiver = receive(allowed=[DicomCaller(ae_title=SCANNER), DicomCaller(ae_title="CT02")], max_associations_per_ae=2)
+    held = [_associate(receiver.port) for _ in range(2)]
+    try:
+        assert _rejection(_associate(receiver.port)) == (2, 3, 2)  # rejected transient: local limit exceeded
+        assert _store(receiver.port, CT, calling="CT02") == [SUCCESS]
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert _refusals(core, "ae_limit") == 1.0
+    # Its count goes with its associations' threads, a moment after each SCU's release has returned.
+    deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
+    while not (again := _associate(receiver.port)).is_established:
+        assert time.monotonic() < deadline, "the AE title's count was never released"
+    assert again.send_c_echo().Status == SUCCESS
+    again.release()
+
+
+def test_a_request_past_max_request_kb_is_refused_unread_with_an_abort(core: ScoringCore, receive: Receive) -> None:
+    receiver = receive()
+    with socket.create_connection((HOST, receiver.port), timeout=10) as sock:
+        sock.sendall(struct.pack(">BxL", 0x01, 64 * 1024 + 1) + b"\x00" * 1024)
+        # A-ABORT, from the service provider (2), invalid PDU parameter value (6); then the close.
+        assert _read_to_end(sock) == bytes.fromhex("07 00 00000004 00 00 02 06")
+    assert _refusals(core, "request_too_large") == 1.0
+    assert _store(receiver.port, CT) == [SUCCESS]
+
+
+def test_a_first_pdu_that_is_no_request_is_answered_with_an_abort(core: ScoringCore, receive: Receive) -> None:
+    receiver = receive()
+    with socket.create_connection((HOST, receiver.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # type 0x47: unrecognised
+        assert _read_to_end(sock) == bytes.fromhex("07 00 00000004 00 00 02 01")
+    assert _refusals(core, "not_a_request") == 1.0
+
+
+def test_a_silent_connection_is_closed_at_the_request_deadline(
+    core: ScoringCore, receive: Receive, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = receive(request_timeout_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        with socket.create_connection((HOST, receiver.port), timeout=10) as sock:
+            sock.sendall(b"\x01\x00\x00")  # half a header, then nothing
+            assert _read_to_end(sock) == b""
+        assert _store(receiver.port, CT) == [SUCCESS]
+    assert _refusals(core, "request_timeout") == 1.0
+    assert _receiver_lines(caplog) == [
+        "DICOM connection refused (request_timeout) from 127.0.0.1: no whole A-ASSOCIATE-RQ within "
+        "dicom.request_timeout_s = 0.5"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("declared", "sent", "reason"),
+    [
+        (MAX_PDU + 1, b"", "pdu_too_large"),  # a P-DATA-TF past the advertised maximum: refused unread
+        (1024, b"\x00" * 10, "network_timeout"),  # one that stops half-way: given up at timeout_s
+    ],
+)
+def test_an_accepted_association_is_aborted_on_a_pdu_too_long_or_too_slow(
+    core: ScoringCore, receive: Receive, declared: int, sent: bytes, reason: str
+) -> None:
+    receiver = receive(timeout_s=1)
+    assoc = _associate(receiver.port)
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    assert raw is not None
+    raw.sendall(struct.pack(">BxL", 0x04, declared) + sent)  # the SCU's own reactor reads the A-ABORT
+    deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
+    while not assoc.is_aborted:
+        assert time.monotonic() < deadline, "the association was not aborted"
+        time.sleep(0.05)
+    assert _refusals(core, reason) == 1.0
+    assert _store(receiver.port, CT) == [SUCCESS]
+
+
+def test_a_receiver_on_the_network_without_tls_says_so_at_start(
+    receive: Receive, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        receive(host="0.0.0.0")
+    assert any("listening on 0.0.0.0 without TLS" in line for line in _receiver_lines(caplog))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        receive()
+    assert not [line for line in _receiver_lines(caplog) if "without TLS" in line]  # on loopback
 
 
 # --- failures: answered with a status, nothing half-kept ------------------------------------------------
