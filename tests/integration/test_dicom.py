@@ -151,6 +151,9 @@ def test_an_unknown_scanner_is_refused_at_association(make_daemon, pacs: Orthanc
     assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
     status = d.status()
     assert status.queue_depth + status.scored + status.rejected == 0  # nothing was taken in
+    # Each refusal said once, with the peer's host and validated AE title (throttled: a count a minute after).
+    assert "DICOM connection refused (calling_ae) from 127.0.0.1, calling AE 'STRANGER'" in d.log()
+    assert "DICOM connection refused (called_ae) from 127.0.0.1, calling AE 'SCANNER'" in d.log()
 
 
 def test_a_pacs_away_for_a_while_loses_nothing_and_gets_each_report_once(
