@@ -169,7 +169,13 @@ class Daemon:
         self.watcher.start()
         if config.dicom.enabled:
             self.receiver = DicomReceiver(
-                config.dicom, self.intake, spool, self.faults, config.storage.min_free_mb, observer=self.metrics
+                config.dicom,
+                self.intake,
+                spool,
+                self.faults,
+                config.storage.min_free_mb,
+                observer=self.metrics,
+                max_file_mb=config.limits.max_file_mb,
             )
             self.receiver.start()
         self.ready = True

@@ -51,6 +51,11 @@ class Refusal(Enum):
     PDU_TOO_LARGE = "pdu_too_large", "a PDU longer than this receiver accepts, refused unread"
     NETWORK_TIMEOUT = "network_timeout", "a PDU not received or sent whole within dicom.timeout_s = {c.timeout_s}"
     IDLE = "idle", "nothing received for dicom.timeout_s = {c.timeout_s}"
+    MESSAGE_TOO_LARGE = (
+        "message_too_large",
+        "a message (a C-STORE's data set) past limits.max_file_mb, or another message past 64 KiB, "
+        "refused unread from there",
+    )
 
     def __init__(self, label: str, sentence: str) -> None:
         self.label = label
@@ -59,7 +64,7 @@ class Refusal(Enum):
     @property
     def aborts(self) -> bool:
         """Whether it ends an accepted association, rather than refusing a connection before one."""
-        return self in (Refusal.PDU_TOO_LARGE, Refusal.NETWORK_TIMEOUT, Refusal.IDLE)
+        return self in (Refusal.PDU_TOO_LARGE, Refusal.MESSAGE_TOO_LARGE, Refusal.NETWORK_TIMEOUT, Refusal.IDLE)
 
 
 class RefusalObserver(Protocol):

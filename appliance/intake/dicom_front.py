@@ -24,7 +24,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from appliance.config import DicomConfig
 from appliance.intake import dicom_pdu as pdu
 from appliance.intake.dicom_admission import Admission, Callers, Connection, Refusal, RefusalLog
+from appliance.intake.dicom_spool import Spool, spooling
 from appliance.intake.dicom_transport import Handoff
+from appliance.privacy import log_failure
 
 log = logging.getLogger("appliance.intake.dicom_receiver")
 
@@ -46,11 +48,13 @@ _REJECT = {
 
 @dataclass
 class Front:
-    """What the front decides with: the receiver's settings, its callers, the counts, the refusal log, TLS."""
+    """What the front decides with: the receiver's settings, its callers, the counts, the refusal log, TLS;
+    and where an admitted association's data sets are written as they arrive."""
 
     config: DicomConfig
     callers: Callers
     refusals: RefusalLog
+    spool: Spool
     tls: ssl.SSLContext | None = None
     admission: Admission = field(init=False)
 
@@ -102,8 +106,9 @@ class FrontServer(ThreadedAssociationServer):
         conn = self._conns.pop(request)
         try:
             self._serve(conn, request, client_address)
-        except Exception:  # the error boundary: one connection never stops the receiver
-            log.exception("DICOM: a connection from %s failed", conn.host)
+        except Exception as e:  # the error boundary: one connection never stops the receiver
+            # By type only: the text of an error raised on a peer's bytes may quote them.
+            log_failure(log, "DICOM: a connection from %s failed", conn.host, error=e)
             self.shutdown_request(conn.sock)
         finally:
             self.front.admission.close(conn)
@@ -111,7 +116,9 @@ class FrontServer(ThreadedAssociationServer):
     def _serve(self, conn: Connection, request: socket.socket, client_address: Any) -> None:
         if self.front.tls is not None:
             try:
-                request.settimeout(self.front.config.timeout_s)
+                # Before trust, the request's deadline; ssl's handshake takes a socket timeout as its deadline
+                # for the whole of it, however the peer trickles its records (_ssl.c, do_handshake).
+                request.settimeout(self.front.config.request_timeout_s)
                 request = conn.sock = self.front.tls.wrap_socket(request, server_side=True)
             except OSError as e:  # ssl.SSLError, a timeout, a reset
                 self._refuse(conn, Refusal.TLS, detail=_tls_reason(e))
@@ -140,11 +147,13 @@ class FrontServer(ThreadedAssociationServer):
             largest=functools.partial(pdu.largest, max_request=self._max_request, max_pdu=MAX_PDU),
             timeout_s=self.front.config.timeout_s,
             report=functools.partial(self._refuse, conn, calling=calling),
+            spool=self.front.spool,
         )
         assoc = handler.association
         if assoc is None:
             return
         assoc.join()  # the association's counts are held until it ends
+        spooling(assoc).close()  # what it was sending when it ended, and any store no handler will see
         self.shutdown_request(request)
         if assoc.is_aborted and assoc.dul.idle_timer_expired():
             self._refuse(conn, Refusal.IDLE, calling)
@@ -207,5 +216,5 @@ def _tls_reason(error: OSError) -> str:
     if isinstance(error, ssl.SSLError):
         return str(error.reason or type(error).__name__)
     if isinstance(error, TimeoutError):
-        return "no TLS handshake within dicom.timeout_s"
+        return "no TLS handshake within dicom.request_timeout_s"
     return error.strerror or type(error).__name__

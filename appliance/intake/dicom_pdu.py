@@ -21,6 +21,7 @@ _READ_CHUNK = 64 * 1024
 _AE_TITLE = re.compile(r"[ -~]{0,16}")  # printable ASCII: what PS3.5 allows in an AE title
 
 # A-ABORT reasons when the source is the service provider (PS3.8 9.3.8)
+REASON_NOT_SPECIFIED = 0x00
 UNRECOGNISED_PDU = 0x01
 UNEXPECTED_PDU = 0x02
 INVALID_PARAMETER_VALUE = 0x06

@@ -3,22 +3,19 @@ the one intake, answering the scanner only once the instance is on disk and in t
 
 The handler never decodes pixels and never scores: the scanner waits on its answer. What it stores is the
 data set exactly as the scanner encoded it, behind a file meta built only from the request (SOP class,
-SOP instance, transfer syntax) and pynetdicom's implementation UID: a scanner that sends an instance again
+SOP instance, transfer syntax) and pynetdicom's implementation UID, written to the spool as it arrives
+(appliance.intake.dicom_spool) and moved into place once whole: a scanner that sends an instance again
 sends the same bytes, and the intake's content dedupe scores it once. (Another sender, or another transfer
 syntax, encodes the same instance differently: DCMTK re-encodes, pynetdicom sends a file's bytes as they are.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import ssl
 import threading
-import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -29,14 +26,15 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from appliance.config import DicomConfig, is_loopback
+from appliance.config import DicomConfig, LimitsConfig, is_loopback
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import Faults, is_disk_full
 from appliance.intake.dicom_admission import Callers, NoRefusalObserver, RefusalLog, RefusalObserver
 from appliance.intake.dicom_front import MAX_PDU, Front, FrontServer
 from appliance.intake.dicom_pdu import printable as _ae_title
+from appliance.intake.dicom_spool import Spool, remove, spooling
 from appliance.intake.intake import Arrival, Intake
-from appliance.journal.content_hash import digest_bytes
+from appliance.log_throttle import LogThrottle
 from appliance.privacy import hashed, log_failure
 
 log = logging.getLogger(__name__)
@@ -45,7 +43,6 @@ SOURCE = "dicom"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, out of resources (the scanner keeps the image and retries)
 STOP_WAIT_S = 10.0  # at stop, C-STOREs in flight may finish this long; the rest are not acknowledged
-REFUSAL_LOG_S = 60.0  # during a burst refused for want of space: one log line per this many seconds
 _MIB = 1024 * 1024
 _UID = re.compile(r"[0-9]{1,64}(\.[0-9]{1,64}){0,63}")
 
@@ -95,29 +92,12 @@ def _tls_context(config: DicomConfig) -> ssl.SSLContext | None:
     return context
 
 
-@dataclass
-class _Throttle:
-    """One log line for the first of a run of refusals, then at most one per period with the count."""
-
-    period_s: float
-    last: float = float("-inf")
-    held: int = 0
-
-    def due(self) -> int | None:
-        """The refusals to report now (this one included), or None to stay quiet."""
-        now = time.monotonic()
-        self.held += 1
-        if now - self.last < self.period_s:
-            return None
-        self.last, count, self.held = now, self.held, 0
-        return count
-
-
 class DicomReceiver:
     """C-ECHO and C-STORE SCP for the scanners in ``config.allowed``; each instance is spooled to
-    ``spool_dir`` and submitted to ``intake`` before it is acknowledged. Below ``min_free_mb`` on the
-    spool's disk, or while a fault holds intake back, C-STOREs are refused with 0xA700. Every connection
-    passes the front (appliance.intake.dicom_front) first; its refusals go to ``observer`` too."""
+    ``spool_dir`` as it arrives and submitted to ``intake`` before it is acknowledged. Below ``min_free_mb``
+    on the spool's disk, or while a fault holds intake back, C-STOREs are refused with 0xA700; one past
+    ``max_file_mb`` (limits.max_file_mb) ends its association there. Every connection passes the front
+    (appliance.intake.dicom_front) first; its refusals go to ``observer`` too."""
 
     def __init__(
         self,
@@ -127,6 +107,7 @@ class DicomReceiver:
         faults: Faults,
         min_free_mb: int,
         observer: RefusalObserver | None = None,
+        max_file_mb: float = LimitsConfig().max_file_mb,
     ) -> None:
         self.config = config
         self.intake = intake
@@ -134,13 +115,14 @@ class DicomReceiver:
         self.faults = faults
         self.min_free = min_free_mb * _MIB
         self.observer = observer or NoRefusalObserver()
+        self.max_bytes = int(max_file_mb * _MIB)
         self._server: FrontServer | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
         self._state = threading.Condition()
         self._closing = False
         self._in_flight = 0
-        self._refusals = _Throttle(REFUSAL_LOG_S)
+        self._refusals = LogThrottle(log)  # a burst refused for want of space: one line, then a count a minute
 
     # --- start and stop ------------------------------------------------------------------------------
 
@@ -170,7 +152,8 @@ class DicomReceiver:
         # 1 MiB takes it at about 1.2-1.5x the rate (measured), and still bounds what one PDU may ask for.
         ae.maximum_pdu_size = MAX_PDU
         handlers: list[EventHandlerType] = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store)]
-        front = Front(config, callers, RefusalLog(config, self.observer), tls)
+        spool = Spool(self.spool_dir, self.max_bytes, self._no_room)
+        front = Front(config, callers, RefusalLog(config, self.observer), spool, tls)
         try:
             server = ae.make_server(
                 (config.host, config.port), evt_handlers=handlers, server_class=FrontServer, front=front
@@ -219,6 +202,7 @@ class DicomReceiver:
             assoc.abort()
         if self._thread is not None:
             self._thread.join(timeout=STOP_WAIT_S)
+        self._refusals.close()
         self._server = None
 
     def alive(self) -> bool:
@@ -256,17 +240,26 @@ class DicomReceiver:
     def _store(self, event: Event) -> int:
         calling = _ae_title(event.assoc.requestor.ae_title)
         instance = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
-        data = event.encoded_dataset()
-        problem = self._no_room(len(data))
+        dimse = spooling(event.assoc)
+        part = dimse.received(event)
+        problem = part if isinstance(part, str) else None
+        if isinstance(part, Path):
+            problem = self._no_room(0)  # a fault said meanwhile (a damaged journal, a full disk elsewhere)
+            if problem is not None:
+                remove(part)
         if problem is not None:
-            count = self._refusals.due()
-            if count is not None:
-                log.warning(
-                    "refused %d C-STORE(s) (0xA700, out of resources), latest from AE %s: %s", count, calling, problem
-                )
+            self._refusals.log(
+                "refused C-STOREs (0xA700, out of resources)",
+                "refused a C-STORE (0xA700, out of resources) from AE %s: %s",
+                calling,
+                problem,
+            )
             return OUT_OF_RESOURCES
         try:
-            path = self._spool(data)
+            if isinstance(part, Exception):
+                raise part
+            assert isinstance(part, Path)
+            kept = dimse.keep(part)
         except OSError as e:
             if not self.faults.report(e):  # a full disk is said once, by the fault
                 log.error("could not spool a C-STORE from AE %s (answered 0xA700): %s", calling, e.strerror)
@@ -274,16 +267,16 @@ class DicomReceiver:
         known = _UID.fullmatch(instance) is not None
         arrival = Arrival(
             source=SOURCE,
-            path=path,
+            path=kept.path,
             file_name=f"{instance}.dcm" if known else "instance.dcm",
-            size=len(data),
-            content_hash=digest_bytes(data),
+            size=kept.size,
+            content_hash=kept.content_hash,
             instance_uid=instance if known else None,  # the same instance in another encoding is not scored again
         )
         try:
             submitted = self.intake.submit(arrival)
         except Exception as e:
-            self._forget(path, len(data))
+            self._forget(kept.path, kept.size)
             if not (is_disk_full(e) and self.faults.report(e)):
                 log_failure(log, "could not journal a C-STORE from AE %s (answered 0xA700)", calling, error=e)
             return OUT_OF_RESOURCES
@@ -309,29 +302,6 @@ class DicomReceiver:
         self.faults.check_storage()
         return f"{free / _MIB:.0f} MB free on the spool's disk, below storage.min_free_mb = {self.min_free // _MIB}"
 
-    def _spool(self, data: bytes) -> Path:
-        """Write atomically and durably: temporary name, fsync, rename, fsync of the folder."""
-        name = f"dicom-{uuid.uuid4().hex}.dcm"
-        path = self.spool_dir / name
-        tmp = self.spool_dir / f"{name}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            folder = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
-        except BaseException:
-            _remove(tmp)
-            _remove(path)
-            raise
-        return path
-
     def _forget(self, path: Path, size: int) -> None:
         """After a failed submit: the spooled copy goes, unless the journal holds it (registered, then the
         admission failed): then the next start scores it, and the scanner's re-send is a duplicate."""
@@ -340,9 +310,4 @@ class DicomReceiver:
         except Exception:
             return  # cannot tell: the next start deletes it if no input refers to it
         if not journaled:
-            _remove(path)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):  # gone already, or its folder is (the spool replaced under us)
-        path.unlink()
+            remove(path)

@@ -6,7 +6,9 @@ pynetdicom 3.0.4 reads a PDU as ``socket.recv(6)`` then ``socket.recv(pdu_length
 blocking socket with no timeout and no bound: a peer could stall its reactor for good or make it buffer
 4 GiB. Here the socket refuses a length past the cap before reading any of it and gives up on a PDU not
 whole within the timeout; either way it aborts the association (A-ABORT, then the connection is shut), and
-returns the short read, which pynetdicom takes as the connection closed (its event 17)."""
+returns the short read, which pynetdicom takes as the connection closed (its event 17). Each message's
+size is bounded one layer up, by the association's DIMSE provider (appliance.intake.dicom_spool), which
+aborts through the same socket."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -22,8 +24,13 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from appliance.intake import dicom_pdu as pdu
 from appliance.intake.dicom_admission import Refusal
+from appliance.intake.dicom_spool import Spool, SpoolingDimse
 
-Report = Callable[[Refusal], None]
+
+class Report(Protocol):
+    """Log and count a refusal that ends an accepted association (the front's refusal log)."""
+
+    def __call__(self, refusal: Refusal, *, detail: str = "") -> None: ...
 
 
 class BoundedSocket(AssociationSocket):
@@ -59,7 +66,7 @@ class BoundedSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         body_of, self._body_of = self._body_of, None
         if body_of is not None and nr_bytes > self._largest(body_of):
-            self._abort(Refusal.PDU_TOO_LARGE, pdu.INVALID_PARAMETER_VALUE)
+            self.abort(Refusal.PDU_TOO_LARGE, pdu.INVALID_PARAMETER_VALUE)
             return bytearray()
         data = bytearray(self._replay[:nr_bytes])
         del self._replay[: len(data)]
@@ -67,7 +74,7 @@ class BoundedSocket(AssociationSocket):
             try:
                 data += pdu.read_until(self.socket, nr_bytes - len(data), time.monotonic() + self._timeout_s)
             except TimeoutError:
-                self._abort(Refusal.NETWORK_TIMEOUT, 0x00)
+                self.abort(Refusal.NETWORK_TIMEOUT, pdu.REASON_NOT_SPECIFIED)
             except OSError:
                 pass  # reset or shut: the short read says the connection closed
         if body_of is None and nr_bytes == pdu.HEADER_SIZE and len(data) == pdu.HEADER_SIZE:
@@ -94,9 +101,10 @@ class BoundedSocket(AssociationSocket):
             return
         evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
-    def _abort(self, refusal: Refusal, reason: int) -> None:
-        """Say A-ABORT (best effort, briefly) and shut the connection: the peer stops sending at once."""
-        self._report(refusal)
+    def abort(self, refusal: Refusal, reason: int, detail: str = "") -> None:
+        """Say A-ABORT (best effort, briefly) and shut the connection: the peer stops sending at once, and
+        pynetdicom's next read finds the connection closed."""
+        self._report(refusal, detail=detail)
         sock = self.socket
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -113,7 +121,8 @@ class BoundedSocket(AssociationSocket):
 
 class Handoff(RequestHandler):
     """pynetdicom's request handler for a connection the front admitted: the association it starts runs on
-    a BoundedSocket holding the request already read. ``association`` is that association, once started."""
+    a BoundedSocket holding the request already read, and writes each C-STORE's data set to the spool as it
+    arrives (SpoolingDimse). ``association`` is that association, once started."""
 
     def __init__(
         self,
@@ -125,8 +134,10 @@ class Handoff(RequestHandler):
         largest: Callable[[int], int],
         timeout_s: float,
         report: Report,
+        spool: Spool,
     ) -> None:
         self._replay = replay
+        self._spool = spool
         self._largest = largest
         self._timeout_s = timeout_s
         self._report = report
@@ -136,6 +147,11 @@ class Handoff(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         plain = cast(AssociationSocket, assoc.dul.socket)
-        BoundedSocket.adopt(plain, self._replay, self._largest, self._timeout_s, self._report)
+        bounded = BoundedSocket.adopt(plain, self._replay, self._largest, self._timeout_s, self._report)
+
+        def too_large(detail: str) -> None:
+            bounded.abort(Refusal.MESSAGE_TOO_LARGE, pdu.REASON_NOT_SPECIFIED, detail)
+
+        SpoolingDimse.adopt(assoc.dimse, self._spool, too_large)
         self.association = assoc
         return assoc

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import socket
@@ -23,7 +24,11 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.api.certs import make_server, make_terminal
@@ -75,14 +80,21 @@ def receive(core: ScoringCore) -> Iterator[Receive]:
     started: list[DicomReceiver] = []
 
     def start(
-        *, intake: Intake | None = None, faults: Faults | None = None, min_free_mb: int = 0, **fields: Any
+        *,
+        intake: Intake | None = None,
+        faults: Faults | None = None,
+        min_free_mb: int = 0,
+        max_file_mb: float = 2048,
+        **fields: Any,
     ) -> DicomReceiver:
         fields.setdefault("allowed", [DicomCaller(ae_title=SCANNER)])
         fields.setdefault("timeout_s", 20)
         fields.setdefault("host", HOST)
         config = DicomConfig(enabled=True, ae_title=APPLIANCE, port=0, **fields)
         spool, faults = _spool(core), faults or core.faults
-        receiver = DicomReceiver(config, intake or core.intake, spool, faults, min_free_mb, observer=core.metrics)
+        receiver = DicomReceiver(
+            config, intake or core.intake, spool, faults, min_free_mb, observer=core.metrics, max_file_mb=max_file_mb
+        )
         receiver.start()
         started.append(receiver)
         return receiver
@@ -409,6 +421,124 @@ def test_an_accepted_association_is_aborted_on_a_pdu_too_long_or_too_slow(
         assert time.monotonic() < deadline, "the association was not aborted"
         time.sleep(0.05)
     assert _refusals(core, reason) == 1.0
+    assert _store(receiver.port, CT) == [SUCCESS]
+
+
+def _p_data_tf(context_id: int, control: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one fragment (``control``: 0 a data set's, 1 a command set's, +2 the last)."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, bytes([control]) + data]]  # type: ignore[list-item]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def _store_command(context_id: int, path: Path) -> bytes:
+    """A C-STORE-RQ's whole command set for this file's instance, in P-DATA-TF PDUs (as pynetdicom encodes it)."""
+    ds = dcmread(path, stop_before_pixels=True)
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = io.BytesIO(b"\x00")  # says a data set follows; the test sends its own
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return b"".join(
+        _p_data_tf(context_id, data[0], data[1:])
+        for primitive in message.encode_msg(context_id, MAX_PDU)
+        for _, data in primitive.presentation_data_value_list
+        if data[0] & 1
+    )
+
+
+def _context_id(assoc: Association, path: Path) -> int:
+    sop_class = str(dcmread(path, stop_before_pixels=True).SOPClassUID)
+    return next(int(cx.context_id or 0) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class)
+
+
+def _raw(assoc: Association) -> socket.socket:
+    raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    assert raw is not None
+    return raw
+
+
+def _offer(sock: socket.socket, pdu: bytes, times: int) -> int:
+    """Send the PDU up to ``times`` times, stopping where the receiver closes; the bytes it took."""
+    sent = 0
+    try:
+        for _ in range(times):
+            sock.sendall(pdu)
+            sent += len(pdu)
+    except OSError:
+        pass  # closed by the receiver: what is expected
+    return sent
+
+
+def _until(what: str, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment", "limit"),
+    [
+        (True, 0x00, 1024 * 1024),  # a C-STORE's data set past limits.max_file_mb (1)
+        (False, 0x01, 64 * 1024),  # a command set that never ends: held in memory, so held to 64 KiB
+    ],
+)
+def test_a_message_past_its_cap_is_aborted_as_it_arrives_and_leaves_nothing(
+    core: ScoringCore,
+    receive: Receive,
+    caplog: pytest.LogCaptureFixture,
+    command: bool,
+    fragment: int,
+    limit: int,
+) -> None:
+    receiver = receive(max_file_mb=1)
+    assoc = _associate(receiver.port, (CT,))
+    assert assoc.is_established
+    cx = _context_id(assoc, CT)
+    raw = _raw(assoc)
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        if command:
+            raw.sendall(_store_command(cx, CT))
+        # Up to 64 MiB in 256 KiB fragments, never the last: the receiver ends it past its cap.
+        sent = _offer(raw, _p_data_tf(cx, fragment, b"\x00" * (256 * 1024)), 256)
+        _until("the association was not aborted", lambda: assoc.is_aborted)
+    assert sent < 16 * 1024 * 1024, "the receiver took far more than its cap before the abort"
+    assert _refusals(core, "message_too_large") == 1.0
+    assert _receiver_lines(caplog) == [
+        f"DICOM association aborted (message_too_large) from 127.0.0.1, calling AE '{SCANNER}': a message "
+        "(a C-STORE's data set) past limits.max_file_mb, or another message past 64 KiB, refused unread from "
+        f"there (more than {limit} bytes in one message)"
+    ]
+    _until("the part written was not removed", lambda: not list(_spool(core).iterdir()))
+    assert _inputs(core.journal) == []
+    assert _store(receiver.port, CT) == [SUCCESS]  # and a store within the cap is served
+
+
+@pytest.mark.parametrize("end", ["abort", "close"])
+def test_a_store_ended_half_way_by_the_scanner_leaves_nothing_in_the_spool(
+    core: ScoringCore, receive: Receive, end: str
+) -> None:
+    receiver = receive()
+    assoc = _associate(receiver.port, (CT,))
+    assert assoc.is_established
+    cx = _context_id(assoc, CT)
+    raw = _raw(assoc)
+    raw.sendall(_store_command(cx, CT) + _p_data_tf(cx, 0x00, b"\x00" * (256 * 1024)))
+    # Half a data set is on its way to the spool: wait until its part is there, then end the association.
+    _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
+    if end == "abort":
+        assoc.abort()  # A-ABORT
+    else:
+        raw.shutdown(socket.SHUT_RDWR)  # the connection drops
+    _until("the part was not removed", lambda: not list(_spool(core).iterdir()))
+    assert _inputs(core.journal) == []
+    assoc.abort()
     assert _store(receiver.port, CT) == [SUCCESS]
 
 

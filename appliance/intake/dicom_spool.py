@@ -1,0 +1,235 @@
+"""A C-STORE's data set written into the spool folder as it arrives, never gathered in memory: within a cap on
+one message's size and the spool disk's free space, then hashed and moved into place durably once whole.
+
+pynetdicom 3.0.4 gathers a DIMSE message's fragments in a BytesIO until the last one (dimse_messages.py,
+``DIMSEMessage.decode_msg``): anyone who may associate could make it hold a data set of many GB. Its remedy,
+``_config.STORE_RECV_CHUNKED_DATASET``, is process-wide (the outbox's associations too) and writes to the
+system's temporary folder, where an aborted association's part is never removed. Here each accepted
+association's DIMSE provider gives decode_msg, as soon as a C-STORE-RQ's command set is whole, a file of ours
+in the spool folder, in the very attribute that flag would fill (``_data_set_file``): decode_msg writes each
+fragment into it, the handler finds it at ``Event.dataset_path``, and pynetdicom closes and unlinks what the
+handler leaves, as it does its own. The file holds what the receiver always spooled: a file meta made only of
+the request (SOP class and instance, the context's transfer syntax, pynetdicom's implementation UID, as
+``Event.encoded_dataset`` makes it), then the data set's bytes as the scanner encoded them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, cast
+
+from pydicom.uid import UID
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import P_DATA
+
+from appliance.journal.content_hash import digest_stream
+
+PART_SUFFIX = ".part"  # a data set still arriving (or left by a crash: the next start clears the spool)
+# A command set is some 200 bytes, and only a C-STORE-RQ brings a data set worth spooling (this receiver serves
+# C-ECHO and C-STORE): anything else is held in memory, so it is held to this.
+MAX_OTHER = 64 * 1024
+
+# Why a data set was not kept: a sentence (no room, said as the receiver says it), or the failure itself.
+Trouble = str | Exception
+
+
+@dataclass(frozen=True)
+class Spool:
+    """Where and within what a C-STORE's data set is written as it arrives."""
+
+    folder: Path
+    max_bytes: int  # one message's command and data set together (limits.max_file_mb)
+    room: Callable[[int], str | None]  # why ``n`` more bytes cannot be kept now, or None
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A data set moved into place: its path in the spool, its size and content hash (of the whole file)."""
+
+    path: Path
+    size: int
+    content_hash: str
+
+
+class SpoolingDimse(DIMSEServiceProvider):
+    """An association's DIMSE provider that counts each message as its fragments arrive and writes a
+    C-STORE-RQ's data set to a file in the spool. Past the cap it ends the association through ``abort``
+    (the bounded socket's A-ABORT) and takes nothing more; without room, or where the file cannot be
+    written, it takes the rest of the data set unkept and says why to the handler (``received``)."""
+
+    _spool: Spool
+    _abort: Callable[[str], None]
+    _size: int  # bytes of the message in progress
+    _trouble: Trouble | None  # why the message in progress is not being kept
+    _ended: bool  # aborted: nothing more is taken
+    _parts: set[Path]  # files written for this association and not yet moved into place
+    _troubles: dict[int, Trouble]  # by message ID: C-STOREs whole but not kept, until their handler asks
+
+    @classmethod
+    def adopt(cls, dimse: DIMSEServiceProvider, spool: Spool, abort: Callable[[str], None]) -> SpoolingDimse:
+        """Take over the provider pynetdicom made for an association before the association starts."""
+        dimse.__class__ = cls
+        adopted = cast(SpoolingDimse, dimse)
+        adopted._spool = spool
+        adopted._abort = abort
+        adopted._size = 0
+        adopted._trouble = None
+        adopted._ended = False
+        adopted._parts = set()
+        adopted._troubles = {}
+        return adopted
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        # One fragment at a time: the file must be in place before the first data set fragment that follows
+        # the command set's last, which may come in the same P-DATA.
+        for context_id, data in primitive.presentation_data_value_list:
+            if self._ended:
+                return
+            self._take(int(context_id), bytes(data))
+
+    def _take(self, context_id: int, data: bytes) -> None:
+        if self.message is None:  # a new message
+            self._size, self._trouble = 0, None
+        storing = isinstance(self.message, C_STORE_RQ)  # its command set whole: the data set follows
+        self._size += len(data) - 1
+        limit = self._spool.max_bytes if storing else MAX_OTHER
+        if self._size > limit:
+            self.close()
+            self._abort(f"more than {limit} bytes in one message")
+            return
+        if storing and self._trouble is None and not data[0] & 1:
+            problem = self._spool.room(len(data) - 1)
+            if problem is not None:
+                self._drop(problem)
+        if self._trouble is not None and storing:
+            data = data[:1]  # the rest of a data set not kept: counted, never held
+        message = self.message
+        try:
+            super().receive_primitive(_fragment(context_id, data))
+        except OSError as e:  # the fragment's write failed (a full disk): nothing else of it was taken
+            if not storing or self._trouble is not None:
+                raise
+            self._drop(e)
+            super().receive_primitive(_fragment(context_id, data[:1]))
+        if self.message is None:  # whole: handed to the association's queue
+            if storing and self._trouble is not None and message is not None:
+                self._troubles[int(message.command_set.MessageID)] = self._trouble
+        elif isinstance(self.message, C_STORE_RQ) and not storing:
+            self._open(self.message, context_id)
+
+    def _open(self, message: C_STORE_RQ, context_id: int) -> None:
+        """The file the data set is written to, starting with its file meta; or why not."""
+        part: IO[bytes] | None = None
+        try:
+            command = message.command_set
+            [context] = [cx for cx in self.assoc.accepted_contexts if cx.context_id == context_id]
+            meta = create_file_meta(
+                sop_class_uid=UID(command.AffectedSOPClassUID),
+                sop_instance_uid=UID(command.AffectedSOPInstanceUID),
+                transfer_syntax=UID(context.transfer_syntax[0]),
+            )
+            head = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+            problem = self._spool.room(len(head))
+            if problem is not None:
+                self._trouble = problem
+                return
+            part = tempfile.NamedTemporaryFile(  # noqa: SIM115 (pynetdicom closes it, after the handler)
+                mode="wb", dir=self._spool.folder, prefix="dicom-", suffix=PART_SUFFIX, delete=False
+            )
+            self._parts.add(Path(part.name))
+            part.write(head)
+        except Exception as e:  # a failed write, or a request no file meta can be made of: answered 0xA700
+            self._trouble = e
+            if part is not None:
+                _discard(part)
+            return
+        # decode_msg writes each data set fragment to it, and message_to_primitive hands it to the handler.
+        message._data_set_file = cast(Any, part)
+        message._data_set_path = Path(part.name)
+
+    def _drop(self, trouble: Trouble) -> None:
+        """Stop keeping the data set in progress: its file goes, the rest of it is taken unkept."""
+        self._trouble = trouble
+        message = self.message
+        part = getattr(message, "_data_set_file", None)
+        if message is not None and part is not None:
+            message._data_set_file = None
+            message._data_set_path = None
+            _discard(part)
+
+    def received(self, event: Event) -> Path | Trouble:
+        """For the C-STORE handler: the file its data set was written to, or why it was not kept."""
+        request = cast(C_STORE, event.request)
+        trouble = self._troubles.pop(int(request.MessageID or 0), None)
+        if trouble is not None:
+            return trouble
+        path = request._dataset_path
+        if not isinstance(path, Path):  # a C-STORE-RQ without a data set: nothing to keep
+            return "no data set"
+        return path
+
+    def keep(self, part: Path) -> Kept:
+        """Move a whole data set's file into place durably (fsync, rename to ``.dcm``, fsync of the folder),
+        hashed as it is read back for the fsync; OSError where any step fails (the part is then removed)."""
+        path = part.with_suffix(".dcm")
+        try:
+            with open(part, "rb") as f:
+                content_hash = digest_stream(f)
+                size = f.tell()
+                os.fsync(f.fileno())
+            os.replace(part, path)
+            self._parts.discard(part)
+            folder = os.open(part.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except BaseException:
+            remove(part)
+            remove(path)
+            raise
+        return Kept(path, size, content_hash)
+
+    def close(self) -> None:
+        """Take nothing more and remove what this association wrote and no handler kept (the message in
+        progress, and any queued that no handler will now see)."""
+        self._ended = True
+        self._drop("the association ended")
+        for part in list(self._parts):
+            remove(part)
+        self._parts.clear()
+        self._troubles.clear()
+
+
+def spooling(assoc: Association) -> SpoolingDimse:
+    """An association's provider (every association the receiver accepts spools)."""
+    dimse = assoc.dimse
+    if not isinstance(dimse, SpoolingDimse):
+        raise TypeError("an association without the spooling DIMSE provider")
+    return dimse
+
+
+def _fragment(context_id: int, data: bytes) -> P_DATA:
+    one = P_DATA()
+    one.presentation_data_value_list = [cast(Any, [context_id, data])]  # a list, as its setter checks
+    return one
+
+
+def _discard(part: IO[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        part.close()
+    remove(Path(part.name))
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # gone already, or its folder is (the spool replaced under us)
+        path.unlink()
