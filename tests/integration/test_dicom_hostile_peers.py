@@ -1,12 +1,15 @@
 """Hostile peers on the real daemon's DICOM port (issue 19), with raw sockets: silent half-sent requests from
-many hosts, a request declaring 4 GiB followed by 1 GiB, an allowed AE title holding its cap. A real scanner
+many hosts, a request declaring 4 GiB followed by 1 GiB, an allowed AE title holding its cap or sending a
+C-STORE of 1 GiB past limits.max_file_mb. A real scanner
 (DCMTK's echoscu and storescu) is served throughout, the daemon's memory stays bounded, and every refusal is
 logged and counted. Several hosts are 127.0.0.x: Linux routes all of 127/8 on loopback."""
 
 from __future__ import annotations
 
+import io
 import select
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -14,9 +17,15 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.integration.conftest import Daemon, free_port
@@ -28,9 +37,12 @@ pytestmark = needs("storescu", "echoscu")
 SCANNER, HOG, APPLIANCE = "SCANNER", "HOG", "APPLIANCE"
 CT = Path(str(get_testdata_file("CT_small.dcm")))
 _MIB = 1024 * 1024
+CT_CLASS = str(dcmread(CT, stop_before_pixels=True).SOPClassUID)
 
 
-def _daemon(make_daemon: type[Daemon], **dicom: object) -> tuple[Daemon, int, int]:
+def _daemon(
+    make_daemon: type[Daemon], limits: dict[str, object] | None = None, **dicom: object
+) -> tuple[Daemon, int, int]:
     """The real daemon receiving from SCANNER (bound to 127.0.0.1) and HOG (from any host); its DICOM and
     metrics ports."""
     port, metrics = free_port(), free_port()
@@ -38,6 +50,7 @@ def _daemon(make_daemon: type[Daemon], **dicom: object) -> tuple[Daemon, int, in
     d = make_daemon(
         dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": allowed, **dicom},
         server={"metrics_port": metrics},
+        **({"limits": limits} if limits else {}),
     )
     d.start()
     return d, port, metrics
@@ -213,10 +226,122 @@ def test_an_allowed_ae_holding_its_cap_shuts_out_no_other_caller(make_daemon: ty
     )
 
 
-def _associate(port: int, calling: str, host: str) -> Association:
+def test_an_allowed_ae_s_store_past_max_file_mb_is_aborted_as_it_arrives_and_memory_stays_bounded(
+    make_daemon: type[Daemon],
+) -> None:
+    d, port, metrics = _daemon(make_daemon, limits={"max_file_mb": 2})
+    assert d.proc is not None
+    pid = d.proc.pid
+    rss_before, hwm_before = _memory_kib(pid)
+    offered: list[int] = []  # data set bytes the kernel took per C-STORE before the daemon ended it
+    peak = [rss_before]
+    stop = threading.Event()
+    first = threading.Event()
+
+    def attack() -> None:
+        # HOG, an allowed AE title, associates properly and starts a C-STORE whose data set goes on for up to
+        # 1 GiB in 256 KiB P-DATA-TF PDUs, never the last fragment; again and again while the scanner sends.
+        while not stop.is_set():
+            assoc = _associate(port, HOG, "127.0.0.2", storage=True)
+            assert assoc.is_established
+            cx = next(int(c.context_id or 0) for c in assoc.accepted_contexts if c.abstract_syntax == CT_CLASS)
+            raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            assert raw is not None
+            fragment = _p_data_tf(cx, 0x00, b"\x00" * (256 * 1024))
+            sent = 0
+            try:
+                raw.sendall(_store_command(cx, CT_CLASS, generate_uid()))
+                while sent < 1 << 30:
+                    raw.sendall(fragment)
+                    sent += len(fragment)
+                    if sent % (16 * _MIB) == 0:
+                        peak[0] = max(peak[0], _memory_kib(pid)[0])
+            except OSError:
+                pass  # ended by the daemon: what is expected
+            offered.append(sent)
+            peak[0] = max(peak[0], _memory_kib(pid)[0])
+            deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
+            while not assoc.is_aborted and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assoc.abort()
+            first.set()
+
+    attacker = threading.Thread(target=attack, daemon=True)
+    attacker.start()
+    try:
+        assert first.wait(120), "the first oversized C-STORE was never ended"
+        attempts_before = len(offered)
+        _scanner_sends(port)
+        _until("the attack went on while the scanner sent", lambda: len(offered) > attempts_before, d)
+    finally:
+        stop.set()
+        attacker.join(timeout=120)
+    assert not attacker.is_alive()
+    [scored] = d.collect(1)  # the scanner's instance
+    assert scored.sop_instance_uid == str(dcmread(CT, stop_before_pixels=True).SOPInstanceUID)
+    rss_after, hwm_after = _memory_kib(pid)
+    assert max(offered) < 64 * _MIB, "the daemon took far more than limits.max_file_mb before ending the C-STORE"
+    # A behaviour bound, not a timing: the daemon never held a data set in memory.
+    assert (peak[0] - rss_before) < 100 * 1024, (rss_before, peak[0])
+    assert (hwm_after - hwm_before) < 100 * 1024, (hwm_before, hwm_after)
+    assert _refusals(metrics).get("message_too_large", 0) >= 2
+    line = (
+        "DICOM association aborted (message_too_large) from 127.0.0.2, calling AE 'HOG': a message (a C-STORE's "
+        "data set) past limits.max_file_mb, or another message past 64 KiB, refused unread from there "
+        "(more than 2097152 bytes in one message)"
+    )
+    log = d.log()
+    assert line in log
+    assert log.count("DICOM association aborted (message_too_large)") == 1  # throttled: one line a minute
+    # Nothing of HOG's was kept: the spool empties once the scanner's instance is scored, and the journal holds
+    # that instance only.
+    spool = d.root / "data" / "spool"
+    _until("the spool emptied", lambda: not list(spool.iterdir()), d)
+    d.stop()
+    with sqlite3.connect(d.root / "data" / "journal.sqlite3") as db:
+        inputs = db.execute("SELECT source, state, instance_uid FROM inputs").fetchall()
+    assert inputs == [("dicom", "scored", scored.sop_instance_uid)]
+    print(
+        f"\noversized C-STORE: {len(offered)} attempts by an allowed AE title, at most {max(offered) / _MIB:.1f} MiB "
+        f"of data set taken by the kernel before the abort; daemon RSS before {rss_before / 1024:.0f} MiB, peak "
+        f"sampled {peak[0] / 1024:.0f} MiB, after {rss_after / 1024:.0f} MiB; VmHWM {hwm_before / 1024:.0f} -> "
+        f"{hwm_after / 1024:.0f} MiB\n{_lines(log, 'DICOM association aborted')}"
+    )
+
+
+def _p_data_tf(context_id: int, control: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one fragment (``control``: 0 a data set's, 1 a command set's, +2 the last)."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, bytes([control]) + data]]  # type: ignore[list-item]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def _store_command(context_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """A C-STORE-RQ's whole command set, in P-DATA-TF PDUs (as pynetdicom encodes it)."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
+    request.Priority = 2
+    request.DataSet = io.BytesIO(b"\x00")  # says a data set follows; the test sends its own
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return b"".join(
+        _p_data_tf(context_id, data[0], data[1:])
+        for primitive in message.encode_msg(context_id, 1 << 20)
+        for _, data in primitive.presentation_data_value_list
+        if data[0] & 1
+    )
+
+
+def _associate(port: int, calling: str, host: str, storage: bool = False) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(Verification)
+    if storage:
+        ae.add_requested_context(CT_CLASS)
     return ae.associate("127.0.0.1", port, ae_title=APPLIANCE, bind_address=(host, 0))
 
 
