@@ -125,6 +125,17 @@ class ExcessPixelData(InputRejected):
     default_message = "The DICOM Pixel Data holds more frames than its header declares (Number of Frames)."
 
 
+class CodestreamMismatch(InputRejected):
+    """A compressed frame whose own header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ, RLE segment count) gives
+    other sizes than the DICOM header's: refused before it is decoded, since decoders size their output by it."""
+
+    code = "codestream_mismatch"
+    default_message = (
+        "A compressed frame's own header gives other image sizes than the DICOM header (Rows, Columns, Samples per "
+        "Pixel, Bits Allocated); it is refused before decoding."
+    )
+
+
 class DecodeOutOfMemory(InputRejected):
     code = "decode_out_of_memory"
     default_message = "Decoding this file ran out of the memory a decode worker may use (limits.worker_memory_mb)."

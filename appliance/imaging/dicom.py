@@ -31,6 +31,7 @@ from appliance.domain.errors import (
     UnsupportedTransferSyntax,
 )
 from appliance.domain.manifest import Preprocess
+from appliance.imaging.codestream import check_frames
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta, ShrinkTo
 from appliance.privacy import header_value
 
@@ -393,6 +394,7 @@ def _decode(
     _check_decoder(ds)
     _check_pixel_length(ds, frames)
     _check_jp2_boxes(ds)
+    check_frames(ds, frames)  # a codestream that claims other sizes never reaches a decoder
     photometric = meta.photometric.upper()
     if photometric not in _GRAY + _COLOR:
         label = header_value("PhotometricInterpretation", photometric)

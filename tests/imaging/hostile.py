@@ -6,14 +6,17 @@ import io
 import struct
 import zlib
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -106,3 +109,60 @@ def rle_fragments(frames: int, fragments: int, rows: int = 64, cols: int = 64) -
     ds.PixelData = encapsulate([one] * fragments, has_bot=False)
     ds["PixelData"].VR = "OB"
     return save(ds, RLELossless)
+
+
+def _encapsulated(ds: Dataset, frame: bytes, syntax: str) -> bytes:
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return save(ds, syntax)
+
+
+def jpeg_claiming(claimed: tuple[int, int], rows: int = 64, cols: int = 64, fill: bool = False) -> bytes:
+    """JPEG Baseline under a rows x cols 8-bit header, its SOF rewritten to claim `claimed` (rows, columns).
+    ``fill``: 0xFF fill bytes before each marker after SOI, as ISO/IEC 10918-1 allows."""
+    image = (np.random.default_rng(rows * cols).random((rows, cols)) * 255).astype(np.uint8)
+    jpeg = bytearray(cv2.imencode(".jpg", image)[1].tobytes())
+    at = jpeg.index(b"\xff\xc0")
+    struct.pack_into(">HH", jpeg, at + 5, *claimed)
+    if fill:
+        jpeg = bytearray(jpeg[:2] + jpeg[2:].replace(b"\xff\xdb", b"\xff\xff\xff\xdb"))
+    ds = image_header(rows, cols, BitsAllocated=8, BitsStored=8, HighBit=7)
+    return _encapsulated(ds, bytes(jpeg), JPEGBaseline8Bit)
+
+
+def jpeg_decoy(claimed: tuple[int, int], rows: int = 64, cols: int = 64) -> bytes:
+    """A JPEG whose marker chain breaks after SOI: a reader that takes any two bytes as a marker jumps over the
+    real SOF (claiming `claimed`) to a decoy of rows x cols, while libjpeg skips to the next 0xFF and reads the
+    real one."""
+    image = (np.random.default_rng(7).random((rows, cols)) * 255).astype(np.uint8)
+    jpeg = bytearray(cv2.imencode(".jpg", image)[1].tobytes())
+    at = jpeg.index(b"\xff\xc0")
+    sof = bytes(jpeg[at : at + 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")])
+    real = bytearray(sof)
+    struct.pack_into(">HH", real, 5, *claimed)
+    # b"\x00\x00" read as a marker with length len(real) + 2 lands exactly on the decoy
+    junk = b"\x00\x00" + struct.pack(">H", len(real) + 2)
+    body = bytes(jpeg[2:at]) + bytes(jpeg[at + len(sof) :])
+    stream = b"\xff\xd8" + junk + bytes(real) + sof + body
+    ds = image_header(rows, cols, BitsAllocated=8, BitsStored=8, HighBit=7)
+    return _encapsulated(ds, stream, JPEGBaseline8Bit)
+
+
+def compressed_claiming(syntax: str, claimed: tuple[int, int] | None, rows: int = 64, cols: int = 64) -> bytes:
+    """A 16-bit (12 stored) frame compressed by pydicom's own encoders (JPEG-LS, JPEG 2000, RLE), its codestream's
+    size then rewritten to `claimed` (rows, columns); None: left as encoded."""
+    ds = image_header(rows, cols, BitsStored=12, HighBit=11)
+    ds.PixelData = (np.arange(rows * cols, dtype=np.uint16) % 4093).astype(np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.compress(syntax, **({"j2k_cr": [20]} if syntax == JPEG2000 else {}))
+    frame = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    if claimed is not None:
+        if frame.startswith(b"\xff\x4f"):  # JPEG 2000: SIZ's Xsiz, Ysiz (offsets 0)
+            struct.pack_into(">II", frame, 8, claimed[1], claimed[0])
+        elif frame.startswith(b"\xff\xd8"):  # JPEG-LS: SOF55's rows, columns
+            at = frame.index(b"\xff\xf7")
+            struct.pack_into(">HH", frame, at + 5, *claimed)
+        else:  # RLE: no sizes; the segment count instead
+            struct.pack_into("<I", frame, 0, claimed[0])
+    return _encapsulated(ds, bytes(frame), syntax)
