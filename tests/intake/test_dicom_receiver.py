@@ -542,6 +542,25 @@ def test_a_store_ended_half_way_by_the_scanner_leaves_nothing_in_the_spool(
     assert _store(receiver.port, CT) == [SUCCESS]
 
 
+def test_a_store_that_runs_out_of_room_as_it_arrives_is_answered_out_of_resources_and_kept_nowhere(
+    core: ScoringCore, receive: Receive
+) -> None:
+    receiver = receive()
+    assoc = _associate(receiver.port, (CT,))
+    assert assoc.is_established
+    cx = _context_id(assoc, CT)
+    raw = _raw(assoc)
+    quarter = b"\x00" * (256 * 1024)
+    raw.sendall(_store_command(cx, CT) + _p_data_tf(cx, 0x00, quarter))
+    _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
+    core.faults.report(OSError(errno.ENOSPC, "No space left on device"))  # as a failed write elsewhere says it
+    raw.sendall(_p_data_tf(cx, 0x00, quarter) + _p_data_tf(cx, 0x02, quarter))  # the rest, to the last fragment
+    _, answer = assoc.dimse.get_msg(block=True)  # the C-STORE-RSP
+    assert answer is not None and int(getattr(answer, "Status", -1)) == OUT_OF_RESOURCES
+    assert list(_spool(core).iterdir()) == [] and _inputs(core.journal) == []
+    assoc.release()
+
+
 def test_a_receiver_on_the_network_without_tls_says_so_at_start(
     receive: Receive, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -682,6 +701,24 @@ def test_tls_takes_a_scanner_with_a_certificate_and_refuses_plain_and_anonymous_
 
 
 @needs("storescu", "echoscu")
+def test_a_tls_handshake_not_whole_by_the_request_deadline_is_closed(
+    core: ScoringCore, receive: Receive, certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # timeout_s (20) is for what follows trust; before it, the handshake has request_timeout_s.
+    receiver = receive(tls_cert=certs / "server.crt", tls_key=certs / "server.key", request_timeout_s=0.5)
+    with (
+        caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"),
+        socket.create_connection((HOST, receiver.port), timeout=10) as sock,
+    ):
+        sock.sendall(b"\x16\x03\x01")  # the start of a TLS record (a ClientHello), then nothing
+        assert _read_to_end(sock) == b""
+    assert _refusals(core, "tls") == 1.0
+    assert _receiver_lines(caplog) == [
+        "DICOM connection refused (tls) from 127.0.0.1: no TLS session (no TLS handshake within "
+        "dicom.request_timeout_s)"
+    ]
+
+
 def test_dcmtk_echoscu_and_storescu_are_served_and_a_stranger_is_refused(core: ScoringCore, receive: Receive) -> None:
     port = receive().port
     echo = echoscu(HOST, port, SCANNER, APPLIANCE)
