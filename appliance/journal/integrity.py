@@ -249,11 +249,12 @@ def diagnose(path: Path, identity_dir: Path | None = None) -> Diagnosis:
     except JournalDamaged as e:
         unreadable = e.message.removeprefix(f"The journal {path} ").split("; nothing was changed")[0]
         return Diagnosis("damaged", unreadable, None)
-    said = (
-        f" (its marker {marker_path(path).name} names journal {marker.journal_id}, #{marker.floor} issued)"
-        if marker
-        else ""
+    which = (
+        f"marker {marker_path(path).name}"
+        if identity_dir is None or marker_path(path).exists()
+        else f"marker's copy {copy_path(path, identity_dir)}"
     )
+    said = f" (its {which} names journal {marker.journal_id}, #{marker.floor} issued)" if marker else ""
     if not path.exists():
         if marker is None:
             return Diagnosis("new", None, None)

@@ -395,7 +395,7 @@ def test_the_data_folder_emptied_is_refused_not_started_anew(kept_apart: tuple[P
     for part in path.parent.iterdir():
         part.unlink()
     message = _refused_apart(path, identity)
-    assert "is missing" in message and f"#{RESULTS} issued" in message
+    assert "is missing" in message and f"#{RESULTS} issued" in message and "marker's copy" in message
     assert not path.exists()
     lines = recover(path, identity)
     assert any(f"continue after #{marker.ceiling} " in line for line in lines), lines
