@@ -68,6 +68,9 @@ class GrpcServer:
                 ("grpc.keepalive_time_ms", 60_000),
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.max_connection_idle_ms", 3_600_000),
+                # grpc sets SO_REUSEPORT by default: a second daemon (or any process of this user) would bind the
+                # same port beside this one and take half of the terminals' connections, silently.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.service.bind(asyncio.get_running_loop())

@@ -46,3 +46,24 @@ def test_model_that_does_not_match_its_manifest(tmp_path: Path) -> None:
     r = _run(cfg)
     assert r.returncode == 2
     assert "input shape" in r.stderr and "model.toml" in r.stderr
+
+
+def test_a_grpc_port_already_taken_is_refused_not_shared(tmp_path: Path) -> None:
+    """grpc binds with SO_REUSEPORT unless told not to: another process on the port would take half the
+    terminals' connections without a word."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another grpc server would bind it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "in").mkdir()
+        cfg = tmp_path / "a.toml"
+        cfg.write_text(
+            f'[watch]\ndir = "{tmp_path / "in"}"\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+            f'[model]\ndir = "{TEST_MODEL}"\n[server]\nport = {port}\nmetrics_port = 0\n'
+        )
+        r = _run(cfg)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"Cannot listen on 127.0.0.1:{port}" in r.stderr
