@@ -7,13 +7,19 @@ input that was in the pool is tried again alone in a fresh process: one that kil
 rejected as decoder_crashed, the others are scored as usual.
 
 Each worker process may use limits.worker_memory_mb of data memory (a file that needs more is rejected
-as decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); threads have neither.
+as decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); threads have neither. A
+worker that ran out of memory, or holds more than half its cap after a file (a decoder that failed without
+freeing what it took), is recycled: the pool's workers are replaced by fresh ones once their files are done,
+and the old ones' memory goes back to the system. A call that never returns (a worker wedged where no signal
+reaches it) is ended from here after STUCK_FACTOR times the time limit, and closing ends what is still running
+after CLOSE_WAIT_S: no input can stay in flight for good, and stopping never waits on one.
 
 A file from the watched folder is read once: the worker hashes the bytes it decodes (`read_ahead`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -24,6 +30,7 @@ import signal
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -51,8 +58,10 @@ log = logging.getLogger(__name__)
 Mode = Literal["processes", "threads"]
 DAEMON_CHECK_S = 1.0
 Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the ingest screened it
-# A call to retry alone: the worker function, its arguments, and what to answer if it kills two workers.
-Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[], Any]]
+# A call to retry alone: the worker function, its arguments, and what to answer if it kills (or wedges) two
+# workers, given the rejection to answer with.
+Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[InputRejected], Any]]
+# A call still running this many times the per-file limit (past the CPU backstop) is wedged: its workers are ended.
 
 _preparer: Preparer | None = None  # one per worker process (or one shared by the threads)
 _timeout_s = 0.0  # a worker process's limit per file; 0: none
@@ -60,6 +69,21 @@ _armed = False  # SIGALRM ends a file only while one is being prepared
 # A decoder stuck in native code never returns to Python, where SIGALRM's handler runs: past this many
 # times the limit in CPU seconds the kernel ends the worker (SIGXCPU), and the pool's retries take over.
 CPU_BACKSTOP = 4
+# A call still running this many times the per-file limit (past the CPU backstop) is wedged: its workers are ended.
+STUCK_FACTOR = CPU_BACKSTOP + 1
+STUCK_MARGIN_S = 10.0
+CLOSE_WAIT_S = 5.0  # closing: how long the files being decoded may take to finish before their workers are ended
+RECYCLE_FRACTION = 0.5  # a worker holding more than this share of its memory cap after a file is replaced
+_recycle_above = 0  # bytes resident; 0: never
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a worker process sends back for a call: its value or its error, and whether it should be replaced."""
+
+    value: Any
+    error: BaseException | None
+    recycle: bool
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,9 @@ def init_worker(
     global _preparer, _timeout_s
     quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
     _preparer = Preparer(manifest, limits, display_side=display_side)
+    # Its thread started now, not at the first read-ahead: a thread started by a worker at its memory cap
+    # never signals that it runs, and Thread.start() then waits for good (the probe's stuck in-flight count).
+    _hasher().submit(int).result()
     if daemon is not None:  # a worker process
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,17 +120,41 @@ def init_worker(
         _exit_with(*daemon)
 
 
+def answer(fn: Callable[..., Any], *args: Any) -> Answer:
+    """`fn(*args)` in a worker process, with whether the worker should now be replaced: it ran out of memory,
+    or still holds more than RECYCLE_FRACTION of its cap (what glibc keeps for reuse is far below that)."""
+    try:
+        value, error = fn(*args), None
+    except BaseException as e:
+        value, error = None, e
+    out_of_memory = isinstance(error, MemoryError | DecodeOutOfMemory) or (
+        isinstance(value, ReadAhead) and isinstance(value.error, MemoryError | DecodeOutOfMemory)
+    )
+    if error is not None:
+        error.__traceback__ = None  # sent back by pickling, which drops it anyway; the frames held the arrays
+    return Answer(value, error, out_of_memory or (_recycle_above > 0 and _resident() > _recycle_above))
+
+
+def _resident() -> int:
+    """This process's resident memory in bytes (0 where /proc cannot say)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _limit_self(limits: LimitsConfig) -> None:
     """Memory cap and time limit of a worker process. RLIMIT_DATA, not RLIMIT_AS: the address space also
     counts what threads and libraries reserve without using (glibc's 64 MiB per-thread arenas, OpenCV's
     pool), which says little of the memory a decode takes."""
-    global _timeout_s
+    global _timeout_s, _recycle_above
     # A core dump of a decode worker would hold a patient's image and header: never written.
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     if limits.worker_memory_mb > 0:
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         cap = limits.worker_memory_mb << 20
         resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+        _recycle_above = int(cap * RECYCLE_FRACTION)
     if limits.decode_timeout_s > 0:
         _timeout_s = limits.decode_timeout_s
         signal.signal(signal.SIGALRM, _overtime)
@@ -232,8 +283,21 @@ def _ready(hold_s: float) -> int:
     return os.getpid()
 
 
-def _decoder_crashed() -> Any:
-    raise DecoderCrashed()
+def _rejected(error: InputRejected) -> Any:
+    raise error
+
+
+# Each process pool's workers, by pid. ProcessPoolExecutor gives no public way to reach them before Python 3.14
+# (kill_workers), and drops its own reference at shutdown, while its manager thread still waits on them.
+_processes_of: weakref.WeakKeyDictionary[Executor, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def _end_workers(pool: Executor) -> None:
+    """Kill a process pool's workers: the pool breaks, and what they held is retried alone (or cancelled when
+    closing)."""
+    for process in list(_processes_of.get(pool, {}).values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # already gone
+            process.kill()
 
 
 class PreparePool:
@@ -244,13 +308,22 @@ class PreparePool:
         self._init_args = worker_initargs(manifest, limits, mode == "processes", display_side)
         self._workers = workers
         self.mode = mode
+        # A call running longer than this is wedged (0: no time limit, so none is judged wedged).
+        self._stuck_s = STUCK_FACTOR * limits.decode_timeout_s + STUCK_MARGIN_S if limits.decode_timeout_s else 0.0
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # a call in `_running` was answered
         self._closing = False
+        self._closed = threading.Event()
         self._generation = 0
         self._pool = self._new_pool(workers)
+        # Calls in a worker process: the pool they were given to, and when they were first seen running.
+        self._running: dict[Future[Any], tuple[Executor, float | None]] = {}
+        self._lone: Executor | None = None
         self._suspects: queue.Queue[tuple[Future[Any], Call] | None] = queue.Queue()
         self._retrier = threading.Thread(target=self._retry_alone, name="prepare-retry", daemon=True)
         self._retrier.start()
+        if self.mode == "processes" and self._stuck_s:
+            threading.Thread(target=self._watch, name="prepare-watch", daemon=True).start()
 
     def _new_pool(self, workers: int) -> Executor:
         if self.mode == "threads":
@@ -260,7 +333,9 @@ class PreparePool:
         # the daemon itself, whose gRPC and SQLite threads a fork would copy mid-flight.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=self._init_args)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=self._init_args)
+        _processes_of[pool] = getattr(pool, "_processes", {})  # filled as workers start: the same dict
+        return pool
 
     def warm(self) -> None:
         """Start every worker now (imports, forks) rather than on the first files of a burst."""
@@ -269,17 +344,19 @@ class PreparePool:
             call.result(timeout=120)
 
     def prepare(self, path: Path, file_name: str) -> Future[Prepared]:
-        return self._submit(prepare_file, (str(path), file_name), _decoder_crashed)
+        return self._submit(prepare_file, (str(path), file_name), _rejected)
 
     def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
         key: Screened = (screened.st_ino, screened.st_size, screened.st_mtime_ns)
 
-        def crashed() -> ReadAhead:  # the journal still needs the content's hash to record why
-            return ReadAhead(digest_file(path, screened), None, DecoderCrashed())
+        def rejected(error: InputRejected) -> ReadAhead:  # the journal still needs the content's hash to record why
+            return ReadAhead(digest_file(path, screened), None, error)
 
-        return self._submit(read_ahead, (str(path), key, file_name), crashed)
+        return self._submit(read_ahead, (str(path), key, file_name), rejected)
 
-    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], crashed: Callable[[], Any]) -> Future[Any]:
+    def _submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], rejected: Callable[[InputRejected], Any]
+    ) -> Future[Any]:
         """The outer future always completes: with the result, the input's own error, or cancelled when
         the pool is closing (the input then stays queued in the journal for the next start)."""
         outer: Future[Any] = Future()
@@ -290,29 +367,57 @@ class PreparePool:
                     return outer
                 generation, pool = self._generation, self._pool
             try:
-                inner = pool.submit(fn, *args)
+                inner = pool.submit(*self._call(fn, args))
             except BrokenProcessPool:  # a worker died between files, with nothing pending to notice it
                 self._renew(generation)
                 continue
-            call: Call = (fn, args, crashed)
+            except RuntimeError:  # recycled meanwhile: this pool was shut down; the next one takes it
+                continue
+            if self.mode == "processes":
+                with self._lock:
+                    self._running[inner] = (pool, None)
+            call: Call = (fn, args, rejected)
             inner.add_done_callback(functools.partial(self._settle, outer=outer, generation=generation, call=call))
             return outer
         raise BrokenProcessPool("the decode pool broke again as soon as it was renewed")
 
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What to submit: worker processes answer with an Answer (the value and whether to recycle)."""
+        return (answer, fn, *args) if self.mode == "processes" else (fn, *args)
+
     def _settle(self, inner: Future[Any], outer: Future[Any], generation: int, call: Call) -> None:
+        try:
+            self._answer(inner, outer, generation, call)
+        finally:
+            with self._lock:
+                self._running.pop(inner, None)
+                self._settled.notify_all()
+
+    def _answer(self, inner: Future[Any], outer: Future[Any], generation: int, call: Call) -> None:
         if inner.cancelled():  # shut down before it ran
             outer.cancel()
             return
         try:
-            outer.set_result(inner.result())
+            result = inner.result()
         except BrokenProcessPool:
             if self._closing:
                 outer.cancel()
                 return
             self._renew(generation)
             self._suspects.put((outer, call))
+            return
         except BaseException as e:
             outer.set_exception(e)
+            return
+        if not isinstance(result, Answer):  # threads
+            outer.set_result(result)
+            return
+        if result.recycle:
+            self._recycle(generation)
+        if result.error is not None:
+            outer.set_exception(result.error)
+        else:
+            outer.set_result(result.value)
 
     def _renew(self, generation: int) -> None:
         """Replace a broken pool once, whichever of its inputs notices first."""
@@ -324,42 +429,101 @@ class PreparePool:
             self._generation += 1
         broken.shutdown(wait=False, cancel_futures=True)
 
+    def _recycle(self, generation: int) -> None:
+        """Replace the pool's workers by fresh ones, its files still in hand finishing in the old ones: a worker
+        past its memory cap keeps what it took (a decoder's heap, glibc's arenas) and would fail the next."""
+        with self._lock:
+            if generation != self._generation or self._closing:
+                return
+            log.warning("a decode worker ran out of memory or kept too much of it; the workers are replaced")
+            old, self._pool = self._pool, self._new_pool(self._workers)
+            self._generation += 1
+        old.shutdown(wait=False)
+
     def _retry_alone(self) -> None:
         """Each input of a broken pool, alone in a fresh worker. A lone worker can also die of something
-        else (found dead from before, the OOM killer): an input is rejected only after killing two."""
-        lone: Executor | None = None
+        else (found dead from before, the OOM killer): an input is rejected only after killing two, or
+        after wedging two (past the time a call may take)."""
         while (item := self._suspects.get()) is not None:
-            outer, (fn, args, crashed) = item
+            outer, (fn, args, rejected) = item
+            error: InputRejected = DecoderCrashed()
             for _ in range(2):
-                lone = lone or self._new_pool(1)
+                if self._lone is None:
+                    self._lone = self._new_pool(1)
+                lone = self._lone
                 try:
-                    result = lone.submit(fn, *args).result()
-                except BrokenProcessPool:
+                    result = lone.submit(*self._call(fn, args)).result(timeout=self._stuck_s or None)
+                except (BrokenProcessPool, TimeoutError) as e:
+                    if isinstance(e, TimeoutError):
+                        error = DecodeTimeout(
+                            f"Decoding the file did not end within {self._stuck_s:g} s, twice; its workers were ended."
+                        )
+                    _end_workers(lone)
                     lone.shutdown(wait=False, cancel_futures=True)
-                    lone = None
+                    self._lone = None
+                    if self._closing:
+                        outer.cancel()
+                        break
                     continue
                 except BaseException as e:
                     outer.set_exception(e)
-                else:
+                    break
+                if isinstance(result, Answer) and result.recycle:
+                    lone.shutdown(wait=False)
+                    self._lone = None
+                if not isinstance(result, Answer):
                     outer.set_result(result)
+                elif result.error is not None:
+                    outer.set_exception(result.error)
+                else:
+                    outer.set_result(result.value)
                 break
             else:
-                log.error("a file crashed its decode worker again, alone; it is rejected")
+                log.error("a file crashed or wedged its decode worker again, alone; it is rejected")
                 try:
-                    outer.set_result(crashed())
+                    outer.set_result(rejected(error))
                 except BaseException as e:
                     outer.set_exception(e)
-        if lone is not None:
-            lone.shutdown(wait=True, cancel_futures=True)
+        if self._lone is not None:
+            self._lone.shutdown(wait=True, cancel_futures=True)
+
+    def _watch(self) -> None:
+        """End the workers of a pool whose call has run past the time any file may take: a worker wedged in
+        native code, or waiting on a lock no signal breaks, answers neither SIGALRM nor its CPU limit."""
+        while not self._closed.wait(DAEMON_CHECK_S):
+            now = time.monotonic()
+            wedged: list[Executor] = []
+            with self._lock:
+                for inner, (pool, since) in list(self._running.items()):
+                    if since is None:
+                        if inner.running():  # handed to a worker (or next in line for one)
+                            self._running[inner] = (pool, now)
+                    elif now - since > self._stuck_s and pool not in wedged:
+                        wedged.append(pool)
+            for pool in wedged:
+                log.error("a decode worker has not answered in %.0f s; its pool's workers are ended", self._stuck_s)
+                _end_workers(pool)
 
     def alive(self) -> bool:
         return self._retrier.is_alive()
 
-    def close(self) -> None:
-        """Inputs not yet started are cancelled; those running finish; then the retries still queued."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Inputs not yet started are cancelled; those running get ``wait_s`` to finish, then their workers
+        are ended and the inputs stay queued in the journal for the next start."""
         with self._lock:
             self._closing = True
             pool = self._pool
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._settled.wait_for(lambda: not self._running, wait_s)
+            left = {pool for pool, _ in self._running.values()}
+        for stuck in left:
+            _end_workers(stuck)
+        if self._lone is not None:
+            _end_workers(self._lone)
+        with self._lock:  # their calls answered: broken pool, cancelled inputs
+            self._settled.wait_for(lambda: not self._running, wait_s)
+        pool.shutdown(wait=True)
+        self._closed.set()
         self._suspects.put(None)
         self._retrier.join(timeout=30)
