@@ -1,17 +1,25 @@
-"""Decode worker processes: one killed mid-burst costs no file, and none outlives a killed daemon."""
+"""Decode worker processes: one killed mid-burst costs no file, none outlives a killed daemon, and no hostile file
+leaves an input in flight or holds up the stop."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from appliance.v1 import scoring_pb2 as pb
-from bench.daemon_run import process_tree
+import numpy as np
 
-from .conftest import drop, png_bytes
+from appliance.journal.journal import Journal
+from appliance.v1 import scoring_pb2 as pb
+from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from bench.daemon_run import process_tree
+from tests.imaging import hostile
+
+from .conftest import drop, free_port, png_bytes
 
 BURST = 40
 
@@ -105,3 +113,68 @@ def test_decode_workers_killed_while_idle_cost_nothing(make_daemon) -> None:
     assert sorted(r.file_name for r in results[1:]) == names
     assert all(r.outcome == pb.OUTCOME_SCORED for r in results)
     assert "a decode worker process died" in d.log()
+
+
+def _in_flight(metrics_port: int) -> list[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return [line for line in text.splitlines() if line.startswith("appliance_inputs_in_flight ")]
+
+
+def _heavy_dicom() -> bytes:
+    """80 Mpixel of 16-bit native pixels under an honest header: its decode needs well over 400 MiB."""
+    ds = hostile.image_header(8944, 8944, None, BitsStored=12, HighBit=11)
+    ds.PixelData = (np.arange(8944 * 8944, dtype=np.uint32) % 4093).astype(np.uint16).tobytes()
+    return hostile.save(ds)
+
+
+def test_hostile_codestreams_and_a_memory_cap_leave_nothing_in_flight_and_stop_cleanly(make_daemon) -> None:
+    """The security probe: a JPEG claiming 30000 x 30000 under a 64 x 64 header, two sent together by Score and
+    two dropped together (with a file past the workers' memory cap), then a normal PNG. Before, the JPEGs took
+    each worker to its cap, the in-flight count stuck at 1 and SIGTERM waited 40 s to exit 1."""
+    metrics_port = free_port()
+    d = make_daemon(server={"metrics_port": metrics_port}, limits={"worker_memory_mb": 400})
+    d.start()
+    assert d.proc is not None
+    jpeg = hostile.jpeg_claiming((30000, 30000))
+    answers: dict[str, pb.Result] = {}
+
+    def score(name: str, data: bytes) -> None:
+        with d.channel() as ch:
+            answers[name] = pb_grpc.ScoringStub(ch).Score(pb.ScoreRequest(image=data, file_name=name), timeout=120)
+
+    # distinct contents (one byte of the preamble), so none is a duplicate of another
+    senders = [threading.Thread(target=score, args=(f"sent-{n}.dcm", bytes([n]) + jpeg[1:])) for n in (1, 2)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    dropped = {"dropped-3.dcm": bytes([3]) + jpeg[1:], "dropped-4.dcm": bytes([4]) + jpeg[1:]}
+    dropped["heavy.dcm"] = _heavy_dicom()
+    for name, data in dropped.items():
+        drop(d.incoming, name, data)
+    results = {r.file_name: r for r in d.collect(5, timeout=180)}
+    score("normal.png", png_bytes(5))
+
+    assert set(answers) | set(results) == {"sent-1.dcm", "sent-2.dcm", "normal.png", *dropped}
+    for name in ("sent-1.dcm", "sent-2.dcm", "dropped-3.dcm", "dropped-4.dcm"):
+        result = answers.get(name) or results[name]
+        assert result.rejection.code == "codestream_mismatch", (name, result.rejection.message)
+        assert result.rejection.message == (
+            "Frame 1's JPEG codestream gives 30000 x 30000 pixels, 1 sample per pixel, 8 bits; "
+            "the DICOM header gives 64 x 64 pixels, 1 sample per pixel, 8 bits allocated."
+        )
+    assert results["heavy.dcm"].rejection.code == "decode_out_of_memory"
+    assert answers["normal.png"].outcome == pb.OUTCOME_SCORED
+    assert "the workers are replaced" in d.log()
+    status = d.settled(metrics_port)
+    assert _in_flight(metrics_port) == ["appliance_inputs_in_flight 0.0"]
+    assert (status.scored, status.rejected, status.queue_depth) == (1, 5, 0)
+
+    assert d.stop() == 0
+    assert "stopping took longer" not in d.log()
+    journal = Journal(d.root / "data" / "journal.sqlite3")
+    try:
+        counts = journal.counts()
+    finally:
+        journal.close()
+    assert (counts.scored, counts.rejected, counts.queued) == (1, 5, 0)  # nothing lost, nothing left in flight
