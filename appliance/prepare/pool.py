@@ -35,6 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,7 @@ from appliance.journal.content_hash import FileChanged, digest_bytes, digest_fil
 from appliance.logging_setup import quiet_pydicom
 from appliance.malloc_tuning import keep_freed_memory
 from appliance.prepare.preparer import Prepared, Preparer
+from appliance.prepare.worker_stderr import WorkerStderr, redirect_stderr
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,14 @@ def worker_initargs(
 
 
 def init_worker(
-    manifest: Manifest, limits: LimitsConfig, daemon: tuple[int, str] | None, display_side: int = 0
+    manifest: Manifest,
+    limits: LimitsConfig,
+    daemon: tuple[int, str] | None,
+    display_side: int = 0,
+    stderr: Connection | None = None,
 ) -> None:
+    """A decode worker's set-up (or the threads' shared one, ``daemon`` None). ``stderr``: the daemon's end of
+    its WorkerStderr pipe, which becomes this process's fd 2."""
     global _preparer, _timeout_s
     quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
     _preparer = Preparer(manifest, limits, display_side=display_side)
@@ -113,6 +121,8 @@ def init_worker(
     # never signals that it runs, and Thread.start() then waits for good (the probe's stuck in-flight count).
     _hasher().submit(int).result()
     if daemon is not None:  # a worker process
+        if stderr is not None:
+            redirect_stderr(stderr)
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         keep_freed_memory()
@@ -306,6 +316,10 @@ class PreparePool:
     ) -> None:
         """``display_side`` > 0: each DICOM input's Prepared also holds its display frames, for overlays."""
         self._init_args = worker_initargs(manifest, limits, mode == "processes", display_side)
+        self._stderr: WorkerStderr | None = None
+        if mode == "processes":
+            self._stderr = WorkerStderr(multiprocessing.get_context("forkserver"))
+            self._init_args += (self._stderr.writer,)
         self._workers = workers
         self.mode = mode
         # A call running longer than this is wedged (0: no time limit, so none is judged wedged).
@@ -527,3 +541,5 @@ class PreparePool:
         self._closed.set()
         self._suspects.put(None)
         self._retrier.join(timeout=30)
+        if self._stderr is not None:
+            self._stderr.close()

@@ -19,7 +19,7 @@ from appliance.v1 import scoring_pb2_grpc as pb_grpc
 from bench.daemon_run import process_tree
 from tests.imaging import hostile
 
-from .conftest import drop, free_port, png_bytes
+from .conftest import drop, free_port, jpeg_bytes, png_bytes
 
 BURST = 40
 
@@ -178,3 +178,21 @@ def test_hostile_codestreams_and_a_memory_cap_leave_nothing_in_flight_and_stop_c
     finally:
         journal.close()
     assert (counts.scored, counts.rejected, counts.queued) == (1, 5, 0)  # nothing lost, nothing left in flight
+
+
+def test_a_decode_workers_stderr_goes_through_the_log_and_its_privacy_filter(make_daemon) -> None:
+    """OpenCV's libjpeg writes "Corrupt JPEG data: premature end of data segment" to its process's fd 2 for a
+    JPEG cut short; from a worker that line reaches the daemon's log with its text withheld, never raw."""
+    d = make_daemon()
+    d.start()
+    whole = jpeg_bytes(9, size=256)
+    drop(d.incoming, "cut.jpg", whole[: len(whole) // 2] + b"\xff\xd9")
+    assert d.collect(1, timeout=60)[0].file_name == "cut.jpg"
+    log = d.log()
+    assert "Corrupt JPEG data" not in log
+    deadline = time.monotonic() + 10  # the pipe's reader logs it beside the result, in its own thread
+    while "a line of decode_worker.stderr's (its text withheld" not in log:
+        assert time.monotonic() < deadline, log[-3000:]
+        time.sleep(0.1)
+        log = d.log()
+    assert d.stop() == 0
