@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from appliance.journal.journal import Journal
 from appliance.v1 import scoring_pb2 as pb
+from bench.daemon_run import process_tree
 
 from .conftest import drop, free_port, png_bytes
 
@@ -62,3 +64,43 @@ def test_an_input_unfinished_at_several_starts_is_set_aside(make_daemon) -> None
     while not list(d.rejected.glob("*-poison.png.reason.txt")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "repeated_crash" in next(d.rejected.glob("*-poison.png.reason.txt")).read_text()
+
+
+def test_a_queued_input_that_wedges_its_worker_never_holds_up_the_stop(make_daemon) -> None:
+    """A FIFO put in place of a queued input: the worker's open() waits for a writer in the kernel, where no
+    signal of its own reaches it. The stop ends that worker after its grace and exits 0; the input stays queued."""
+    d = make_daemon()
+    d.incoming.mkdir(parents=True)
+    fifo = d.incoming / "queued.dcm"
+    os.mkfifo(fifo)
+    st = fifo.stat()
+    journal = Journal(d.root / "data" / "journal.sqlite3")
+    journal.register(
+        source="folder",
+        path=str(fifo),
+        file_name="queued.dcm",
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        content_hash="1" * 64,
+    )
+    journal.close()
+    d.start()
+    assert d.proc is not None
+    deadline = time.monotonic() + 60
+    while not any(_opening_a_fifo(pid) for pid in process_tree(d.proc.pid)):
+        assert time.monotonic() < deadline, d.log()[-3000:]
+        time.sleep(0.1)
+    assert d.stop() == 0, d.log()[-3000:]
+    assert "stopping took longer" not in d.log()
+    journal = Journal(d.root / "data" / "journal.sqlite3")
+    try:
+        assert journal.counts().queued == 1  # scored at the next start (or set aside after several)
+    finally:
+        journal.close()
+
+
+def _opening_a_fifo(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    except OSError:
+        return False
