@@ -75,7 +75,8 @@ CPU_BACKSTOP = 4
 STUCK_FACTOR = CPU_BACKSTOP + 1
 STUCK_MARGIN_S = 10.0
 CLOSE_WAIT_S = 5.0  # closing: how long the files being decoded may take to finish before their workers are ended
-RECYCLE_FRACTION = 0.5  # a worker holding more than this share of its memory cap after a file is replaced
+RECYCLE_FRACTION = 0.5  # a worker holding more than this share of its memory cap after a file is replaced,
+RECYCLE_GROWTH = 256 << 20  # and this much more than it held once started (a small cap is not crossed by imports)
 _recycle_above = 0  # bytes resident; 0: never
 
 
@@ -164,7 +165,7 @@ def _limit_self(limits: LimitsConfig) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         cap = limits.worker_memory_mb << 20
         resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-        _recycle_above = int(cap * RECYCLE_FRACTION)
+        _recycle_above = max(int(cap * RECYCLE_FRACTION), _resident() + RECYCLE_GROWTH)
     if limits.decode_timeout_s > 0:
         _timeout_s = limits.decode_timeout_s
         signal.signal(signal.SIGALRM, _overtime)

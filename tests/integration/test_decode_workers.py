@@ -71,6 +71,7 @@ def test_a_decode_worker_killed_mid_burst_costs_no_file(make_daemon) -> None:
     ]
     assert first[0].SerializeToString() == results[0].SerializeToString()
     assert "a decode worker process died" in d.log()
+    assert "the workers are replaced" not in d.log()  # ordinary files never make a worker be recycled
     assert d.status().scored == BURST
 
 
