@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from appliance.domain.result import ImageIds
+
 
 class ApplianceError(Exception):
     """Base of every error the appliance raises on purpose.
@@ -61,10 +63,13 @@ class ModelMissingError(ManifestError):
 
 
 class InputRejected(ApplianceError):
-    """An input that cannot be scored. The daemon records it, moves it aside and goes on."""
+    """An input that cannot be scored. The daemon records it, moves it aside and goes on. ``ids`` are the
+    DICOM identifiers its header gave, where it was read before the input was refused (so the rejected result
+    names its study, series and instance); they travel with the error from a decode worker."""
 
     code = "input_rejected"
     default_message = "The input could not be scored."
+    ids: ImageIds | None = None
 
 
 class EmptyFile(InputRejected):

@@ -31,6 +31,7 @@ from appliance.domain.errors import (
     UnsupportedTransferSyntax,
 )
 from appliance.domain.manifest import Preprocess
+from appliance.domain.result import ImageIds
 from appliance.imaging.codestream import check_frames
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta, ShrinkTo
 from appliance.privacy import header_value
@@ -197,16 +198,29 @@ def decode_dataset(
     With `display`, also each frame as shown at the size it gives (DecodedImage.display_frames)."""
     try:
         return _decode(ds, limits, preprocess, shrink, display)
-    except (InputRejected, MemoryError):
+    except InputRejected as e:
+        raise _naming(e, ds) from e.__cause__
+    except MemoryError:
         raise
     except Exception as e:  # truncated fragments, bad JPEG streams, malformed LUTs: the file's fault
-        raise _undecodable(ds, e) from e
+        raise _naming(_undecodable(ds, e), ds) from e
     except BaseException as e:
         # The Rust decoders (pylibjpeg-rle) panic on some corrupt data, and pyo3 raises that as
         # PanicException, which derives from BaseException so that `except Exception` misses it.
         if type(e).__name__ != "PanicException":
             raise
-        raise _undecodable(ds, e) from e
+        raise _naming(_undecodable(ds, e), ds) from e
+
+
+def _naming(error: InputRejected, ds: Dataset) -> InputRejected:
+    """The rejection, with the identifiers the header gave: its result names the study, series and instance
+    (GetResult finds it by its SOP Instance UID; a series is told of every image it lost)."""
+    if error.ids is None:
+        meta = _meta(ds)
+        error.ids = ImageIds(
+            meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number
+        )
+    return error
 
 
 def _undecodable(ds: Dataset, error: BaseException) -> CorruptDicom:

@@ -80,12 +80,15 @@ def _result(
     times: Timings,
     frame_index: int,
     frame_count: int,
+    refused_after_header: ImageIds | None = None,
     **outcome: Any,
 ) -> Result:
     """What every result holds, scored or not; ``outcome`` says which, and what it found or why not."""
     ids = ImageIds(sop_instance_uid=facts.instance_uid)  # GetResult finds a rejected instance by it too
     if meta is not None:
         ids = ImageIds(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number)
+    elif refused_after_header is not None:
+        ids = refused_after_header  # what the header of a refused input said
     return Result(
         input=facts,
         scored_by=ScoredBy(manifest.model.name, manifest.model.version, backend_name),
@@ -167,6 +170,7 @@ def rejected(
         times,
         frame_index,
         frame_count,
+        refused_after_header=error.ids if isinstance(error, InputRejected) else None,
         outcome=Outcome.REJECTED,
         rejection=rejection,
     )

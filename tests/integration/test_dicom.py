@@ -238,6 +238,8 @@ def test_a_rejected_instance_s_result_is_found_by_its_sop_instance_uid(
     (streamed,) = d.collect(1)
     assert streamed.outcome == pb.OUTCOME_REJECTED, said
     assert streamed.rejection.code == "unsupported_pixel_format" and streamed.sop_instance_uid == ds.SOPInstanceUID
+    # Refused after its header was read: the result names its study and series too, from the decode worker.
+    assert (streamed.study_instance_uid, streamed.series_instance_uid) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
     with d.channel() as ch:
         found = pb_grpc.ScoringStub(ch).GetResult(pb.GetResultRequest(sop_instance_uid=ds.SOPInstanceUID), timeout=10)
     assert (found.sequence, found.outcome) == (streamed.sequence, pb.OUTCOME_REJECTED)
