@@ -108,6 +108,56 @@ def _memory_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+class _Attack:
+    """``attempt`` again and again from a thread of its own while a real scanner sends, sampling the daemon's
+    memory: each attempt offers up to 1 GiB and returns what the kernel took before the daemon ended it."""
+
+    def __init__(self, d: Daemon, attempt: Callable[[Callable[[], None]], int]) -> None:
+        assert d.proc is not None
+        self.d, self.pid, self._attempt = d, d.proc.pid, attempt
+        self.rss_before, self.hwm_before = _memory_kib(self.pid)
+        self.peak = self.rss_before
+        self.offered: list[int] = []
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _memory_kib(self.pid)[0])
+
+    def while_the_scanner_sends(self, port: int) -> None:
+        stop, first = threading.Event(), threading.Event()
+
+        def attack() -> None:
+            while not stop.is_set():
+                self.offered.append(self._attempt(self.sample))
+                self.sample()
+                first.set()
+
+        attacker = threading.Thread(target=attack, daemon=True)
+        attacker.start()
+        try:
+            assert first.wait(120), "the first attempt was never ended by the daemon"
+            attempts_before = len(self.offered)
+            _scanner_sends(port)
+            _until("the attack went on while the scanner sent", lambda: len(self.offered) > attempts_before, self.d)
+        finally:
+            stop.set()
+            attacker.join(timeout=120)
+        assert not attacker.is_alive()
+        self.rss_after, self.hwm_after = _memory_kib(self.pid)
+
+    def assert_memory_bounded(self) -> None:
+        """A behaviour bound, not a timing: the daemon never held what was declared or offered."""
+        assert (self.peak - self.rss_before) < 100 * 1024, (self.rss_before, self.peak)
+        assert (self.hwm_after - self.hwm_before) < 100 * 1024, (self.hwm_before, self.hwm_after)
+
+    def figures(self) -> str:
+        return (
+            f"{len(self.offered)} attempts, at most {max(self.offered) / _MIB:.1f} MiB taken by the kernel before "
+            f"the daemon ended one; daemon RSS before {self.rss_before / 1024:.0f} MiB, peak sampled "
+            f"{self.peak / 1024:.0f} MiB, after {self.rss_after / 1024:.0f} MiB; VmHWM "
+            f"{self.hwm_before / 1024:.0f} -> {self.hwm_after / 1024:.0f} MiB"
+        )
+
+
 def test_silent_half_requests_from_many_hosts_shut_out_no_scanner_and_are_closed(make_daemon: type[Daemon]) -> None:
     # Defaults: 4 connections per host, 16 pending, 8 associations. The request deadline is long enough
     # that the attackers still hold their connections while the scanner sends.
@@ -145,65 +195,38 @@ def test_silent_half_requests_from_many_hosts_shut_out_no_scanner_and_are_closed
 
 def test_a_request_declaring_4_gib_is_refused_unread_and_memory_stays_bounded(make_daemon: type[Daemon]) -> None:
     d, port, metrics = _daemon(make_daemon)
-    assert d.proc is not None
-    pid = d.proc.pid
-    rss_before, hwm_before = _memory_kib(pid)
-    offered: list[int] = []  # bytes the kernel took per attempt before the daemon closed it
-    peak = [rss_before]
-    stop = threading.Event()
-    first = threading.Event()
+    chunk = b"\x00" * (64 * 1024)
 
-    def attack() -> None:
+    def oversized_request(sample: Callable[[], None]) -> int:
         # One A-ASSOCIATE-RQ header declaring 0xFFFFFFF0 bytes, then up to 1 GiB sent lazily, stopping when the
-        # daemon closes; again and again while the scanner sends.
-        chunk = b"\x00" * (64 * 1024)
-        while not stop.is_set():
-            sent = 0
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                    sock.bind(("127.0.0.2", 0))
-                    sock.settimeout(60)
-                    sock.connect(("127.0.0.1", port))
-                    sock.sendall(struct.pack(">BxL", 0x01, 0xFFFFFFF0))
-                    while sent < 1 << 30:
-                        sock.sendall(chunk)
-                        sent += len(chunk)
-                        if sent % (16 * _MIB) == 0:
-                            peak[0] = max(peak[0], _memory_kib(pid)[0])
-            except OSError:
-                pass  # closed by the daemon: what is expected
-            offered.append(sent)
-            peak[0] = max(peak[0], _memory_kib(pid)[0])
-            first.set()
+        # daemon closes.
+        sent = 0
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.2", 0))
+                sock.settimeout(60)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(struct.pack(">BxL", 0x01, 0xFFFFFFF0))
+                while sent < 1 << 30:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                    if sent % (16 * _MIB) == 0:
+                        sample()
+        except OSError:
+            pass  # closed by the daemon: what is expected
+        return sent
 
-    attacker = threading.Thread(target=attack, daemon=True)
-    attacker.start()
-    try:
-        assert first.wait(120), "the first oversized request was never closed"
-        attempts_before = len(offered)
-        _scanner_sends(port)
-        _until("the attack went on while the scanner sent", lambda: len(offered) > attempts_before, d)
-    finally:
-        stop.set()
-        attacker.join(timeout=120)
-    assert not attacker.is_alive()
-    rss_after, hwm_after = _memory_kib(pid)
-    assert max(offered) < 1 << 30, "the daemon read a whole GiB instead of closing at the header"
-    # A behaviour bound, not a timing: the daemon never held the declared length (nor the GiB offered).
-    assert (peak[0] - rss_before) < 100 * 1024, (rss_before, peak[0])
-    assert (hwm_after - hwm_before) < 100 * 1024, (hwm_before, hwm_after)
+    attack = _Attack(d, oversized_request)
+    attack.while_the_scanner_sends(port)
+    assert max(attack.offered) < 1 << 30, "the daemon read a whole GiB instead of closing at the header"
+    attack.assert_memory_bounded()
     assert _refusals(metrics).get("request_too_large", 0) >= 2
     line = (
         "DICOM connection refused (request_too_large) from 127.0.0.2: an A-ASSOCIATE-RQ longer than "
         "dicom.max_request_kb = 64, refused unread (4294967280 bytes declared)"
     )
     assert line in d.log()
-    print(
-        f"\noversized PDU: {len(offered)} attempts, at most {max(offered) / _MIB:.1f} MiB taken by the kernel "
-        f"before the close; daemon RSS before {rss_before / 1024:.0f} MiB, peak sampled {peak[0] / 1024:.0f} MiB, "
-        f"after {rss_after / 1024:.0f} MiB; VmHWM {hwm_before / 1024:.0f} -> {hwm_after / 1024:.0f} MiB\n"
-        f"{_lines(d.log(), 'DICOM connection refused')}"
-    )
+    print(f"\noversized PDU: {attack.figures()}\n{_lines(d.log(), 'DICOM connection refused')}")
 
 
 def test_an_allowed_ae_holding_its_cap_shuts_out_no_other_caller(make_daemon: type[Daemon]) -> None:
@@ -230,60 +253,38 @@ def test_an_allowed_ae_s_store_past_max_file_mb_is_aborted_as_it_arrives_and_mem
     make_daemon: type[Daemon],
 ) -> None:
     d, port, metrics = _daemon(make_daemon, limits={"max_file_mb": 2})
-    assert d.proc is not None
-    pid = d.proc.pid
-    rss_before, hwm_before = _memory_kib(pid)
-    offered: list[int] = []  # data set bytes the kernel took per C-STORE before the daemon ended it
-    peak = [rss_before]
-    stop = threading.Event()
-    first = threading.Event()
 
-    def attack() -> None:
+    def endless_store(sample: Callable[[], None]) -> int:
         # HOG, an allowed AE title, associates properly and starts a C-STORE whose data set goes on for up to
-        # 1 GiB in 256 KiB P-DATA-TF PDUs, never the last fragment; again and again while the scanner sends.
-        while not stop.is_set():
-            assoc = _associate(port, HOG, "127.0.0.2", storage=True)
-            assert assoc.is_established
-            cx = next(int(c.context_id or 0) for c in assoc.accepted_contexts if c.abstract_syntax == CT_CLASS)
-            raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-            assert raw is not None
-            fragment = _p_data_tf(cx, 0x00, b"\x00" * (256 * 1024))
-            sent = 0
-            try:
-                raw.sendall(_store_command(cx, CT_CLASS, generate_uid()))
-                while sent < 1 << 30:
-                    raw.sendall(fragment)
-                    sent += len(fragment)
-                    if sent % (16 * _MIB) == 0:
-                        peak[0] = max(peak[0], _memory_kib(pid)[0])
-            except OSError:
-                pass  # ended by the daemon: what is expected
-            offered.append(sent)
-            peak[0] = max(peak[0], _memory_kib(pid)[0])
-            deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
-            while not assoc.is_aborted and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assoc.abort()
-            first.set()
+        # 1 GiB in 256 KiB P-DATA-TF PDUs, never the last fragment.
+        assoc = _associate(port, HOG, "127.0.0.2", storage=True)
+        assert assoc.is_established
+        cx = next(int(c.context_id or 0) for c in assoc.accepted_contexts if c.abstract_syntax == CT_CLASS)
+        raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        assert raw is not None
+        fragment = _p_data_tf(cx, 0x00, b"\x00" * (256 * 1024))
+        sent = 0
+        try:
+            raw.sendall(_store_command(cx, CT_CLASS, generate_uid()))
+            while sent < 1 << 30:
+                raw.sendall(fragment)
+                sent += len(fragment)
+                if sent % (16 * _MIB) == 0:
+                    sample()
+        except OSError:
+            pass  # ended by the daemon: what is expected
+        deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assoc.abort()
+        return sent
 
-    attacker = threading.Thread(target=attack, daemon=True)
-    attacker.start()
-    try:
-        assert first.wait(120), "the first oversized C-STORE was never ended"
-        attempts_before = len(offered)
-        _scanner_sends(port)
-        _until("the attack went on while the scanner sent", lambda: len(offered) > attempts_before, d)
-    finally:
-        stop.set()
-        attacker.join(timeout=120)
-    assert not attacker.is_alive()
+    attack = _Attack(d, endless_store)
+    attack.while_the_scanner_sends(port)
     [scored] = d.collect(1)  # the scanner's instance
     assert scored.sop_instance_uid == str(dcmread(CT, stop_before_pixels=True).SOPInstanceUID)
-    rss_after, hwm_after = _memory_kib(pid)
-    assert max(offered) < 64 * _MIB, "the daemon took far more than limits.max_file_mb before ending the C-STORE"
-    # A behaviour bound, not a timing: the daemon never held a data set in memory.
-    assert (peak[0] - rss_before) < 100 * 1024, (rss_before, peak[0])
-    assert (hwm_after - hwm_before) < 100 * 1024, (hwm_before, hwm_after)
+    assert max(attack.offered) < 64 * _MIB, "the daemon took far more than limits.max_file_mb before the abort"
+    attack.assert_memory_bounded()
     assert _refusals(metrics).get("message_too_large", 0) >= 2
     line = (
         "DICOM association aborted (message_too_large) from 127.0.0.2, calling AE 'HOG': a message (a C-STORE's "
@@ -301,12 +302,7 @@ def test_an_allowed_ae_s_store_past_max_file_mb_is_aborted_as_it_arrives_and_mem
     with sqlite3.connect(d.root / "data" / "journal.sqlite3") as db:
         inputs = db.execute("SELECT source, state, instance_uid FROM inputs").fetchall()
     assert inputs == [("dicom", "scored", scored.sop_instance_uid)]
-    print(
-        f"\noversized C-STORE: {len(offered)} attempts by an allowed AE title, at most {max(offered) / _MIB:.1f} MiB "
-        f"of data set taken by the kernel before the abort; daemon RSS before {rss_before / 1024:.0f} MiB, peak "
-        f"sampled {peak[0] / 1024:.0f} MiB, after {rss_after / 1024:.0f} MiB; VmHWM {hwm_before / 1024:.0f} -> "
-        f"{hwm_after / 1024:.0f} MiB\n{_lines(log, 'DICOM association aborted')}"
-    )
+    print(f"\noversized C-STORE by an allowed AE: {attack.figures()}\n{_lines(log, 'DICOM association aborted')}")
 
 
 def _p_data_tf(context_id: int, control: int, data: bytes) -> bytes:
