@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import cv2
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -21,6 +23,11 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+
+from appliance.domain.errors import InputRejected
+from appliance.domain.manifest import Preprocess
+from appliance.imaging.reader import decode
+from appliance.imaging.types import DecodeLimits
 
 MIB = 1 << 20
 
@@ -166,3 +173,16 @@ def compressed_claiming(syntax: str, claimed: tuple[int, int] | None, rows: int 
         else:  # RLE: no sizes; the segment count instead
             struct.pack_into("<I", frame, 0, claimed[0])
     return _encapsulated(ds, bytes(frame), syntax)
+
+
+def refusal_and_peak(data: bytes) -> tuple[InputRejected, int]:
+    """Decode ``data`` as the worker does: its rejection, and the most memory Python and numpy held at once on
+    the way to it (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputRejected) as err:
+            decode(data, limits=DecodeLimits(), preprocess=Preprocess())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return err.value, peak

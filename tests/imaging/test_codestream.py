@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from appliance.domain.errors import InputRejected
 from appliance.domain.manifest import Preprocess
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits
@@ -22,21 +19,9 @@ def _decode(data: bytes) -> DecodedImage:
     return decode(data, limits=DecodeLimits(), preprocess=Preprocess())
 
 
-def _refused(data: bytes) -> tuple[InputRejected, int]:
-    """The rejection, and the most memory Python and numpy held at once on the way to it."""
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputRejected) as err:
-            _decode(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return err.value, peak
-
-
 @pytest.mark.parametrize("claimed", [(30000, 30000), (65000, 65000), (64, 65000), (65, 64)])
 def test_a_jpeg_claiming_other_sizes_than_its_header_is_refused_before_decoding(claimed: tuple[int, int]) -> None:
-    error, peak = _refused(hostile.jpeg_claiming(claimed))
+    error, peak = hostile.refusal_and_peak(hostile.jpeg_claiming(claimed))
     assert error.code == "codestream_mismatch", error.message
     assert error.message == (
         f"Frame 1's JPEG codestream gives {claimed[1]} x {claimed[0]} pixels, 1 sample per pixel, 8 bits; "
@@ -46,7 +31,7 @@ def test_a_jpeg_claiming_other_sizes_than_its_header_is_refused_before_decoding(
 
 
 def test_a_decoy_sof_behind_a_broken_marker_chain_is_not_believed() -> None:
-    error, _ = _refused(hostile.jpeg_decoy((30000, 30000)))
+    error, _ = hostile.refusal_and_peak(hostile.jpeg_decoy((30000, 30000)))
     assert error.code == "corrupt_dicom"
     assert error.message == "Frame 1's JPEG codestream header could not be read."
 
@@ -63,7 +48,7 @@ def test_a_decoy_sof_behind_a_broken_marker_chain_is_not_believed() -> None:
 def test_jpeg_ls_and_jpeg_2000_claiming_other_sizes_are_refused(syntax: str, label: str) -> None:
     honest = _decode(hostile.compressed_claiming(syntax, None))
     assert honest.frames[0].shape == (64, 64)
-    error, peak = _refused(hostile.compressed_claiming(syntax, (40000, 40000)))
+    error, peak = hostile.refusal_and_peak(hostile.compressed_claiming(syntax, (40000, 40000)))
     assert error.code == "codestream_mismatch", error.message
     assert error.message.startswith(f"Frame 1's {label} gives 40000 x 40000 pixels, 1 sample per pixel")
     assert peak < 4 * MIB
@@ -72,7 +57,9 @@ def test_jpeg_ls_and_jpeg_2000_claiming_other_sizes_are_refused(syntax: str, lab
 def test_an_rle_frame_with_other_segments_than_samples_and_bits_call_for_is_refused() -> None:
     honest = _decode(hostile.compressed_claiming(RLELossless, None))
     assert honest.frames[0].shape == (64, 64)
-    error, _ = _refused(hostile.compressed_claiming(RLELossless, (3, 0)))  # 3 segments; 16-bit gray needs 2
+    error, _ = hostile.refusal_and_peak(
+        hostile.compressed_claiming(RLELossless, (3, 0))
+    )  # 3 segments; 16-bit gray needs 2
     assert error.code == "codestream_mismatch"
     assert "RLE header gives 64 x 64 pixels, 1 sample per pixel, 24 bits" in error.message
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,18 +24,6 @@ MIB = hostile.MIB
 
 def _decode(data: bytes, limits: DecodeLimits | None = None) -> DecodedImage:
     return decode(data, limits=limits or DecodeLimits(), preprocess=Preprocess())
-
-
-def _rejected_with_peak(data: bytes) -> tuple[InputRejected, int]:
-    """The rejection and the most memory Python and numpy held at once while reaching it."""
-    tracemalloc.start()
-    try:
-        with pytest.raises(InputRejected) as err:
-            _decode(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return err.value, peak
 
 
 # name: (the file, its code, the most memory its rejection may take). Before the bounds, the deflated
@@ -71,7 +58,7 @@ BOMBS: dict[str, tuple[Callable[[], bytes], str, int]] = {
 def test_bombs_are_refused_with_their_code_in_bounded_memory(name: str) -> None:
     make, code, most = BOMBS[name]
     data = make()
-    error, peak = _rejected_with_peak(data)
+    error, peak = hostile.refusal_and_peak(data)
     assert error.code == code, error.message
     assert error.message.endswith(".") and "\n" not in error.message
     assert peak < most, f"peak {peak / MIB:.0f} MiB for a {len(data) / MIB:.1f} MiB file"
@@ -85,7 +72,7 @@ def test_a_deflated_bomb_past_the_file_size_limit_is_refused_before_its_header_s
 
 
 def test_a_deflated_header_too_large_for_the_limits_is_refused_before_inflating_its_pixels() -> None:
-    error, peak = _rejected_with_peak(hostile.deflate_bomb(64 * MIB, rows=60_000, cols=60_000))
+    error, peak = hostile.refusal_and_peak(hostile.deflate_bomb(64 * MIB, rows=60_000, cols=60_000))
     assert error.code == "image_too_large"
     assert peak < 40 * MIB
 

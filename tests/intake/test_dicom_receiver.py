@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import os
 import socket
@@ -25,11 +24,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.api.certs import make_server, make_terminal
@@ -44,6 +39,7 @@ from appliance.journal.journal import InputRow, Journal
 from tests.in_process import ScoringCore, results_of, scoring_core
 from tests.peers import needs
 from tests.peers.dcmtk import echoscu, storescu
+from tests.peers.dicom_wire import p_data_tf, store_command
 
 HOST = "127.0.0.1"
 SCANNER = "CT01"
@@ -425,32 +421,10 @@ def test_an_accepted_association_is_aborted_on_a_pdu_too_long_or_too_slow(
     assert _store(receiver.port, CT) == [SUCCESS]
 
 
-def _p_data_tf(context_id: int, control: int, data: bytes) -> bytes:
-    """One P-DATA-TF PDU holding one fragment (``control``: 0 a data set's, 1 a command set's, +2 the last)."""
-    primitive = P_DATA()
-    primitive.presentation_data_value_list = [[context_id, bytes([control]) + data]]  # type: ignore[list-item]
-    pdu = P_DATA_TF()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
 def _store_command(context_id: int, path: Path) -> bytes:
-    """A C-STORE-RQ's whole command set for this file's instance, in P-DATA-TF PDUs (as pynetdicom encodes it)."""
+    """A C-STORE-RQ's whole command set for this file's instance; the test sends the data set."""
     ds = dcmread(path, stop_before_pixels=True)
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.Priority = 2
-    request.DataSet = io.BytesIO(b"\x00")  # says a data set follows; the test sends its own
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    return b"".join(
-        _p_data_tf(context_id, data[0], data[1:])
-        for primitive in message.encode_msg(context_id, MAX_PDU)
-        for _, data in primitive.presentation_data_value_list
-        if data[0] & 1
-    )
+    return store_command(context_id, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
 
 
 def _context_id(assoc: Association, path: Path) -> int:
@@ -507,7 +481,7 @@ def test_a_message_past_its_cap_is_aborted_as_it_arrives_and_leaves_nothing(
         if command:
             raw.sendall(_store_command(cx, CT))
         # Up to 64 MiB in 256 KiB fragments, never the last: the receiver ends it past its cap.
-        sent = _offer(raw, _p_data_tf(cx, fragment, b"\x00" * (256 * 1024)), 256)
+        sent = _offer(raw, p_data_tf(cx, fragment, b"\x00" * (256 * 1024)), 256)
         _until("the association was not aborted", lambda: assoc.is_aborted)
     assert sent < 16 * 1024 * 1024, "the receiver took far more than its cap before the abort"
     assert _refusals(core, "message_too_large") == 1.0
@@ -530,7 +504,7 @@ def test_a_store_ended_half_way_by_the_scanner_leaves_nothing_in_the_spool(
     assert assoc.is_established
     cx = _context_id(assoc, CT)
     raw = _raw(assoc)
-    raw.sendall(_store_command(cx, CT) + _p_data_tf(cx, 0x00, b"\x00" * (256 * 1024)))
+    raw.sendall(_store_command(cx, CT) + p_data_tf(cx, 0x00, b"\x00" * (256 * 1024)))
     # Half a data set is on its way to the spool: wait until its part is there, then end the association.
     _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
     if end == "abort":
@@ -553,10 +527,10 @@ def test_a_store_that_runs_out_of_room_as_it_arrives_is_answered_out_of_resource
     raw = _raw(assoc)
     quarter = b"\x00" * (256 * 1024)
     with _reactor_paused(assoc):  # the C-STORE-RSP is this test's to read, not the association's own loop's
-        raw.sendall(_store_command(cx, CT) + _p_data_tf(cx, 0x00, quarter))
+        raw.sendall(_store_command(cx, CT) + p_data_tf(cx, 0x00, quarter))
         _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
         core.faults.report(OSError(errno.ENOSPC, "No space left on device"))  # as a failed write elsewhere says it
-        raw.sendall(_p_data_tf(cx, 0x00, quarter) + _p_data_tf(cx, 0x02, quarter))  # the rest, to the last fragment
+        raw.sendall(p_data_tf(cx, 0x00, quarter) + p_data_tf(cx, 0x02, quarter))  # the rest, to the last fragment
         _, answer = assoc.dimse.get_msg(block=True)  # the C-STORE-RSP
     assert answer is not None and int(getattr(answer, "Status", -1)) == OUT_OF_RESOURCES
     assert list(_spool(core).iterdir()) == [] and _inputs(core.journal) == []

@@ -6,7 +6,6 @@ logged and counted. Several hosts are 127.0.0.x: Linux routes all of 127/8 on lo
 
 from __future__ import annotations
 
-import io
 import select
 import socket
 import sqlite3
@@ -22,15 +21,12 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.integration.conftest import Daemon, free_port
 from tests.peers import needs
 from tests.peers.dcmtk import echoscu, storescu
+from tests.peers.dicom_wire import p_data_tf, store_command
 
 pytestmark = needs("storescu", "echoscu")
 
@@ -262,10 +258,10 @@ def test_an_allowed_ae_s_store_past_max_file_mb_is_aborted_as_it_arrives_and_mem
         cx = next(int(c.context_id or 0) for c in assoc.accepted_contexts if c.abstract_syntax == CT_CLASS)
         raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         assert raw is not None
-        fragment = _p_data_tf(cx, 0x00, b"\x00" * (256 * 1024))
+        fragment = p_data_tf(cx, 0x00, b"\x00" * (256 * 1024))
         sent = 0
         try:
-            raw.sendall(_store_command(cx, CT_CLASS, generate_uid()))
+            raw.sendall(store_command(cx, CT_CLASS, generate_uid()))
             while sent < 1 << 30:
                 raw.sendall(fragment)
                 sent += len(fragment)
@@ -303,33 +299,6 @@ def test_an_allowed_ae_s_store_past_max_file_mb_is_aborted_as_it_arrives_and_mem
         inputs = db.execute("SELECT source, state, instance_uid FROM inputs").fetchall()
     assert inputs == [("dicom", "scored", scored.sop_instance_uid)]
     print(f"\noversized C-STORE by an allowed AE: {attack.figures()}\n{_lines(log, 'DICOM association aborted')}")
-
-
-def _p_data_tf(context_id: int, control: int, data: bytes) -> bytes:
-    """One P-DATA-TF PDU holding one fragment (``control``: 0 a data set's, 1 a command set's, +2 the last)."""
-    primitive = P_DATA()
-    primitive.presentation_data_value_list = [[context_id, bytes([control]) + data]]  # type: ignore[list-item]
-    pdu = P_DATA_TF()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
-def _store_command(context_id: int, sop_class: str, sop_instance: str) -> bytes:
-    """A C-STORE-RQ's whole command set, in P-DATA-TF PDUs (as pynetdicom encodes it)."""
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = sop_class
-    request.AffectedSOPInstanceUID = sop_instance
-    request.Priority = 2
-    request.DataSet = io.BytesIO(b"\x00")  # says a data set follows; the test sends its own
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    return b"".join(
-        _p_data_tf(context_id, data[0], data[1:])
-        for primitive in message.encode_msg(context_id, 1 << 20)
-        for _, data in primitive.presentation_data_value_list
-        if data[0] & 1
-    )
 
 
 def _associate(port: int, calling: str, host: str, storage: bool = False) -> Association:
