@@ -90,6 +90,10 @@ class OpenCalls:
         """Whether ``call`` may go on: its token still live, as of at most FRESH_S ago."""
         if not call.revoked and time.monotonic() - self._looked > FRESH_S:
             self.check()
+        # Not only the sweep's verdict: a call that registered just after the sweep that followed its token's
+        # revocation was never in it, and the generation has not moved since.
+        if not call.revoked and not self.tokens.live(call.sha256):
+            self._cut(call)
         return not call.revoked
 
     def _cut(self, call: OpenCall) -> None:
@@ -105,6 +109,8 @@ class OpenCalls:
         """Hold a call as open for its token while it runs (on the server's loop, inside the call's task)."""
         call = OpenCall(method, record.name, record.sha256, asyncio.current_task())
         self._calls.setdefault(record.sha256, set()).add(call)
+        if not self.tokens.live(record.sha256):  # revoked between the interceptor's lookup and now
+            self._cut(call)
         try:
             yield call
         finally:

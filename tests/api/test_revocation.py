@@ -4,12 +4,14 @@ revoked (a Score waiting on its result takes that path; its scoring is too quick
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 import grpc
 
 from appliance.api.grpc_server import GrpcServer
+from appliance.api.revocation import OpenCalls
 from appliance.api.service import Hooks, ScoringService
 from appliance.api.tokens import Scope, TokenStore
 from appliance.config import ServerConfig
@@ -64,3 +66,21 @@ def test_a_call_in_flight_for_a_revoked_token_gets_unauthenticated_not_its_answe
     got = answer["got"]
     assert isinstance(got, grpc.RpcError) and got.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "token was revoked" in (got.details() or "")
+
+
+def test_a_call_that_registers_after_the_sweep_that_followed_its_revocation_is_cut(tmp_path: Path) -> None:
+    """The window between the interceptor's look-up and the call's registration: the sweep that followed the
+    revocation found no call to cut, and the tokens file has not changed since."""
+    tokens = TokenStore(tmp_path / "tokens.json")
+    token = tokens.add("ward-5", Scope.read)
+    record = tokens.lookup(token)  # the interceptor's look-up: still live
+    assert record is not None
+    calls = OpenCalls(tokens)
+    TokenStore(tokens.path).revoke("ward-5")  # another process, as the CLI
+    calls.check()  # the watch's sweep: nothing open for ward-5 yet
+
+    async def a_stream() -> tuple[bool, bool]:
+        with calls.open("/appliance.v1.Scoring/StreamResults", record) as call:
+            return call.revoked, calls.fresh(call)
+
+    assert asyncio.run(a_stream()) == (True, False)
