@@ -35,7 +35,14 @@ def _move(src: Path, folder: Path, input_id: int) -> Path:
         _copy_then_remove(src, target)
         return target
     # A linked file keeps the mode its writer gave it (often 0644): here it holds patient data of ours.
-    target.chmod(PRIVATE_FILE)
+    try:
+        target.chmod(PRIVATE_FILE)
+    except PermissionError:
+        # Another user's file (the scanner's, writable through a shared group): the link would keep its owner
+        # and mode, so the appliance keeps a copy of its own instead.
+        target.unlink()
+        _copy_then_remove(src, target)
+        return target
     src.unlink()
     return target
 
@@ -100,6 +107,7 @@ def dispose_rejected(src: Path, input_id: int, rejection: Rejection, config: Wat
     config.rejected_dir.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
     reason = _unique_target(config.rejected_dir, input_id, src.name + ".reason.txt")
     fd = os.open(reason, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)  # one left by an earlier try keeps its mode otherwise
     with open(fd, "w", encoding="utf-8") as f:
         f.write(f"input_id: {input_id}\ncode: {rejection.code}\nreason: {rejection.message}\n")
     return str(_move(src, config.rejected_dir, input_id))

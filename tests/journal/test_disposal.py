@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,34 @@ def test_a_file_set_aside_is_private_whatever_mode_its_writer_gave_it(tmp_path: 
         assert where.with_name(where.name + ".reason.txt").stat().st_mode & 0o777 == 0o600
     assert where.stat().st_mode & 0o777 == 0o600
     assert folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to give a file to another user"
+)
+def test_a_file_the_appliance_does_not_own_is_moved_as_a_private_copy(tmp_path: Path) -> None:
+    """The scanner's file, writable by the appliance through a shared group but not its own: a link could not
+    be made private (chmod is the owner's), so the appliance keeps a copy, 0600, and the source goes. Run as
+    root without CAP_FOWNER, the power to chmod what it does not own, as the service user is."""
+    (tmp_path / "in").mkdir()
+    src = tmp_path / "in" / "scan.dcm"
+    src.write_bytes(b"data")
+    os.chown(src, 65534, 65534)
+    src.chmod(0o666)
+    config = _config(tmp_path, "move")
+    code = (
+        "import sys; from pathlib import Path; from appliance.config import WatchConfig;"
+        "from appliance.journal.disposal import dispose_scored;"
+        "print(dispose_scored(Path(sys.argv[1]), 4, WatchConfig.model_validate_json(sys.argv[2])))"
+    )
+    without_fowner = ["setpriv", "--bounding-set=-fowner", "--inh-caps=-fowner", "--"]
+    done = subprocess.run(
+        [*without_fowner, sys.executable, "-c", code, str(src), config.model_dump_json()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    where = Path(done.stdout.strip())
+    assert where.read_bytes() == b"data" and not src.exists()
+    assert where.stat().st_uid == 0 and where.stat().st_mode & 0o777 == 0o600
