@@ -6,6 +6,7 @@ the logging too (throttled), and anything else written to fd 2 reaches the real 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import logging
 import os
@@ -57,6 +58,9 @@ class CoreLog:
         self._read = read
         self.handshakes = LogThrottle(log)
         self.lines = LogThrottle(core)
+        # Never blocking: a writer (a grpc core thread, perhaps holding its locks) loses a line rather than
+        # waits on a reader that cannot run.
+        os.set_blocking(write, False)
         os.dup2(write, 2)
         os.close(write)
         self._thread = threading.Thread(target=self._follow, name="grpc-core-log", daemon=True)
@@ -68,7 +72,8 @@ class CoreLog:
                 try:
                     self._line(raw)
                 except Exception:  # a line this cannot place still reaches the real stderr
-                    self._pass(raw)
+                    with contextlib.suppress(Exception):  # or is lost: the reader must outlive any one line
+                        self._pass(raw)
 
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\n")
