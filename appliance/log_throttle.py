@@ -34,6 +34,7 @@ class LogThrottle:
         self.period_s = period_s
         self._lock = threading.Lock()
         self._kinds: dict[str, _Kind] = {}
+        self._closed = False
 
     def log(self, kind: str, message: str, *args: object, level: int | None = None) -> None:
         """``level`` overrides the throttle's own for this line (the summary lines keep the throttle's)."""
@@ -47,7 +48,7 @@ class LogThrottle:
                 write = True
             else:
                 state.held += 1
-                if state.timer is None:
+                if state.timer is None and not self._closed:  # none started after close: nothing would stop it
                     state.timer = threading.Timer(max(0.0, state.last + self.period_s - now), self._flush, (kind,))
                     state.timer.daemon = True
                     state.timer.name = "log-throttle"
@@ -65,8 +66,9 @@ class LogThrottle:
             self.logger.log(self.level, "%s: %d more in the last %g s", kind, held, self.period_s)
 
     def close(self) -> None:
-        """Stop the pending timers (their counts are dropped)."""
+        """Stop the pending timers (their counts are dropped); later events start none."""
         with self._lock:
+            self._closed = True
             for state in self._kinds.values():
                 if state.timer is not None:
                     state.timer.cancel()
