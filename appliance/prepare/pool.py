@@ -6,13 +6,16 @@ crashes on a hostile file takes down one worker, not the daemon. After a worker 
 input that was in the pool is tried again alone in a fresh process: one that kills two lone workers is
 rejected as decoder_crashed, the others are scored as usual.
 
-Each worker process may use limits.worker_memory_mb of data memory (a file that needs more is rejected
-as decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); threads have neither. A
-worker that ran out of memory, or holds more than half its cap after a file (a decoder that failed without
-freeing what it took), is recycled: the pool's workers are replaced by fresh ones once their files are done,
-and the old ones' memory goes back to the system. A call that never returns (a worker wedged where no signal
-reaches it) is ended from here after STUCK_FACTOR times the time limit, and closing ends what is still running
-after CLOSE_WAIT_S: no input can stay in flight for good, and stopping never waits on one.
+Each worker process may use limits.worker_memory_mb of data memory (a file that needs more is rejected as
+decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); threads have neither, nor the
+watch below. A worker that ran out of memory, or holds more than half its cap after a file (a decoder that
+failed without freeing what it took), is recycled: the pool's workers are replaced by fresh ones once their
+files are done, and the old ones' memory goes back to the system. A call that never returns (a worker wedged
+where no signal reaches it) is ended from here after STUCK_FACTOR times the time limit, and closing ends what
+is still running after CLOSE_WAIT_S, as it ends a worker that does not leave when its pool shuts down: no
+input can stay in flight for good, and stopping never waits on one. A queued file is opened without blocking
+and refused if it is no longer a regular file (a FIFO in its place would hold a worker, or a thread, for
+good).
 
 A file from the watched folder is read once: the worker hashes the bytes it decodes (`read_ahead`).
 """
@@ -78,6 +81,7 @@ CLOSE_WAIT_S = 5.0  # closing: how long the files being decoded may take to fini
 RECYCLE_FRACTION = 0.5  # a worker holding more than this share of its memory cap after a file is replaced,
 RECYCLE_GROWTH = 256 << 20  # and this much more than it held once started (a small cap is not crossed by imports)
 _recycle_above = 0  # bytes resident; 0: never
+NOT_A_FILE = "The file was replaced by something that is not a regular file (a FIFO, a device or a folder)."
 
 
 @dataclass(frozen=True)
@@ -116,14 +120,14 @@ def init_worker(
     """A decode worker's set-up (or the threads' shared one, ``daemon`` None). ``stderr``: the daemon's end of
     its WorkerStderr pipe, which becomes this process's fd 2."""
     global _preparer, _timeout_s
+    if stderr is not None:  # first: what the set-up below may print goes through the log too, never raw
+        redirect_stderr(stderr)
     quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
     _preparer = Preparer(manifest, limits, display_side=display_side)
     # Its thread started now, not at the first read-ahead: a thread started by a worker at its memory cap
     # never signals that it runs, and Thread.start() then waits for good (the probe's stuck in-flight count).
     _hasher().submit(int).result()
     if daemon is not None:  # a worker process
-        if stderr is not None:
-            redirect_stderr(stderr)
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         keep_freed_memory()
@@ -239,12 +243,20 @@ def prepare_file(path: str, file_name: str) -> Prepared:
     """Read and prepare a journaled input; raises an InputRejected subclass for a bad one."""
     assert _preparer is not None, "the worker was not initialized"
     try:
-        _preparer.check_size(os.stat(path).st_size)  # before reading it into memory
-        data = Path(path).read_bytes()
+        # O_NONBLOCK: a FIFO (or a device) put in place of the queued file must not block a worker for good;
+        # with threads nothing would ever end that read, and the daemon's stop would wait on it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError as e:
         raise FileVanished() from e
-    except MemoryError:  # the file alone is more than the worker may hold (limits.worker_memory_mb)
-        raise DecodeOutOfMemory() from None
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FileVanished(NOT_A_FILE)
+        _preparer.check_size(st.st_size)  # before reading it into memory
+        try:
+            data = f.read()
+        except MemoryError:  # the file alone is more than the worker may hold (limits.worker_memory_mb)
+            raise DecodeOutOfMemory() from None
     return _prepare(data, file_name)
 
 
@@ -309,6 +321,24 @@ def _end_workers(pool: Executor) -> None:
     for process in list(_processes_of.get(pool, {}).values()):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # already gone
             process.kill()
+
+
+def _leave_or_end(pool: Executor, wait_s: float) -> None:
+    """Shut a pool down: its idle workers get ``wait_s`` to leave, and one that does not (stopped, or wedged
+    between files) is ended, since the executor's own shutdown would wait on it for good."""
+    pool.shutdown(wait=False)
+    waiting: dict[Any, Any] = {}
+    for process in list(_processes_of.get(pool, {}).values()):
+        with contextlib.suppress(ValueError, AttributeError):  # closed or never started
+            waiting[process.sentinel] = process
+    deadline = time.monotonic() + wait_s
+    while waiting and (left_s := deadline - time.monotonic()) > 0:
+        for ready in multiprocessing.connection.wait(list(waiting), left_s):
+            waiting.pop(ready)
+    for process in waiting.values():
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # gone meanwhile
+            process.kill()
+    pool.shutdown(wait=True)
 
 
 class PreparePool:
@@ -458,34 +488,42 @@ class PreparePool:
     def _retry_alone(self) -> None:
         """Each input of a broken pool, alone in a fresh worker. A lone worker can also die of something
         else (found dead from before, the OOM killer): an input is rejected only after killing two, or
-        after wedging two (past the time a call may take)."""
+        after wedging two (past the time a call may take). Closing cancels what is left: no lone pool is
+        made or given a call once `close` has begun, so none outlives the daemon's stop."""
         while (item := self._suspects.get()) is not None:
             outer, (fn, args, rejected) = item
             error: InputRejected = DecoderCrashed()
             for _ in range(2):
-                if self._lone is None:
-                    self._lone = self._new_pool(1)
-                lone = self._lone
                 try:
-                    result = lone.submit(*self._call(fn, args)).result(timeout=self._stuck_s or None)
+                    with self._lock:  # made and given its call under the lock: `close` ends whatever it sees
+                        if self._closing:
+                            outer.cancel()
+                            break
+                        if self._lone is None:
+                            self._lone = self._new_pool(1)
+                        lone = self._lone
+                        call = lone.submit(*self._call(fn, args))
+                    result = call.result(timeout=self._stuck_s or None)
                 except (BrokenProcessPool, TimeoutError) as e:
                     if isinstance(e, TimeoutError):
                         error = DecodeTimeout(
                             f"Decoding the file did not end within {self._stuck_s:g} s, twice; its workers were ended."
                         )
-                    _end_workers(lone)
-                    lone.shutdown(wait=False, cancel_futures=True)
-                    self._lone = None
-                    if self._closing:
-                        outer.cancel()
-                        break
+                    with self._lock:
+                        _end_workers(lone)
+                        lone.shutdown(wait=False, cancel_futures=True)
+                        self._lone = None
+                        if self._closing:  # its worker was ended by `close`: the input stays queued
+                            outer.cancel()
+                            break
                     continue
                 except BaseException as e:
                     outer.set_exception(e)
                     break
                 if isinstance(result, Answer) and result.recycle:
-                    lone.shutdown(wait=False)
-                    self._lone = None
+                    with self._lock:
+                        lone.shutdown(wait=False)
+                        self._lone = None
                 if not isinstance(result, Answer):
                     outer.set_result(result)
                 elif result.error is not None:
@@ -499,8 +537,10 @@ class PreparePool:
                     outer.set_result(rejected(error))
                 except BaseException as e:
                     outer.set_exception(e)
-        if self._lone is not None:
-            self._lone.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            last, self._lone = self._lone, None
+        if last is not None:
+            _leave_or_end(last, CLOSE_WAIT_S)
 
     def _watch(self) -> None:
         """End the workers of a pool whose call has run past the time any file may take: a worker wedged in
@@ -532,13 +572,14 @@ class PreparePool:
         with self._lock:
             self._settled.wait_for(lambda: not self._running, wait_s)
             left = {pool for pool, _ in self._running.values()}
+            lone = self._lone  # none is made once closing: `_retry_alone` checks under this lock
         for stuck in left:
             _end_workers(stuck)
-        if self._lone is not None:
-            _end_workers(self._lone)
+        if lone is not None:
+            _end_workers(lone)
         with self._lock:  # their calls answered: broken pool, cancelled inputs
             self._settled.wait_for(lambda: not self._running, wait_s)
-        pool.shutdown(wait=True)
+        _leave_or_end(pool, wait_s)
         self._closed.set()
         self._suspects.put(None)
         self._retrier.join(timeout=30)

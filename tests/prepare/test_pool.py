@@ -1,10 +1,12 @@
-"""The decode pool's workers: one that ran out of memory is replaced, one that never answers is ended, and
-closing never waits on one."""
+"""The decode pool's workers: one that ran out of memory is replaced, one that never answers is ended,
+closing never waits on one, and a FIFO in place of an input never blocks one."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -17,7 +19,7 @@ import pytest
 from appliance.config import LimitsConfig
 from appliance.domain.errors import InputRejected
 from appliance.domain.manifest import load_manifest
-from appliance.prepare.pool import PreparePool
+from appliance.prepare.pool import NOT_A_FILE, Mode, PreparePool
 from bench.daemon_run import process_tree
 from tests.imaging import hostile
 
@@ -80,42 +82,82 @@ def test_a_worker_that_ran_out_of_memory_is_replaced(tmp_path: Path, caplog: pyt
 
 
 def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(tmp_path: Path) -> None:
-    """A FIFO in place of a journaled file: opening it waits for a writer in the kernel, where the worker's
-    SIGALRM is not armed; only the pool's watch ends it."""
-    fifo = tmp_path / "queued.dcm"
-    os.mkfifo(fifo)
-    good = [_png(tmp_path, seed) for seed in range(3)]
-    pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(decode_timeout_s=0.2), workers=2)
+    """A stopped worker answers nothing but SIGKILL, as one wedged in native code or in the kernel: only the
+    pool's watch ends it. Its input is tried alone, and rejected once it has wedged two lone workers too; the
+    inputs held up behind it are scored."""
+    wedging, *good = [_png(tmp_path, seed) for seed in range(4)]
+    pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(decode_timeout_s=0.2), workers=1)
+    stopper: _StopNewWorkers | None = None
     try:
         pool.warm()
-        wedged = pool.prepare(fifo, fifo.name)
+        (worker,) = _workers()
+        stopper = _StopNewWorkers(known={worker}, count=2)  # the wedging input's two lone workers
+        os.kill(worker, signal.SIGSTOP)
+        wedged = pool.prepare(wedging, wedging.name)
         futures = [pool.prepare(p, p.name) for p in good]
         error = _rejection(wedged)
         assert error.code == "decode_timeout", error.message
+        assert "twice; its workers were ended" in error.message  # the watch's, not the worker's own SIGALRM
+        assert len(stopper.stopped) == 2
         assert all(f.result(timeout=60).tensors for f in futures)
         assert pool.prepare(good[0], good[0].name).result(timeout=60).tensors
     finally:
+        if stopper is not None:
+            stopper.finish()
         pool.close()
 
 
 def test_closing_ends_a_worker_that_never_answers(tmp_path: Path) -> None:
-    fifo = tmp_path / "queued.dcm"
-    os.mkfifo(fifo)
+    """Whether the stopped worker was handed the input or not, closing ends it and the input is cancelled."""
+    path = _png(tmp_path, 0)
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(), workers=1)
     pool.warm()
-    wedged = pool.prepare(fifo, fifo.name)
     (worker,) = _workers()
-    _until(lambda: _waiting_for_a_writer(worker))  # wedged, not merely queued (queued ones are just cancelled)
+    os.kill(worker, signal.SIGSTOP)
+    wedged = pool.prepare(path, path.name)
     pool.close()
     assert wedged.cancelled()  # the input stays queued in the journal for the next start
     _until(lambda: not _alive(worker))
 
 
-def _waiting_for_a_writer(pid: int) -> bool:
+@pytest.mark.parametrize("mode", ["processes", "threads"])
+def test_a_fifo_in_place_of_a_queued_input_is_refused_at_once(tmp_path: Path, mode: Mode) -> None:
+    """Opening a FIFO for reading waits for a writer, in the kernel: nothing would end it in a thread, and in a
+    process only the watch, after minutes. It is refused as soon as it is opened; the pool goes on."""
+    fifo = tmp_path / "queued.dcm"
+    os.mkfifo(fifo)
+    good = _png(tmp_path, 1)
+    pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(), workers=1, mode=mode)
     try:
-        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"  # in open() of a FIFO
-    except OSError:
-        return False
+        error = _rejection(pool.prepare(fifo, fifo.name))
+        assert (error.code, error.message) == ("file_vanished", NOT_A_FILE)
+        assert pool.prepare(good, good.name).result(timeout=60).tensors
+    finally:
+        pool.close()
+
+
+class _StopNewWorkers:
+    """Stops (SIGSTOP) the first ``count`` decode workers that appear besides ``known``, as they start: a lone
+    worker spends its first tenths of a second importing this test's main module, long before its call."""
+
+    def __init__(self, known: set[int], count: int) -> None:
+        self.stopped: list[int] = []
+        self._known, self._count = set(known), count
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while len(self.stopped) < self._count and not self._done.wait(0.002):
+            for pid in sorted(_workers() - self._known):
+                self._known.add(pid)
+                if len(self.stopped) < self._count:
+                    os.kill(pid, signal.SIGSTOP)
+                    self.stopped.append(pid)
+
+    def finish(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
 
 
 def _alive(pid: int) -> bool:
