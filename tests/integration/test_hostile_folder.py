@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+import urllib.request
 from pathlib import Path
 
 from appliance.journal.journal import Journal
@@ -66,9 +68,34 @@ def test_an_input_unfinished_at_several_starts_is_set_aside(make_daemon) -> None
     assert "repeated_crash" in next(d.rejected.glob("*-poison.png.reason.txt")).read_text()
 
 
-def test_a_queued_input_that_wedges_its_worker_never_holds_up_the_stop(make_daemon) -> None:
-    """A FIFO put in place of a queued input: the worker's open() waits for a writer in the kernel, where no
-    signal of its own reaches it. The stop ends that worker after its grace and exits 0; the input stays queued."""
+def test_an_input_that_wedges_its_worker_never_holds_up_the_stop(make_daemon) -> None:
+    """Every decode worker stopped (SIGSTOP: it answers nothing but SIGKILL, as one wedged in native code), then a
+    file dropped: the stop ends the workers after their grace and exits 0; the file is scored at the next start."""
+    metrics_port = free_port()
+    d = make_daemon(server={"metrics_port": metrics_port})
+    d.start()
+    assert d.proc is not None
+    workers = _decode_workers(d.proc.pid)
+    assert workers, d.log()[-3000:]  # started before the daemon serves (the pool is warmed)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    drop(d.incoming, "held.png", png_bytes(90))
+    deadline = time.monotonic() + 60
+    while not _in_flight(metrics_port):
+        assert time.monotonic() < deadline, d.log()[-3000:]
+        time.sleep(0.1)
+    assert d.stop() == 0, d.log()[-3000:]
+    assert "stopping took longer" not in d.log()
+    assert not any(_alive(pid) for pid in workers)
+    d.start()
+    (result,) = d.collect(1)
+    assert (result.file_name, result.outcome) == ("held.png", pb.OUTCOME_SCORED)
+    assert d.stop() == 0
+
+
+def test_a_fifo_in_place_of_a_queued_input_is_refused_at_once(make_daemon) -> None:
+    """A FIFO put in place of a journaled input: opening it for reading would wait for a writer, in the kernel,
+    where nothing ends it. It is refused as file_vanished at once, the next file is scored, and the stop exits 0."""
     d = make_daemon()
     d.incoming.mkdir(parents=True)
     fifo = d.incoming / "queued.dcm"
@@ -85,22 +112,36 @@ def test_a_queued_input_that_wedges_its_worker_never_holds_up_the_stop(make_daem
     )
     journal.close()
     d.start()
-    assert d.proc is not None
-    deadline = time.monotonic() + 60
-    while not any(_opening_a_fifo(pid) for pid in process_tree(d.proc.pid)):
-        assert time.monotonic() < deadline, d.log()[-3000:]
-        time.sleep(0.1)
+    drop(d.incoming, "after.png", png_bytes(91))
+    results = {r.file_name: r for r in d.collect(2)}
+    assert results["queued.dcm"].rejection.code == "file_vanished"
+    assert results["after.png"].outcome == pb.OUTCOME_SCORED
     assert d.stop() == 0, d.log()[-3000:]
-    assert "stopping took longer" not in d.log()
-    journal = Journal(d.root / "data" / "journal.sqlite3")
-    try:
-        assert journal.counts().queued == 1  # scored at the next start (or set aside after several)
-    finally:
-        journal.close()
 
 
-def _opening_a_fifo(pid: int) -> bool:
+def _decode_workers(daemon: int) -> set[int]:
+    """The daemon's decode workers: its forkserver's children."""
+    tree = process_tree(daemon)
+    forkservers = {p for p in tree if _parent(p) == daemon}
+    return {p for p in tree if _parent(p) in forkservers}
+
+
+def _parent(pid: int) -> int:
     try:
-        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _in_flight(metrics_port: int) -> bool:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return "appliance_inputs_in_flight 1.0" in text.splitlines()
