@@ -56,6 +56,11 @@ class Refusal(Enum):
         "a message (a C-STORE's data set) past limits.max_file_mb, or another message past 64 KiB, "
         "refused unread from there",
     )
+    TOO_MANY_MESSAGES = (
+        "too_many_messages",
+        "messages sent on without waiting for their answers (this receiver negotiates one at a time), "
+        "refused unread from there",
+    )
 
     def __init__(self, label: str, sentence: str) -> None:
         self.label = label
@@ -64,7 +69,13 @@ class Refusal(Enum):
     @property
     def aborts(self) -> bool:
         """Whether it ends an accepted association, rather than refusing a connection before one."""
-        return self in (Refusal.PDU_TOO_LARGE, Refusal.MESSAGE_TOO_LARGE, Refusal.NETWORK_TIMEOUT, Refusal.IDLE)
+        return self in (
+            Refusal.PDU_TOO_LARGE,
+            Refusal.MESSAGE_TOO_LARGE,
+            Refusal.TOO_MANY_MESSAGES,
+            Refusal.NETWORK_TIMEOUT,
+            Refusal.IDLE,
+        )
 
 
 class RefusalObserver(Protocol):
@@ -182,17 +193,25 @@ class Admission:
         with self._lock:
             if self._per_host[key] >= self._config.max_associations_per_host:
                 return None, None
-            evicted = None
+            evicted, woken = None, None
             if len(self._pending) >= self._config.max_pending:
                 evicted = next(iter(self._pending))
                 del self._pending[evicted]
                 evicted.evicted = True
+                woken = evicted.sock  # read under the lock: ``wrap`` may be swapping it
             conn = Connection(key, sock)
             self._pending[conn] = None
             self._per_host[key] += 1
-        if evicted is not None:
-            _wake(evicted.sock)
+        if woken is not None:
+            _wake(woken)
         return conn, evicted
+
+    def wrap(self, conn: Connection, sock: socket.socket) -> bool:
+        """Make ``sock`` (the connection's TLS socket, which took over its descriptor) the one an eviction
+        shuts; False where the connection was evicted already, its wake spent on the socket it replaces."""
+        with self._lock:
+            conn.sock = sock
+            return not conn.evicted
 
     def admit(self, conn: Connection, calling: str) -> Refusal | None:
         """Count an allowed caller's association, or say which cap it would pass."""

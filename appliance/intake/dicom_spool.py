@@ -10,7 +10,12 @@ in the spool folder, in the very attribute that flag would fill (``_data_set_fil
 fragment into it, the handler finds it at ``Event.dataset_path``, and pynetdicom closes and unlinks what the
 handler leaves, as it does its own. The file holds what the receiver always spooled: a file meta made only of
 the request (SOP class and instance, the context's transfer syntax, pynetdicom's implementation UID, as
-``Event.encoded_dataset`` makes it), then the data set's bytes as the scanner encoded them."""
+``Event.encoded_dataset`` makes it), then the data set's bytes as the scanner encoded them.
+
+Each message is bounded, and so is how many wait: pynetdicom queues every whole message for the
+association's thread (``DIMSEServiceProvider.msg_queue``, unbounded), which answers some 1,000 a second,
+while one 1 MiB P-DATA-TF holds some 14,000 C-ECHO-RQs. A peer that sends without reading the answers filled
+memory at 3 MiB a second (1.2 GiB after five minutes); now it is aborted once more than a few wait."""
 
 from __future__ import annotations
 
@@ -31,12 +36,16 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
+from appliance.intake.dicom_admission import Refusal
 from appliance.journal.content_hash import digest_stream
 
 PART_SUFFIX = ".part"  # a data set still arriving (or left by a crash: the next start clears the spool)
 # A command set is some 200 bytes, and only a C-STORE-RQ brings a data set worth spooling (this receiver serves
 # C-ECHO and C-STORE): anything else is held in memory, so it is held to this.
 MAX_OTHER = 64 * 1024
+# Whole messages waiting for the association's thread. It negotiates one operation at a time (asynchronous
+# operations window 1): a scanner waits for each answer, so one waits, or two as the thread takes it.
+MAX_WAITING = 8
 
 # Why a data set was not kept: a sentence (no room, said as the receiver says it), or the failure itself.
 Trouble = str | Exception
@@ -62,12 +71,13 @@ class Kept:
 
 class SpoolingDimse(DIMSEServiceProvider):
     """An association's DIMSE provider that counts each message as its fragments arrive and writes a
-    C-STORE-RQ's data set to a file in the spool. Past the cap it ends the association through ``abort``
-    (the bounded socket's A-ABORT) and takes nothing more; without room, or where the file cannot be
-    written, it takes the rest of the data set unkept and says why to the handler (``received``)."""
+    C-STORE-RQ's data set to a file in the spool. Past the cap on a message, or on the whole messages
+    waiting for the association's thread, it ends the association through ``abort`` (the bounded socket's
+    A-ABORT) and takes nothing more; without room, or where the file cannot be written, it takes the rest
+    of the data set unkept and says why to the handler (``received``)."""
 
     _spool: Spool
-    _abort: Callable[[str], None]
+    _abort: Callable[[Refusal, str], None]
     _size: int  # bytes of the message in progress
     _trouble: Trouble | None  # why the message in progress is not being kept
     _ended: bool  # aborted: nothing more is taken
@@ -75,7 +85,7 @@ class SpoolingDimse(DIMSEServiceProvider):
     _troubles: dict[int, Trouble]  # by message ID: C-STOREs whole but not kept, until their handler asks
 
     @classmethod
-    def adopt(cls, dimse: DIMSEServiceProvider, spool: Spool, abort: Callable[[str], None]) -> SpoolingDimse:
+    def adopt(cls, dimse: DIMSEServiceProvider, spool: Spool, abort: Callable[[Refusal, str], None]) -> SpoolingDimse:
         """Take over the provider pynetdicom made for an association before the association starts."""
         dimse.__class__ = cls
         adopted = cast(SpoolingDimse, dimse)
@@ -104,7 +114,7 @@ class SpoolingDimse(DIMSEServiceProvider):
         limit = self._spool.max_bytes if storing else MAX_OTHER
         if self._size > limit:
             self.close()
-            self._abort(f"more than {limit} bytes in one message")
+            self._abort(Refusal.MESSAGE_TOO_LARGE, f"more than {limit} bytes in one message")
             return
         if storing and self._trouble is None and not data[0] & 1:
             problem = self._spool.room(len(data) - 1)
@@ -123,6 +133,10 @@ class SpoolingDimse(DIMSEServiceProvider):
         if self.message is None:  # whole: handed to the association's queue
             if storing and self._trouble is not None and message is not None:
                 self._troubles[int(message.command_set.MessageID)] = self._trouble
+            waiting = self.msg_queue.qsize()
+            if waiting > MAX_WAITING:
+                self.close()
+                self._abort(Refusal.TOO_MANY_MESSAGES, f"{waiting} waiting, more than {MAX_WAITING}")
         elif isinstance(self.message, C_STORE_RQ) and not storing:
             self._open(self.message, context_id)
 

@@ -7,8 +7,8 @@ blocking socket with no timeout and no bound: a peer could stall its reactor for
 4 GiB. Here the socket refuses a length past the cap before reading any of it and gives up on a PDU not
 whole within the timeout; either way it aborts the association (A-ABORT, then the connection is shut), and
 returns the short read, which pynetdicom takes as the connection closed (its event 17). Each message's
-size is bounded one layer up, by the association's DIMSE provider (appliance.intake.dicom_spool), which
-aborts through the same socket."""
+size, and how many whole ones wait, are bounded one layer up, by the association's DIMSE provider
+(appliance.intake.dicom_spool), which aborts through the same socket."""
 
 from __future__ import annotations
 
@@ -149,9 +149,9 @@ class Handoff(RequestHandler):
         plain = cast(AssociationSocket, assoc.dul.socket)
         bounded = BoundedSocket.adopt(plain, self._replay, self._largest, self._timeout_s, self._report)
 
-        def too_large(detail: str) -> None:
-            bounded.abort(Refusal.MESSAGE_TOO_LARGE, pdu.REASON_NOT_SPECIFIED, detail)
+        def end(refusal: Refusal, detail: str) -> None:
+            bounded.abort(refusal, pdu.REASON_NOT_SPECIFIED, detail)
 
-        SpoolingDimse.adopt(assoc.dimse, self._spool, too_large)
+        SpoolingDimse.adopt(assoc.dimse, self._spool, end)
         self.association = assoc
         return assoc

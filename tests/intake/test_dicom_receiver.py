@@ -24,6 +24,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -111,8 +113,10 @@ def _associate(
     calling: str = SCANNER,
     called: str = APPLIANCE,
     tls: ssl.SSLContext | None = None,
+    source: str = HOST,
 ) -> Association:
-    """A pynetdicom SCU proposing Verification and each file's SOP class in the file's own transfer syntax."""
+    """A pynetdicom SCU proposing Verification and each file's SOP class in the file's own transfer syntax,
+    from ``source`` (another loopback address is another host: Linux routes all of 127/8)."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     ae.add_requested_context(Verification)
@@ -120,8 +124,8 @@ def _associate(
         ds = dcmread(path, stop_before_pixels=True)
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     if tls is not None:
-        return ae.associate(HOST, port, ae_title=called, tls_args=(tls, "localhost"))
-    return ae.associate(HOST, port, ae_title=called)
+        return ae.associate(HOST, port, ae_title=called, tls_args=(tls, "localhost"), bind_address=(source, 0))
+    return ae.associate(HOST, port, ae_title=called, bind_address=(source, 0))
 
 
 def _store(port: int, *files: Path, **kwargs: Any) -> list[int]:
@@ -495,6 +499,45 @@ def test_a_message_past_its_cap_is_aborted_as_it_arrives_and_leaves_nothing(
     assert _store(receiver.port, CT) == [SUCCESS]  # and a store within the cap is served
 
 
+def _echoes(context_id: int, count: int) -> bytes:
+    """One P-DATA-TF packed with ``count`` whole C-ECHO-RQs (a command set each, some 74 bytes): what no
+    scanner sends, which waits for each answer, and what pynetdicom would queue one by one."""
+    request = C_ECHO()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(request)
+    [(_, command)] = next(iter(message.encode_msg(context_id, MAX_PDU))).presentation_data_value_list
+    item = struct.pack(">LB", len(command) + 1, context_id) + bytes(command)  # its control byte: 3, whole
+    return struct.pack(">BxL", 0x04, count * len(item)) + item * count
+
+
+def test_an_allowed_ae_sending_messages_faster_than_they_are_answered_is_aborted(
+    core: ScoringCore, receive: Receive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each message is within its cap, but every whole one waits in pynetdicom's queue for the association's
+    thread: unbounded, it grew by 3 MiB a second (1.2 GiB after five minutes) and the association lived on."""
+    receiver = receive()
+    assoc = _associate(receiver.port)
+    assert assoc.is_established
+    cx = next(int(c.context_id or 0) for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+    burst = _echoes(cx, 14_000)  # under 1 MiB, the largest PDU the receiver takes
+    assert len(burst) <= MAX_PDU + 6
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        sent = _offer(_raw(assoc), burst, 64)  # 896,000 requests, the answers left to the SCU's own thread
+        _until("the association was not aborted", lambda: assoc.is_aborted)
+    assert sent < 64 * len(burst), "the receiver took every request"
+    assert _refusals(core, "too_many_messages") == 1.0
+    [line] = _receiver_lines(caplog)
+    assert line.startswith(
+        f"DICOM association aborted (too_many_messages) from 127.0.0.1, calling AE '{SCANNER}': messages sent "
+        "on without waiting for their answers (this receiver negotiates one at a time), refused unread from "
+        "there ("
+    )
+    assert line.endswith(" waiting, more than 8)")
+    assert _store(receiver.port, CT) == [SUCCESS]  # and a scanner that waits for its answers is served
+
+
 @pytest.mark.parametrize("end", ["abort", "close"])
 def test_a_store_ended_half_way_by_the_scanner_leaves_nothing_in_the_spool(
     core: ScoringCore, receive: Receive, end: str
@@ -721,6 +764,42 @@ def test_a_tls_session_that_then_sends_nothing_is_closed_at_the_request_deadline
                 assert sock.recv(1) == b""
         assert _store(receiver.port, CT, tls=_tls_client(certs)) == [SUCCESS]
     assert _refusals(core, "request_timeout") == 1.0
+
+
+def test_under_tls_a_pending_connection_evicted_mid_handshake_is_closed_at_once(
+    core: ScoringCore, receive: Receive, certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ssl's wrap_socket detaches the plain socket before its handshake: an eviction that shut that one
+    reached nothing, and the evicted connection held its place until request_timeout_s."""
+    receiver = receive(
+        tls_cert=certs / "server.crt",
+        tls_key=certs / "server.key",
+        tls_client_ca=certs / "ca.crt",
+        max_pending=1,
+        request_timeout_s=60,
+    )
+    with (
+        caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"),
+        socket.create_connection((HOST, receiver.port), timeout=10) as stalled,
+    ):
+        stalled.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing: its handshake waits
+        # A scanner from another host, the one more pending connection: the stalled one is closed for it.
+        assert _store(receiver.port, CT, tls=_tls_client(certs), source="127.0.0.2") == [SUCCESS]
+        # Not a timing: 20 s only tells the eviction from the request deadline (60 s), which also closes it.
+        stalled.settimeout(20)
+        try:
+            assert stalled.recv(4096) == b""
+        except ConnectionResetError:
+            pass  # a reset is a close too
+        except TimeoutError:
+            pytest.fail("the evicted connection was left open until its deadline")
+    assert _refusals(core, "pending_full") == 1.0
+    assert _receiver_lines(caplog) == [
+        "DICOM connection refused (pending_full) from 127.0.0.1: the oldest of dicom.max_pending = 1 "
+        "connections still without an association request, closed for a newer one"
+    ]
+    [row] = _inputs(core.journal)
+    assert row.source == "dicom"
 
 
 # --- DCMTK as the scanner -------------------------------------------------------------------------------
