@@ -119,7 +119,14 @@ class FrontServer(ThreadedAssociationServer):
                 # Before trust, the request's deadline; ssl's handshake takes a socket timeout as its deadline
                 # for the whole of it, however the peer trickles its records (_ssl.c, do_handshake).
                 request.settimeout(self.front.config.request_timeout_s)
-                request = conn.sock = self.front.tls.wrap_socket(request, server_side=True)
+                # wrap_socket detaches the plain socket (its fd becomes -1): the handshake is shaken only once
+                # an eviction can reach the TLS socket, or an evicted connection would wait out the deadline.
+                wrapped = self.front.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                request = wrapped
+                if not self.front.admission.wrap(conn, wrapped):
+                    self.shutdown_request(wrapped)
+                    return
+                wrapped.do_handshake()
             except OSError as e:  # ssl.SSLError, a timeout, a reset
                 self._refuse(conn, Refusal.TLS, detail=_tls_reason(e))
                 self.shutdown_request(conn.sock)
