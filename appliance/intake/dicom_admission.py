@@ -61,6 +61,10 @@ class Refusal(Enum):
         "messages sent on without waiting for their answers (this receiver negotiates one at a time), "
         "refused unread from there",
     )
+    UNEXPECTED_MESSAGE = (
+        "unexpected_message",
+        "a message this receiver does not serve (it takes C-ECHO and C-STORE requests only), refused from there",
+    )
 
     def __init__(self, label: str, sentence: str) -> None:
         self.label = label
@@ -73,6 +77,7 @@ class Refusal(Enum):
             Refusal.PDU_TOO_LARGE,
             Refusal.MESSAGE_TOO_LARGE,
             Refusal.TOO_MANY_MESSAGES,
+            Refusal.UNEXPECTED_MESSAGE,
             Refusal.NETWORK_TIMEOUT,
             Refusal.IDLE,
         )

@@ -30,7 +30,7 @@ from typing import IO, Any, cast
 from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_messages import C_CANCEL_RQ, C_ECHO_RQ, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
@@ -46,6 +46,7 @@ MAX_OTHER = 64 * 1024
 # Whole messages waiting for the association's thread. It negotiates one operation at a time (asynchronous
 # operations window 1): a scanner waits for each answer, so one waits, or two as the thread takes it.
 MAX_WAITING = 8
+SERVED = (C_ECHO_RQ, C_STORE_RQ, C_CANCEL_RQ)  # what a scanner may send this receiver
 
 # Why a data set was not kept: a sentence (no room, said as the receiver says it), or the failure itself.
 Trouble = str | Exception
@@ -122,6 +123,8 @@ class SpoolingDimse(DIMSEServiceProvider):
                 self._drop(problem)
         if self._trouble is not None and storing:
             data = data[:1]  # the rest of a data set not kept: counted, never held
+        if self.message is None:
+            self.message = DIMSEMessage()  # as pynetdicom would make it: held here to see what it becomes
         message = self.message
         try:
             super().receive_primitive(_fragment(context_id, data))
@@ -130,8 +133,14 @@ class SpoolingDimse(DIMSEServiceProvider):
                 raise
             self._drop(e)
             super().receive_primitive(_fragment(context_id, data[:1]))
+        if type(message) is not DIMSEMessage and not isinstance(message, SERVED):  # its command set says what
+            # pynetdicom serves an N-EVENT-REPORT-RQ on a thread of its own as it arrives, whatever the contexts:
+            # one P-DATA could start thousands. Only what this receiver serves goes on.
+            self.close()
+            self._abort(Refusal.UNEXPECTED_MESSAGE, f"a {type(message).__name__}")
+            return
         if self.message is None:  # whole: handed to the association's queue
-            if storing and self._trouble is not None and message is not None:
+            if storing and self._trouble is not None:
                 self._troubles[int(message.command_set.MessageID)] = self._trouble
             waiting = self.msg_queue.qsize()
             if waiting > MAX_WAITING:

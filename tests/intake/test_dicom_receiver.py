@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +25,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_ECHO_RQ
-from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.dimse_messages import C_ECHO_RQ, N_EVENT_REPORT_RQ
+from pynetdicom.dimse_primitives import C_ECHO, N_EVENT_REPORT
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -499,13 +500,14 @@ def test_a_message_past_its_cap_is_aborted_as_it_arrives_and_leaves_nothing(
     assert _store(receiver.port, CT) == [SUCCESS]  # and a store within the cap is served
 
 
-def _echoes(context_id: int, count: int) -> bytes:
-    """One P-DATA-TF packed with ``count`` whole C-ECHO-RQs (a command set each, some 74 bytes): what no
-    scanner sends, which waits for each answer, and what pynetdicom would queue one by one."""
-    request = C_ECHO()
+def _echoes(context_id: int, count: int, request: C_ECHO | N_EVENT_REPORT | None = None) -> bytes:
+    """One P-DATA-TF packed with ``count`` whole C-ECHO-RQs (or ``request``s; a command set each, some 74 bytes):
+    what no scanner sends, which waits for each answer, and what pynetdicom would queue one by one."""
+    if request is None:
+        request = C_ECHO()
+        request.AffectedSOPClassUID = Verification
     request.MessageID = 1
-    request.AffectedSOPClassUID = Verification
-    message = C_ECHO_RQ()
+    message = C_ECHO_RQ() if isinstance(request, C_ECHO) else N_EVENT_REPORT_RQ()
     message.primitive_to_message(request)
     [(_, command)] = next(iter(message.encode_msg(context_id, MAX_PDU))).presentation_data_value_list
     item = struct.pack(">LB", len(command) + 1, context_id) + bytes(command)  # its control byte: 3, whole
@@ -536,6 +538,33 @@ def test_an_allowed_ae_sending_messages_faster_than_they_are_answered_is_aborted
     )
     assert line.endswith(" waiting, more than 8)")
     assert _store(receiver.port, CT) == [SUCCESS]  # and a scanner that waits for its answers is served
+
+
+def test_a_message_this_receiver_does_not_serve_ends_the_association_before_pynetdicom_serves_the_next(
+    core: ScoringCore, receive: Receive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom serves each N-EVENT-REPORT-RQ on a thread of its own as it arrives, whatever was negotiated:
+    a P-DATA packed with them would start a thread for each."""
+    receiver = receive()
+    assoc = _associate(receiver.port)
+    assert assoc.is_established
+    cx = next(int(c.context_id or 0) for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+    report = N_EVENT_REPORT()
+    report.AffectedSOPClassUID = Verification
+    report.AffectedSOPInstanceUID = "1.2.3"
+    report.EventTypeID = 1
+    threads_before = threading.active_count()
+    with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
+        _offer(_raw(assoc), _echoes(cx, 10_000, report), 4)
+        _until("the association was not aborted", lambda: assoc.is_aborted)
+    assert _refusals(core, "unexpected_message") == 1.0
+    assert threading.active_count() < threads_before + 10  # at most the one pynetdicom started first
+    assert _receiver_lines(caplog) == [
+        f"DICOM association aborted (unexpected_message) from 127.0.0.1, calling AE '{SCANNER}': a message this "
+        "receiver does not serve (it takes C-ECHO and C-STORE requests only), refused from there (a "
+        "N_EVENT_REPORT_RQ)"
+    ]
+    assert _store(receiver.port, CT) == [SUCCESS]
 
 
 @pytest.mark.parametrize("end", ["abort", "close"])
