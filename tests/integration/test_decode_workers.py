@@ -18,6 +18,7 @@ from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 from bench.daemon_run import process_tree
 from tests.imaging import hostile
+from tests.processes import alive, parent
 
 from .conftest import drop, free_port, jpeg_bytes, png_bytes
 
@@ -27,23 +28,7 @@ BURST = 40
 def _workers(daemon_pid: int) -> list[int]:
     """The decode workers: the forkserver's children (the daemon's own children are the forkserver and
     multiprocessing's resource tracker)."""
-    return [p for p in process_tree(daemon_pid)[1:] if _parent(p) != daemon_pid]
-
-
-def _parent(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    return [p for p in process_tree(daemon_pid)[1:] if parent(p) != daemon_pid]
 
 
 def test_a_decode_worker_killed_mid_burst_costs_no_file(make_daemon) -> None:
@@ -91,9 +76,9 @@ def test_decode_workers_leave_with_a_killed_daemon(make_daemon) -> None:
     assert helpers, "the daemon started no worker processes"
     d.kill()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in helpers):
+    while time.monotonic() < deadline and any(alive(p) for p in helpers):
         time.sleep(0.2)
-    assert not any(_alive(p) for p in helpers), [p for p in helpers if _alive(p)]
+    assert not any(alive(p) for p in helpers), [p for p in helpers if alive(p)]
 
 
 def test_decode_workers_killed_while_idle_cost_nothing(make_daemon) -> None:

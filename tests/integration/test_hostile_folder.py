@@ -6,11 +6,10 @@ import os
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 from appliance.journal.journal import Journal
 from appliance.v1 import scoring_pb2 as pb
-from bench.daemon_run import process_tree
+from tests.processes import alive, decode_workers
 
 from .conftest import drop, free_port, png_bytes
 
@@ -75,7 +74,7 @@ def test_an_input_that_wedges_its_worker_never_holds_up_the_stop(make_daemon) ->
     d = make_daemon(server={"metrics_port": metrics_port})
     d.start()
     assert d.proc is not None
-    workers = _decode_workers(d.proc.pid)
+    workers = decode_workers(d.proc.pid)
     assert workers, d.log()[-3000:]  # started before the daemon serves (the pool is warmed)
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
@@ -86,7 +85,7 @@ def test_an_input_that_wedges_its_worker_never_holds_up_the_stop(make_daemon) ->
         time.sleep(0.1)
     assert d.stop() == 0, d.log()[-3000:]
     assert "stopping took longer" not in d.log()
-    assert not any(_alive(pid) for pid in workers)
+    assert not any(alive(pid) for pid in workers)
     d.start()
     (result,) = d.collect(1)
     assert (result.file_name, result.outcome) == ("held.png", pb.OUTCOME_SCORED)
@@ -117,29 +116,6 @@ def test_a_fifo_in_place_of_a_queued_input_is_refused_at_once(make_daemon) -> No
     assert results["queued.dcm"].rejection.code == "file_vanished"
     assert results["after.png"].outcome == pb.OUTCOME_SCORED
     assert d.stop() == 0, d.log()[-3000:]
-
-
-def _decode_workers(daemon: int) -> set[int]:
-    """The daemon's decode workers: its forkserver's children."""
-    tree = process_tree(daemon)
-    forkservers = {p for p in tree if _parent(p) == daemon}
-    return {p for p in tree if _parent(p) in forkservers}
-
-
-def _parent(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _in_flight(metrics_port: int) -> bool:

@@ -20,8 +20,8 @@ from appliance.config import LimitsConfig
 from appliance.domain.errors import InputRejected
 from appliance.domain.manifest import load_manifest
 from appliance.prepare.pool import NOT_A_FILE, Mode, PreparePool
-from bench.daemon_run import process_tree
 from tests.imaging import hostile
+from tests.processes import alive, decode_workers
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
 
@@ -43,18 +43,8 @@ def _heavy(folder: Path) -> Path:
 
 
 def _workers() -> set[int]:
-    """This process's decode workers: the forkserver's children."""
-    tree = process_tree(os.getpid())
-    forkservers = {p for p in tree if _parent(p) == os.getpid()}
-    return {p for p in tree if _parent(p) in forkservers}
-
-
-def _parent(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
+    """This process's decode workers."""
+    return decode_workers(os.getpid())
 
 
 def _rejection(future: Future[object]) -> InputRejected:
@@ -117,7 +107,7 @@ def test_closing_ends_a_worker_that_never_answers(tmp_path: Path) -> None:
     wedged = pool.prepare(path, path.name)
     pool.close()
     assert wedged.cancelled()  # the input stays queued in the journal for the next start
-    _until(lambda: not _alive(worker))
+    _until(lambda: not alive(worker))
 
 
 @pytest.mark.parametrize("mode", ["processes", "threads"])
@@ -158,14 +148,6 @@ class _StopNewWorkers:
     def finish(self) -> None:
         self._done.set()
         self._thread.join(timeout=10)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
