@@ -66,7 +66,6 @@ Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the inge
 # A call to retry alone: the worker function, its arguments, and what to answer if it kills (or wedges) two
 # workers, given the rejection to answer with.
 Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[InputRejected], Any]]
-# A call still running this many times the per-file limit (past the CPU backstop) is wedged: its workers are ended.
 
 _preparer: Preparer | None = None  # one per worker process (or one shared by the threads)
 _timeout_s = 0.0  # a worker process's limit per file; 0: none
