@@ -6,6 +6,7 @@ import io
 import struct
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -186,3 +187,11 @@ def refusal_and_peak(data: bytes) -> tuple[InputRejected, int]:
     finally:
         tracemalloc.stop()
     return err.value, peak
+
+
+def good_png(folder: Path, seed: int) -> Path:
+    """An honest 64 x 64 PNG in ``folder``, to go beside the hostile ones: what must still be scored."""
+    path = folder / f"good-{seed}.png"
+    image = (np.random.default_rng(seed).random((64, 64)) * 255).astype(np.uint8)
+    path.write_bytes(cv2.imencode(".png", image)[1].tobytes())
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -16,13 +15,6 @@ from appliance.prepare.pool import PreparePool
 from . import hostile
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
-
-
-def _png(folder: Path, seed: int) -> Path:
-    path = folder / f"good-{seed}.png"
-    image = (np.random.default_rng(seed).random((64, 64)) * 255).astype(np.uint8)
-    path.write_bytes(cv2.imencode(".png", image)[1].tobytes())
-    return path
 
 
 def _dicom(folder: Path, name: str, rows: int, cols: int, frames: int | None) -> Path:
@@ -48,7 +40,7 @@ def test_a_file_past_a_worker_limit_is_rejected_and_the_others_are_prepared(
     tmp_path: Path, limits: LimitsConfig, rows: int, cols: int, frames: int | None, code: str
 ) -> None:
     heavy = _dicom(tmp_path, "heavy.dcm", rows, cols, frames)
-    good = [_png(tmp_path, seed) for seed in range(6)]
+    good = [hostile.good_png(tmp_path, seed) for seed in range(6)]
     pool = PreparePool(load_manifest(MODEL).manifest, limits, workers=2)
     try:
         pool.warm()

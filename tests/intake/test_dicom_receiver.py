@@ -432,6 +432,13 @@ def _store_command(context_id: int, path: Path) -> bytes:
     return store_command(context_id, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
 
 
+def _storing(port: int) -> tuple[Association, int, socket.socket]:
+    """An association accepted for CT's storage, its context id, and its raw socket for PDUs of the test's own."""
+    assoc = _associate(port, (CT,))
+    assert assoc.is_established
+    return assoc, _context_id(assoc, CT), _raw(assoc)
+
+
 def _context_id(assoc: Association, path: Path) -> int:
     sop_class = str(dcmread(path, stop_before_pixels=True).SOPClassUID)
     return next(int(cx.context_id or 0) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class)
@@ -478,10 +485,7 @@ def test_a_message_past_its_cap_is_aborted_as_it_arrives_and_leaves_nothing(
     limit: int,
 ) -> None:
     receiver = receive(max_file_mb=1)
-    assoc = _associate(receiver.port, (CT,))
-    assert assoc.is_established
-    cx = _context_id(assoc, CT)
-    raw = _raw(assoc)
+    assoc, cx, raw = _storing(receiver.port)
     with caplog.at_level(logging.WARNING, logger="appliance.intake.dicom_receiver"):
         if command:
             raw.sendall(_store_command(cx, CT))
@@ -572,10 +576,7 @@ def test_a_store_ended_half_way_by_the_scanner_leaves_nothing_in_the_spool(
     core: ScoringCore, receive: Receive, end: str
 ) -> None:
     receiver = receive()
-    assoc = _associate(receiver.port, (CT,))
-    assert assoc.is_established
-    cx = _context_id(assoc, CT)
-    raw = _raw(assoc)
+    assoc, cx, raw = _storing(receiver.port)
     raw.sendall(_store_command(cx, CT) + p_data_tf(cx, 0x00, b"\x00" * (256 * 1024)))
     # Half a data set is on its way to the spool: wait until its part is there, then end the association.
     _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
@@ -593,10 +594,7 @@ def test_a_store_that_runs_out_of_room_as_it_arrives_is_answered_out_of_resource
     core: ScoringCore, receive: Receive
 ) -> None:
     receiver = receive()
-    assoc = _associate(receiver.port, (CT,))
-    assert assoc.is_established
-    cx = _context_id(assoc, CT)
-    raw = _raw(assoc)
+    assoc, cx, raw = _storing(receiver.port)
     quarter = b"\x00" * (256 * 1024)
     with _reactor_paused(assoc):  # the C-STORE-RSP is this test's to read, not the association's own loop's
         raw.sendall(_store_command(cx, CT) + p_data_tf(cx, 0x00, quarter))

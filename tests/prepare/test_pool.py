@@ -12,7 +12,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -24,13 +23,6 @@ from tests.imaging import hostile
 from tests.processes import alive, decode_workers
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
-
-
-def _png(folder: Path, seed: int) -> Path:
-    path = folder / f"good-{seed}.png"
-    image = (np.random.default_rng(seed).random((64, 64)) * 255).astype(np.uint8)
-    path.write_bytes(cv2.imencode(".png", image)[1].tobytes())
-    return path
 
 
 def _heavy(folder: Path) -> Path:
@@ -54,7 +46,7 @@ def _rejection(future: Future[object]) -> InputRejected:
 
 
 def test_a_worker_that_ran_out_of_memory_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    heavy, good = _heavy(tmp_path), [_png(tmp_path, seed) for seed in range(4)]
+    heavy, good = _heavy(tmp_path), [hostile.good_png(tmp_path, seed) for seed in range(4)]
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(worker_memory_mb=400), workers=2)
     try:
         pool.warm()
@@ -75,7 +67,7 @@ def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(tmp_path: P
     """A stopped worker answers nothing but SIGKILL, as one wedged in native code or in the kernel: only the
     pool's watch ends it. Its input is tried alone, and rejected once it has wedged two lone workers too; the
     inputs held up behind it are scored."""
-    wedging, *good = [_png(tmp_path, seed) for seed in range(4)]
+    wedging, *good = [hostile.good_png(tmp_path, seed) for seed in range(4)]
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(decode_timeout_s=0.2), workers=1)
     stopper: _StopNewWorkers | None = None
     try:
@@ -99,7 +91,7 @@ def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(tmp_path: P
 
 def test_closing_ends_a_worker_that_never_answers(tmp_path: Path) -> None:
     """Whether the stopped worker was handed the input or not, closing ends it and the input is cancelled."""
-    path = _png(tmp_path, 0)
+    path = hostile.good_png(tmp_path, 0)
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(), workers=1)
     pool.warm()
     (worker,) = _workers()
@@ -116,7 +108,7 @@ def test_a_fifo_in_place_of_a_queued_input_is_refused_at_once(tmp_path: Path, mo
     process only the watch, after minutes. It is refused as soon as it is opened; the pool goes on."""
     fifo = tmp_path / "queued.dcm"
     os.mkfifo(fifo)
-    good = _png(tmp_path, 1)
+    good = hostile.good_png(tmp_path, 1)
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(), workers=1, mode=mode)
     try:
         error = _rejection(pool.prepare(fifo, fifo.name))
