@@ -42,7 +42,7 @@ from appliance.journal.journal import InputRow, Journal
 from tests.in_process import ScoringCore, results_of, scoring_core
 from tests.peers import needs
 from tests.peers.dcmtk import echoscu, storescu
-from tests.peers.dicom_wire import p_data_tf, store_command
+from tests.peers.dicom_wire import p_data_tf, rejection, store_command
 
 HOST = "127.0.0.1"
 SCANNER = "CT01"
@@ -137,13 +137,6 @@ def _store(port: int, *files: Path, **kwargs: Any) -> list[int]:
         return [int(assoc.send_c_store(path).get("Status", -1)) for path in files]
     finally:
         assoc.release()
-
-
-def _rejection(assoc: Association) -> tuple[int, int, int]:
-    assert assoc.is_rejected, "the association was not rejected"
-    rsp = assoc.acceptor.primitive
-    assert rsp is not None
-    return (int(rsp.result or 0), int(rsp.result_source or 0), int(rsp.diagnostic or 0))
 
 
 def _sop_uid(path: Path) -> str:
@@ -282,7 +275,7 @@ def test_who_may_not_send_is_rejected_at_association_with_the_standard_reason(
         DicomCaller(ae_title="NEAR01", host=HOST),
     ]
     receiver = receive(allowed=allowed)
-    assert _rejection(_associate(receiver.port, calling=calling, called=called)) == reason
+    assert rejection(receiver.port, calling, called) == reason
     assert _store(receiver.port, CT, calling="NEAR01") == [SUCCESS]  # a host-bound caller from its host
     assert [r.source for r in _inputs(core.journal)] == ["dicom"]
 
@@ -293,7 +286,7 @@ def test_more_associations_than_the_limit_are_refused(receive: Receive) -> None:
     try:
         assert all(a.is_established for a in held)
         # Rejected transient, by the service provider (presentation): local limit exceeded.
-        assert _rejection(_associate(receiver.port)) == (2, 3, 2)
+        assert rejection(receiver.port, SCANNER, APPLIANCE) == (2, 3, 2)
     finally:
         for assoc in held:
             assoc.release()
@@ -354,7 +347,7 @@ def test_one_ae_title_at_its_cap_leaves_room_for_another(core: ScoringCore, rece
     receiver = receive(allowed=[DicomCaller(ae_title=SCANNER), DicomCaller(ae_title="CT02")], max_associations_per_ae=2)
     held = [_associate(receiver.port) for _ in range(2)]
     try:
-        assert _rejection(_associate(receiver.port)) == (2, 3, 2)  # rejected transient: local limit exceeded
+        assert rejection(receiver.port, SCANNER, APPLIANCE) == (2, 3, 2)  # rejected transient: local limit exceeded
         assert _store(receiver.port, CT, calling="CT02") == [SUCCESS]
     finally:
         for assoc in held:
