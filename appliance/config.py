@@ -5,30 +5,23 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    SerializeAsAny,
     ValidationError,
-    field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from appliance.domain.errors import ConfigError
-from appliance.inference import registry
+from appliance.domain.settings import Section
+from appliance.inference.settings import InferenceConfig
+from appliance.prepare.limits import LimitsConfig
 
 DEFAULT_PARTIAL_PATTERNS = ["*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.swp", "*~"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WatchConfig(_Section):
+class WatchConfig(Section):
     dir: Path = Field(Path("var/incoming"), description="The scanner's export folder (watched recursively).")
     recursive: bool = Field(True, description="Watch sub-folders too (scanners often write one per study).")
     polling: bool = Field(
@@ -58,7 +51,7 @@ class WatchConfig(_Section):
     )
 
 
-class StorageConfig(_Section):
+class StorageConfig(Section):
     data_dir: Path = Field(Path("var/data"), description="Holds the journal (SQLite, WAL).")
     identity_dir: Path | None = Field(
         None,
@@ -74,137 +67,14 @@ class StorageConfig(_Section):
     )
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     dir: Path = Field(Path("models/brain-mri-vgg16"), description="Model folder with model.toml and the ONNX file.")
     engines_dir: Path = Field(
         Path("engines"), description="Where `make engine` puts built artifacts (one sub-folder per model)."
     )
 
 
-class InferenceConfig(_Section):
-    backend: str = Field(
-        registry.AUTO,
-        description="auto: a TensorRT plan built for this GPU, else the quantized CPU model, else the FP32 ONNX; "
-        "onnxruntime: the best CPU artifact; tensorrt: a matching plan or refuse to start. Any name in "
-        "appliance/inference/registry.py.",
-    )
-    backends: dict[str, SerializeAsAny[BaseModel]] = Field(
-        default_factory=dict,
-        description="Each backend's own settings, by its name, read from the flat keys its settings model declares "
-        "(inference.threads, inference.device) or from an [inference.<name>] table; defaults for the rest.",
-    )
-    max_batch: int = Field(0, ge=0, description="Cap on the batch size; 0 uses the manifest's max_batch.")
-    heatmaps: bool = Field(
-        True,
-        description="Compute where the model looked (the manifest's [heatmap]) in the same inference call, and "
-        "send it with each result; false saves its cost on ONNX Runtime (`make bench` measures it). A TensorRT "
-        "plan built with it computes it regardless.",
-    )
-    max_delay_ms: float = Field(
-        5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."
-    )
-    decode_workers: int = Field(2, ge=1, le=64, description="Workers that decode and preprocess inputs.")
-    decode_with: Literal["processes", "threads"] = Field(
-        "processes",
-        description="processes: faster (no GIL) and a decoder crash costs one worker, not the daemon; "
-        "threads: less memory.",
-    )
-
-    def __init__(self, **data: Any) -> None:
-        # Declared so that type checkers accept the flat backend keys (threads=, device=) that
-        # _backend_settings hands to each backend's own settings model.
-        super().__init__(**data)
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, name: str) -> str:
-        if name != registry.AUTO and name not in registry.names():
-            raise PydanticCustomError("unknown_backend", registry.unknown(name))
-        return name
-
-    @model_validator(mode="before")
-    @classmethod
-    def _backend_settings(cls, data: Any) -> Any:
-        """Hand each backend the keys its settings model declares: flat under [inference] as configs have
-        always written them (threads, device), or in its own [inference.<name>] table, not both."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        given = data.pop("backends", None) or {}  # a validated config's own, passed back in
-        routed: set[str] = set()
-        settings: dict[str, BaseModel] = {}
-        for kind in registry.kinds():
-            flat = {key: data[key] for key in kind.settings.model_fields if key in data}
-            routed.update(flat)
-            table = data.pop(kind.name, None) or {}
-            if not isinstance(table, dict):
-                raise PydanticCustomError("not_a_table", "[inference.{name}] must be a table", {"name": kind.name})
-            both = sorted(flat.keys() & table.keys())
-            if both:
-                raise PydanticCustomError(
-                    "set_twice",
-                    "{key} is set both as inference.{key} and in [inference.{name}]; keep one",
-                    {"key": both[0], "name": kind.name},
-                )
-            earlier = given.get(kind.name) if isinstance(given, dict) else None
-            if isinstance(earlier, BaseModel):
-                earlier = earlier.model_dump()
-            settings[kind.name] = _settings(kind.settings, {**(earlier or {}), **flat}, table, kind.name)
-        for key in routed:
-            data.pop(key)
-        data["backends"] = settings
-        return data
-
-    def settings_of(self, name: str) -> BaseModel:
-        """Backend `name`'s settings (its own pydantic model, declared in its file)."""
-        found = self.backends.get(name)
-        return found if found is not None else registry.get(name).settings()
-
-    @property
-    def device(self) -> int:
-        """`inference.device`, the CUDA device, read where the GPU is probed before a backend is chosen."""
-        return int(getattr(self.settings_of("tensorrt"), "device", 0))
-
-
-def _settings(model: type[BaseModel], flat: dict[str, Any], table: dict[str, Any], name: str) -> BaseModel:
-    """One backend's settings; a mistake is reported at the key as written (inference.device or
-    inference.tensorrt.device)."""
-    try:
-        return model.model_validate({**flat, **table})
-    except ValidationError as e:
-        errors: list[InitErrorDetails] = []
-        for error in e.errors():
-            loc = error["loc"]
-            where = (name, *loc) if loc and loc[0] in table else loc
-            details: InitErrorDetails = {"type": error["type"], "loc": where, "input": error["input"]}
-            if "ctx" in error:
-                details["ctx"] = error["ctx"]
-            errors.append(details)
-        raise ValidationError.from_exception_data(e.title, errors) from None
-
-
-class LimitsConfig(_Section):
-    max_file_mb: float = Field(2048, gt=0, description="Larger files are rejected unread.")
-    max_pixels: int = Field(80_000_000, gt=0, description="Per frame; larger images are rejected before decoding.")
-    max_frames: int = Field(512, gt=0, description="Multi-frame inputs with more frames are rejected.")
-    multiframe: Literal["per_frame", "reject"] = Field(
-        "per_frame", description="Score each frame of a multi-frame input, or reject such inputs."
-    )
-    worker_memory_mb: int = Field(
-        3072,
-        ge=0,
-        description="Data memory (RLIMIT_DATA) each decode worker process may use; a file that needs more is "
-        "rejected as decode_out_of_memory. 0: no cap. Not applied with decode_with = 'threads'.",
-    )
-    decode_timeout_s: float = Field(
-        60.0,
-        ge=0,
-        description="Decoding and preprocessing one file may take this long before it is rejected as "
-        "decode_timeout. 0: no limit. Not applied with decode_with = 'threads'.",
-    )
-
-
-class ServerConfig(_Section):
+class ServerConfig(Section):
     host: str = Field(
         "127.0.0.1",
         description="gRPC listen address; 0.0.0.0 to serve the clinic's network (then TLS and tokens are required).",
@@ -266,12 +136,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class DicomCaller(_Section):
+class DicomCaller(Section):
     ae_title: str = Field(min_length=1, max_length=16, description="A scanner's (calling) AE title.")
     host: str | None = Field(None, description="Its address, where it must also match (None: any host).")
 
 
-class DicomConfig(_Section):
+class DicomConfig(Section):
     """The DICOM receiver: a C-STORE SCP that scanners and gateways push images to, one more way in."""
 
     enabled: bool = Field(False, description="Listen for C-STORE and C-ECHO.")
@@ -330,7 +200,7 @@ class DicomConfig(_Section):
         return self
 
 
-class PacsConfig(_Section):
+class PacsConfig(Section):
     """Where results go as DICOM: a structured report per scored DICOM image, sent through the outbox."""
 
     enabled: bool = Field(False, description="Send a DICOM SR of each scored DICOM image to the PACS.")
@@ -366,12 +236,12 @@ class PacsConfig(_Section):
         return self
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     json_format: bool = Field(False, description="One JSON object per line (for journald/ELK) instead of text.")
 
 
-class Config(_Section):
+class Config(Section):
     watch: WatchConfig = Field(default_factory=WatchConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

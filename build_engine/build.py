@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.files.durable import write_atomic
 from appliance.inference import cpu_class, registry, self_check
 from appliance.inference.artifacts import (
     ArtifactKey,
@@ -35,7 +36,6 @@ from appliance.inference.artifacts import (
     engines_folder,
     read_sidecar,
     sha256_file,
-    write_atomic,
     write_sidecar,
 )
 from appliance.inference.backend import BackendKind

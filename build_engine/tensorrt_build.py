@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from appliance.inference.artifacts import write_atomic
+from appliance.files.durable import write_atomic
 from appliance.inference.backends.tensorrt import import_tensorrt, make_logger
 from build_engine.errors import BuildError
 

@@ -20,10 +20,10 @@ from appliance.api.codec import heatmap_from_message, result_to_dict
 from appliance.config import is_loopback
 from appliance.domain.errors import ApplianceError
 from appliance.domain.manifest import Preprocess
+from appliance.files.content_hash import digest_bytes
 from appliance.imaging.overlay import render, write_png
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits
-from appliance.journal.content_hash import digest_bytes
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 

@@ -34,8 +34,8 @@ from appliance.api.tokens import Scope
 from appliance.config import ServerConfig
 from appliance.domain.errors import ApplianceError
 from appliance.domain.result import Result
+from appliance.files.content_hash import digest_bytes
 from appliance.intake.intake import Arrival, Intake
-from appliance.journal.content_hash import digest_bytes
 from appliance.journal.journal import Journal
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc

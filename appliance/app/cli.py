@@ -17,13 +17,13 @@ from appliance.config import Config, load_config
 from appliance.domain.errors import ApplianceError
 from appliance.domain.manifest import Manifest, load_manifest
 from appliance.domain.result import InputFacts, Result, Timings
+from appliance.files.content_hash import digest_bytes
 from appliance.imaging.overlay import render, text_grid, write_png
 from appliance.imaging.reader import decode
 from appliance.imaging.types import ImageMeta
 from appliance.inference.batcher import BatchTiming
 from appliance.inference.loader import open_backend
 from appliance.inference.runs import rows_in_batches
-from appliance.journal.content_hash import digest_bytes
 from appliance.logging_setup import setup_logging
 from appliance.prepare.preparer import Preparer
 from appliance.scoring.job import Frame

@@ -24,13 +24,13 @@ from appliance.delivery.reports import Reports, device_for
 from appliance.domain.errors import ApplianceError, ConfigError
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import LoadedManifest, load_manifest
+from appliance.files import disposal
 from appliance.inference.backend import Backend
 from appliance.inference.loader import Served, expected_sample_shape, open_served
 from appliance.intake.dicom_receiver import DicomReceiver
 from appliance.intake.folder import FolderIngest
 from appliance.intake.intake import Intake
 from appliance.intake.watcher import FolderWatcher
-from appliance.journal import disposal
 from appliance.journal.integrity import open_journal
 from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages

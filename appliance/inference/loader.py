@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.config import InferenceConfig
 from appliance.domain.errors import ArtifactRefused, BackendError, BackendUnavailable, ManifestError, ModelMismatchError
 from appliance.domain.manifest import Heatmap as HeatmapSpec
 from appliance.domain.manifest import LoadedManifest
 from appliance.inference import registry, self_check
 from appliance.inference.backend import Backend, Choice, Why
 from appliance.inference.selection import choose_artifact
+from appliance.inference.settings import InferenceConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from appliance.config import InferenceConfig
 from appliance.domain.errors import BackendUnavailable, ModelMismatchError
 from appliance.domain.manifest import LoadedManifest
 from appliance.inference import registry
 from appliance.inference.artifacts import engines_folder, sha256_file
 from appliance.inference.backend import BackendKind, Choice, Facts, PassedOver, Why
+from appliance.inference.settings import InferenceConfig
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.inference.artifacts import SelfCheck, sha256_file, write_atomic
+from appliance.files.durable import write_atomic
+from appliance.inference.artifacts import SelfCheck, sha256_file
 from appliance.inference.backend import Backend
 from appliance.inference.postprocess import activate
 

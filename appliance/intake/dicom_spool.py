@@ -36,8 +36,8 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
+from appliance.files.content_hash import digest_stream
 from appliance.intake.dicom_admission import Refusal
-from appliance.journal.content_hash import digest_stream
 
 PART_SUFFIX = ".part"  # a data set still arriving (or left by a crash: the next start clears the spool)
 # A command set is some 200 bytes, and only a C-STORE-RQ brings a data set worth spooling (this receiver serves

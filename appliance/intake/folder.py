@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.domain.faults import Faults
+from appliance.files.content_hash import FileChanged
 from appliance.intake.intake import Arrival, Intake
-from appliance.journal.content_hash import FileChanged
 from appliance.journal.journal import Journal
 from appliance.privacy import log_failure
 

@@ -20,7 +20,7 @@ from appliance.config import WatchConfig
 from appliance.domain.errors import RepeatedCrash
 from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.result import InputFacts, Result
-from appliance.journal import disposal
+from appliance.files import disposal
 from appliance.journal.journal import InputRow, Journal, Registration, Source
 
 if TYPE_CHECKING:

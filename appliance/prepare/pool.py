@@ -42,7 +42,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
-from appliance.config import LimitsConfig
 from appliance.domain.errors import (
     CorruptImage,
     DecodeOutOfMemory,
@@ -52,9 +51,10 @@ from appliance.domain.errors import (
     InputRejected,
 )
 from appliance.domain.manifest import Manifest
-from appliance.journal.content_hash import FileChanged, digest_bytes, digest_file, digest_stream
+from appliance.files.content_hash import FileChanged, digest_bytes, digest_file, digest_stream
 from appliance.logging_setup import quiet_pydicom
 from appliance.malloc_tuning import keep_freed_memory
+from appliance.prepare.limits import LimitsConfig
 from appliance.prepare.preparer import Prepared, Preparer
 from appliance.prepare.worker_stderr import WorkerStderr, redirect_stderr
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from appliance.config import LimitsConfig
 from appliance.domain.errors import DecodeOutOfMemory, InputTooLarge
 from appliance.domain.manifest import Manifest
 from appliance.imaging.overlay import to_8bit
 from appliance.imaging.preprocess import Preprocessor
 from appliance.imaging.reader import decode
 from appliance.imaging.types import DecodedImage, DecodeLimits, ImageMeta
+from appliance.prepare.limits import LimitsConfig
 
 # Display frames of one input together hold at most this many pixels (8-bit: bytes per channel), whatever its
 # frame count: what crosses from a decode worker to the daemon, and what the PACS's overlays are drawn on (on

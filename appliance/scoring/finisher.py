@@ -21,7 +21,7 @@ from appliance.domain.errors import StorageFull
 from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Outcome, Result
-from appliance.journal import disposal
+from appliance.files import disposal
 from appliance.journal.journal import Journal, NewDelivery, NewResult
 from appliance.privacy import hashed, log_failure
 from appliance.scoring.admission import Admission

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from appliance.files.durable import write_atomic
 from appliance.inference.artifacts import (
     ArtifactKey,
     Sidecar,
     SidecarError,
     read_sidecar,
-    write_atomic,
     write_sidecar,
 )
 from appliance.inference.backends.tensorrt import tensorrt_stem

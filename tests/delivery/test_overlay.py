@@ -27,13 +27,13 @@ from appliance.delivery.reports import Reports
 from appliance.domain.delivery import DeliveryState
 from appliance.domain.manifest import load_manifest
 from appliance.domain.result import Heatmap, InputFacts, Result
+from appliance.files.content_hash import digest_bytes
 from appliance.imaging.overlay import render, to_gray8
 from appliance.imaging.reader import decode
 from appliance.inference.backend import Backend
 from appliance.inference.batcher import BatchTiming
 from appliance.inference.loader import open_backend
 from appliance.inference.runs import rows_in_batches
-from appliance.journal.content_hash import digest_bytes
 from appliance.journal.integrity import open_journal, recover
 from appliance.journal.journal import NewDelivery
 from appliance.prepare.preparer import Prepared, Preparer

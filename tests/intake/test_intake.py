@@ -16,9 +16,9 @@ from appliance.config import Config
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import load_manifest
 from appliance.domain.result import Outcome, Result
+from appliance.files.content_hash import digest_bytes
 from appliance.inference.loader import open_backend
 from appliance.intake.intake import MAX_ATTEMPTS, Arrival, Intake
-from appliance.journal.content_hash import digest_bytes
 from appliance.journal.journal import Journal, Registration
 from appliance.scoring.stages import ScoringStages
 from tests.in_process import in_process_config

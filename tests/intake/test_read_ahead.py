@@ -11,7 +11,7 @@ import pytest
 from appliance.config import LimitsConfig
 from appliance.domain.errors import InputTooLarge
 from appliance.domain.manifest import load_manifest
-from appliance.journal.content_hash import FileChanged, digest_file
+from appliance.files.content_hash import FileChanged, digest_file
 from appliance.prepare.pool import PreparePool
 from appliance.prepare.preparer import Preparer
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from appliance.journal.content_hash import FileChanged, digest_file
+from appliance.files.content_hash import FileChanged, digest_file
 
 
 def test_hash_of_the_screened_file(tmp_path: Path) -> None:

@@ -5,11 +5,22 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Literal, Protocol
 
-from appliance.config import WatchConfig
 from appliance.domain.result import Rejection, Result
 
 log = logging.getLogger(__name__)
+
+
+class Places(Protocol):
+    """Where files go once scored or rejected: the [watch] section says (``appliance.config.WatchConfig``)."""
+
+    @property
+    def after_scoring(self) -> Literal["keep", "move", "delete"]: ...
+    @property
+    def processed_dir(self) -> Path: ...
+    @property
+    def rejected_dir(self) -> Path: ...
 
 
 def _unique_target(folder: Path, input_id: int, name: str) -> Path:
@@ -72,7 +83,7 @@ def spooled(source: str) -> bool:
     return source != FOLDER
 
 
-def dispose(src: Path, input_id: int, source: str, result: Result | None, config: WatchConfig) -> str:
+def dispose(src: Path, input_id: int, source: str, result: Result | None, config: Places) -> str:
     """The one disposal policy, for a scored input and for a duplicate of one alike, from its (first)
     result: a rejected file is set aside with its reason (a spooled copy too: its sender may have been
     answered before scoring, as a DICOM sender is, and can send it again only if it is kept); a scored
@@ -86,7 +97,7 @@ def dispose(src: Path, input_id: int, source: str, result: Result | None, config
     return dispose_scored(src, input_id, config)
 
 
-def dispose_scored(src: Path, input_id: int, config: WatchConfig) -> str:
+def dispose_scored(src: Path, input_id: int, config: Places) -> str:
     """Returns where the file is now ('' when deleted)."""
     if not src.exists():
         return ""
@@ -98,7 +109,7 @@ def dispose_scored(src: Path, input_id: int, config: WatchConfig) -> str:
     return str(_move(src, config.processed_dir, input_id))
 
 
-def dispose_rejected(src: Path, input_id: int, rejection: Rejection, config: WatchConfig) -> str:
+def dispose_rejected(src: Path, input_id: int, rejection: Rejection, config: Places) -> str:
     """Move a rejected file aside with a '.reason.txt' beside it, whatever after_scoring says."""
     if not src.exists():
         return ""

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.config import WatchConfig
 from appliance.domain.result import Rejection
-from appliance.journal.disposal import dispose_rejected, dispose_scored
+from appliance.files.disposal import dispose_rejected, dispose_scored
 
 
 def _config(tmp_path: Path, after: str) -> WatchConfig:
@@ -93,7 +93,7 @@ def test_a_file_the_appliance_does_not_own_is_moved_as_a_private_copy(tmp_path: 
     config = _config(tmp_path, "move")
     code = (
         "import sys; from pathlib import Path; from appliance.config import WatchConfig;"
-        "from appliance.journal.disposal import dispose_scored;"
+        "from appliance.files.disposal import dispose_scored;"
         "print(dispose_scored(Path(sys.argv[1]), 4, WatchConfig.model_validate_json(sys.argv[2])))"
     )
     without_fowner = ["setpriv", "--bounding-set=-fowner", "--inh-caps=-fowner", "--"]
