@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import pytest
 from appliance.api.client import Connection, wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_MODEL = REPO / "models" / "pipeline-test"
@@ -176,13 +176,19 @@ class Daemon:
     def settled(self, metrics_port: int, timeout: float = 60.0) -> pb.Status:
         """GetStatus once no input is in the stages (appliance_inputs_in_flight is 0): every input taken
         before then has its result, rejection or duplicate counted."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def in_flight() -> list[str]:
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            if "appliance_inputs_in_flight 0.0" in text.splitlines():
-                return self.status()
-            time.sleep(0.05)
-        raise AssertionError(f"inputs still in flight after {timeout} s:\n{self.log()[-4000:]}")
+            return [line for line in text.splitlines() if line.startswith("appliance_inputs_in_flight ")]
+
+        eventually(
+            in_flight,
+            "no input in flight",
+            until=lambda lines: "appliance_inputs_in_flight 0.0" in lines,
+            timeout=timeout,
+            context=lambda: self.log()[-4000:],
+        )
+        return self.status()
 
 
 @pytest.fixture

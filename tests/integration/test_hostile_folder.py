@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import urllib.request
 
 from appliance.journal.journal import Journal
 from appliance.v1 import scoring_pb2 as pb
 from tests.processes import alive, decode_workers
+from tests.waiting import eventually
 
 from .conftest import drop, free_port, png_bytes
 
@@ -61,9 +61,7 @@ def test_an_input_unfinished_at_several_starts_is_set_aside(make_daemon) -> None
     results = {r.file_name: r for r in d.collect(2)}
     assert results["poison.png"].rejection.code == "repeated_crash"
     assert results["healthy.png"].outcome == pb.OUTCOME_SCORED
-    deadline = time.monotonic() + 10
-    while not list(d.rejected.glob("*-poison.png.reason.txt")) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(lambda: list(d.rejected.glob("*-poison.png.reason.txt")), "poison.png's reason set aside", timeout=10)
     assert "repeated_crash" in next(d.rejected.glob("*-poison.png.reason.txt")).read_text()
 
 
@@ -79,10 +77,7 @@ def test_an_input_that_wedges_its_worker_never_holds_up_the_stop(make_daemon) ->
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
     drop(d.incoming, "held.png", png_bytes(90))
-    deadline = time.monotonic() + 60
-    while not _in_flight(metrics_port):
-        assert time.monotonic() < deadline, d.log()[-3000:]
-        time.sleep(0.1)
+    eventually(lambda: _in_flight(metrics_port), "held.png in flight", context=lambda: d.log()[-3000:])
     assert d.stop() == 0, d.log()[-3000:]
     assert "stopping took longer" not in d.log()
     assert not any(alive(pid) for pid in workers)
