@@ -7,8 +7,6 @@ import logging
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from appliance.domain.manifest import load_manifest
 from appliance.prepare.pool import NOT_A_FILE, Mode, PreparePool
 from tests.imaging import hostile
 from tests.processes import alive, decode_workers
+from tests.waiting import eventually
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "pipeline-test"
 
@@ -99,7 +98,7 @@ def test_closing_ends_a_worker_that_never_answers(tmp_path: Path) -> None:
     wedged = pool.prepare(path, path.name)
     pool.close()
     assert wedged.cancelled()  # the input stays queued in the journal for the next start
-    _until(lambda: not alive(worker))
+    eventually(lambda: not alive(worker), "the wedged worker ended", timeout=30)
 
 
 @pytest.mark.parametrize("mode", ["processes", "threads"])
@@ -140,10 +139,3 @@ class _StopNewWorkers:
     def finish(self) -> None:
         self._done.set()
         self._thread.join(timeout=10)
-
-
-def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not within 30 s"
-        time.sleep(0.05)
