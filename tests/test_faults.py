@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -23,6 +22,7 @@ from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages
 from appliance.v1 import scoring_pb2 as pb
 from tests.in_process import in_process_config
+from tests.waiting import eventually
 
 from .integration.conftest import TEST_MODEL, png_bytes
 
@@ -153,9 +153,7 @@ def test_a_result_that_found_the_disk_full_is_stored_once_space_returns(stages) 
 
     journal.full = False
     faults.clear(STORAGE, "Space is free again.")
-    deadline = time.monotonic() + 60
-    while not journal.results_for_input(input_id) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: journal.results_for_input(input_id), "the held result stored", every=0.02)
     assert len(journal.results_for_input(input_id)) == 1
     assert journal.pending() == []
     assert processor.wait_idle(10)
