@@ -3,7 +3,6 @@ in is registered, deduplicated and counted alike, and disposed of by the one pol
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from appliance.journal.journal import Journal, Registration
 from appliance.scoring.stages import ScoringStages
 from tests.in_process import in_process_config
 from tests.integration.conftest import TEST_MODEL, png_bytes
+from tests.waiting import eventually
 
 
 @dataclass
@@ -129,7 +129,5 @@ def test_an_input_unfinished_at_several_starts_is_set_aside_as_repeated_crash(st
     rejection = stored[0].result().rejection
     assert rejection is not None and rejection.code == "repeated_crash"
     # Set aside once its rejection is stored (the move follows the commit).
-    deadline = time.monotonic() + 30
-    while not (stages.config.watch.rejected_dir / f"{reg.input.id:08d}-poison.png").exists():
-        assert time.monotonic() < deadline, "the poison file was not set aside"
-        time.sleep(0.05)
+    set_aside = stages.config.watch.rejected_dir / f"{reg.input.id:08d}-poison.png"
+    eventually(set_aside.exists, "the poison file set aside", timeout=30)
