@@ -11,7 +11,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from tests.in_process import ScoringCore, results_of, scoring_core
 from tests.peers import needs
 from tests.peers.dcmtk import echoscu, storescu
 from tests.peers.dicom_wire import p_data_tf, rejection, store_command
+from tests.waiting import eventually
 
 HOST = "127.0.0.1"
 SCANNER = "CT01"
@@ -169,10 +169,12 @@ def _inputs(journal: Journal) -> list[InputRow]:
 
 def _spool_empties(core: ScoringCore) -> None:
     """Spooled copies are deleted once scored (after the commit): wait for it."""
-    deadline = time.monotonic() + 30
-    while list(_spool(core).iterdir()):
-        assert time.monotonic() < deadline, f"left in the spool: {sorted(p.name for p in _spool(core).iterdir())}"
-        time.sleep(0.05)
+    eventually(
+        lambda: sorted(p.name for p in _spool(core).iterdir()),
+        "the spool emptied",
+        until=lambda left: not left,
+        timeout=30,
+    )
 
 
 def _duplicates(core: ScoringCore) -> float:
@@ -354,9 +356,9 @@ def test_one_ae_title_at_its_cap_leaves_room_for_another(core: ScoringCore, rece
             assoc.release()
     assert _refusals(core, "ae_limit") == 1.0
     # Its count goes with its associations' threads, a moment after each SCU's release has returned.
-    deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
-    while not (again := _associate(receiver.port)).is_established:
-        assert time.monotonic() < deadline, "the AE title's count was never released"
+    again = eventually(
+        lambda: _associate(receiver.port), "the AE title's count released", until=lambda assoc: assoc.is_established
+    )
     assert again.send_c_echo().Status == SUCCESS
     again.release()
 
@@ -411,10 +413,7 @@ def test_an_accepted_association_is_aborted_on_a_pdu_too_long_or_too_slow(
     raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     assert raw is not None
     raw.sendall(struct.pack(">BxL", 0x04, declared) + sent)  # the SCU's own reactor reads the A-ABORT
-    deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
-    while not assoc.is_aborted:
-        assert time.monotonic() < deadline, "the association was not aborted"
-        time.sleep(0.05)
+    _until("the association was not aborted", lambda: assoc.is_aborted)
     assert _refusals(core, reason) == 1.0
     assert _store(receiver.port, CT) == [SUCCESS]
 
@@ -456,10 +455,7 @@ def _offer(sock: socket.socket, pdu: bytes, times: int) -> int:
 
 
 def _until(what: str, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 60  # a bound on a broken test, not a timing
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+    eventually(check, what)
 
 
 @pytest.mark.parametrize(
