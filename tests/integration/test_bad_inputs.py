@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 
 from appliance.v1 import scoring_pb2 as pb
+from tests.waiting import eventually
 
 from .conftest import drop, png_bytes
 
@@ -84,9 +84,12 @@ def test_each_bad_input_is_rejected_with_its_reason_and_moved_aside(make_daemon)
     for good in ("good-before.png", "good-after.png"):
         assert results[good].outcome == pb.OUTCOME_SCORED
 
-    deadline = time.monotonic() + 10
-    while len(list(d.rejected.glob("*.reason.txt"))) < len(BAD) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(
+        lambda: list(d.rejected.glob("*.reason.txt")),
+        "every rejected file's reason set aside",
+        until=lambda reasons: len(reasons) >= len(BAD),
+        timeout=10,
+    )
     reasons = {
         p.name.split("-", 1)[1].removesuffix(".reason.txt"): p.read_text() for p in d.rejected.glob("*.reason.txt")
     }
@@ -95,10 +98,12 @@ def test_each_bad_input_is_rejected_with_its_reason_and_moved_aside(make_daemon)
         assert f"code: {code}" in reasons[name]
         assert (d.rejected / next(p.name for p in d.rejected.iterdir() if p.name.endswith(f"-{name}"))).exists()
     # Each rejection is logged just after it is committed (and may be streamed): read until all are.
-    deadline = time.monotonic() + 10
-    while not all(f"code={code}" in (log := d.log()) for _data, code in BAD.values()):
-        assert time.monotonic() < deadline, log[-3000:]
-        time.sleep(0.1)
+    log = eventually(
+        d.log,
+        "every rejection logged",
+        until=lambda log: all(f"code={code}" in log for _data, code in BAD.values()),
+        timeout=10,
+    )
     # No patient data in the log: CT_small's patient name and ID appear nowhere.
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
     assert str(ds.PatientName) not in log and str(ds.PatientID) not in log
