@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 
 import grpc
 import pydicom
@@ -16,6 +15,7 @@ from pydicom.data import get_testdata_file
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.waiting import eventually
 
 from .conftest import bare_dicom, drop, free_port, jpeg_bytes, png_bytes
 
@@ -74,9 +74,12 @@ def test_dropped_dicom_png_and_jpeg_are_scored_and_streamed(make_daemon) -> None
         assert r.series_instance_uid == ds.SeriesInstanceUID
         assert r.accession_number == str(ds.get("AccessionNumber", "") or "")
     # Scored files are moved aside (default after_scoring = "move"), nothing is left behind.
-    deadline = time.monotonic() + 10
-    while any(p.is_file() for p in d.incoming.rglob("*")) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(
+        lambda: [p for p in d.incoming.rglob("*") if p.is_file()],
+        "the watch folder emptied",
+        until=lambda left: not left,
+        timeout=10,
+    )
     assert [p for p in d.incoming.rglob("*") if p.is_file()] == []
     assert len(list(d.processed.iterdir())) == total
     status = d.status()
@@ -121,9 +124,7 @@ def test_same_content_twice_is_scored_once(make_daemon) -> None:
     drop(d.incoming, "b.png", png_bytes(8))
     (second,) = d.collect(1, since=first.sequence)
     assert second.file_name == "b.png"  # the copy made no result of its own
-    deadline = time.monotonic() + 10
-    while d.status().duplicates != 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(d.status, "the copy counted as a duplicate", until=lambda status: status.duplicates == 1, timeout=10)
     assert d.status().duplicates == 1 and d.status().scored == 2
 
 
