@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ from appliance.v1 import scoring_pb2_grpc as pb_grpc
 from bench.daemon_run import process_tree
 from tests.imaging import hostile
 from tests.processes import alive, parent
+from tests.waiting import eventually
 
 from .conftest import drop, free_port, jpeg_bytes, png_bytes
 
@@ -75,9 +75,9 @@ def test_decode_workers_leave_with_a_killed_daemon(make_daemon) -> None:
     helpers = process_tree(d.proc.pid)[1:]
     assert helpers, "the daemon started no worker processes"
     d.kill()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(p) for p in helpers):
-        time.sleep(0.2)
+    eventually(
+        lambda: [p for p in helpers if alive(p)], "the helpers gone", until=lambda left: not left, timeout=10, every=0.2
+    )
     assert not any(alive(p) for p in helpers), [p for p in helpers if alive(p)]
 
 
@@ -88,10 +88,12 @@ def test_decode_workers_killed_while_idle_cost_nothing(make_daemon) -> None:
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     # Reaped: the pool's manager, which waits on its workers, has seen them die (with nothing pending).
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in workers):  # gone, not just a zombie
-        assert time.monotonic() < deadline, "the killed workers were never reaped"
-        time.sleep(0.05)
+    eventually(
+        lambda: [pid for pid in workers if Path(f"/proc/{pid}").exists()],  # gone, not just a zombie
+        "the killed workers reaped",
+        until=lambda left: not left,
+        timeout=30,
+    )
     names = [f"after-{n}.png" for n in range(5)]
     for n, name in enumerate(names):
         drop(d.incoming, name, png_bytes(20 + n, size=128))
@@ -176,9 +178,11 @@ def test_a_decode_workers_stderr_goes_through_the_log_and_its_privacy_filter(mak
     assert d.collect(1, timeout=60)[0].file_name == "cut.jpg"
     log = d.log()
     assert "Corrupt JPEG data" not in log
-    deadline = time.monotonic() + 90  # a bound that only catches a broken test: the reader logs it in its own thread
-    while "a line of decode_worker.stderr's (its text withheld" not in log:
-        assert time.monotonic() < deadline, log[-3000:]
-        time.sleep(0.1)
-        log = d.log()
+    eventually(  # the reader logs it in its own thread
+        d.log,
+        "the worker's stderr line logged, its text withheld",
+        until=lambda log: "a line of decode_worker.stderr's (its text withheld" in log,
+        timeout=90,
+        every=0.1,
+    )
     assert d.stop() == 0
