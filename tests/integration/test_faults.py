@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.waiting import eventually
 
 from .conftest import Daemon, drop, free_port, png_bytes
 
@@ -33,13 +33,12 @@ def health(d: Daemon) -> int:
 
 def wait_for(what: str, check: Callable[[], bool], d: Daemon, timeout: float = 60.0) -> None:
     """Poll ``check`` until it holds; fail with the daemon's log at the timeout (a bound, not a timing)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def holds() -> bool:
         assert d.proc is not None and d.proc.poll() is None, f"daemon exited:\n{d.log()[-4000:]}"
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}:\n{d.log()[-4000:]}")
+        return check()
+
+    eventually(holds, what, timeout=timeout, context=lambda: d.log()[-4000:])
 
 
 def metric(port: int, name: str) -> float | None:
