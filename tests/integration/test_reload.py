@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,16 +13,14 @@ import grpc
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
-from tests.integration.conftest import TEST_MODEL, png_bytes
+from tests.integration.conftest import TEST_MODEL, Daemon, png_bytes
+from tests.waiting import eventually
 
 BURST = 120
 
 
-def wait_for_log(d: object, words: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while words not in d.log():  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, f"no {words!r} in the log"
-        time.sleep(0.1)
+def wait_for_log(d: Daemon, words: str, timeout: float = 120.0) -> None:
+    eventually(d.log, f"{words!r} in the log", until=lambda log: words in log, timeout=timeout, every=0.1)
 
 
 def _model_copy(tmp_path: Path) -> Path:
