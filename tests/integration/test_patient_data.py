@@ -4,7 +4,6 @@ even at DEBUG and from hostile headers; and no header value can forge a log line
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.integration.test_dicom import APPLIANCE, SCANNER, _appliance, _until
 from tests.peers import require
 from tests.peers.dcmtk import storescu
 from tests.peers.orthanc import Orthanc, RemoteAe
+from tests.waiting import eventually
 
 from .conftest import drop, free_port
 
@@ -77,9 +77,12 @@ def test_no_patient_data_in_log_reasons_metrics_or_grpc_errors(make_daemon) -> N
     assert scored.rejection.code == "no_pixel_data"
 
     set_aside = len(FILES) - 1 + 1  # the four rejected files, and the rejected Score upload with them
-    deadline = time.monotonic() + 10
-    while len(list(d.rejected.glob("*.reason.txt"))) < set_aside and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(
+        lambda: list(d.rejected.glob("*.reason.txt")),
+        "every rejection's reason set aside",
+        until=lambda reasons: len(reasons) >= set_aside,
+        timeout=10,
+    )
     reasons = [p.read_text() for p in d.rejected.glob("*.reason.txt")]
     assert len(reasons) == set_aside
     messages = [r.rejection.message for r in results.values()] + [scored.rejection.message]
