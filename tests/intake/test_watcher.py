@@ -11,6 +11,7 @@ import pytest
 
 from appliance.config import WatchConfig
 from appliance.intake.watcher import FolderWatcher
+from tests.waiting import eventually
 
 
 class _Seen:
@@ -23,12 +24,8 @@ class _Seen:
         self.event.set()
 
     def wait_for(self, path: Path, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if path in self.paths:
-                return True
-            time.sleep(0.02)
-        return False
+        """True once ``path`` is reported; AssertionError past ``timeout``."""
+        return eventually(lambda: path in self.paths, f"{path.name} reported", timeout=timeout, every=0.02)
 
 
 @pytest.fixture(params=[False, True], ids=["inotify", "polling"])
@@ -44,14 +41,20 @@ def watcher(request: pytest.FixtureRequest, tmp_path: Path):
 
 def _checked_at(w: FolderWatcher, path: Path, size: int, timeout: float = 5.0) -> bool:
     """True once the stability check has looked at ``path`` at ``size``: it had its chance to report it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def looked_at() -> int | None:
         with w._lock:
             candidate = w._candidates.get(path)
-        if candidate is not None and candidate.size == size:
-            return True
-        time.sleep(0.01)
-    return False
+        return None if candidate is None else candidate.size
+
+    eventually(
+        looked_at,
+        f"{path.name} looked at at {size} bytes",
+        until=lambda seen: seen == size,
+        timeout=timeout,
+        every=0.01,
+    )
+    return True
 
 
 def test_a_file_still_being_written_is_not_reported(watcher) -> None:
