@@ -3,7 +3,6 @@ decode thread, every folder under the test's own tmp_path) and the real core its
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from appliance.intake.intake import Intake
 from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages
 from tests.integration.conftest import TEST_MODEL
+from tests.waiting import eventually
 
 
 def in_process_config(tmp_path: Path, **sections: object) -> Config:
@@ -67,8 +67,10 @@ def scoring_core(tmp_path: Path, faults: Faults | None = None) -> Iterator[Scori
 
 def results_of(journal: Journal, input_id: int, timeout: float = 60.0) -> list[Result]:
     """The input's stored results, waiting for them (on the journal's commits) up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not (stored := journal.results_for_input(input_id)):
-        assert time.monotonic() < deadline, f"input {input_id} got no result within {timeout:.0f} s"
-        journal.wait_for_results(journal.last_sequence(), 1.0)
+    stored = eventually(
+        lambda: journal.results_for_input(input_id),
+        f"a result for input {input_id}",
+        timeout=timeout,
+        wait=lambda: journal.wait_for_results(journal.last_sequence(), 1.0),
+    )
     return [s.result() for s in stored]
