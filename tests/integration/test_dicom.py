@@ -4,7 +4,6 @@ receiver, and a real Orthanc as the PACS its reports (Enhanced SR, TID 1500) go 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.integration.conftest import Daemon, free_port
 from tests.peers import needs, require
 from tests.peers.dcmtk import dciodvfy, storescu
 from tests.peers.orthanc import Code, Orthanc, RemoteAe
+from tests.waiting import eventually
 
 pytestmark = needs("Orthanc", "storescu")
 
@@ -80,11 +80,7 @@ def _send(files: list[Path], port: int, calling: str = SCANNER, *extra: str) -> 
 
 
 def _until(what: str, check: Callable[[], bool], d: Daemon, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not so after {timeout} s: {what}\n{d.log()[-4000:]}")
-        time.sleep(0.1)
+    eventually(check, what, timeout=timeout, every=0.1, context=lambda: d.log()[-4000:])
 
 
 def _result(d: Daemon, seq: int) -> pb.Result:
