@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +19,7 @@ from typing import Any, NamedTuple, Self
 import pytest
 
 from tests.peers import executable, free_port, require
+from tests.waiting import eventually
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0  # a clean stop takes about 4.5 s: Orthanc waits on its jobs engine and flushing threads
@@ -231,20 +231,17 @@ class Orthanc:
             )
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def answers() -> bool:
             if self._proc is None or self._proc.poll() is not None:
                 raise _ExitedEarly
-            try:
-                self.get("/system")
-                return
-            except (OSError, OrthancError):
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise OrthancError(
-                        f"Orthanc's REST API did not answer within {timeout:.0f} s: {self.log_tail()}"
-                    ) from None
-                time.sleep(0.02)
+            self.get("/system")
+            return True
+
+        try:
+            eventually(answers, "Orthanc's REST API", timeout=timeout, every=0.02, ignoring=(OSError, OrthancError))
+        except AssertionError:
+            self.kill()
+            raise OrthancError(f"Orthanc's REST API did not answer within {timeout:.0f} s: {self.log_tail()}") from None
 
     # --- REST (standard library only)
 
@@ -304,15 +301,10 @@ class Orthanc:
         return flatten(self.content(orthanc_id))
 
     def wait_for_instances(self, count: int, timeout: float = 30.0) -> list[str]:
-        """Poll until it holds at least `count` instances; their ids. TimeoutError past the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            held = self.instances()
-            if len(held) >= count:
-                return held
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Orthanc holds {len(held)} instances, not {count}, after {timeout:.0f} s")
-            time.sleep(0.05)
+        """Poll until it holds at least `count` instances; their ids. AssertionError past the deadline."""
+        return eventually(
+            self.instances, f"Orthanc holding {count} instances", until=lambda held: len(held) >= count, timeout=timeout
+        )
 
     # --- Orthanc as a DICOM client (a sender to the receiver)
 
