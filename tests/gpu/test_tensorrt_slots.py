@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,19 @@ pytestmark = [
 ]
 
 SPIN_S = 0.3  # a batch held this long on the GPU is still running when the test acts on it
+
+
+class _TellsWhenWaitedOn(threading.Condition):
+    """The slot pool's own condition, which also sets ``waited_on`` when a caller starts waiting on it: set under
+    its lock, so whoever takes the lock next finds that caller inside wait()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited_on = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited_on.set()
+        return super().wait(timeout)
 
 
 @pytest.fixture
@@ -160,6 +172,8 @@ def test_close_waits_for_a_running_batch_and_refuses_waiting_ones(
     backend = TensorRtBackend(plan, output_name="scores", max_batch=8)
     backend.load()
     slots = slots_of(backend)
+    assert backend._pool is not None
+    backend._pool._cond = condition = _TellsWhenWaitedOn()  # before any caller: nothing holds the old one
     behaviour.spin_ns = int(SPIN_S * 1e9)
 
     def run(key: str) -> None:
@@ -173,7 +187,7 @@ def test_close_waits_for_a_running_batch_and_refuses_waiting_ones(
     assert behaviour.enqueued.wait(10)
     waiting = threading.Thread(target=run, args=("waiting",))
     waiting.start()
-    time.sleep(0.05)
+    assert condition.waited_on.wait(10)  # the second caller waits for the slot (take()), under close()'s lock next
     backend.close()
     # close() returned only once the running batch had finished: nothing is left on its stream.
     assert cupy.cuda.ExternalStream(behaviour.streams[0]).done
