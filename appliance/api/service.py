@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +32,7 @@ from appliance.api.tokens import Scope
 from appliance.config import ServerConfig
 from appliance.domain.errors import ApplianceError
 from appliance.domain.result import Result
+from appliance.files import spool
 from appliance.files.content_hash import digest_bytes
 from appliance.intake.intake import Arrival, Intake
 from appliance.journal.journal import Journal
@@ -109,7 +108,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         # Score waits for its result (up to SCORE_TIMEOUT_S); lookups must never queue behind those waits.
         self._scoring = ThreadPoolExecutor(limits.max_scores, thread_name_prefix="grpc-score")
         self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="grpc-lookup")
-        spool_dir.mkdir(parents=True, exist_ok=True)
+        spool.prepare(spool_dir)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.feed = ResultFeed(self.journal, loop)
@@ -175,17 +174,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             self._scores -= 1
 
     def _spool(self, data: bytes) -> Path:
-        # Written durably before it is journaled, so a Score in flight survives a crash like a dropped file.
-        path = self.spool_dir / f"{uuid.uuid4().hex}.bin"
-        tmp = path.with_suffix(".tmp")
+        # On the disk before it is journaled: a Score in flight survives a crash or a power cut, as a dropped file does.
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            path = spool.keep(self.spool_dir, "grpc", data, ".bin")
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise _Refusal(
                 grpc.StatusCode.UNAVAILABLE, f"The image could not be stored on the appliance ({e.strerror}); retry."
             ) from e
