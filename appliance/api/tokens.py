@@ -10,7 +10,6 @@ import enum
 import fcntl
 import hashlib
 import json
-import os
 import secrets
 import threading
 import time
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.domain.errors import ConfigError
+from appliance.files.durable import PRIVATE_FOLDER, write_atomic
 
 PREFIX = "apl_"
 FORMAT = 1
@@ -122,7 +122,7 @@ class TokenStore:
     @contextmanager
     def _editing(self) -> Iterator[None]:
         """One `appliance token` at a time: a revoke racing an add must not be lost."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -160,17 +160,6 @@ class TokenStore:
         return self._read()
 
     def _write(self, records: list[TokenRecord]) -> None:
-        """Atomically, readable by the daemon's user only."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, "tokens": [asdict(r) for r in records]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Atomically and durably, readable by the daemon's user only."""
+        body = {"format": FORMAT, "tokens": [asdict(r) for r in records]}
+        write_atomic(self.path, json.dumps(body, indent=1).encode())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance.domain.errors import ConfigError, JournalDamaged
+from appliance.files.durable import rename_durably, sync_folder, write_atomic
 from appliance.journal.journal import SCHEMA_VERSION, Journal, damaged_sentence
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,6 @@ def read_marker(journal: Path, identity_dir: Path | None = None) -> Marker | Non
     return Marker(markers[0].journal_id, max(m.ceiling for m in markers), max(m.floor for m in markers))
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_marker(journal: Path, marker: Marker, identity_dir: Path | None = None) -> None:
     """Beside the journal and, with ``identity_dir``, its copy there; each atomic and durable (a temporary
     file, fsync, rename over the old one, fsync of the folder)."""
@@ -113,17 +106,9 @@ def write_marker(journal: Path, marker: Marker, identity_dir: Path | None = None
     }
     paths = [marker_path(journal)]
     if identity_dir is not None:
-        identity_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         paths.append(copy_path(journal, identity_dir))
     for path in paths:
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(body) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomic(path, (json.dumps(body) + "\n").encode())
 
 
 class MarkerReserve:
@@ -297,8 +282,7 @@ def _create(path: Path) -> None:
     for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         leftover.unlink(missing_ok=True)
     Journal(tmp).close()
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    rename_durably(tmp, path)
 
 
 def open_journal(path: Path, identity_dir: Path | None = None) -> Journal:
@@ -502,7 +486,7 @@ def _move_aside(path: Path) -> Path:
         part = Path(f"{path}{suffix}")
         if part.exists():
             os.replace(part, f"{aside}{suffix}")
-    _fsync_dir(path.parent)
+    sync_folder(path.parent)
     return aside
 
 
@@ -587,8 +571,7 @@ def _recover(path: Path, identity_dir: Path | None) -> list[str]:
         top_kept = db.execute("SELECT COALESCE(MAX(seq), 0) FROM results").fetchone()[0]
         top_input = db.execute("SELECT COALESCE(MAX(id), 0) FROM inputs").fetchone()[0]
         outbox = dict(db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    rename_durably(tmp, path)
     write_marker(path, Marker(new_id, start_after + RESERVE, start_after), identity_dir)
 
     lines.append(
