@@ -28,7 +28,7 @@ from appliance.files import disposal
 from appliance.inference.backend import Backend
 from appliance.inference.loader import Served, expected_sample_shape, open_served
 from appliance.intake.dicom_receiver import DicomReceiver
-from appliance.intake.folder import FolderIngest
+from appliance.intake.folder import FolderIntake
 from appliance.intake.intake import Intake
 from appliance.intake.watcher import FolderWatcher
 from appliance.journal.integrity import open_journal
@@ -84,9 +84,9 @@ class Daemon:
         self.backend: Backend | None = None
         self.served: Served | None = None
         self.journal: Journal | None = None
-        self.processor: ScoringStages | None = None
+        self.stages: ScoringStages | None = None
         self.intake: Intake | None = None
-        self.ingestor: FolderIngest | None = None
+        self.folder: FolderIntake | None = None
         self.watcher: FolderWatcher | None = None
         self.server: GrpcServer | None = None
         self.receiver: DicomReceiver | None = None
@@ -131,7 +131,7 @@ class Daemon:
         # Beside each report, a heatmap overlay where the served model gives heatmaps (the manifest declares one,
         # inference.heatmaps is on) and pacs.overlays is on: drawn on the frames as shown, which the preparer keeps.
         overlays = reports is not None and config.pacs.overlays and self.backend.has_heatmap
-        self.processor = ScoringStages(
+        self.stages = ScoringStages(
             config,
             self.loaded.manifest,
             self.backend,
@@ -142,7 +142,7 @@ class Daemon:
             display_side=DISPLAY_SIDE if overlays else 0,
         )
         self.intake = Intake(
-            self.journal, self.processor, config.watch, on_duplicate=self.metrics.duplicates.inc, faults=self.faults
+            self.journal, self.stages, config.watch, on_duplicate=self.metrics.duplicates.inc, faults=self.faults
         )
         hooks = Hooks(
             model_info=self.model_info, status=self.status, problem=self.intake_problem, reload=self.reload_model
@@ -153,7 +153,7 @@ class Daemon:
         # Read before the server and the watcher start: only what the last run left, never a new input.
         pending = self.journal.pending()
         self._clean_spool({row.path for row in pending if disposal.spooled(row.source)})
-        self.processor.start()
+        self.stages.start()
         if config.pacs.enabled:
             self.outbox = Outbox(self.journal, config.pacs, self.metrics)
             self.outbox.start()
@@ -161,11 +161,11 @@ class Daemon:
         self.metrics.serve(config.server.metrics_host, config.server.metrics_port)
         # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
         threading.Thread(target=self.intake.requeue, args=(pending, self.stopping), name="requeue", daemon=True).start()
-        self.ingestor = FolderIngest(self.journal, self.processor, self.intake, faults=self.faults)
-        self.ingestor.start()
+        self.folder = FolderIntake(self.journal, self.stages, self.intake, faults=self.faults)
+        self.folder.start()
         exclude = [config.watch.processed_dir, config.watch.rejected_dir, config.storage.data_dir]
-        self.watcher = FolderWatcher(config.watch, self.ingestor.offer, exclude, faults=self.faults)
-        self.ingestor.reconsider = self.watcher.consider
+        self.watcher = FolderWatcher(config.watch, self.folder.offer, exclude, faults=self.faults)
+        self.folder.reconsider = self.watcher.consider
         self.watcher.start()
         if config.dicom.enabled:
             self.receiver = DicomReceiver(
@@ -270,7 +270,7 @@ class Daemon:
             self._reload_lock.release()
 
     def _reload(self) -> str:
-        assert self.loaded is not None and self.served is not None and self.processor is not None
+        assert self.loaded is not None and self.served is not None and self.stages is not None
         config = self.config
         log.info("reloading the model from %s", config.model.dir)
         loaded = load_manifest(config.model.dir)
@@ -283,7 +283,7 @@ class Daemon:
             )
         served = open_served(loaded, config.inference, config.model.engines_dir)
         had_heatmaps = self.served.backend.has_heatmap
-        if not self.processor.swap_model(new, served.backend):
+        if not self.stages.swap_model(new, served.backend):
             served.backend.close()
             raise ConfigError("the scoring stage did not take the new model within its time limit.")
         previous = self.served
@@ -306,7 +306,7 @@ class Daemon:
 
     def stages_alive(self) -> bool:
         """False once a stage's thread has died: the daemon then exits so systemd restarts it."""
-        parts = (self.processor, self.ingestor, self.watcher)
+        parts = (self.stages, self.folder, self.watcher)
         optional = (self.receiver, self.outbox)  # only where configured
         return all(p is not None and p.alive() for p in parts) and all(p.alive() for p in optional if p is not None)
 
@@ -333,8 +333,8 @@ class Daemon:
         if accepting and not self._accepting:
             # What waited in the folder meanwhile is taken now: the files offered during the fault, and a
             # rescan for the rest (files whose move aside failed for want of space).
-            if self.ingestor is not None:
-                self.ingestor.retake()
+            if self.folder is not None:
+                self.folder.retake()
             if self.watcher is not None:
                 self.watcher.request_rescan()
         self._accepting = accepting
@@ -345,8 +345,8 @@ class Daemon:
             self.faults.check_storage()
         except Exception as e:  # the check must never end the run loop
             log.warning("checking free space failed: %s", type(e).__name__)
-        if self.ingestor is not None:
-            self.metrics.held_back.set(self.ingestor.held_back())
+        if self.folder is not None:
+            self.metrics.held_back.set(self.folder.held_back())
         if self.ready:
             self._faults_changed()
 
@@ -395,7 +395,7 @@ class Daemon:
         stopper.start()
         stopper.join(STOP_LIMIT_S)
         if stopper.is_alive():
-            left = self.processor.in_flight() if self.processor is not None else 0
+            left = self.stages.in_flight() if self.stages is not None else 0
             log.error(
                 "stopping took longer than %.0f s (stuck %s); exiting now: the %d inputs in flight stay queued "
                 "in the journal and are scored at the next start",
@@ -424,16 +424,16 @@ class Daemon:
             # PACS that does not answer must not hold the stop past systemd's limit.
             self.outbox.stop(timeout=OUTBOX_STOP_S)
         step[0] = "stopping the ingest"
-        if self.ingestor is not None:
-            self.ingestor.stop()
+        if self.folder is not None:
+            self.folder.stop()
         step[0] = "stopping the gRPC server"
         if self.server is not None:
-            # Before the processor: Score calls in flight get their answers, and no new one comes in.
+            # Before the stages: Score calls in flight get their answers, and no new one comes in.
             self.server.stop(grace=5.0)
         step[0] = "finishing the inputs in flight"
-        if self.processor is not None:
+        if self.stages is not None:
             # Leave time for the rest of the stop (pool, batcher, journal) inside the limit.
-            self.processor.stop(timeout=max(1.0, min(FINISH_IN_FLIGHT_S, deadline - time.monotonic() - 15.0)))
+            self.stages.stop(timeout=max(1.0, min(FINISH_IN_FLIGHT_S, deadline - time.monotonic() - 15.0)))
         step[0] = "closing the backend"
         if self.backend is not None:
             self.backend.close()

@@ -50,9 +50,9 @@ class Faults:
     """The problems that hold now, each under its source's key; a problem is logged once when it begins and
     once when it ends, however often its source reports it.
 
-    ``accepting()`` is False while a fault that blocks intake holds (the disk is full): the ingest leaves new
-    files in the watch folder and Score refuses with ``refusal()``. Listeners (``subscribe``) run after every
-    change, in the thread that made it.
+    ``accepting()`` is False while a fault that blocks intake holds (the disk is full): the folder's intake
+    leaves new files in the watch folder and Score refuses with ``refusal()``. Listeners (``subscribe``) run
+    after every change, in the thread that made it.
 
     It also watches free space on ``folders`` (the data folder, processed/, rejected/): ``check_storage()``,
     called periodically, sets the disk-full fault below ``min_free_mb`` and clears it above; ``report(error)``

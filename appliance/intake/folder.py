@@ -32,7 +32,7 @@ def display_name(path: Path) -> str:
 
 
 class ReadAheadStage(Protocol):
-    """What the folder's way in needs of the processor (appliance.scoring.stages.ScoringStages): a slot of the
+    """What the folder's way in needs of the stages (appliance.scoring.stages.ScoringStages): a slot of the
     stages and a read-ahead in it, or the slot back."""
 
     def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]: ...
@@ -40,9 +40,9 @@ class ReadAheadStage(Protocol):
     def drop(self) -> None: ...
 
 
-class FolderIngest:
+class FolderIntake:
     """The watched folder's way in. Screens ready files, has each new one hashed and prepared in one read by
-    the processor's workers (read-ahead), then submits them to the intake one at a time as their read-aheads
+    the stages' workers (read-ahead), then submits them to the intake one at a time as their read-aheads
     finish, so the same file reported twice is journaled once and a slow file holds up no other.
     Only a journaled input goes on to inference and a result; a crash before that leaves the file in the
     folder for the next rescan.
@@ -60,7 +60,7 @@ class FolderIngest:
         # Set by the daemon to the watcher's stability check: for a file that changed while it was read.
         self.reconsider: Callable[[Path], None] | None = None
         self._queue: queue.Queue[Path | None] = queue.Queue()
-        # Finished read-aheads, unbounded: each holds one of the processor's slots, which bound them all.
+        # Finished read-aheads, unbounded: each holds one of the stages' slots, which bound them all.
         self._done: queue.Queue[tuple[Path, os.stat_result, float, Future[ReadAhead]] | None] = queue.Queue()
         self._outstanding = 0  # read-aheads started and not yet taken from _done
         self._count_lock = threading.Lock()
@@ -179,7 +179,7 @@ class FolderIngest:
                 self._stage.drop()
 
     def _register(self, path: Path, st: os.stat_result, ahead: ReadAhead, picked_up: float) -> bool:
-        """Journal the input; True when it went on to the processor."""
+        """Journal the input; True when it went on to the stages."""
         if not self.faults.accepting():  # the disk filled while it was read: it waits in the folder
             self._hold_back(path)
             return False

@@ -1,5 +1,5 @@
-"""The one way in. Every input (a file in the watched folder, an image sent by Score, an input the last run
-left unfinished, and the DICOM receiver to come) is registered here, deduplicated by content, counted,
+"""The one way in. Every input (a file in the watched folder, an image sent by Score, an instance the DICOM
+receiver stored, an input the last run left unfinished) is registered here, deduplicated by content, counted,
 and admitted to the scoring stages; a duplicate is disposed of by the one disposal policy.
 
 A way in only says what arrived (an `Arrival`: where its bytes are and their hash) and, for the folder,
@@ -60,13 +60,13 @@ class Intake:
     def __init__(
         self,
         journal: Journal,
-        processor: ScoringStages,
+        stages: ScoringStages,
         watch: WatchConfig,
         on_duplicate: Callable[[], None],
         faults: Faults | None = None,
     ) -> None:
         self.journal = journal
-        self.processor = processor
+        self.stages = stages
         self.watch = watch
         self.on_duplicate = on_duplicate  # the duplicates metric, for every way in
         self.faults = faults or Faults()
@@ -102,9 +102,9 @@ class Intake:
             instance_uid=arrival.instance_uid or "",
         )
         if ahead is not None:
-            self.processor.take(facts, arrival.path, ahead, picked_up)
+            self.stages.take(facts, arrival.path, ahead, picked_up)
         else:
-            self.processor.submit(facts, arrival.path, answer=answer, picked_up=picked_up)
+            self.stages.submit(facts, arrival.path, answer=answer, picked_up=picked_up)
         return Submitted(reg.input.id)
 
     def _duplicate(self, arrival: Arrival, reg: Registration, original: InputRow) -> Submitted:
@@ -149,12 +149,12 @@ class Intake:
                 content_hash=row.content_hash,
                 instance_uid=row.instance_uid or "",
             )
-            # A file that vanished meanwhile is rejected by the processor (file_vanished), like any read failure.
+            # A file that vanished meanwhile is rejected by the stages (file_vanished), like any read failure.
             if attempts.get(row.id, 0) > MAX_ATTEMPTS:
                 log.error("input %d was unfinished at %d starts in a row; rejecting it", row.id, attempts[row.id])
-                self.processor.submit_rejected(facts, Path(row.path), RepeatedCrash())
+                self.stages.submit_rejected(facts, Path(row.path), RepeatedCrash())
             else:
-                self.processor.submit(facts, Path(row.path))
+                self.stages.submit(facts, Path(row.path))
 
     def _count_attempt(self, input_ids: list[int], stopping: threading.Event) -> dict[int, int] | None:
         """The journal's count of starts that found these inputs unfinished; on a full disk, once it has

@@ -1,6 +1,7 @@
 """The scoring stages wired together: admission → preparation (worker pool) → inference (batcher) →
-finishing. The intake is its one user: `submit` (prepare a journaled file), `read_ahead` + `take`/`drop`
-(the folder's file hashed and prepared in one read before it is journaled), `submit_rejected`."""
+finishing. The intake enters a journaled input (`submit`, or `submit_rejected` for one refused before
+decoding); the folder's way in hashes and prepares its file in one read before it is journaled
+(`read_ahead`): the intake carries it on once journaled (`take`), or the folder gives its slot back (`drop`)."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ class ScoringStages:
 
     def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float | None = None) -> None:
         """The read-ahead input is now journaled: on to the batcher (or to its rejection). ``picked_up``:
-        when the ingest screened it (time.perf_counter)."""
+        when the folder's intake screened it (time.perf_counter)."""
         job = Job(facts=facts, path=path)
         if picked_up is not None:
             job.picked_up = picked_up

@@ -91,7 +91,7 @@ logging.basicConfig(level=logging.INFO)
 daemon.STOP_LIMIT_S = 1.0
 
 
-class StuckProcessor:
+class StuckStages:
     def stop(self, timeout: float) -> None:
         threading.Event().wait()  # a stage that never returns
 
@@ -100,7 +100,7 @@ class StuckProcessor:
 
 
 d = daemon.Daemon(Config())
-d.processor = StuckProcessor()
+d.stages = StuckStages()
 d.stop()
 print("returned from stop")
 """
