@@ -14,7 +14,7 @@ from appliance.domain.result import Decision
 class Scores:
     labels: tuple[str, ...]
     values: tuple[float, ...]
-    verdict: Decision
+    verdict: Decision  # the decision a result reports (Result.decision)
     findings: tuple[str, ...]
     threshold: float
 

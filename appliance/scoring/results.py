@@ -61,12 +61,12 @@ def build_results(
         manifest, backend_name = scored_by
         if error is None and row is not None:
             try:
-                decision = decide(row.scores, manifest)
+                scores = decide(row.scores, manifest)
             except ValueError as e:
                 error = InferenceFailed(str(e))
             else:
                 heatmap = None if row.heatmap is None else heatmap_of(row.heatmap, row.scores, manifest, meta)
-                out.append(scored(facts, manifest, backend_name, meta, decision, times, index, len(frames), heatmap))
+                out.append(scored(facts, manifest, backend_name, meta, scores, times, index, len(frames), heatmap))
                 continue
         out.append(rejection(facts, manifest, backend_name, error, times, meta, index, len(frames)))
     return out

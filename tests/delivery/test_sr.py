@@ -72,8 +72,8 @@ def result_for(
         source.get("AccessionNumber", ""),
     )
     facts = InputFacts(7, "dicom", "x.dcm", content_hash)
-    decision = decide(np.array(scores), manifest)
-    return scored(facts, manifest, "onnxruntime", meta, decision, Timings(), frame_index, frame_count)
+    decided = decide(np.array(scores), manifest)
+    return scored(facts, manifest, "onnxruntime", meta, decided, Timings(), frame_index, frame_count)
 
 
 def items(container: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
