@@ -26,7 +26,7 @@ from appliance.inference.loader import open_backend
 from appliance.inference.runs import rows_in_batches
 from appliance.logging_setup import setup_logging
 from appliance.prepare.preparer import Preparer
-from appliance.scoring.job import Frame
+from appliance.scoring.job import Frame, Scorer
 from appliance.scoring.results import build_results, rejected
 
 log = logging.getLogger("appliance")
@@ -199,6 +199,7 @@ def _score(config: Config, args: argparse.Namespace) -> int:
             print(f"appliance: cannot make the overlay folder {args.overlays}: {e.strerror}", file=sys.stderr)
             return 1
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
+    scorer = Scorer(manifest, backend.name)
     preparer = Preparer(manifest, config.limits)
     overlays = _Overlays(args.overlays, preparer, _no_heatmap_reason(config, manifest)) if args.overlays else None
     failures = 0
@@ -221,15 +222,17 @@ def _score(config: Config, args: argparse.Namespace) -> int:
                 prepared = preparer.prepare(data, path.name)
             except ApplianceError as e:
                 times = Timings(total_ms=(time.perf_counter() - t0) * 1e3)
-                print(json.dumps(result_to_dict(to_message(rejected(facts, manifest, backend.name, e, times)))))
+                print(json.dumps(result_to_dict(to_message(rejected(facts, scorer, e, times)))))
                 failures += 1
                 continue
             t1 = time.perf_counter()
             rows = rows_in_batches(backend, prepared.tensors, manifest.output.activation)
-            timing = BatchTiming(queue_ms=0.0, infer_ms=(time.perf_counter() - t1) * 1e3, batch_size=len(rows))
+            timing: BatchTiming[Scorer] = BatchTiming(
+                queue_ms=0.0, infer_ms=(time.perf_counter() - t1) * 1e3, batch_size=len(rows)
+            )
             frames: list[Frame | None] = [(row, None, timing) for row in rows]
             # The daemon's own result builder: an offline score is the daemon's result exactly.
-            results = build_results(facts, prepared, frames, t0, (manifest, backend.name))
+            results = build_results(facts, prepared, frames, t0, scorer)
             for result in results:
                 # Flushed: a person's lines on stderr come after the result they describe.
                 print(json.dumps(result_to_dict(to_message(result))), flush=True)

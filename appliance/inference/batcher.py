@@ -8,12 +8,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from appliance.inference.backend import Backend
 
 log = logging.getLogger(__name__)
+
+# The model that runs a batch, as the batcher's user names it (the scoring stages: appliance.scoring.job.Scorer);
+# each batch's timing carries the one that ran it, since a swap may put another in place meanwhile.
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
@@ -24,23 +29,23 @@ class Row:
     heatmap: np.ndarray | None = None
 
 
-# Called once per sample from the batcher thread: (its row or None, error or None, timing).
-Done = Callable[[Row | None, BaseException | None, "BatchTiming"], None]
-
-
 @dataclass(frozen=True)
-class BatchTiming:
+class BatchTiming(Generic[M]):
     queue_ms: float  # from submit to the batch starting
     infer_ms: float  # the whole batch's inference
     batch_size: int
-    scored_by: object = None  # the tag given with the backend that ran the batch (which model scored it)
+    scored_by: M | None = None  # the model that ran the batch (None where no batch ran)
+
+
+# Called once per sample from the batcher thread: (its row or None, error or None, timing).
+Done = Callable[[Row | None, BaseException | None, BatchTiming[M]], None]
 
 
 @dataclass
-class _Swap:
+class _Swap(Generic[M]):
     backend: Backend
     postprocess: Callable[[np.ndarray], np.ndarray]
-    tag: object
+    scored_by: M
     lock: threading.Lock
     done: threading.Event
     old: Backend | None = None
@@ -48,16 +53,16 @@ class _Swap:
 
 
 @dataclass
-class _Item:
+class _Item(Generic[M]):
     sample: np.ndarray
-    done: Done
+    done: Done[M]
     submitted: float
 
 
 _STOP = object()
 
 
-class Batcher:
+class Batcher(Generic[M]):
     """One thread owns the backend. ``submit`` blocks when ``capacity`` samples wait (back-pressure)."""
 
     def __init__(
@@ -70,18 +75,18 @@ class Batcher:
         capacity: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
         coming: Callable[[], bool] | None = None,
-        tag: object = None,
+        scored_by: M,
     ) -> None:
         """``coming`` says whether more samples are on their way (inputs still being read and prepared):
-        when none are and none wait, a batch starts at once rather than after ``max_delay_ms``. ``tag``
-        goes with each batch's timing (the processor says with it which model scored)."""
+        when none are and none wait, a batch starts at once rather than after ``max_delay_ms``.
+        ``scored_by`` names the model ``backend`` runs; each batch's timing carries it."""
         self._backend = backend
         self._postprocess = postprocess
-        self._tag = tag
+        self._scored_by = scored_by
         self._configured_batch = max_batch
         self._max_batch = max(1, min(max_batch, backend.max_batch))
         self._max_delay = max_delay_ms / 1000.0
-        self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[_Item[M] | object] = queue.Queue(maxsize=capacity)
         self._on_batch = on_batch
         self._coming = coming or (lambda: True)
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -93,17 +98,17 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, sample: np.ndarray, done: Done) -> None:
+    def submit(self, sample: np.ndarray, done: Done[M]) -> None:
         self._queue.put(_Item(sample, done, time.perf_counter()))
 
     def swap(
-        self, backend: Backend, postprocess: Callable[[np.ndarray], np.ndarray], tag: object, timeout: float
+        self, backend: Backend, postprocess: Callable[[np.ndarray], np.ndarray], scored_by: M, timeout: float
     ) -> Backend | None:
         """Serve with another backend from the next batch on: samples submitted before this call run on
         the old one, samples after it on the new one. Returns the old backend (the caller closes it), or
         None if the batcher did not reach the swap within ``timeout``: then it never happens, and the
         caller still owns ``backend``."""
-        swap = _Swap(backend, postprocess, tag, threading.Lock(), threading.Event())
+        swap = _Swap(backend, postprocess, scored_by, threading.Lock(), threading.Event())
         deadline = time.monotonic() + timeout
         try:
             self._queue.put(swap, timeout=timeout)
@@ -125,7 +130,7 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _gather(self, first: _Item) -> tuple[list[_Item], object]:
+    def _gather(self, first: _Item[M]) -> tuple[list[_Item[M]], object]:
         """A batch, and the control item (stop, swap) that ended it early, if any."""
         items = [first]
         deadline = time.perf_counter() + self._max_delay
@@ -155,19 +160,19 @@ class Batcher:
             if isinstance(control, _Swap):
                 self._apply(control)
 
-    def _apply(self, swap: _Swap) -> None:
+    def _apply(self, swap: _Swap[M]) -> None:
         with swap.lock:
             if swap.cancelled:
                 return
             self._swap_in(swap)
             swap.done.set()
 
-    def _swap_in(self, swap: _Swap) -> None:
+    def _swap_in(self, swap: _Swap[M]) -> None:
         swap.old = self._backend
-        self._backend, self._postprocess, self._tag = swap.backend, swap.postprocess, swap.tag
+        self._backend, self._postprocess, self._scored_by = swap.backend, swap.postprocess, swap.scored_by
         self._max_batch = max(1, min(self._configured_batch, swap.backend.max_batch))
 
-    def _run_batch(self, items: list[_Item]) -> None:
+    def _run_batch(self, items: list[_Item[M]]) -> None:
         started = time.perf_counter()
         try:
             batch = np.stack([it.sample for it in items])
@@ -185,7 +190,10 @@ class Batcher:
             self._on_batch(len(items), infer_ms)
         for i, it in enumerate(items):
             timing = BatchTiming(
-                queue_ms=(started - it.submitted) * 1e3, infer_ms=infer_ms, batch_size=len(items), scored_by=self._tag
+                queue_ms=(started - it.submitted) * 1e3,
+                infer_ms=infer_ms,
+                batch_size=len(items),
+                scored_by=self._scored_by,
             )
             try:
                 it.done(None if rows is None else rows[i], error, timing)

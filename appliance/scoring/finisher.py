@@ -25,9 +25,9 @@ from appliance.files import disposal
 from appliance.journal.journal import Journal, NewDelivery, NewResult
 from appliance.privacy import hashed, log_failure
 from appliance.scoring.admission import Admission
-from appliance.scoring.job import Job
+from appliance.scoring.job import Job, Scorer
 from appliance.scoring.observer import ScoringObserver
-from appliance.scoring.results import Scorer, build_results, journal_row
+from appliance.scoring.results import build_results, journal_row
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Finisher:
             try:
                 current = self.current()
                 results = build_results(job.facts, job.prepared, job.frames, job.picked_up, current)
-                reports = self._reports(job, results, current[0])
+                reports = self._reports(job, results, current.manifest)
                 built.append((job, results, [journal_row(r, d) for r, d in zip(results, reports, strict=True)]))
             except Exception as e:
                 self._fail(job, e)

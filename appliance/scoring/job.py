@@ -8,12 +8,27 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.domain.result import InputFacts, Result
+from appliance.domain.manifest import Manifest
+from appliance.domain.result import InputFacts, Result, ScoredBy
 from appliance.inference.batcher import BatchTiming, Row
 from appliance.prepare.preparer import Prepared
 
+
+@dataclass(frozen=True)
+class Scorer:
+    """The model that scores a batch: its manifest (labels, decision rule, heatmap) and the name of the backend
+    it runs on. The batcher carries it with each batch; a result records it as its ``scored_by``."""
+
+    manifest: Manifest
+    backend: str
+
+    @property
+    def scored_by(self) -> ScoredBy:
+        return ScoredBy(self.manifest.model.name, self.manifest.model.version, self.backend)
+
+
 # One frame's outcome from the batcher: its row (activated scores, heatmap) or an error, and its batch's timing.
-Frame = tuple[Row | None, BaseException | None, BatchTiming]
+Frame = tuple[Row | None, BaseException | None, BatchTiming[Scorer]]
 
 
 @dataclass

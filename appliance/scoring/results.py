@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from appliance.domain.errors import ApplianceError, DecodeTimeout, FileVanished, InferenceFailed, InputRejected
-from appliance.domain.manifest import Manifest
 from appliance.domain.result import (
     Heatmap,
     ImageIds,
@@ -17,7 +16,6 @@ from appliance.domain.result import (
     Outcome,
     Rejection,
     Result,
-    ScoredBy,
     Timings,
 )
 from appliance.imaging.types import ImageMeta
@@ -27,15 +25,13 @@ from appliance.journal.journal import NewDelivery, NewResult
 from appliance.prepare.preparer import Prepared
 from appliance.privacy import log_failure
 from appliance.scoring.heatmaps import heatmap_of
-from appliance.scoring.job import Frame
+from appliance.scoring.job import Frame, Scorer
 
 log = logging.getLogger(__name__)
 
 # Rejections that say nothing about the content: the same bytes sent again are tried again. A busy box can
 # time a decode out that a quiet one finishes.
 TRANSIENT_CODES = frozenset({FileVanished.code, InferenceFailed.code, ApplianceError.code, DecodeTimeout.code})
-
-Scorer = tuple[Manifest, str]  # the manifest and backend name of the model that ran a batch
 
 
 def build_results(
@@ -57,8 +53,8 @@ def build_results(
             batch_size=timing.batch_size,
         )
         # The model that ran this frame's batch (a reload may have swapped another in since).
-        scored_by: Scorer = timing.scored_by or current  # type: ignore[assignment]
-        manifest, backend_name = scored_by
+        scorer = current if timing.scored_by is None else timing.scored_by
+        manifest = scorer.manifest
         if error is None and row is not None:
             try:
                 scores = decide(row.scores, manifest)
@@ -66,16 +62,16 @@ def build_results(
                 error = InferenceFailed(str(e))
             else:
                 heatmap = None if row.heatmap is None else heatmap_of(row.heatmap, row.scores, manifest, meta)
-                out.append(scored(facts, manifest, backend_name, meta, scores, times, index, len(frames), heatmap))
+                out.append(scored(facts, scorer, meta, scores, times, index, len(frames), heatmap))
                 continue
-        out.append(rejection(facts, manifest, backend_name, error, times, meta, index, len(frames)))
+        reported = error_to_report(error, facts.input_id)
+        out.append(rejected(facts, scorer, reported, times, meta, index, len(frames)))
     return out
 
 
 def _result(
     facts: InputFacts,
-    manifest: Manifest,
-    backend_name: str,
+    scorer: Scorer,
     meta: ImageMeta | None,
     times: Timings,
     frame_index: int,
@@ -91,7 +87,7 @@ def _result(
         ids = refused_after_header  # what the header of a refused input said
     return Result(
         input=facts,
-        scored_by=ScoredBy(manifest.model.name, manifest.model.version, backend_name),
+        scored_by=scorer.scored_by,
         created_unix_ms=time.time_ns() // 1_000_000,
         timings=times,
         ids=ids,
@@ -103,8 +99,7 @@ def _result(
 
 def scored(
     facts: InputFacts,
-    manifest: Manifest,
-    backend_name: str,
+    scorer: Scorer,
     meta: ImageMeta | None,
     scores: Scores,
     times: Timings,
@@ -112,10 +107,10 @@ def scored(
     frame_count: int,
     heatmap: Heatmap | None = None,
 ) -> Result:
+    """The result of a frame the model scored, with the manifest's decision (``scores``)."""
     return _result(
         facts,
-        manifest,
-        backend_name,
+        scorer,
         meta,
         times,
         frame_index,
@@ -129,31 +124,23 @@ def scored(
     )
 
 
-def rejection(
-    facts: InputFacts,
-    manifest: Manifest,
-    backend_name: str,
-    error: BaseException | None,
-    times: Timings,
-    meta: ImageMeta | None,
-    frame_index: int = 0,
-    frame_count: int = 1,
-) -> Result:
+def error_to_report(error: BaseException | None, input_id: int) -> ApplianceError:
+    """What stopped a frame on its way to a score (or None: no scores came back), as the error its rejection
+    reports: the input's own fault keeps its code, anything else is an inference failure or unexpected."""
     if error is None:
-        error = InferenceFailed("The backend returned no scores for this input.")
-    elif isinstance(error, ApplianceError) and not isinstance(error, InputRejected):
-        error = InferenceFailed(error.message)  # a backend failure, reported against this input
-    elif not isinstance(error, ApplianceError):
-        # Unexpected: the sentence names the type only (no data from the file); the trace goes to DEBUG.
-        log_failure(log, "input %d: unexpected failure while scoring", facts.input_id, error=error)
-        error = ApplianceError(f"Unexpected {type(error).__name__} while scoring; see the daemon's log.")
-    return rejected(facts, manifest, backend_name, error, times, meta, frame_index, frame_count)
+        return InferenceFailed("The backend returned no scores for this input.")
+    if isinstance(error, InputRejected):
+        return error
+    if isinstance(error, ApplianceError):
+        return InferenceFailed(error.message)  # a backend failure, reported against this input
+    # Unexpected: the sentence names the type only (no data from the file); the trace goes to DEBUG.
+    log_failure(log, "input %d: unexpected failure while scoring", input_id, error=error)
+    return ApplianceError(f"Unexpected {type(error).__name__} while scoring; see the daemon's log.")
 
 
 def rejected(
     facts: InputFacts,
-    manifest: Manifest,
-    backend_name: str,
+    scorer: Scorer,
     error: ApplianceError,
     times: Timings,
     meta: ImageMeta | None = None,
@@ -164,8 +151,7 @@ def rejected(
     rejection = Rejection(error.code, error.message)
     return _result(
         facts,
-        manifest,
-        backend_name,
+        scorer,
         meta,
         times,
         frame_index,

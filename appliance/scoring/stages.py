@@ -24,9 +24,8 @@ from appliance.prepare.pool import PreparePool, ReadAhead
 from appliance.prepare.preparer import Prepared
 from appliance.scoring.admission import Admission
 from appliance.scoring.finisher import Finisher, ReportMaker
-from appliance.scoring.job import Job
+from appliance.scoring.job import Job, Scorer
 from appliance.scoring.observer import NoObserver, ScoringObserver
-from appliance.scoring.results import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,12 @@ class ScoringStages:
     ) -> None:
         """``display_side`` > 0: the preparer keeps each DICOM input's frames as shown (for heatmap overlays)."""
         self.observer = observer or NoObserver()
-        self._scorer: Scorer = (manifest, backend.name)
+        self._scorer = Scorer(manifest, backend.name)
         max_batch = backend.max_batch
         workers = config.inference.decode_workers
         self.admission = Admission(max(4 * max_batch, 2 * workers), self.observer.on_in_flight)
         activation = manifest.output.activation
-        self.batcher = Batcher(
+        self.batcher: Batcher[Scorer] = Batcher(
             backend,
             lambda raw: activate(raw, activation),
             max_batch=max_batch,
@@ -58,7 +57,7 @@ class ScoringStages:
             capacity=4 * max_batch,
             on_batch=self.observer.on_batch,
             coming=self.admission.coming,
-            tag=self._scorer,
+            scored_by=self._scorer,
         )
         self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with, display_side)
         self.finisher = Finisher(
@@ -98,7 +97,7 @@ class ScoringStages:
         """Score with another model (same input and preprocessing) from the next batch on; what was
         submitted before runs on the old one. The old backend is closed once no batch uses it."""
         activation = manifest.output.activation
-        scorer = (manifest, backend.name)
+        scorer = Scorer(manifest, backend.name)
         old = self.batcher.swap(backend, lambda raw: activate(raw, activation), scorer, timeout)
         if old is None:
             return False
@@ -183,7 +182,7 @@ class ScoringStages:
         self.admission.arrived()
 
     def _frame_done(
-        self, job: Job, index: int, row: Row | None, error: BaseException | None, timing: BatchTiming
+        self, job: Job, index: int, row: Row | None, error: BaseException | None, timing: BatchTiming[Scorer]
     ) -> None:
         with job.lock:
             job.frames[index] = (row, error, timing)

@@ -37,6 +37,7 @@ from appliance.inference.runs import rows_in_batches
 from appliance.journal.integrity import open_journal, recover
 from appliance.journal.journal import NewDelivery
 from appliance.prepare.preparer import Prepared, Preparer
+from appliance.scoring.job import Scorer
 from appliance.scoring.results import build_results, journal_row
 from tests.delivery.test_outbox import Pacs, Recorder, _config, _running
 from tests.delivery.test_sr import DEVICE
@@ -81,7 +82,7 @@ def score(backend: Backend, path: Path, *, display_side: int = DISPLAY_SIDE) -> 
     timing = BatchTiming(queue_ms=0.0, infer_ms=0.0, batch_size=len(rows))
     facts = InputFacts(1, "dicom", path.name, digest_bytes(data))
     results = build_results(facts, prepared, [(row, None, timing) for row in rows], time.perf_counter(),
-                            (MANIFEST, backend.name))  # fmt: skip
+                            Scorer(MANIFEST, backend.name))  # fmt: skip
     assert all(r.heatmap is not None for r in results)
     return Scored(path, prepared, results)
 

@@ -23,6 +23,7 @@ from appliance.domain.manifest import Manifest, load_manifest
 from appliance.domain.result import Decision, InputFacts, Result, Timings
 from appliance.imaging.types import ImageMeta
 from appliance.inference.postprocess import decide
+from appliance.scoring.job import Scorer
 from appliance.scoring.results import rejected, scored
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def result_for(
     )
     facts = InputFacts(7, "dicom", "x.dcm", content_hash)
     decided = decide(np.array(scores), manifest)
-    return scored(facts, manifest, "onnxruntime", meta, decided, Timings(), frame_index, frame_count)
+    return scored(facts, Scorer(manifest, "onnxruntime"), meta, decided, Timings(), frame_index, frame_count)
 
 
 def items(container: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
@@ -354,7 +355,7 @@ def test_uids_are_the_same_for_a_rebuilt_result_and_new_for_a_new_model_version(
 def test_what_cannot_be_reported_is_refused_with_a_sentence() -> None:
     source = header("CT_small.dcm")
     good = result_for(source, BRAIN, [0.7, 0.1, 0.1, 0.1])
-    refused = rejected(good.input, BRAIN, "onnxruntime", ReportError("x"), Timings())
+    refused = rejected(good.input, Scorer(BRAIN, "onnxruntime"), ReportError("x"), Timings())
     cases: list[tuple[pydicom.Dataset, Result, Manifest, str]] = [
         (source, refused, BRAIN, "rejected"),
         (source, good, PIPELINE, "not that of the model"),

@@ -20,11 +20,11 @@ def _backend() -> OnnxRuntimeBackend:
     return backend
 
 
-def _score(batcher: Batcher) -> BatchTiming:
+def _score(batcher: Batcher[str]) -> BatchTiming[str]:
     done = threading.Event()
-    got: list[BatchTiming] = []
+    got: list[BatchTiming[str]] = []
 
-    def finished(scores: np.ndarray | None, error: BaseException | None, timing: BatchTiming) -> None:
+    def finished(scores: np.ndarray | None, error: BaseException | None, timing: BatchTiming[str]) -> None:
         assert error is None and scores is not None
         got.append(timing)
         done.set()
@@ -36,7 +36,7 @@ def _score(batcher: Batcher) -> BatchTiming:
 
 def test_samples_run_on_the_model_in_place_when_they_were_submitted() -> None:
     old, new = _backend(), _backend()
-    batcher = Batcher(old, lambda raw: raw, max_batch=4, max_delay_ms=1, tag="v1")
+    batcher = Batcher(old, lambda raw: raw, max_batch=4, max_delay_ms=1, scored_by="v1")
     batcher.start()
     try:
         assert _score(batcher).scored_by == "v1"
@@ -51,7 +51,7 @@ def test_samples_run_on_the_model_in_place_when_they_were_submitted() -> None:
 
 def test_a_swap_given_up_on_never_happens() -> None:
     old, new = _backend(), _backend()
-    batcher = Batcher(old, lambda raw: raw, max_batch=4, max_delay_ms=1, tag="v1")
+    batcher = Batcher(old, lambda raw: raw, max_batch=4, max_delay_ms=1, scored_by="v1")
     # Not started yet: the swap waits in the queue, and the caller gives up on it (and closes `new`).
     assert batcher.swap(new, lambda raw: raw, "v2", timeout=0.05) is None
     new.close()
