@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import urllib.request
+
+from tests.waiting import eventually
 
 from .conftest import drop, free_port, png_bytes
 
@@ -20,9 +21,12 @@ def test_systemd_ready_and_watchdog_notifications(make_daemon, tmp_path, monkeyp
     d = make_daemon()
     d.start()
     messages: list[str] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
+
+    def pinged() -> bool:  # recv blocks until the next notification
         messages.append(sock.recv(4096).decode())
+        return any("WATCHDOG=1" in m for m in messages)
+
+    eventually(pinged, "a WATCHDOG=1 notification", timeout=20, every=0)
     assert any(m.startswith("READY=1") for m in messages), messages
     assert any("WATCHDOG=1" in m for m in messages), messages
     assert d.stop() == 0
@@ -46,12 +50,12 @@ def test_prometheus_metrics_count_results_by_outcome(make_daemon) -> None:
     drop(d.incoming, "empty.png", b"")
     d.collect(2)
     # The counters move just after the results are committed (and may be streamed): read until they have.
-    deadline = time.monotonic() + 10
-    while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        if "appliance_result_latency_seconds_count 2.0" in text or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    text = eventually(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode(),
+        "both results' latencies counted",
+        until=lambda text: "appliance_result_latency_seconds_count 2.0" in text,
+        timeout=10,
+    )
     assert 'appliance_results_total{code="",outcome="scored"} 1.0' in text
     assert 'appliance_results_total{code="empty_file",outcome="rejected"} 1.0' in text
     assert "appliance_ready 1.0" in text
@@ -69,7 +73,10 @@ def test_sigterm_finishes_in_flight_work(make_daemon) -> None:
     d.start()
     results = d.collect(10)
     assert sorted(r.file_name for r in results) == [f"f{n}.png" for n in range(10)]
-    deadline = time.monotonic() + 10
-    while [p for p in os.listdir(d.incoming) if not p.startswith(".")] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(
+        lambda: [p for p in os.listdir(d.incoming) if not p.startswith(".")],
+        "the watch folder emptied",
+        until=lambda left: not left,
+        timeout=10,
+    )
     assert not [p for p in os.listdir(d.incoming) if not p.startswith(".")]
