@@ -162,4 +162,4 @@ class TokenStore:
     def _write(self, records: list[TokenRecord]) -> None:
         """Atomically and durably, readable by the daemon's user only."""
         body = {"format": FORMAT, "tokens": [asdict(r) for r in records]}
-        write_atomic(self.path, json.dumps(body, indent=1).encode())
+        write_atomic(self.path, json.dumps(body, indent=1).encode(), sole_writer=True)  # under _editing's lock

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Literal, Protocol
 
 from appliance.domain.result import Rejection, Result
+from appliance.files.durable import PRIVATE_FILE, PRIVATE_FOLDER, write_atomic, writing
 
 log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1024 * 1024  # a copy to another filesystem, read and written this much at a time
 
 
 class Places(Protocol):
@@ -26,10 +30,6 @@ class Places(Protocol):
 def _unique_target(folder: Path, input_id: int, name: str) -> Path:
     # The journal id makes names unique and traceable; scanners reuse names across studies.
     return folder / f"{input_id:08d}-{name}"
-
-
-PRIVATE_FILE = 0o600
-PRIVATE_FOLDER = 0o700
 
 
 def _move(src: Path, folder: Path, input_id: int) -> Path:
@@ -59,19 +59,11 @@ def _move(src: Path, folder: Path, input_id: int) -> Path:
 
 
 def _copy_then_remove(src: Path, target: Path) -> None:
-    import shutil
-
-    tmp = target.with_name(f".{target.name}.moving")
-    try:
-        shutil.copyfile(src, tmp)
-        tmp.chmod(PRIVATE_FILE)  # whatever the umask of the process that calls (the CLI's, a test's)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        # A disk that filled mid-copy must not keep the partial copy: it is the space needed to retry.
-        tmp.unlink(missing_ok=True)
-        raise
+    # The copy is on the disk, name and all, before the source goes. One the disk could not hold whole is not
+    # kept (it is the space needed to retry); the target's name is the input's alone, and one a crash left is
+    # reused by the retry.
+    with open(src, "rb") as source, writing(target, sole_writer=True) as copy:
+        shutil.copyfileobj(source, copy, COPY_CHUNK)
     src.unlink()
 
 
@@ -115,10 +107,7 @@ def dispose_rejected(src: Path, input_id: int, rejection: Rejection, config: Pla
         return ""
     # The reason first: where it cannot be written (a full disk) the file stays in the watch folder and
     # the whole disposal is retried, rather than a rejected file lying there without its reason.
-    config.rejected_dir.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
     reason = _unique_target(config.rejected_dir, input_id, src.name + ".reason.txt")
-    fd = os.open(reason, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
-    os.fchmod(fd, PRIVATE_FILE)  # one left by an earlier try keeps its mode otherwise
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(f"input_id: {input_id}\ncode: {rejection.code}\nreason: {rejection.message}\n")
+    text = f"input_id: {input_id}\ncode: {rejection.code}\nreason: {rejection.message}\n"
+    write_atomic(reason, text.encode(), sole_writer=True)  # replaces one an earlier try left, mode and all
     return str(_move(src, config.rejected_dir, input_id))

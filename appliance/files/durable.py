@@ -16,18 +16,19 @@ PRIVATE_FOLDER = 0o700
 TEMPORARY_SUFFIX = ".tmp"  # a file being written: ".<its name>.<random>.tmp" beside it, removed if it fails
 
 
-def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = PRIVATE_FILE, *, sole_writer: bool = False) -> None:
     """Write ``data`` to ``path`` durably: a temporary file in the same folder, fsync, rename over the target,
-    fsync of the folder. Where it fails before the rename, ``path`` is as it was and no temporary file is left."""
-    with writing(path, mode) as f:
+    fsync of the folder. Where it fails before the rename, ``path`` is as it was and no temporary file is left.
+    ``sole_writer``: as for ``AtomicWriter``."""
+    with writing(path, mode, sole_writer=sole_writer) as f:
         f.write(data)
 
 
 @contextlib.contextmanager
-def writing(path: Path, mode: int = PRIVATE_FILE) -> Iterator[IO[bytes]]:
+def writing(path: Path, mode: int = PRIVATE_FILE, *, sole_writer: bool = False) -> Iterator[IO[bytes]]:
     """A file to write ``path``'s new content into, put in place as ``write_atomic`` does when the block ends
     without an error; an error removes it instead, and ``path`` is as it was."""
-    writer = AtomicWriter(path, mode)
+    writer = AtomicWriter(path, mode, sole_writer=sole_writer)
     try:
         yield writer.file
     except BaseException:
@@ -39,17 +40,26 @@ def writing(path: Path, mode: int = PRIVATE_FILE) -> Iterator[IO[bytes]]:
 class AtomicWriter:
     """``path``'s new content, written to ``file`` (at ``temporary``, beside ``path``) and put in place whole by
     ``commit``, or removed by ``discard``: ``writing`` for a writer whose content arrives over several calls (the
-    DICOM spool, as a C-STORE arrives). Makes ``path``'s folder (0700) where it is missing."""
+    DICOM spool, as a C-STORE arrives). Makes ``path``'s folder (0700) where it is missing.
 
-    def __init__(self, path: Path, mode: int = PRIVATE_FILE) -> None:
+    ``sole_writer``: nothing else writes ``path`` meanwhile (a lock is held, or the name is the caller's alone),
+    so the temporary file's name is fixed (``.<name>.tmp``), and one that a crash left is reused, not left behind.
+    Otherwise it is random, made with O_EXCL."""
+
+    def __init__(self, path: Path, mode: int = PRIVATE_FILE, *, sole_writer: bool = False) -> None:
         self.path = path
         path.parent.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
-        # Made with O_EXCL under a name no one else picks; a NamedTemporaryFile, the object pynetdicom writes a
-        # data set to (it calls .file.flush() and, once done, unlinks .name).
-        self.file: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by commit or discard)
-            mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, delete=False
-        )
-        self.temporary = Path(self.file.name)
+        self.file: IO[bytes]
+        if sole_writer:
+            self.temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
+            self.file = open(self.temporary, "wb", opener=_no_symlink)  # noqa: SIM115 (closed by commit or discard)
+        else:
+            # A NamedTemporaryFile: the object pynetdicom writes a data set to (it calls .file.flush(), then
+            # unlinks .name once its handler is done).
+            self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by commit or discard)
+                mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, delete=False
+            )
+            self.temporary = Path(self.file.name)
         try:
             os.fchmod(self.file.fileno(), mode)  # exactly this, whatever the umask of the process that calls
         except BaseException:
@@ -75,6 +85,10 @@ class AtomicWriter:
             self.file.close()
         with contextlib.suppress(OSError):  # gone, or its folder is
             self.temporary.unlink(missing_ok=True)
+
+
+def _no_symlink(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, PRIVATE_FILE)
 
 
 def rename_durably(source: Path, target: Path) -> None:

@@ -108,7 +108,7 @@ def write_marker(journal: Path, marker: Marker, identity_dir: Path | None = None
     if identity_dir is not None:
         paths.append(copy_path(journal, identity_dir))
     for path in paths:
-        write_atomic(path, (json.dumps(body) + "\n").encode())
+        write_atomic(path, (json.dumps(body) + "\n").encode(), sole_writer=True)  # under the journal's lock
 
 
 class MarkerReserve:

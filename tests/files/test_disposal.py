@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,44 @@ def test_a_file_the_appliance_does_not_own_is_moved_as_a_private_copy(tmp_path: 
     where = Path(done.stdout.strip())
     assert where.read_bytes() == b"data" and not src.exists()
     assert where.stat().st_uid == 0 and where.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_move_to_another_filesystem_is_a_whole_private_copy(tmp_path: Path) -> None:
+    """Where the processed folder is on another filesystem (no hard link across), the file is copied: whole, 0600,
+    on the disk before the source goes; a partial copy that a crash left there is replaced, not left beside it."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's folder")
+    elsewhere = Path(tempfile.mkdtemp(dir=other))
+    try:
+        src = tmp_path / "in" / "scan.dcm"
+        src.parent.mkdir()
+        src.write_bytes(b"data" * 100_000)
+        src.chmod(0o644)
+        config = WatchConfig(
+            dir=src.parent, after_scoring="move", processed_dir=elsewhere / "done", rejected_dir=elsewhere / "bad"
+        )
+        config.processed_dir.mkdir(mode=0o700)
+        (config.processed_dir / ".00000006-scan.dcm.tmp").write_bytes(b"da")  # a crash's partial copy
+        where = Path(dispose_scored(src, 6, config))
+        assert where == config.processed_dir / "00000006-scan.dcm" and where.read_bytes() == b"data" * 100_000
+        assert where.stat().st_mode & 0o777 == 0o600 and not src.exists()
+        assert [p.name for p in config.processed_dir.iterdir()] == [where.name]
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_a_reason_left_by_an_earlier_try_is_replaced_privately(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "x.png"
+    src.parent.mkdir()
+    src.write_bytes(b"junk")
+    config = _config(tmp_path, "keep")
+    config.rejected_dir.mkdir()
+    earlier = config.rejected_dir / "00000003-x.png.reason.txt"
+    earlier.write_text("half a reas")
+    earlier.chmod(0o644)
+    where = Path(dispose_rejected(src, 3, Rejection("corrupt_image", "The PNG is cut short."), config))
+    reason = where.with_name(where.name + ".reason.txt")
+    assert reason.read_text() == "input_id: 3\ncode: corrupt_image\nreason: The PNG is cut short.\n"
+    assert reason.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in config.rejected_dir.iterdir()) == [where.name, reason.name]

@@ -79,6 +79,22 @@ def test_a_writer_streams_and_commits_or_discards(tmp_path: Path, open_umask: No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.dcm"]
 
 
+def test_a_sole_writer_reuses_the_temporary_file_a_crash_left(tmp_path: Path) -> None:
+    leftover = tmp_path / ".marker.tmp"
+    leftover.write_bytes(b"a crash's half")
+    leftover.chmod(0o644)
+    writer = AtomicWriter(tmp_path / "marker", sole_writer=True)
+    assert writer.temporary == leftover and _mode(leftover) == 0o600
+    writer.file.write(b"whole")
+    writer.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["marker"] and (tmp_path / "marker").read_bytes() == b"whole"
+    (tmp_path / "elsewhere").write_bytes(b"not ours")
+    (tmp_path / ".marker.tmp").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):  # never written through a link
+        write_atomic(tmp_path / "marker", b"x", sole_writer=True)
+    assert (tmp_path / "elsewhere").read_bytes() == b"not ours" and (tmp_path / "marker").read_bytes() == b"whole"
+
+
 def test_a_durable_rename_moves_in_one_step(tmp_path: Path) -> None:
     (tmp_path / "new").write_bytes(b"n")
     (tmp_path / "old").write_bytes(b"o")
