@@ -1,10 +1,18 @@
-"""The API's wire form of a result: the domain Result as an `appliance.v1.Result` message (and a heatmap back, for
-terminals), and a JSON view of one for people (`appliance score`, `appliance-client --json`)."""
+"""The API's wire form: the domain Result as an `appliance.v1.Result` message (and a heatmap back, for terminals),
+a JSON view of one for people (`appliance score`, `appliance-client --json`), and the model served, the daemon's
+status and a reload's outcome as the API answers them."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+from appliance import __version__
 from appliance.domain.delivery import Delivery, DeliveryState
 from appliance.domain.result import Decision, Heatmap, Outcome, Result
+from appliance.inference.loader import Served, expected_sample_shape
+from appliance.journal.journal import Counts
+from appliance.scoring.served import Reload
 from appliance.v1 import scoring_pb2 as pb
 
 _DECISIONS = {
@@ -99,3 +107,64 @@ def result_to_dict(result: pb.Result) -> dict[str, object]:
     from google.protobuf.json_format import MessageToDict
 
     return MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=False)
+
+
+def model_info(served: Served) -> pb.ModelInfo:
+    """The model served: what it is, what it takes, how it decides, and which artifact runs it and why."""
+    m = served.manifest
+    backend = served.backend
+    return pb.ModelInfo(
+        name=m.model.name,
+        version=m.model.version,
+        description=m.model.description,
+        backend=backend.name,
+        artifact=backend.artifact,
+        labels=m.output.labels,
+        input_layout=m.input.layout,
+        input_shape=list(expected_sample_shape(served.loaded)),
+        max_batch=backend.max_batch,
+        decision_rule=m.decision.rule,
+        threshold=m.decision.threshold,
+        precision=served.precision,
+        served_because=served.reason,
+        passed_over=served.passed_over,
+    )
+
+
+def status(
+    served: Served,
+    generation: int,
+    counts: Counts,
+    outbox_depth: tuple[int, int | None],
+    *,
+    uptime_s: float,
+    watch_dir: Path,
+    ready: bool,
+    problems: list[str],
+) -> pb.Status:
+    """GetStatus's answer. ``outbox_depth``: the journal's (pending, when the oldest was stored, in ms)."""
+    pending, oldest_ms = outbox_depth
+    return pb.Status(
+        version=__version__,
+        model=model_info(served),
+        backend=served.backend.name,
+        queue_depth=counts.queued,
+        scored=counts.scored,
+        rejected=counts.rejected,
+        duplicates=counts.duplicates,
+        last_sequence=counts.last_sequence,
+        uptime_s=uptime_s,
+        watch_dir=str(watch_dir),
+        ready=ready,
+        problems=problems,
+        model_generation=generation,
+        outbox_pending=pending,
+        outbox_oldest_age_s=max(0.0, time.time() - oldest_ms / 1e3) if oldest_ms else 0.0,
+    )
+
+
+def reload_answer(reload: Reload, served: Served) -> pb.ReloadModelResponse:
+    """ReloadModel's answer, with the model that serves after it (none where another reload was under way)."""
+    if reload.under_way:
+        return pb.ReloadModelResponse(reloaded=False, message=reload.message)
+    return pb.ReloadModelResponse(reloaded=reload.reloaded, message=reload.message, model=model_info(served))

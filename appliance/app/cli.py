@@ -128,11 +128,11 @@ def _run(config: Config) -> int:
 
     daemon = Daemon(config)
     try:
-        daemon.start()
+        running = daemon.start()
     except BaseException:
         daemon.stop()
         raise
-    daemon.run_forever()
+    daemon.run_forever(running)
     return 0
 
 

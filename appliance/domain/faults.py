@@ -52,7 +52,8 @@ class Faults:
 
     ``accepting()`` is False while a fault that blocks intake holds (the disk is full): the folder's intake
     leaves new files in the watch folder and Score refuses with ``refusal()``. Listeners (``subscribe``) run
-    after every change, in the thread that made it.
+    after every change, in the thread that made it; those of ``on_resume`` once such faults are over, to take
+    what waited meanwhile.
 
     It also watches free space on ``folders`` (the data folder, processed/, rejected/): ``check_storage()``,
     called periodically, sets the disk-full fault below ``min_free_mb`` and clears it above; ``report(error)``
@@ -66,6 +67,7 @@ class Faults:
         self._faults: dict[str, _Fault] = {}
         self._seen: dict[str, None] = {}  # every key that ever held, in order (for metrics)
         self._listeners: list[Callable[[], None]] = []
+        self._resume_listeners: list[Callable[[], None]] = []
         self._failed_with_free: int | None = None  # free bytes when a write last failed for want of space
 
     # --- any source -------------------------------------------------------------------------------
@@ -73,20 +75,25 @@ class Faults:
     def set(self, key: str, sentence: str, *, blocks_intake: bool = False) -> None:
         """The fault ``key`` holds; logged (ERROR) only when it begins. The sentence may be updated meanwhile."""
         with self._lock:
+            was_accepting = self._accepting()
             began = key not in self._faults
             self._faults[key] = _Fault(sentence, blocks_intake)
             self._seen[key] = None
+            accepting = self._accepting()
         if began:
             log.error("%s", sentence)
-            self._changed()
+        if began or accepting != was_accepting:
+            self._changed(resumed=accepting and not was_accepting)
 
     def clear(self, key: str, sentence: str) -> None:
         """The fault ``key`` is over; ``sentence`` is logged (WARNING) only when it did hold."""
         with self._lock:
+            was_accepting = self._accepting()
             ended = self._faults.pop(key, None) is not None
+            accepting = self._accepting()
         if ended:
             log.warning("%s", sentence)
-            self._changed()
+            self._changed(resumed=accepting and not was_accepting)
 
     def holds(self, key: str) -> bool:
         with self._lock:
@@ -105,7 +112,10 @@ class Faults:
     def accepting(self) -> bool:
         """False while a fault holds that means new inputs could not be stored."""
         with self._lock:
-            return not any(f.blocks_intake for f in self._faults.values())
+            return self._accepting()
+
+    def _accepting(self) -> bool:
+        return not any(f.blocks_intake for f in self._faults.values())
 
     def refusal(self) -> str | None:
         """The sentence to refuse a new input with while not accepting (gRPC UNAVAILABLE), else None."""
@@ -114,10 +124,16 @@ class Faults:
         return " ".join(blocking) if blocking else None
 
     def subscribe(self, listener: Callable[[], None]) -> None:
+        """``listener`` runs after every change of the faults that hold, in the thread that made it."""
         self._listeners.append(listener)
 
-    def _changed(self) -> None:
-        for listener in list(self._listeners):
+    def on_resume(self, listener: Callable[[], None]) -> None:
+        """``listener`` runs when the last fault that held new inputs back is over (after the ``subscribe``
+        listeners, in the thread that ended it): what waited in the folder meanwhile is taken then."""
+        self._resume_listeners.append(listener)
+
+    def _changed(self, resumed: bool) -> None:
+        for listener in list(self._listeners) + (list(self._resume_listeners) if resumed else []):
             try:
                 listener()
             except Exception:  # a listener must not break the source that reported the fault

@@ -10,7 +10,7 @@ import numpy as np
 
 from appliance.domain.errors import ArtifactRefused, BackendError, BackendUnavailable, ManifestError, ModelMismatchError
 from appliance.domain.manifest import Heatmap as HeatmapSpec
-from appliance.domain.manifest import LoadedManifest
+from appliance.domain.manifest import LoadedManifest, Manifest
 from appliance.inference import registry, self_check
 from appliance.inference.backend import Backend, Choice, Why
 from appliance.inference.selection import choose_artifact
@@ -26,15 +26,21 @@ def expected_sample_shape(loaded: LoadedManifest) -> tuple[int, int, int]:
     return (spec.height, spec.width, spec.channels)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Served:
-    """The backend the daemon serves, and why: what `GetStatus` and the log report."""
+    """A model opened for serving: its manifest, the backend it runs on, and why that artifact (what `GetStatus`
+    and the log report)."""
 
+    loaded: LoadedManifest
     backend: Backend
     precision: str
     reason: str
     passed_over: list[str] = field(default_factory=list)
     refused: int = 0  # built artifacts not served: another host's key, damaged, or failed to load or self-check
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.loaded.manifest
 
 
 def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path) -> Backend:
@@ -79,7 +85,7 @@ def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Pa
             backend.max_batch,
         )
         passed = [p.reason for p in selection.passed_over] + failed
-        return Served(backend, choice.precision, reason, passed, len(refused))
+        return Served(loaded, backend, choice.precision, reason, passed, len(refused))
     raise BackendUnavailable("No artifact to serve.")  # unreachable: the chain always ends in a model
 
 

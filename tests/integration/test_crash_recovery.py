@@ -100,7 +100,7 @@ class StuckStages:
 
 
 d = daemon.Daemon(Config())
-d.stages = StuckStages()
+d._finish_on_stop(StuckStages())
 d.stop()
 print("returned from stop")
 """
