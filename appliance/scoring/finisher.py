@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +41,15 @@ class ReportMaker(Protocol):
     def for_input(
         self, input_id: int, path: Path, results: list[Result], manifest: Manifest, display: Sequence[np.ndarray]
     ) -> list[tuple[NewDelivery, ...]]: ...
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A job's results, and the rows that store them."""
+
+    job: Job
+    results: list[Result]
+    rows: list[NewResult]
 
 
 class Finisher:
@@ -108,10 +117,11 @@ class Finisher:
                 group = self._held + group
                 self._set_held([])
             if group:
-                self._store(group)
+                self._finish(group)
         self._abandon_held()
 
-    def _store(self, group: list[Job]) -> None:
+    def _finish(self, group: list[Job]) -> None:
+        """The group finished whatever fails: its callers answered, its slots given back but for those held."""
         held: list[Job] = []
         try:
             held = self._finish_group(group)
@@ -148,52 +158,68 @@ class Finisher:
     def _finish_group(self, group: list[Job]) -> list[Job]:
         """One transaction for the group's results; a job that fails fails alone. Returns the jobs whose
         results found no disk space: they are held and stored later."""
-        built: list[tuple[Job, list[Result], list[NewResult]]] = []
+        built = self._build(group)
+        stored, held = self._store(built)
+        self._answer(self._dispose(built, stored))
+        return held
+
+    def _build(self, group: list[Job]) -> list[_Built]:
+        """Each job's results, and their rows as the journal stores them (with their reports to the PACS)."""
+        built: list[_Built] = []
         for job in group:
             try:
                 current = self.current()
                 results = build_results(job.facts, job.prepared, job.frames, job.picked_up, current)
                 reports = self._reports(job, results, current.manifest)
-                built.append((job, results, [journal_row(r, d) for r, d in zip(results, reports, strict=True)]))
+                built.append(_Built(job, results, [journal_row(r, d) for r, d in zip(results, reports, strict=True)]))
             except Exception as e:
                 self._fail(job, e)
-        held: list[Job] = []
+        return built
+
+    def _store(self, built: list[_Built]) -> tuple[list[list[int] | None], list[Job]]:
+        """The rows in one transaction; where it fails, each input's alone, so one input's rows hold back no
+        other's. Returns each job's sequence numbers (None: not stored), and the jobs held for want of space:
+        all of them where the group's transaction found the disk full."""
         try:
-            stored: list[list[int] | None] = list(
-                self.journal.complete_many([(job.facts.input_id, rows) for job, _, rows in built])
-            )
+            return list(self.journal.complete_many([(b.job.facts.input_id, b.rows) for b in built])), []
         except Exception as e:
             if self.faults.report(e):  # the disk is full: the whole group waits for space
-                for job, _, _ in built:
-                    self._hold(job)
-                return [job for job, _, _ in built]
-            # One input's rows must not hold back the others': store them one at a time instead.
-            stored = []
-            for job, _, rows in built:
-                try:
-                    stored.append(self.journal.complete(job.facts.input_id, rows))
-                except Exception as e:
-                    if self.faults.report(e):
-                        self._hold(job)
-                        held.append(job)
-                    else:
-                        self._fail(job, e)
-                    stored.append(None)
+                for b in built:
+                    self._hold(b.job)
+                return [None] * len(built), [b.job for b in built]
+        stored: list[list[int] | None] = []
+        held: list[Job] = []
+        for b in built:
+            try:
+                stored.append(self.journal.complete(b.job.facts.input_id, b.rows))
+            except Exception as e:
+                if self.faults.report(e):
+                    self._hold(b.job)
+                    held.append(b.job)
+                else:
+                    self._fail(b.job, e)
+                stored.append(None)
+        return stored, held
+
+    def _dispose(self, built: list[_Built], stored: list[list[int] | None]) -> list[tuple[Job, list[Result]]]:
+        """Move each stored input's file aside, and record where in one transaction. Returns the jobs to answer,
+        with their results numbered. A job already finished by another (the same input) is answered here with
+        what is stored."""
         disposed: list[tuple[int, str]] = []
         done: list[tuple[Job, list[Result]]] = []
-        for (job, results, _), seqs in zip(built, stored, strict=True):
+        for b, seqs in zip(built, stored, strict=True):
             if seqs is None:
                 continue
+            job = b.job
             try:
                 if not seqs:
-                    # Already finished by another job for the same input: answer with what is stored.
                     log.warning("input %d was already finished; this second run stored nothing", job.facts.input_id)
                     if job.future is not None and not job.future.done():
                         earlier = self.journal.results_for_input(job.facts.input_id)
                         job.future.set_result([s.result() for s in earlier])
                     continue
-                results = [replace(r, sequence=seq) for r, seq in zip(results, seqs, strict=True)]
-                where = self._dispose(job, results[0])
+                results = [replace(r, sequence=seq) for r, seq in zip(b.results, seqs, strict=True)]
+                where = self._move_aside(job, results[0])
                 if where is not None:
                     disposed.append((job.facts.input_id, where))
                 done.append((job, results))
@@ -204,11 +230,14 @@ class Finisher:
         except Exception as e:  # the files are moved and the results stored; a rescan records the rest
             if not self.faults.report(e):
                 log_failure(log, "recording where %d files went failed", len(disposed), error=e)
+        return done
+
+    def _answer(self, done: list[tuple[Job, list[Result]]]) -> None:
+        """Count and log each stored result, and answer the Score call waiting on it."""
         for job, results in done:
             self._account(job, results)
             if job.future is not None and not job.future.done():
                 job.future.set_result(results)
-        return held
 
     def _reports(self, job: Job, results: list[Result], manifest: Manifest) -> list[tuple[NewDelivery, ...]]:
         if self.reports is None:
@@ -228,7 +257,7 @@ class Finisher:
         if job.future is not None and not job.future.done():
             job.future.set_exception(error)
 
-    def _dispose(self, job: Job, first: Result) -> str | None:
+    def _move_aside(self, job: Job, first: Result) -> str | None:
         """Move the file aside; returns where it went ('' for gone), None if the move failed."""
         try:
             return disposal.dispose(job.path, job.facts.input_id, job.facts.source, first, self.watch)
