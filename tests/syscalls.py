@@ -71,9 +71,16 @@ def threads(traces: Path) -> list[list[Call]]:
     return out
 
 
+def in_order(traces: Path) -> list[Call]:
+    """Every traced thread's calls in the order they started: for a file written by one thread and put in place
+    by another (a C-STORE's data set arrives on the association's reader, its handler keeps it)."""
+    return sorted((c for thread in threads(traces) for c in thread), key=lambda c: c.start)
+
+
 def durable_write(calls: list[Call], folder: str) -> tuple[list[Call], Call, Call, Call]:
-    """In one thread's calls, the one rename into ``folder`` and what made it durable, in order: the writes to the
-    temporary file, its fsync, the rename, the folder's fsync after it. Fails where any is missing or out of order."""
+    """In a thread's calls (or ``in_order``), the one rename into ``folder`` and what made it durable and private, in
+    order: the temporary file made 0600, written, fsynced, the rename, the folder's fsync after it. Fails where any
+    is missing or out of order."""
     renames = [i for i, c in enumerate(calls) if c.call.startswith("rename") and c.result == 0]
     into = [i for i in renames if str(Path(calls[i].paths[-1]).parent) == folder]
     assert len(into) == 1, f"one rename into {folder}: {[calls[i] for i in renames]}"
@@ -82,6 +89,14 @@ def durable_write(calls: list[Call], folder: str) -> tuple[list[Call], Call, Cal
     temporary = rename.paths[0]
     assert str(Path(temporary).parent) == folder, f"{temporary} written away from its place: not an atomic rename"
     before, after = calls[:at], calls[at + 1 :]
+    # Its mode as made (a umask can only narrow it) or as set since: 0600, whatever the umask.
+    made = [
+        c
+        for c in before
+        if (c.call == "openat" and c.paths == [temporary] and "O_CREAT" in c.args)
+        or (c.call == "fchmod" and c.fd_path == temporary)
+    ]
+    assert made and made[-1].args.endswith(", 0600"), f"{temporary} not made 0600: {made}"
     writes = [c for c in before if c.call == "write" and c.fd_path == temporary]
     synced = [c for c in before if c.syncs and c.fd_path == temporary]
     assert writes and synced, f"{temporary}: written {writes}, fsynced {synced}"

@@ -29,17 +29,17 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from appliance.config import DicomConfig, LimitsConfig, is_loopback
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import Faults, is_disk_full
+from appliance.files.spool import prepare as prepare_spool
 from appliance.intake.dicom_admission import Callers, NoRefusalObserver, RefusalLog, RefusalObserver
 from appliance.intake.dicom_front import MAX_PDU, Front, FrontServer
 from appliance.intake.dicom_pdu import printable as _ae_title
-from appliance.intake.dicom_spool import Spool, remove, spooling
+from appliance.intake.dicom_spool import SOURCE, Spool, remove, spooling
 from appliance.intake.intake import Arrival, Intake
 from appliance.log_throttle import LogThrottle
 from appliance.privacy import hashed, log_failure
 
 log = logging.getLogger(__name__)
 
-SOURCE = "dicom"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused, out of resources (the scanner keeps the image and retries)
 STOP_WAIT_S = 10.0  # at stop, C-STOREs in flight may finish this long; the rest are not acknowledged
@@ -132,7 +132,7 @@ class DicomReceiver:
         tls = _tls_context(config)
         callers = Callers(config)
         try:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            prepare_spool(self.spool_dir)
         except OSError as e:
             raise ConfigError(f"Cannot create the spool folder {self.spool_dir}: {e.strerror}.") from e
 
@@ -246,7 +246,7 @@ class DicomReceiver:
         if isinstance(part, Path):
             problem = self._no_room(0)  # a fault said meanwhile (a damaged journal, a full disk elsewhere)
             if problem is not None:
-                remove(part)
+                dimse.discard(part)
         if problem is not None:
             self._refusals.log(
                 "refused C-STOREs (0xA700, out of resources)",

@@ -20,12 +20,11 @@ memory at 3 MiB a second (1.2 GiB after five minutes); now it is aborted once mo
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 from pydicom.uid import UID
 from pynetdicom.association import Association
@@ -37,9 +36,11 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import P_DATA
 
 from appliance.files.content_hash import digest_stream
+from appliance.files.durable import AtomicWriter
+from appliance.files.spool import receive as receive_copy
 from appliance.intake.dicom_admission import Refusal
 
-PART_SUFFIX = ".part"  # a data set still arriving (or left by a crash: the next start clears the spool)
+SOURCE = "dicom"  # the way in, as the journal and the spool's names say it
 # A command set is some 200 bytes, and only a C-STORE-RQ brings a data set worth spooling (this receiver serves
 # C-ECHO and C-STORE): anything else is held in memory, so it is held to this.
 MAX_OTHER = 64 * 1024
@@ -82,7 +83,7 @@ class SpoolingDimse(DIMSEServiceProvider):
     _size: int  # bytes of the message in progress
     _trouble: Trouble | None  # why the message in progress is not being kept
     _ended: bool  # aborted: nothing more is taken
-    _parts: set[Path]  # files written for this association and not yet moved into place
+    _parts: dict[Path, AtomicWriter]  # by temporary path: data sets written for this association, not yet kept
     _troubles: dict[int, Trouble]  # by message ID: C-STOREs whole but not kept, until their handler asks
 
     @classmethod
@@ -95,7 +96,7 @@ class SpoolingDimse(DIMSEServiceProvider):
         adopted._size = 0
         adopted._trouble = None
         adopted._ended = False
-        adopted._parts = set()
+        adopted._parts = {}
         adopted._troubles = {}
         return adopted
 
@@ -150,8 +151,9 @@ class SpoolingDimse(DIMSEServiceProvider):
             self._open(self.message, context_id)
 
     def _open(self, message: C_STORE_RQ, context_id: int) -> None:
-        """The file the data set is written to, starting with its file meta; or why not."""
-        part: IO[bytes] | None = None
+        """The file the data set is written to, starting with its file meta; or why not. A data set still
+        arriving is a temporary file in the spool (one a crash left, the next start clears)."""
+        part: AtomicWriter | None = None
         try:
             command = message.command_set
             [context] = [cx for cx in self.assoc.accepted_contexts if cx.context_id == context_id]
@@ -165,29 +167,34 @@ class SpoolingDimse(DIMSEServiceProvider):
             if problem is not None:
                 self._trouble = problem
                 return
-            part = tempfile.NamedTemporaryFile(  # noqa: SIM115 (pynetdicom closes it, after the handler)
-                mode="wb", dir=self._spool.folder, prefix="dicom-", suffix=PART_SUFFIX, delete=False
-            )
-            self._parts.add(Path(part.name))
-            part.write(head)
+            part = receive_copy(self._spool.folder, SOURCE, ".dcm")
+            self._parts[part.temporary] = part
+            part.file.write(head)
         except Exception as e:  # a failed write, or a request no file meta can be made of: answered 0xA700
             self._trouble = e
             if part is not None:
-                _discard(part)
+                self.discard(part.temporary)
             return
-        # decode_msg writes each data set fragment to it, and message_to_primitive hands it to the handler.
-        message._data_set_file = cast(Any, part)
-        message._data_set_path = Path(part.name)
+        # decode_msg writes each data set fragment to it (a NamedTemporaryFile, as its own would be), and
+        # message_to_primitive hands its path to the handler; pynetdicom closes it, after the handler.
+        message._data_set_file = cast(Any, part.file)
+        message._data_set_path = part.temporary
 
     def _drop(self, trouble: Trouble) -> None:
         """Stop keeping the data set in progress: its file goes, the rest of it is taken unkept."""
         self._trouble = trouble
         message = self.message
-        part = getattr(message, "_data_set_file", None)
+        part = getattr(message, "_data_set_path", None)
         if message is not None and part is not None:
             message._data_set_file = None
             message._data_set_path = None
-            _discard(part)
+            self.discard(part)
+
+    def discard(self, part: Path) -> None:
+        """Remove a data set's file that no handler will keep (gone already is fine)."""
+        writer = self._parts.pop(part, None)
+        if writer is not None:
+            writer.discard()
 
     def received(self, event: Event) -> Path | Trouble:
         """For the C-STORE handler: the file its data set was written to, or why it was not kept."""
@@ -201,26 +208,21 @@ class SpoolingDimse(DIMSEServiceProvider):
         return path
 
     def keep(self, part: Path) -> Kept:
-        """Move a whole data set's file into place durably (fsync, rename to ``.dcm``, fsync of the folder),
-        hashed as it is read back for the fsync; OSError where any step fails (the part is then removed)."""
-        path = part.with_suffix(".dcm")
+        """Move a whole data set's file into place durably (fsync, rename to its ``.dcm`` name, fsync of the
+        folder), hashed as it is read back; OSError where any step fails (nothing of it is then left)."""
+        writer = self._parts.pop(part, None)
+        if writer is None:  # the association ended meanwhile, and took its files with it
+            raise FileNotFoundError(errno.ENOENT, "the association ended", str(part))
         try:
             with open(part, "rb") as f:
                 content_hash = digest_stream(f)
                 size = f.tell()
-                os.fsync(f.fileno())
-            os.replace(part, path)
-            self._parts.discard(part)
-            folder = os.open(part.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            writer.commit()
         except BaseException:
-            remove(part)
-            remove(path)
+            writer.discard()
+            remove(writer.path)
             raise
-        return Kept(path, size, content_hash)
+        return Kept(writer.path, size, content_hash)
 
     def close(self) -> None:
         """Take nothing more and remove what this association wrote and no handler kept (the message in
@@ -228,8 +230,7 @@ class SpoolingDimse(DIMSEServiceProvider):
         self._ended = True
         self._drop("the association ended")
         for part in list(self._parts):
-            remove(part)
-        self._parts.clear()
+            self.discard(part)
         self._troubles.clear()
 
 
@@ -245,12 +246,6 @@ def _fragment(context_id: int, data: bytes) -> P_DATA:
     one = P_DATA()
     one.presentation_data_value_list = [cast(Any, [context_id, data])]  # a list, as its setter checks
     return one
-
-
-def _discard(part: IO[bytes]) -> None:
-    with contextlib.suppress(OSError):
-        part.close()
-    remove(Path(part.name))
 
 
 def remove(path: Path) -> None:

@@ -34,6 +34,7 @@ from appliance.config import DicomCaller, DicomConfig
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.result import Outcome
+from appliance.files.durable import TEMPORARY_SUFFIX
 from appliance.intake.dicom_front import MAX_PDU
 from appliance.intake.dicom_receiver import OUT_OF_RESOURCES, SUCCESS, DicomReceiver
 from appliance.intake.intake import Intake
@@ -568,7 +569,7 @@ def test_a_store_ended_half_way_by_the_scanner_leaves_nothing_in_the_spool(
     assoc, cx, raw = _storing(receiver.port)
     raw.sendall(_store_command(cx, CT) + p_data_tf(cx, 0x00, b"\x00" * (256 * 1024)))
     # Half a data set is on its way to the spool: wait until its part is there, then end the association.
-    _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
+    _until("no part in the spool", lambda: any(p.suffix == TEMPORARY_SUFFIX for p in _spool(core).iterdir()))
     if end == "abort":
         assoc.abort()  # A-ABORT
     else:
@@ -587,7 +588,7 @@ def test_a_store_that_runs_out_of_room_as_it_arrives_is_answered_out_of_resource
     quarter = b"\x00" * (256 * 1024)
     with _reactor_paused(assoc):  # the C-STORE-RSP is this test's to read, not the association's own loop's
         raw.sendall(_store_command(cx, CT) + p_data_tf(cx, 0x00, quarter))
-        _until("no part in the spool", lambda: any(p.suffix == ".part" for p in _spool(core).iterdir()))
+        _until("no part in the spool", lambda: any(p.suffix == TEMPORARY_SUFFIX for p in _spool(core).iterdir()))
         core.faults.report(OSError(errno.ENOSPC, "No space left on device"))  # as a failed write elsewhere says it
         raw.sendall(p_data_tf(cx, 0x00, quarter) + p_data_tf(cx, 0x02, quarter))  # the rest, to the last fragment
         _, answer = assoc.dimse.get_msg(block=True)  # the C-STORE-RSP
