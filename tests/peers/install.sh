@@ -1,14 +1,15 @@
 #!/bin/sh
-# make dicom-tools: the DICOM peers the tests talk to (Orthanc, DCMTK, dicom3tools), installed with apt where
-# we run as root and they are missing; elsewhere their tests are skipped, each with the line to run.
+# make dicom-tools: the DICOM peers the tests talk to (Orthanc, DCMTK, dicom3tools) and strace (the power-cut
+# tests read the daemon's system calls), installed with apt where we run as root and they are missing; elsewhere
+# their tests are skipped, each with the line to run.
 set -eu
 
-PACKAGES="orthanc dcmtk dicom3tools"
+PACKAGES="orthanc dcmtk dicom3tools strace"
 HINT="sudo apt-get install $PACKAGES"
 
 present() {
     [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || return 1
-    for program in storescu dcmsend echoscu dciodvfy; do
+    for program in storescu dcmsend echoscu dciodvfy strace; do
         command -v "$program" >/dev/null 2>&1 || return 1
     done
 }
@@ -16,7 +17,7 @@ present() {
 present && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "dicom-tools: Orthanc, DCMTK or dicom3tools missing, and not root with apt: their tests will be skipped ($HINT)" >&2
+    echo "dicom-tools: Orthanc, DCMTK, dicom3tools or strace missing, and not root with apt: their tests will be skipped ($HINT)" >&2
     exit 0
 fi
 
