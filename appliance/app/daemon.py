@@ -115,6 +115,9 @@ class Running:
 
 
 class Daemon:
+    """The appliance as one process: ``start`` builds and starts its parts, ``run_forever`` serves until a
+    signal, ``stop`` stops them in order within a bound."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.monotonic()
