@@ -70,6 +70,7 @@ def test_a_second_run_with_nothing_changed_reuses_the_artifact(pipeline_model: P
     assert (int8_engines / RECORD).read_bytes() == before
 
 
+@pytest.mark.slow  # a build of its own
 def test_two_builds_from_the_same_inputs_give_the_same_artifact(
     pipeline_model: Path, int8_engines: Path, tmp_path: Path
 ) -> None:
@@ -78,6 +79,7 @@ def test_two_builds_from_the_same_inputs_give_the_same_artifact(
     assert read_sidecar(tmp_path / RECORD).artifact_sha256 == read_sidecar(int8_engines / RECORD).artifact_sha256
 
 
+@pytest.mark.slow  # a build of its own
 def test_outside_the_tolerance_auto_falls_back_to_fp32_and_says_so(pipeline_model: Path, tmp_path: Path) -> None:
     r = build("--model", pipeline_model, "--engines", tmp_path, "--tolerance", "max_abs_diff=0.000001")
     assert r.returncode == 0, r.stderr
@@ -92,6 +94,7 @@ def test_outside_the_tolerance_auto_falls_back_to_fp32_and_says_so(pipeline_mode
     assert not list((tmp_path / "pipeline-test").glob("*.onnx"))
 
 
+@pytest.mark.slow  # a build of its own
 def test_explicit_int8_outside_the_tolerance_exits_non_zero_with_the_figures(
     pipeline_model: Path, int8_engines: Path, tmp_path: Path
 ) -> None:
@@ -105,6 +108,7 @@ def test_explicit_int8_outside_the_tolerance_exits_non_zero_with_the_figures(
     assert read_sidecar(engines / RECORD).key.precision == "int8"
 
 
+@pytest.mark.slow  # a build of its own
 def test_corrupt_files_among_calibration_images_are_skipped_and_counted(pipeline_model: Path, tmp_path: Path) -> None:
     calibration = tmp_path / "calibration"
     shutil.copytree(pipeline_model / "calibration", calibration)
@@ -182,6 +186,7 @@ def test_bad_calibration_folders_get_one_sentence(
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a build of its own
 def test_labels_from_a_csv_file_and_refusal_without_labels_when_required(pipeline_model: Path, tmp_path: Path) -> None:
     model = _model_copy(pipeline_model, tmp_path)
     manifest = model / "model.toml"
@@ -223,6 +228,7 @@ def test_sidecar_json_is_plain_and_readable(int8_engines: Path) -> None:
     assert {"key", "gate", "throughput", "artifact", "inputs_sha256"} <= raw.keys()
 
 
+@pytest.mark.slow  # a build of its own
 def test_a_model_below_opset_13_is_not_quantized(pipeline_model: Path, tmp_path: Path) -> None:
     """Per-channel int8 needs QuantizeLinear's `axis`, which opset 13 brought."""
     model = _model_copy(pipeline_model, tmp_path)

@@ -95,6 +95,7 @@ def test_the_served_artifact_s_heatmaps_agree_with_fp32_at_the_gated_rate(
     assert found.any() and agree[found].mean() >= gate["tolerance"]["min_heatmap_agreement"]
 
 
+@pytest.mark.slow  # a build of its own
 def test_an_artifact_built_before_the_manifest_declared_a_heatmap_is_rebuilt(
     pipeline_model: Path, tmp_path: Path
 ) -> None:

@@ -39,6 +39,7 @@ pytestmark = [
         reason="this CPU has no VNNI, and QEMU cannot emulate a CPU with more than the host has",
     ),
     needs_as_avx2,
+    pytest.mark.slow,  # two builds of their own
 ]
 
 

@@ -40,6 +40,7 @@ def _int8_weight_range(model: Path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("recipe_class", ["avx2", "avx512-vnni"])
+@pytest.mark.slow  # a build of its own
 def test_each_x86_recipe_is_built_gated_and_keyed_to_this_host(
     pipeline_model: Path, tmp_path: Path, recipe_class: str
 ) -> None:
@@ -66,6 +67,7 @@ def test_each_x86_recipe_is_built_gated_and_keyed_to_this_host(
         assert f"quantizing as for {recipe_class} (forced)" in r.stdout
 
 
+@pytest.mark.slow  # a build of its own
 def test_the_model_s_own_gate_either_passes_or_says_why(pipeline_model: Path, tmp_path: Path) -> None:
     """With pipeline-test's own tolerances the outcome is a figure of this CPU; the behaviour is not."""
     r = build("--model", pipeline_model, "--engines", tmp_path)

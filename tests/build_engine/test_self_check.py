@@ -106,6 +106,7 @@ def test_an_artifact_without_a_self_check_is_refused(pipeline_model: Path, engin
     assert "has no self-check in its sidecar" in served.reason  # why FP32, in GetStatus' served_because
 
 
+@pytest.mark.slow  # a build of its own
 def test_make_engine_rebuilds_what_the_daemon_would_refuse(pipeline_model: Path, engines: Path) -> None:
     """`make engine` must not call up to date an artifact whose self-check fails: that would leave the
     daemon on FP32 with no way out but --force."""

@@ -62,6 +62,7 @@ def test_a_worker_that_ran_out_of_memory_is_replaced(tmp_path: Path, caplog: pyt
         pool.close()
 
 
+@pytest.mark.slow  # waits out the worker's time limit
 def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(tmp_path: Path) -> None:
     """A stopped worker answers nothing but SIGKILL, as one wedged in native code or in the kernel: only the
     pool's watch ends it. Its input is tried alone, and rejected once it has wedged two lone workers too; the
