@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.api.tokens import check_name
+from appliance.files.durable import write_atomic
 
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest validity browsers and most TLS stacks accept for a leaf
@@ -35,15 +36,12 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    write_atomic(path, pem)  # 0600, and never a torn key beside its certificate
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def _name(common_name: str) -> x509.Name:
