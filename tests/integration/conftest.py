@@ -98,7 +98,8 @@ class Daemon:
             lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def start(self, wait: bool = True) -> None:
+    def start(self, wait: bool = True, under: list[str] | None = None) -> None:
+        """``under``: a command the daemon runs under (strace ...), its own arguments after it."""
         self.incoming.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port()
@@ -106,7 +107,7 @@ class Daemon:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.app.cli", "run", "--config", str(self.config_path)],
+            [*(under or []), sys.executable, "-m", "appliance.app.cli", "run", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,

@@ -5,13 +5,10 @@ the client's clock. A cut after the answer can lose neither the data nor the nam
 from __future__ import annotations
 
 import os
-import shlex
 import signal
-import sys
 import time
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
@@ -23,14 +20,9 @@ from tests.syscalls import durable_write, in_order, strace, threads
 from .conftest import Daemon, free_port, png_bytes
 
 
-def _start_traced(d: Daemon, traces: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real daemon, started as every test starts it, as strace's child (Daemon.start runs sys.executable)."""
-    wrapper = traces.parent / "traced-python"
-    wrapper.write_text(f'#!/bin/sh\nexec {shlex.join([*strace(traces), "--", sys.executable])} "$@"\n')
-    wrapper.chmod(0o700)
-    with monkeypatch.context() as patch:
-        patch.setattr(sys, "executable", str(wrapper))
-        d.start()
+def _start_traced(d: Daemon, traces: Path) -> None:
+    """The real daemon, started as every test starts it, as strace's child."""
+    d.start(under=[*strace(traces), "--"])
 
 
 def _stop_traced(d: Daemon) -> int:
@@ -41,12 +33,10 @@ def _stop_traced(d: Daemon) -> int:
     return d.proc.wait(timeout=60)
 
 
-def test_an_acknowledged_score_upload_is_on_disk_before_its_answer(
-    make_daemon: type[Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_acknowledged_score_upload_is_on_disk_before_its_answer(make_daemon: type[Daemon], tmp_path: Path) -> None:
     traces = tmp_path / "strace"
     d = make_daemon()
-    _start_traced(d, traces, monkeypatch)
+    _start_traced(d, traces)
     image = png_bytes(4242)
     with d.channel() as ch:
         sent = time.time()
@@ -67,13 +57,11 @@ def test_an_acknowledged_score_upload_is_on_disk_before_its_answer(
         print(f"  {c.start:.6f}-{c.end:.6f} {c.call}({c.args}) = {c.result}")
 
 
-def test_an_acknowledged_c_store_is_on_disk_before_its_answer(
-    make_daemon: type[Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_acknowledged_c_store_is_on_disk_before_its_answer(make_daemon: type[Daemon], tmp_path: Path) -> None:
     traces = tmp_path / "strace"
     port = free_port()
     d = make_daemon(dicom={"enabled": True, "port": port, "ae_title": "APPLIANCE", "allowed": [{"ae_title": "CT"}]})
-    _start_traced(d, traces, monkeypatch)
+    _start_traced(d, traces)
     instance = dcmread(get_testdata_file("CT_small.dcm"))
     scanner = AE(ae_title="CT")
     scanner.add_requested_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID)
