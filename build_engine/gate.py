@@ -98,8 +98,8 @@ def _decisions(manifest: Manifest, scores: np.ndarray) -> list[tuple[str, tuple[
     out = []
     for row in scores:
         try:
-            verdict = decide(row, manifest)
-            out.append((verdict.verdict.value, verdict.findings))
+            decided = decide(row, manifest)
+            out.append((decided.decision.value, decided.findings))
         except ValueError:  # a non-finite score: never agrees with anything
             out.append(("invalid", ()))
     return out

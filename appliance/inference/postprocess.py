@@ -14,7 +14,7 @@ from appliance.domain.result import Decision
 class Scores:
     labels: tuple[str, ...]
     values: tuple[float, ...]
-    verdict: Decision  # the decision a result reports (Result.decision)
+    decision: Decision  # what the result reports (Result.decision)
     findings: tuple[str, ...]
     threshold: float
 
@@ -43,18 +43,18 @@ def decide(row: np.ndarray, manifest: Manifest) -> Scores:
         top = int(np.argmax(row))
         findings: tuple[str, ...] = (labels[top],)
         if row[top] < rule.threshold:
-            verdict = Decision.INDETERMINATE
+            decision = Decision.INDETERMINATE
         elif labels[top] in negatives:
-            verdict = Decision.NEGATIVE
+            decision = Decision.NEGATIVE
         else:
-            verdict = Decision.POSITIVE
+            decision = Decision.POSITIVE
     else:
         findings = tuple(lb for lb, v in zip(labels, row, strict=True) if v >= rule.threshold)
-        verdict = Decision.POSITIVE if set(findings) - negatives else Decision.NEGATIVE
+        decision = Decision.POSITIVE if set(findings) - negatives else Decision.NEGATIVE
     return Scores(
         labels=labels,
         values=tuple(float(v) for v in row),
-        verdict=verdict,
+        decision=decision,
         findings=findings,
         threshold=rule.threshold,
     )

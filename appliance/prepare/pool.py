@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["processes", "threads"]
 DAEMON_CHECK_S = 1.0
-Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the ingest screened it
+Screened = tuple[int, int, int]  # inode, size, mtime_ns of the file as the folder's intake screened it
 # A call to retry alone: the worker function, its arguments, and what to answer if it kills (or wedges) two
 # workers, given the rejection to answer with.
 Call = tuple[Callable[..., Any], tuple[Any, ...], Callable[[InputRejected], Any]]
@@ -283,7 +283,7 @@ def read_ahead(path: str, screened: Screened, file_name: str) -> ReadAhead:
     hashing = _hasher().submit(digest_bytes, data)
     try:
         prepared, error = _prepare(data, file_name), None
-    except Exception as e:  # the per-input error boundary: the processor words the rejection
+    except Exception as e:  # the per-input error boundary: the stages word the rejection
         prepared, error = None, e
     return ReadAhead(hashing.result(), prepared, error)
 

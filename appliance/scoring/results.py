@@ -117,7 +117,7 @@ def scored(
         frame_count,
         outcome=Outcome.SCORED,
         scores=tuple(LabelScore(lb, v) for lb, v in zip(scores.labels, scores.values, strict=True)),
-        decision=scores.verdict,
+        decision=scores.decision,
         findings=scores.findings,
         threshold=scores.threshold,
         heatmap=heatmap,

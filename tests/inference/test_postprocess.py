@@ -30,23 +30,23 @@ def test_softmax_and_sigmoid() -> None:
 
 
 @pytest.mark.parametrize(
-    ("row", "verdict", "findings"),
+    ("row", "decision", "findings"),
     [
         ([0.7, 0.1, 0.1, 0.1], Decision.POSITIVE, ("glioma",)),
         ([0.1, 0.1, 0.7, 0.1], Decision.NEGATIVE, ("notumor",)),
         ([0.3, 0.2, 0.25, 0.25], Decision.INDETERMINATE, ("glioma",)),
     ],
 )
-def test_argmax_rule(row: list[float], verdict: Decision, findings: tuple[str, ...]) -> None:
+def test_argmax_rule(row: list[float], decision: Decision, findings: tuple[str, ...]) -> None:
     m = _manifest("argmax", 0.5, ["glioma", "meningioma", "notumor", "pituitary"], ["notumor"])
     s = decide(np.array(row), m)
-    assert s.verdict is verdict and s.findings == findings and s.threshold == 0.5
+    assert s.decision is decision and s.findings == findings and s.threshold == 0.5
 
 
 def test_threshold_rule_is_per_label() -> None:
     m = _manifest("threshold", 0.5, ["lesion", "nodule"], [])
     assert decide(np.array([0.2, 0.6]), m).findings == ("nodule",)
-    assert decide(np.array([0.2, 0.4]), m).verdict is Decision.NEGATIVE
+    assert decide(np.array([0.2, 0.4]), m).decision is Decision.NEGATIVE
 
 
 def test_width_mismatch_is_an_error() -> None:
