@@ -1,4 +1,4 @@
-"""The fault list (appliance.domain.faults) and the processor's retry of results that found the disk full."""
+"""The fault list (appliance.domain.faults) and the scoring stages' retry of results that found the disk full."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from appliance.api.metrics import Metrics
 from appliance.domain.errors import StorageFull
 from appliance.domain.faults import STORAGE, Faults, is_disk_full
 from appliance.domain.manifest import load_manifest
-from appliance.domain.result import InputFacts
+from appliance.domain.result import InputFacts, Result
 from appliance.inference.loader import open_backend
 from appliance.journal.journal import Journal
 from appliance.scoring.stages import ScoringStages
-from appliance.v1 import scoring_pb2 as pb
 from tests.in_process import in_process_config
 from tests.waiting import eventually
 
@@ -92,7 +91,7 @@ def test_after_a_failed_write_the_fault_holds_until_space_was_freed(monkeypatch:
     assert not faults.holds(STORAGE)
 
 
-# --- the processor: a result that finds the disk full is held and stored later, never dropped -------------
+# --- the scoring stages: a result that finds the disk full is held and stored later, never dropped -------------
 
 
 def _sqlite_full() -> sqlite3.OperationalError:
@@ -120,32 +119,30 @@ def stages(tmp_path: Path) -> Iterator[tuple[ScoringStages, _FullJournal, Faults
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = _FullJournal(tmp_path / "data" / "journal.sqlite3")
     faults = Faults()
-    processor = ScoringStages(config, loaded.manifest, backend, journal, Metrics(), faults=faults)
-    processor.start()
+    scoring = ScoringStages(config, loaded.manifest, backend, journal, Metrics(), faults=faults)
+    scoring.start()
     try:
-        yield processor, journal, faults, config.watch.dir
+        yield scoring, journal, faults, config.watch.dir
     finally:
-        processor.stop(timeout=10)
+        scoring.stop(timeout=10)
         backend.close()
         journal.close()
 
 
-def _submit(processor: ScoringStages, journal: Journal, folder: Path, seed: int) -> tuple[int, Future[list[pb.Result]]]:
+def _submit(scoring: ScoringStages, journal: Journal, folder: Path, seed: int) -> tuple[int, Future[list[Result]]]:
     path = folder / f"{seed}.png"
     path.write_bytes(png_bytes(seed))
     reg = journal.register(
         source="folder", path=str(path), file_name=path.name, size=1, mtime_ns=1, content_hash=f"hash-{seed}"
     )
-    future: Future[list[pb.Result]] = Future()
     facts = InputFacts(input_id=reg.input.id, source="folder", file_name=path.name, content_hash=f"hash-{seed}")
-    processor.submit(facts, path, answer=future)
-    return reg.input.id, future
+    return reg.input.id, scoring.submit(facts, path)
 
 
 def test_a_result_that_found_the_disk_full_is_stored_once_space_returns(stages) -> None:
-    processor, journal, faults, folder = stages
+    scoring, journal, faults, folder = stages
     journal.full = True
-    input_id, future = _submit(processor, journal, folder, 1)
+    input_id, future = _submit(scoring, journal, folder, 1)
     with pytest.raises(StorageFull):  # a Score caller is answered at once, with one sentence
         future.result(timeout=60)
     assert faults.holds(STORAGE)
@@ -156,18 +153,18 @@ def test_a_result_that_found_the_disk_full_is_stored_once_space_returns(stages) 
     eventually(lambda: journal.results_for_input(input_id), "the held result stored", every=0.02)
     assert len(journal.results_for_input(input_id)) == 1
     assert journal.pending() == []
-    assert processor.wait_idle(10)
+    assert scoring.wait_idle(10)
 
 
 def test_stopping_while_the_disk_is_full_leaves_the_input_queued(stages, caplog) -> None:
-    processor, journal, faults, folder = stages
+    scoring, journal, faults, folder = stages
     journal.full = True
-    input_id, future = _submit(processor, journal, folder, 2)
+    input_id, future = _submit(scoring, journal, folder, 2)
     with pytest.raises(StorageFull):
         future.result(timeout=60)
     assert faults.holds(STORAGE)
     caplog.set_level(logging.WARNING, logger="appliance.scoring")
-    processor.stop(timeout=30)  # does not wait for what can't be stored
+    scoring.stop(timeout=30)  # does not wait for what can't be stored
     assert "1 results not stored for want of disk space" in caplog.text
     assert [row.id for row in journal.pending()] == [input_id]
     assert journal.results_for_input(input_id) == []

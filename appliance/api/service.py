@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,19 +186,19 @@ class ScoringService(pb_grpc.ScoringServicer):
     def _score(self, data: bytes, file_name: str, gone: Callable[[], bool]) -> Result:
         digest = digest_bytes(data)
         path = self._spool(data)
-        future: Future[list[Result]] = Future()
         arrival = Arrival(
             source="grpc", path=path, file_name=file_name or "upload", size=len(data), content_hash=digest
         )
         try:
-            submitted = self.intake.submit(arrival, answer=future)
+            submitted = self.intake.submit(arrival)
         except (sqlite3.Error, ApplianceError) as e:  # the journal's disk full or damaged: said on health too
             path.unlink(missing_ok=True)
             raise _Refusal(
                 grpc.StatusCode.UNAVAILABLE, "The image could not be journaled on the appliance; retry later."
             ) from e
-        if submitted.duplicate_of is not None:
-            return self._wait_for_input(submitted.duplicate_of, gone)
+        if submitted.results is None:  # the same content, sent before
+            return self._wait_for_input(submitted.duplicate_of or submitted.input_id, gone)
+        future = submitted.results
         deadline = time.monotonic() + SCORE_TIMEOUT_S
         try:
             while True:  # in short waits, so a thread whose caller left is free again at once

@@ -201,7 +201,7 @@ class Daemon:
         self.metrics.serve(config.server.metrics_host, config.server.metrics_port)
         # In the background: a long backlog must not hold up readiness (submit blocks when stages are full).
         threading.Thread(target=intake.requeue, args=(pending, self.stopping), name="requeue", daemon=True).start()
-        folder = FolderIntake(journal, stages, intake, faults=self.faults)
+        folder = FolderIntake(journal, intake, faults=self.faults)
         folder.start()
         self.shutdown.add("stopping the folder's intake", folder.stop)
         self.health.watch(folder)

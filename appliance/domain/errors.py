@@ -161,6 +161,14 @@ class FileVanished(InputRejected):
     default_message = "The file disappeared before it could be read."
 
 
+class FileRewritten(InputRejected):
+    code = "file_changed"
+    default_message = (
+        "The file was rewritten after it was taken; it is left in the folder, where its new content is taken as a "
+        "new input."
+    )
+
+
 class InputTooLarge(InputRejected):
     code = "file_too_large"
     default_message = "The file exceeds the configured size limit."

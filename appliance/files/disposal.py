@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Literal, Protocol
 
+from appliance.domain.errors import FileRewritten
 from appliance.domain.result import Rejection, Result
 from appliance.files.durable import PRIVATE_FILE, PRIVATE_FOLDER, write_atomic, writing
 
@@ -82,6 +83,8 @@ def dispose(src: Path, input_id: int, source: str, result: Result | None, config
     spooled copy is deleted; a scored file follows ``after_scoring``. Returns where the file is now ('' when
     gone)."""
     if result is not None and result.rejection is not None:
+        if result.rejection.code == FileRewritten.code:  # the scanner's new content: taken again from there
+            return str(src)
         return dispose_rejected(src, input_id, result.rejection, config)
     if spooled(source):
         src.unlink(missing_ok=True)

@@ -2,8 +2,8 @@
 receiver stored, an input the last run left unfinished) is registered here, deduplicated by content, counted,
 and admitted to the scoring stages; a duplicate is disposed of by the one disposal policy.
 
-A way in only says what arrived (an `Arrival`: where its bytes are and their hash) and, for the folder,
-hands over the read-ahead it already made; everything after that is the same for all of them.
+A way in only says what arrived (an `Arrival`: where its bytes are and their hash); everything after that is
+the same for all of them, in one order: journaled first, then prepared and scored.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from appliance.config import WatchConfig
 from appliance.domain.errors import RepeatedCrash
@@ -22,10 +21,8 @@ from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.result import InputFacts, Result
 from appliance.files import disposal
 from appliance.journal.journal import InputRow, Journal, Registration, Source
-
-if TYPE_CHECKING:
-    from appliance.prepare.pool import ReadAhead
-    from appliance.scoring.stages import ScoringStages
+from appliance.prepare.pool import Screened
+from appliance.scoring.stages import ScoringStages
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +41,10 @@ class Arrival:
     content_hash: str
     mtime_ns: int = 0  # the folder's: with the path and size, how a file already seen is known again
     instance_uid: str | None = None  # a DICOM instance's SOP Instance UID, where known before decoding
+    # The folder's file as it was hashed (inode, size, mtime_ns): the scanner's own file, which it may still
+    # rewrite, is scored only if it still holds what the journal records. A spooled copy is ours: None.
+    screened: Screened | None = None
+    picked_up: float | None = None  # when the way in first saw it (time.perf_counter): the latency's start
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Submitted:
     input_id: int
     duplicate_of: int | None = None
     already_queued: bool = False
+    results: Future[list[Result]] | None = None  # a new input's results, once scored or rejected
 
 
 class Intake:
@@ -71,17 +73,9 @@ class Intake:
         self.on_duplicate = on_duplicate  # the duplicates metric, for every way in
         self.faults = faults or Faults()
 
-    def submit(
-        self,
-        arrival: Arrival,
-        *,
-        ahead: ReadAhead | None = None,
-        picked_up: float | None = None,
-        answer: Future[list[Result]] | None = None,
-    ) -> Submitted:
-        """Register, dedupe and admit one arrival. With ``ahead`` (the folder's read-ahead, which holds a
-        slot of the stages) the prepared image goes straight on; otherwise the file is prepared in the
-        pool (taking a slot, blocking while the stages are full). ``answer`` gets the results (Score)."""
+    def submit(self, arrival: Arrival) -> Submitted:
+        """Journal, dedupe and admit one arrival: a new input is prepared in the pool (blocking while the
+        stages are full) and scored."""
         reg = self.journal.register(
             source=arrival.source,
             path=str(arrival.path),
@@ -101,11 +95,8 @@ class Intake:
             content_hash=arrival.content_hash,
             instance_uid=arrival.instance_uid or "",
         )
-        if ahead is not None:
-            self.stages.take(facts, arrival.path, ahead, picked_up)
-        else:
-            self.stages.submit(facts, arrival.path, answer=answer, picked_up=picked_up)
-        return Submitted(reg.input.id)
+        results = self.stages.submit(facts, arrival.path, screened=arrival.screened, picked_up=arrival.picked_up)
+        return Submitted(reg.input.id, results=results)
 
     def _duplicate(self, arrival: Arrival, reg: Registration, original: InputRow) -> Submitted:
         if original.state == "queued" and original.path == str(arrival.path):

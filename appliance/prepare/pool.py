@@ -17,7 +17,9 @@ input can stay in flight for good, and stopping never waits on one. A queued fil
 and refused if it is no longer a regular file (a FIFO in its place would hold a worker, or a thread, for
 good).
 
-A file from the watched folder is read once: the worker hashes the bytes it decodes (`read_ahead`).
+A file from the watched folder is prepared only if it is still the file that was hashed and journaled: the
+same inode, size and time, or else the same content (times set after closing, as `cp -p` does); otherwise it
+is rejected as file_changed and left in the folder for its new content to be taken.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ from appliance.domain.errors import (
     DecodeOutOfMemory,
     DecoderCrashed,
     DecodeTimeout,
+    FileRewritten,
     FileVanished,
     InputRejected,
 )
 from appliance.domain.manifest import Manifest
-from appliance.files.content_hash import FileChanged, digest_bytes, digest_file, digest_stream
+from appliance.files.content_hash import digest_bytes
 from appliance.logging_setup import quiet_pydicom
 from appliance.malloc_tuning import keep_freed_memory
 from appliance.prepare.limits import LimitsConfig
@@ -92,15 +95,6 @@ class Answer:
     recycle: bool
 
 
-@dataclass(frozen=True)
-class ReadAhead:
-    """A watched file's content hash, and what preparing it gave: tensors, or why it was rejected."""
-
-    digest: str
-    prepared: Prepared | None
-    error: BaseException | None
-
-
 def worker_initargs(
     manifest: Manifest, limits: LimitsConfig, processes: bool, display_side: int = 0
 ) -> tuple[Any, ...]:
@@ -123,9 +117,6 @@ def init_worker(
         redirect_stderr(stderr)
     quiet_pydicom()  # a fresh process: pydicom's warnings would print invalid values (names) raw
     _preparer = Preparer(manifest, limits, display_side=display_side)
-    # Its thread started now, not at the first read-ahead: a thread started by a worker at its memory cap
-    # never signals that it runs, and Thread.start() then waits for good (the probe's stuck in-flight count).
-    _hasher().submit(int).result()
     if daemon is not None:  # a worker process
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,9 +132,7 @@ def answer(fn: Callable[..., Any], *args: Any) -> Answer:
         value, error = fn(*args), None
     except BaseException as e:
         value, error = None, e
-    out_of_memory = isinstance(error, MemoryError | DecodeOutOfMemory) or (
-        isinstance(value, ReadAhead) and isinstance(value.error, MemoryError | DecodeOutOfMemory)
-    )
+    out_of_memory = isinstance(error, MemoryError | DecodeOutOfMemory)
     if error is not None:
         error.__traceback__ = None  # sent back by pickling, which drops it anyway; the frames held the arrays
     return Answer(value, error, out_of_memory or (_recycle_above > 0 and _resident() > _recycle_above))
@@ -238,8 +227,9 @@ def _prepare(data: bytes, file_name: str) -> Prepared:
     return prepared
 
 
-def prepare_file(path: str, file_name: str) -> Prepared:
-    """Read and prepare a journaled input; raises an InputRejected subclass for a bad one."""
+def prepare_file(path: str, file_name: str, screened: Screened | None = None, content_hash: str = "") -> Prepared:
+    """Read and prepare a journaled input; raises an InputRejected subclass for a bad one. With ``screened``
+    (the folder's file as it was hashed), FileRewritten unless it is still that file or holds that content."""
     assert _preparer is not None, "the worker was not initialized"
     try:
         # O_NONBLOCK: a FIFO (or a device) put in place of the queued file must not block a worker for good;
@@ -256,48 +246,10 @@ def prepare_file(path: str, file_name: str) -> Prepared:
             data = f.read()
         except MemoryError:  # the file alone is more than the worker may hold (limits.worker_memory_mb)
             raise DecodeOutOfMemory() from None
+    moved = screened is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != screened
+    if moved and digest_bytes(data) != content_hash:  # not what was journaled: never scored under its hash
+        raise FileRewritten()
     return _prepare(data, file_name)
-
-
-def read_ahead(path: str, screened: Screened, file_name: str) -> ReadAhead:
-    """Hash and prepare the very file that was screened (FileChanged otherwise), reading it once."""
-    assert _preparer is not None, "the worker was not initialized"
-    # O_NONBLOCK: a FIFO swapped in after the screening must not block a worker for good.
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise FileChanged("not a regular file")
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != screened:
-            raise FileChanged("changed since it was screened")
-        try:
-            _preparer.check_size(st.st_size)
-        except InputRejected as e:  # too large to hold: hashed as a stream, never prepared
-            return ReadAhead(digest_stream(f), None, e)
-        try:
-            data = f.read()
-        except MemoryError:  # the file alone is more than the worker may hold: hashed as a stream
-            f.seek(0)
-            return ReadAhead(digest_stream(f), None, DecodeOutOfMemory())
-    # Hashed beside the decoding (BLAKE3 releases the GIL): a lone file's latency is the longer of the
-    # two, not their sum; a burst costs the same CPU either way.
-    hashing = _hasher().submit(digest_bytes, data)
-    try:
-        prepared, error = _prepare(data, file_name), None
-    except Exception as e:  # the per-input error boundary: the stages word the rejection
-        prepared, error = None, e
-    return ReadAhead(hashing.result(), prepared, error)
-
-
-_hash_thread: ThreadPoolExecutor | None = None
-_hash_thread_lock = threading.Lock()
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _hash_thread
-    with _hash_thread_lock:
-        if _hash_thread is None:
-            _hash_thread = ThreadPoolExecutor(1, thread_name_prefix="hash")
-        return _hash_thread
 
 
 def _ready(hold_s: float) -> int:
@@ -387,16 +339,11 @@ class PreparePool:
         for call in calls:
             call.result(timeout=120)
 
-    def prepare(self, path: Path, file_name: str) -> Future[Prepared]:
-        return self._submit(prepare_file, (str(path), file_name), _rejected)
-
-    def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
-        key: Screened = (screened.st_ino, screened.st_size, screened.st_mtime_ns)
-
-        def rejected(error: InputRejected) -> ReadAhead:  # the journal still needs the content's hash to record why
-            return ReadAhead(digest_file(path, screened), None, error)
-
-        return self._submit(read_ahead, (str(path), key, file_name), rejected)
+    def prepare(
+        self, path: Path, file_name: str, screened: Screened | None = None, content_hash: str = ""
+    ) -> Future[Prepared]:
+        """``screened``, ``content_hash``: see `prepare_file`."""
+        return self._submit(prepare_file, (str(path), file_name, screened, content_hash), _rejected)
 
     def _submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], rejected: Callable[[InputRejected], Any]

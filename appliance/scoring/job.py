@@ -36,7 +36,7 @@ class Job:
     facts: InputFacts
     path: Path
     picked_up: float = field(default_factory=time.perf_counter)
-    future: Future[list[Result]] | None = None  # set for Score calls waiting on the answer
+    future: Future[list[Result]] | None = None  # its results, for a way in that answers with them (Score)
     prepared: Prepared | None = None
     frames: list[Frame | None] = field(default_factory=list)
     remaining: int = 0

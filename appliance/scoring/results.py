@@ -7,7 +7,14 @@ import logging
 import time
 from typing import Any
 
-from appliance.domain.errors import ApplianceError, DecodeTimeout, FileVanished, InferenceFailed, InputRejected
+from appliance.domain.errors import (
+    ApplianceError,
+    DecodeTimeout,
+    FileRewritten,
+    FileVanished,
+    InferenceFailed,
+    InputRejected,
+)
 from appliance.domain.result import (
     Heatmap,
     ImageIds,
@@ -31,7 +38,9 @@ log = logging.getLogger(__name__)
 
 # Rejections that say nothing about the content: the same bytes sent again are tried again. A busy box can
 # time a decode out that a quiet one finishes.
-TRANSIENT_CODES = frozenset({FileVanished.code, InferenceFailed.code, ApplianceError.code, DecodeTimeout.code})
+TRANSIENT_CODES = frozenset(
+    {FileVanished.code, FileRewritten.code, InferenceFailed.code, ApplianceError.code, DecodeTimeout.code}
+)
 
 
 def build_results(

@@ -1,18 +1,16 @@
 """The scoring stages wired together: admission → preparation (worker pool) → inference (batcher) →
-finishing. The intake enters a journaled input (`submit`, or `submit_rejected` for one refused before
-decoding); the folder's way in hashes and prepares its file in one read before it is journaled
-(`read_ahead`): the intake carries it on once journaled (`take`), or the folder gives its slot back (`drop`)."""
+finishing. The intake enters every input once it is journaled: `submit`, or `submit_rejected` for one refused
+before decoding."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from concurrent.futures import Future
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.domain.errors import CorruptImage, InputRejected
+from appliance.domain.errors import InputRejected
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import InputFacts, Result
@@ -20,7 +18,7 @@ from appliance.inference.backend import Backend
 from appliance.inference.batcher import Batcher, BatchTiming, Row
 from appliance.inference.postprocess import activate
 from appliance.journal.journal import Journal
-from appliance.prepare.pool import PreparePool, ReadAhead
+from appliance.prepare.pool import PreparePool, Screened
 from appliance.prepare.preparer import Prepared
 from appliance.scoring.admission import Admission
 from appliance.scoring.finisher import Finisher, ReportMaker
@@ -108,49 +106,26 @@ class ScoringStages:
     # --- the ways an input enters ----------------------------------------------------------------------
 
     def submit(
-        self,
-        facts: InputFacts,
-        path: Path,
-        *,
-        answer: Future[list[Result]] | None = None,
-        picked_up: float | None = None,
-    ) -> None:
-        """A journaled input: prepare it in the pool, then on to the batcher. ``answer`` gets its results."""
-        job = Job(facts=facts, path=path, future=answer)
+        self, facts: InputFacts, path: Path, *, screened: Screened | None = None, picked_up: float | None = None
+    ) -> Future[list[Result]]:
+        """A journaled input: prepare it in the pool (blocking while the stages are full), then on to the
+        batcher; the future gets its results. ``screened``: the folder's file as it was hashed (`prepare_file`);
+        ``picked_up``: when its way in first saw it (time.perf_counter), for the latency."""
+        results: Future[list[Result]] = Future()
+        job = Job(facts=facts, path=path, future=results)
         if picked_up is not None:
             job.picked_up = picked_up
         self.admission.admit()
         try:
-            preparing = self._preparing.prepare(job.path, job.facts.file_name)
+            preparing = self._preparing.prepare(job.path, facts.file_name, screened, facts.content_hash)
         except BaseException:
-            self.drop()
+            self._drop()
             raise
         preparing.add_done_callback(functools.partial(self._prepared, job))
+        return results
 
-    def read_ahead(self, path: Path, screened: os.stat_result, file_name: str) -> Future[ReadAhead]:
-        """A watched file not yet journaled: hash and prepare it in one read. Takes a slot (blocking when
-        the stages are full) that ``take`` carries on or ``drop`` gives back."""
-        self.admission.admit()
-        try:
-            return self._preparing.read_ahead(path, screened, file_name)
-        except BaseException:
-            self.drop()
-            raise
-
-    def take(self, facts: InputFacts, path: Path, ahead: ReadAhead, picked_up: float | None = None) -> None:
-        """The read-ahead input is now journaled: on to the batcher (or to its rejection). ``picked_up``:
-        when the folder's intake screened it (time.perf_counter)."""
-        job = Job(facts=facts, path=path)
-        if picked_up is not None:
-            job.picked_up = picked_up
-        if ahead.prepared is None:
-            self._reject(job, ahead.error or CorruptImage())
-        else:
-            self._start(job, ahead.prepared)
-
-    def drop(self) -> None:
-        """An admitted input that goes no further (a read-ahead known, duplicate, changed or failed, or
-        one the pool cancelled at stop): its slot back."""
+    def _drop(self) -> None:
+        """An admitted input that goes no further (one the pool cancelled at stop): its slot back."""
         self.admission.arrived()
         self.admission.release()
 
@@ -163,7 +138,7 @@ class ScoringStages:
 
     def _prepared(self, job: Job, preparing: Future[Prepared]) -> None:
         if preparing.cancelled():  # stopping: the input stays queued in the journal for the next start
-            self.drop()
+            self._drop()
             return
         try:
             prepared = preparing.result()

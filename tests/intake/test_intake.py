@@ -4,7 +4,6 @@ in is registered, deduplicated and counted alike, and disposed of by the one pol
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from appliance.api.metrics import Metrics
 from appliance.config import Config
 from appliance.domain.faults import Faults
 from appliance.domain.manifest import load_manifest
-from appliance.domain.result import Outcome, Result
+from appliance.domain.result import Outcome
 from appliance.files.content_hash import digest_bytes
 from appliance.inference.loader import open_backend
 from appliance.intake.intake import MAX_ATTEMPTS, Arrival, Intake
@@ -85,10 +84,9 @@ def _duplicates(metrics: Metrics) -> float:
 def test_a_duplicate_by_any_way_in_is_counted_not_scored_and_disposed_of_like_its_original(stages: Stages) -> None:
     folder = stages.config.watch.dir
     data = png_bytes(11)
-    answer: Future[list[Result]] = Future()
-    first = stages.intake.submit(_arrival(folder, "a.png", data), answer=answer)
-    assert first.duplicate_of is None
-    assert answer.result(timeout=60)[0].outcome is Outcome.SCORED
+    first = stages.intake.submit(_arrival(folder, "a.png", data))
+    assert first.duplicate_of is None and first.results is not None
+    assert first.results.result(timeout=60)[0].outcome is Outcome.SCORED
 
     # The same content again in the folder: not scored, counted, moved where the original went.
     again = stages.intake.submit(_arrival(folder, "a-copy.png", data))
