@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 from appliance.config import WatchConfig
-from appliance.domain.result import Rejection
-from appliance.files.disposal import dispose_rejected, dispose_scored
+from appliance.domain.errors import CorruptImage, FileRewritten
+from appliance.domain.manifest import load_manifest
+from appliance.domain.result import InputFacts, Rejection, Timings
+from appliance.files.disposal import dispose, dispose_rejected, dispose_scored
+from appliance.scoring.job import Scorer
+from appliance.scoring.results import rejected
+from tests.integration.conftest import TEST_MODEL
 
 
 def _config(tmp_path: Path, after: str) -> WatchConfig:
@@ -49,6 +54,18 @@ def test_rejected_file_gets_a_reason_beside_it(tmp_path: Path) -> None:
     assert where.read_bytes() == b"junk" and not src.exists()
     reason = where.with_name(where.name + ".reason.txt").read_text()
     assert "code: corrupt_image" in reason and "The PNG is cut short." in reason
+
+
+def test_a_file_the_scanner_rewrote_after_it_was_taken_stays_for_its_new_content(tmp_path: Path) -> None:
+    scorer = Scorer(load_manifest(TEST_MODEL).manifest, "onnxruntime")
+    config = _config(tmp_path, "move")
+    for name, error, left in [("new.png", FileRewritten(), True), ("bad.png", CorruptImage(), False)]:
+        src = tmp_path / "in" / name
+        src.parent.mkdir(exist_ok=True)
+        src.write_bytes(b"bytes")
+        facts = InputFacts(input_id=5, source="folder", file_name=name, content_hash="h")
+        where = dispose(src, 5, "folder", rejected(facts, scorer, error, Timings()), config)
+        assert (where == str(src) and src.exists()) is left, (name, where)
 
 
 def test_a_crash_between_link_and_unlink_is_finished_next_time(tmp_path: Path) -> None:
