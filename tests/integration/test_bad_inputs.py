@@ -84,10 +84,11 @@ def test_each_bad_input_is_rejected_with_its_reason_and_moved_aside(make_daemon)
     for good in ("good-before.png", "good-after.png"):
         assert results[good].outcome == pb.OUTCOME_SCORED
 
+    # Each reason is written before its file is moved beside it: wait for both.
     eventually(
-        lambda: list(d.rejected.glob("*.reason.txt")),
-        "every rejected file's reason set aside",
-        until=lambda reasons: len(reasons) >= len(BAD),
+        lambda: {p.name.split("-", 1)[1] for p in d.rejected.iterdir()},
+        "every rejected file set aside with its reason",
+        until=lambda names: all({n, f"{n}.reason.txt"} <= names for n in BAD),
         timeout=10,
     )
     reasons = {
