@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -63,8 +65,12 @@ def _copy_then_remove(src: Path, target: Path) -> None:
     # The copy is on the disk, name and all, before the source goes. One the disk could not hold whole is not
     # kept (it is the space needed to retry); the target's name is the input's alone, and one a crash left is
     # reused by the retry.
-    with open(src, "rb") as source, writing(target, sole_writer=True) as copy:
-        shutil.copyfileobj(source, copy, COPY_CHUNK)
+    # O_NONBLOCK: a FIFO put in the file's place must not block the finisher for good; it is refused.
+    with open(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb") as source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(src))
+        with writing(target, sole_writer=True) as copy:
+            shutil.copyfileobj(source, copy, COPY_CHUNK)
     src.unlink()
 
 

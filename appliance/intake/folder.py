@@ -95,7 +95,8 @@ class FolderIntake:
                 if self.faults.report(e):  # not journaled: the file waits in the folder for space
                     self._hold_back(path)
                 else:
-                    log_failure(log, "ingest of a file failed; the next rescan retries it", error=e)
+                    # Not journaled: the next rescan takes it; journaled: it stays queued for the next start.
+                    log_failure(log, "ingest of a file failed; a rescan or the next start takes it again", error=e)
 
     def _take(self, path: Path) -> None:
         """Cheap checks first; a new file is hashed, as the very file screened, and submitted."""
@@ -108,6 +109,12 @@ class FolderIntake:
         if self._known(path, st):
             return
         picked_up = time.perf_counter()
+        content_hash = digest_file(path, st)  # a large file, or a slow share, takes a while: look again after
+        if self._stopping.is_set():
+            return  # not journaled: the next start's rescan takes it
+        if not self.faults.accepting():
+            self._hold_back(path)
+            return
         self.intake.submit(
             Arrival(
                 source="folder",
@@ -115,7 +122,7 @@ class FolderIntake:
                 file_name=display_name(path),
                 size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
-                content_hash=digest_file(path, st),
+                content_hash=content_hash,
                 screened=(st.st_ino, st.st_size, st.st_mtime_ns),
                 picked_up=picked_up,
             )

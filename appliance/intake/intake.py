@@ -145,7 +145,10 @@ class Intake:
                 log.error("input %d was unfinished at %d starts in a row; rejecting it", row.id, attempts[row.id])
                 self.stages.submit_rejected(facts, Path(row.path), RepeatedCrash())
             else:
-                self.stages.submit(facts, Path(row.path))
+                # A folder file may have been rewritten while the daemon was down: its inode unknown here, it
+                # is prepared only if it holds the bytes journaled (file_changed otherwise).
+                screened = (-1, row.size, row.mtime_ns) if row.source == "folder" else None
+                self.stages.submit(facts, Path(row.path), screened=screened)
 
     def _count_attempt(self, input_ids: list[int], stopping: threading.Event) -> dict[int, int] | None:
         """The journal's count of starts that found these inputs unfinished; on a full disk, once it has

@@ -1,4 +1,4 @@
-"""Read, hash, decode and preprocess in worker processes (or threads), off the daemon's own threads.
+"""Read, decode and preprocess in worker processes (or threads), off the daemon's own threads.
 
 Processes, by default: pydicom's parsing is Python that holds the GIL, which threads would share
 (`make bench` times both on the host at hand), and a native decoder (JPEG, JPEG 2000, RLE) that
@@ -241,6 +241,8 @@ def prepare_file(path: str, file_name: str, screened: Screened | None = None, co
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise FileVanished(NOT_A_FILE)
+        if screened is not None and st.st_size != screened[1]:  # another size cannot hold the bytes journaled
+            raise FileRewritten()
         _preparer.check_size(st.st_size)  # before reading it into memory
         try:
             data = f.read()

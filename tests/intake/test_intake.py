@@ -39,13 +39,13 @@ def stages(tmp_path: Path) -> Iterator[Stages]:
     backend = open_backend(loaded, config.inference, config.model.engines_dir)
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
     metrics = Metrics()
-    processor = ScoringStages(config, loaded.manifest, backend, journal, metrics, faults=Faults())
-    processor.start()
-    intake = Intake(journal, processor, config.watch, on_duplicate=metrics.duplicates.inc)
+    stages = ScoringStages(config, loaded.manifest, backend, journal, metrics, faults=Faults())
+    stages.start()
+    intake = Intake(journal, stages, config.watch, on_duplicate=metrics.duplicates.inc)
     try:
         yield Stages(intake, journal, metrics, config)
     finally:
-        processor.stop(timeout=10)
+        stages.stop(timeout=10)
         backend.close()
         journal.close()
 
@@ -129,3 +129,22 @@ def test_an_input_unfinished_at_several_starts_is_set_aside_as_repeated_crash(st
     # Set aside once its rejection is stored (the move follows the commit).
     set_aside = stages.config.watch.rejected_dir / f"{reg.input.id:08d}-poison.png"
     eventually(set_aside.exists, "the poison file set aside", timeout=30)
+
+
+def test_a_folder_file_rewritten_while_the_daemon_was_down_is_not_scored_under_its_old_hash(stages: Stages) -> None:
+    import threading
+
+    folder = stages.config.watch.dir
+    kept = _arrival(folder, "kept.png", png_bytes(14))
+    rewritten = _arrival(folder, "rewritten.png", png_bytes(15))
+    ids = {_registered(stages.journal, a).input.id: a for a in (kept, rewritten)}
+    rewritten.path.write_bytes(png_bytes(16))  # the same name, other bytes, as a scanner's re-export
+    stages.intake.requeue(stages.journal.pending(), threading.Event())
+    codes = {}
+    for input_id, arrival in ids.items():
+        stored = eventually(lambda i=input_id: stages.journal.results_for_input(i), f"{arrival.file_name}'s result")
+        rejection = stored[0].result().rejection
+        codes[arrival.file_name] = rejection.code if rejection else "scored"
+    assert codes == {"kept.png": "scored", "rewritten.png": "file_changed"}
+    # Left in the folder, where its new content is the scanner's to be taken as a new input.
+    assert rewritten.path.read_bytes() == png_bytes(16)

@@ -81,3 +81,16 @@ def test_a_file_past_the_size_limit_is_hashed_but_never_held(tmp_path: Path, man
             pool.prepare(path, path.name, _screened(path), digest).result(timeout=60)
     finally:
         pool.close()
+
+
+def test_a_file_rewritten_past_the_size_limit_is_refused_as_rewritten_not_too_large(tmp_path: Path, manifest) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(4))
+    screened, digest = _screened(path), digest_file(path)
+    path.write_bytes(b"\0" * 3 * 2**20)  # too large now: the journaled bytes are what must not be blamed
+    pool = PreparePool(manifest, LimitsConfig(max_file_mb=1), 1, "threads")
+    try:
+        with pytest.raises(FileRewritten):
+            pool.prepare(path, path.name, screened, digest).result(timeout=60)
+    finally:
+        pool.close()
