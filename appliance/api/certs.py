@@ -10,6 +10,7 @@ root-only) once the server and terminal certificates are made. Every key is writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -36,12 +37,25 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    write_atomic(path, pem)  # 0600, and never a torn key beside its certificate
+    _replace(path, pem, 0o600)  # never a torn key beside its certificate
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    _replace(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Written whole, keeping a renewed file's owner and group: an admin who gave the key to the daemon's user
+    (chown) renews it with `sudo make certs`, and the daemon must still read it."""
+    try:
+        before = path.stat()
+    except FileNotFoundError:
+        before = None
+    write_atomic(path, data, mode)
+    if before is not None and (before.st_uid, before.st_gid) != (os.geteuid(), os.getegid()):
+        with contextlib.suppress(PermissionError):  # only root gives a file away
+            os.chown(path, before.st_uid, before.st_gid)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -80,3 +81,13 @@ def test_the_client_never_sends_a_token_in_the_clear_to_another_machine() -> Non
     with pytest.raises(OSError, match="in the clear"):
         Connection("10.0.0.5:50051", token="apl_x").channel()
     Connection("127.0.0.1:50051", token="apl_x").channel().close()  # loopback: no one else can read it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives a file to another user (run the tests as root)")
+def test_a_renewed_key_keeps_the_owner_the_admin_gave_it(tmp_path: Path) -> None:
+    make_server(tmp_path, ["appliance.clinic"], [])
+    key = tmp_path / "server.key"
+    os.chown(key, 4321, 4321)  # as `chown appliance server.key` gives it to the daemon's user
+    make_server(tmp_path, ["appliance.clinic"], [])  # the renewal, by root
+    st = key.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4321, 4321, 0o600)
