@@ -19,6 +19,8 @@ from appliance.privacy import log_failure
 
 log = logging.getLogger(__name__)
 
+HASHED_AHEAD = 4  # files hashed ahead of the one being journaled
+
 
 def display_name(path: Path) -> str:
     """The file name as text for results. Scanners on SMB shares may write Latin-1 names; bytes that are
@@ -43,11 +45,15 @@ class FolderIntake:
         # Set by the daemon to the watcher's stability check: for a file that changed while it was hashed.
         self.reconsider: Callable[[Path], None] | None = None
         self._queue: queue.Queue[Path | None] = queue.Queue()
+        # Hashed and not yet journaled: the next file is hashed while this one is journaled and admitted.
+        self._hashed: queue.Queue[Arrival | None] = queue.Queue(maxsize=HASHED_AHEAD)
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._registrar = threading.Thread(target=self._register_loop, name="register", daemon=True)
         self._stopping = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
+        self._registrar.start()
 
     def stop(self) -> None:
         """Stop taking files: what is not journaled yet is left (the files stay, the next start's rescan
@@ -55,9 +61,10 @@ class FolderIntake:
         self._stopping.set()
         self._queue.put(None)
         self._thread.join(timeout=10)
+        self._registrar.join(timeout=10)
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._registrar.is_alive()
 
     def offer(self, path: Path) -> None:
         """Called by the watcher for each completely written file."""
@@ -81,25 +88,33 @@ class FolderIntake:
 
     def _run(self) -> None:
         while (path := self._queue.get()) is not None:
-            if self._stopping.is_set():
-                continue  # drain to the end marker quickly
-            try:
-                self._take(path)
-            except FileNotFoundError:
-                pass  # moved away or deleted between the event and now: nothing to do
-            except FileChanged as e:  # rewritten, or its times set after closing (cp -p): taken again when stable
-                log.debug("a file %s; it is taken again when stable", e)
-                if self.reconsider is not None:
-                    self.reconsider(path)
-            except Exception as e:  # one odd file must never stop ingest
-                if self.faults.report(e):  # not journaled: the file waits in the folder for space
-                    self._hold_back(path)
-                else:
-                    # Not journaled: the next rescan takes it; journaled: it stays queued for the next start.
-                    log_failure(log, "ingest of a file failed; a rescan or the next start takes it again", error=e)
+            if not self._stopping.is_set():  # else drain to the end marker quickly
+                self._guarded(path, self._hash)
+        self._hashed.put(None)
 
-    def _take(self, path: Path) -> None:
-        """Cheap checks first; a new file is hashed, as the very file screened, and submitted."""
+    def _register_loop(self) -> None:
+        while (arrival := self._hashed.get()) is not None:
+            if not self._stopping.is_set():
+                self._guarded(arrival.path, lambda _: self._register(arrival))
+
+    def _guarded(self, path: Path, step: Callable[[Path], None]) -> None:
+        try:
+            step(path)
+        except FileNotFoundError:
+            pass  # moved away or deleted between the event and now: nothing to do
+        except FileChanged as e:  # rewritten, or its times set after closing (cp -p): taken again when stable
+            log.debug("a file %s; it is taken again when stable", e)
+            if self.reconsider is not None:
+                self.reconsider(path)
+        except Exception as e:  # one odd file must never stop ingest
+            if self.faults.report(e):  # not journaled: the file waits in the folder for space
+                self._hold_back(path)
+            else:
+                # Not journaled: the next rescan takes it; journaled: it stays queued for the next start.
+                log_failure(log, "ingest of a file failed; a rescan or the next start takes it again", error=e)
+
+    def _hash(self, path: Path) -> None:
+        """Cheap checks first; a new file is hashed, as the very file screened, for the registrar."""
         if not self.faults.accepting():
             self._hold_back(path)
             return
@@ -109,27 +124,36 @@ class FolderIntake:
         if self._known(path, st):
             return
         picked_up = time.perf_counter()
-        content_hash = digest_file(path, st)  # a large file, or a slow share, takes a while: look again after
-        if self._stopping.is_set():
-            return  # not journaled: the next start's rescan takes it
-        if not self.faults.accepting():
-            self._hold_back(path)
-            return
-        self.intake.submit(
+        self._hashed.put(
             Arrival(
                 source="folder",
                 path=path,
                 file_name=display_name(path),
                 size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
-                content_hash=content_hash,
+                content_hash=digest_file(path, st),
                 screened=(st.st_ino, st.st_size, st.st_mtime_ns),
                 picked_up=picked_up,
             )
         )
 
+    def _register(self, arrival: Arrival) -> None:
+        """The one submit (blocking while the stages are full), unless the disk filled or the same file was
+        journaled meanwhile (offered twice while it was hashed)."""
+        if not self.faults.accepting():
+            self._hold_back(arrival.path)
+            return
+        assert arrival.screened is not None
+        _ino, size, mtime_ns = arrival.screened
+        if self._known_as(arrival.path, size, mtime_ns):
+            return
+        self.intake.submit(arrival)
+
     def _known(self, path: Path, st: os.stat_result) -> bool:
-        known = self.journal.find_file(str(path), st.st_size, st.st_mtime_ns)
+        return self._known_as(path, st.st_size, st.st_mtime_ns)
+
+    def _known_as(self, path: Path, size: int, mtime_ns: int) -> bool:
+        known = self.journal.find_file(str(path), size, mtime_ns)
         if known is None:
             return False
         if known.state != "queued":
