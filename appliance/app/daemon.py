@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
 from appliance.api import codec
@@ -28,7 +27,7 @@ from appliance.delivery.overlay import DISPLAY_SIDE
 from appliance.delivery.reports import Reports, device_for
 from appliance.domain.errors import ConfigError
 from appliance.domain.faults import Faults
-from appliance.files import disposal
+from appliance.files import disposal, spool
 from appliance.inference.loader import Served
 from appliance.intake.dicom_receiver import DicomReceiver
 from appliance.intake.folder import FolderIntake
@@ -91,14 +90,6 @@ def _check_folders(config: Config) -> None:
                 folder.chmod(0o700)
         except OSError as e:  # another user's folder, a share: said, not fatal
             log.warning("%s is open to other users and cannot be made private (%s): chmod 700 it", folder, e.strerror)
-
-
-def _clean_spool(spool: Path, keep: set[str | None]) -> None:
-    """Copies spooled (Score, DICOM) but never journaled (a crash in between) were never acknowledged: the
-    sender sends again, so drop them."""
-    for path in spool.glob("*"):
-        if str(path) not in keep:
-            path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -181,14 +172,15 @@ class Daemon:
             problem=self.faults.refusal,
             reload=lambda: codec.reload_answer(model.reload(stages), model.current),
         )
-        spool = config.storage.data_dir / "spool"
-        server = GrpcServer(ScoringService(journal, intake, spool, hooks, self.metrics, config.server), config.server)
+        spool_dir = config.storage.data_dir / "spool"
+        service = ScoringService(journal, intake, spool_dir, hooks, self.metrics, config.server)
+        server = GrpcServer(service, config.server)
         self.shutdown.add("stopping the server's health", lambda: server.set_serving(False))
         self.shutdown.add("stopping the gRPC server", lambda: server.stop(grace=5.0))
         self.health.tell(server)
         # Read before the server and the watcher start: only what the last run left, never a new input.
         pending = journal.pending()
-        _clean_spool(spool, {row.path for row in pending if disposal.spooled(row.source)})
+        spool.drop_unjournaled(spool_dir, {row.path for row in pending if disposal.spooled(row.source)})
         stages.start()
         self.health.watch(stages)
         outbox = None
@@ -220,7 +212,7 @@ class Daemon:
             receiver = DicomReceiver(
                 config.dicom,
                 intake,
-                spool,
+                spool_dir,
                 self.faults,
                 config.storage.min_free_mb,
                 observer=self.metrics,

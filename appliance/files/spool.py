@@ -40,3 +40,11 @@ def keep(folder: Path, source: str, data: bytes, suffix: str) -> Path:
 def receive(folder: Path, source: str, suffix: str) -> AtomicWriter:
     """A copy written as it arrives: ``commit`` puts it in place as ``keep`` does, ``discard`` drops it."""
     return AtomicWriter(place(folder, source, suffix))
+
+
+def drop_unjournaled(folder: Path, journaled: set[str | None]) -> None:
+    """At start: copies spooled but never journaled (a crash in between) were never acknowledged, and their
+    senders send them again, so they go."""
+    for path in folder.glob("*"):
+        if str(path) not in journaled:
+            path.unlink(missing_ok=True)
