@@ -192,21 +192,14 @@ def test_a_request_declaring_4_gib_is_refused_unread_and_memory_stays_bounded(ma
     def oversized_request(sample: Callable[[], None]) -> int:
         # One A-ASSOCIATE-RQ header declaring 0xFFFFFFF0 bytes, then up to 1 GiB sent lazily, stopping when the
         # daemon closes.
-        sent = 0
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.2", 0))
-                sock.settimeout(60)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.2", 0))
+            sock.settimeout(60)
+            try:
                 sock.connect(("127.0.0.1", port))
-                sock.sendall(struct.pack(">BxL", 0x01, 0xFFFFFFF0))
-                while sent < 1 << 30:
-                    sock.sendall(chunk)
-                    sent += len(chunk)
-                    if sent % (16 * _MIB) == 0:
-                        sample()
-        except OSError:
-            pass  # closed by the daemon: what is expected
-        return sent
+            except OSError:
+                return 0  # refused or closed by the daemon: what is expected
+            return _flood(sock, struct.pack(">BxL", 0x01, 0xFFFFFFF0), chunk, sample)
 
     attack = _Attack(d, oversized_request)
     attack.while_the_scanner_sends(port)
@@ -253,16 +246,7 @@ def test_an_allowed_ae_s_store_past_max_file_mb_is_aborted_as_it_arrives_and_mem
         raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
         assert raw is not None
         fragment = p_data_tf(cx, 0x00, b"\x00" * (256 * 1024))
-        sent = 0
-        try:
-            raw.sendall(store_command(cx, CT_CLASS, generate_uid()))
-            while sent < 1 << 30:
-                raw.sendall(fragment)
-                sent += len(fragment)
-                if sent % (16 * _MIB) == 0:
-                    sample()
-        except OSError:
-            pass  # ended by the daemon: what is expected
+        sent = _flood(raw, store_command(cx, CT_CLASS, generate_uid()), fragment, sample)
         try:
             eventually(lambda: assoc.is_aborted, "HOG's association aborted by the daemon")
         finally:
@@ -302,6 +286,22 @@ def _associate(port: int, calling: str, host: str, storage: bool = False) -> Ass
     if storage:
         ae.add_requested_context(CT_CLASS)
     return ae.associate("127.0.0.1", port, ae_title=APPLIANCE, bind_address=(host, 0))
+
+
+def _flood(sock: socket.socket, head: bytes, chunk: bytes, sample: Callable[[], None]) -> int:
+    """``head``, then ``chunk`` after ``chunk`` up to 1 GiB, sampling every 16 MiB, until the daemon ends the
+    connection (what is expected); how many bytes of chunks went."""
+    sent = 0
+    try:
+        sock.sendall(head)
+        while sent < 1 << 30:
+            sock.sendall(chunk)
+            sent += len(chunk)
+            if sent % (16 * _MIB) == 0:
+                sample()
+    except OSError:
+        pass  # ended by the daemon
+    return sent
 
 
 def _lines(log: str, words: str) -> str:
