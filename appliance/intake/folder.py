@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import stat
 import threading
@@ -121,7 +120,7 @@ class FolderIntake:
         st = path.lstat()
         if not stat.S_ISREG(st.st_mode):
             return  # only regular files are inputs; opening a FIFO would block ingest for good
-        if self._known(path, st):
+        if self._known(path, st.st_size, st.st_mtime_ns):
             return
         picked_up = time.perf_counter()
         self._hashed.put(
@@ -132,7 +131,7 @@ class FolderIntake:
                 size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
                 content_hash=digest_file(path, st),
-                screened=(st.st_ino, st.st_size, st.st_mtime_ns),
+                inode=st.st_ino,
                 picked_up=picked_up,
             )
         )
@@ -143,16 +142,11 @@ class FolderIntake:
         if not self.faults.accepting():
             self._hold_back(arrival.path)
             return
-        assert arrival.screened is not None
-        _ino, size, mtime_ns = arrival.screened
-        if self._known_as(arrival.path, size, mtime_ns):
+        if self._known(arrival.path, arrival.size, arrival.mtime_ns):
             return
         self.intake.submit(arrival)
 
-    def _known(self, path: Path, st: os.stat_result) -> bool:
-        return self._known_as(path, st.st_size, st.st_mtime_ns)
-
-    def _known_as(self, path: Path, size: int, mtime_ns: int) -> bool:
+    def _known(self, path: Path, size: int, mtime_ns: int) -> bool:
         known = self.journal.find_file(str(path), size, mtime_ns)
         if known is None:
             return False

@@ -21,7 +21,6 @@ from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.result import InputFacts, Result
 from appliance.files import disposal
 from appliance.journal.journal import InputRow, Journal, Registration, Source
-from appliance.prepare.pool import Screened
 from appliance.scoring.stages import ScoringStages
 
 log = logging.getLogger(__name__)
@@ -41,9 +40,9 @@ class Arrival:
     content_hash: str
     mtime_ns: int = 0  # the folder's: with the path and size, how a file already seen is known again
     instance_uid: str | None = None  # a DICOM instance's SOP Instance UID, where known before decoding
-    # The folder's file as it was hashed (inode, size, mtime_ns): the scanner's own file, which it may still
-    # rewrite, is scored only if it still holds what the journal records. A spooled copy is ours: None.
-    screened: Screened | None = None
+    # The folder's file's inode as it was hashed: with its size and mtime, the scanner's own file, which it may
+    # still rewrite, is scored only if it still holds what the journal records. A spooled copy is ours: None.
+    inode: int | None = None
     picked_up: float | None = None  # when the way in first saw it (time.perf_counter): the latency's start
 
 
@@ -95,7 +94,8 @@ class Intake:
             content_hash=arrival.content_hash,
             instance_uid=arrival.instance_uid or "",
         )
-        results = self.stages.submit(facts, arrival.path, screened=arrival.screened, picked_up=arrival.picked_up)
+        screened = None if arrival.inode is None else (arrival.inode, arrival.size, arrival.mtime_ns)
+        results = self.stages.submit(facts, arrival.path, screened=screened, picked_up=arrival.picked_up)
         return Submitted(reg.input.id, results=results)
 
     def _duplicate(self, arrival: Arrival, reg: Registration, original: InputRow) -> Submitted:
