@@ -5,13 +5,32 @@ from __future__ import annotations
 import os
 import signal
 import urllib.request
+from pathlib import Path
 
 from appliance.journal.journal import Journal
 from appliance.v1 import scoring_pb2 as pb
 from tests.processes import alive, decode_workers
 from tests.waiting import eventually
 
-from .conftest import drop, free_port, png_bytes
+from .conftest import Daemon, drop, free_port, png_bytes
+
+
+def _left_in_flight(d: Daemon, path: Path, content_hash: str, starts: int = 0) -> None:
+    """``path`` journaled from the folder and never finished, as a crash leaves it, found unfinished by ``starts``
+    starts already."""
+    st = path.stat()
+    journal = Journal(d.root / "data" / "journal.sqlite3")
+    reg = journal.register(
+        source="folder",
+        path=str(path),
+        file_name=path.name,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        content_hash=content_hash,
+    )
+    for _ in range(starts):
+        journal.count_attempt([reg.input.id])
+    journal.close()
 
 
 def test_fifo_symlink_loop_and_latin1_name_do_not_stop_ingest(make_daemon) -> None:
@@ -42,20 +61,8 @@ def test_an_input_unfinished_at_several_starts_is_set_aside(make_daemon) -> None
     d.incoming.mkdir(parents=True)
     poison = d.incoming / "poison.png"
     poison.write_bytes(png_bytes(80))
-    st = poison.stat()
     # What three crashed starts leave behind: the input journaled, never finished, counted three times.
-    journal = Journal(d.root / "data" / "journal.sqlite3")
-    reg = journal.register(
-        source="folder",
-        path=str(poison),
-        file_name="poison.png",
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        content_hash="0" * 64,
-    )
-    for _ in range(3):
-        journal.count_attempt([reg.input.id])
-    journal.close()
+    _left_in_flight(d, poison, "0" * 64, starts=3)
     d.start()
     drop(d.incoming, "healthy.png", png_bytes(81))
     results = {r.file_name: r for r in d.collect(2)}
@@ -94,17 +101,7 @@ def test_a_fifo_in_place_of_a_queued_input_is_refused_at_once(make_daemon) -> No
     d.incoming.mkdir(parents=True)
     fifo = d.incoming / "queued.dcm"
     os.mkfifo(fifo)
-    st = fifo.stat()
-    journal = Journal(d.root / "data" / "journal.sqlite3")
-    journal.register(
-        source="folder",
-        path=str(fifo),
-        file_name="queued.dcm",
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        content_hash="1" * 64,
-    )
-    journal.close()
+    _left_in_flight(d, fifo, "1" * 64)
     d.start()
     drop(d.incoming, "after.png", png_bytes(91))
     results = {r.file_name: r for r in d.collect(2)}
