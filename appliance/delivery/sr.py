@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -92,23 +93,14 @@ def build_report(
     """The Enhanced SR of one scored frame of ``source`` (its header, read without pixels)."""
     _check(source, result, manifest)
     patient = patient_module(source)
-    # A copy: the Type 2 fillers below stay out of the caller's header.
-    evidence = highdicom_header(source, patient)
-    for keyword in _TYPE2_FROM_SOURCE:
-        if keyword not in evidence:
-            setattr(evidence, keyword, None)
+    evidence = evidence_header(source, patient)
     sop_uid = instance_uid(result, device.uid)
     when = datetime.fromtimestamp(result.created_unix_ms / 1000)  # local time, as DICOM dates are
     labels = manifest.output.labels
-    concepts = [_concept(label, manifest) for label in labels]
+    concepts = [concept(label, manifest) for label in labels]
     try:
         algorithm = AlgorithmIdentification(name=result.scored_by.model_name, version=result.scored_by.model_version)
-        observer = ObserverContext(
-            observer_type=DEVICE,
-            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=device.uid, name=device.name, manufacturer_name=device.manufacturer, model_name=device.model_name
-            ),
-        )
+        observer = observer_context(device)
         image = SourceImageForMeasurementGroup.from_source_image(
             evidence, referenced_frame_numbers=referenced_frames(source, result)
         )
@@ -119,13 +111,15 @@ def build_report(
                     uid=generate_uid(entropy_srcs=[sop_uid, label]), identifier=label
                 ),
                 algorithm_id=algorithm,
-                finding_type=concept,
+                finding_type=code,
                 source_images=[image],
-                qualitative_evaluations=[QualitativeEvaluation(name=concept, value=_presence(label, result))],
+                qualitative_evaluations=[
+                    QualitativeEvaluation(name=code, value=presence(label, result.decision, result.findings))
+                ],
                 # The group names the algorithm for all it holds (TID 1501): not repeated per measurement.
                 measurements=[Measurement(name=SCORE, value=scores[label], unit=NO_UNITS)],
             )
-            for label, concept in zip(labels, concepts, strict=True)
+            for label, code in zip(labels, concepts, strict=True)
         ]
         content = MeasurementReport(
             observation_context=ObservationContext(observer_device_context=observer),
@@ -147,20 +141,44 @@ def build_report(
             series_description=f"AI results: {result.scored_by.model_name}"[:64],
             content_date=when.date(),
             content_time=when.time(),
-            coding_schemes=[_private_scheme(device)] if private else None,
+            coding_schemes=[private_scheme(device)] if private else None,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         # highdicom's text may quote header values (patient data): the sentence names the type only.
         raise ReportError(f"highdicom could not build the report from this header ({type(e).__name__}).") from e
     set_patient_module(report, patient)  # as the overlay of the same image says it
-    # The scoring time, not the build time, wherever highdicom stamps "now": a report rebuilt after a crash
-    # is the same object, byte for byte.
-    report.InstanceCreationDate = report.ContentDate
-    report.InstanceCreationTime = report.ContentTime
-    for equipment in report.ContributingEquipmentSequence:
+    stamp(report, when)
+    return report
+
+
+def evidence_header(source: pydicom.Dataset, patient: pydicom.Dataset) -> pydicom.Dataset:
+    """``source`` as a document's evidence (highdicom_header's copy, so the Type 2 fillers stay out of the
+    caller's header): the study's Type 2 attributes highdicom reads without a default are there, empty if need be."""
+    evidence = highdicom_header(source, patient)
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in evidence:
+            setattr(evidence, keyword, None)
+    return evidence
+
+
+def observer_context(device: Device) -> ObserverContext:
+    """The appliance as the observing device (TID 1002)."""
+    return ObserverContext(
+        observer_type=DEVICE,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device.uid, name=device.name, manufacturer_name=device.manufacturer, model_name=device.model_name
+        ),
+    )
+
+
+def stamp(document: pydicom.Dataset, when: datetime) -> None:
+    """The scoring time, not the build time, wherever highdicom stamps "now": a document rebuilt after a crash is
+    the same object, byte for byte."""
+    document.InstanceCreationDate = document.ContentDate
+    document.InstanceCreationTime = document.ContentTime
+    for equipment in document.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in equipment:
             equipment.ContributionDateTime = DT(when)
-    return report
 
 
 def encode(report: pydicom.Dataset) -> bytes:
@@ -220,13 +238,15 @@ def instance_number_of(source: pydicom.Dataset, result: Result) -> int:
     return number if 1 <= number < 2**31 else 1
 
 
-def _presence(label: str, result: Result) -> Code:
-    if result.decision is Decision.INDETERMINATE:
-        return UNDETERMINED if result.findings[:1] == (label,) else ABSENT
-    return PRESENT if label in result.findings else ABSENT
+def presence(label: str, decision: Decision | None, findings: Sequence[str]) -> Code:
+    """The label's qualitative evaluation (CID 240) under a decision and its findings: an image's or a series'."""
+    if decision is Decision.INDETERMINATE:
+        return UNDETERMINED if tuple(findings[:1]) == (label,) else ABSENT
+    return PRESENT if label in findings else ABSENT
 
 
-def _concept(label: str, manifest: Manifest) -> CodedConcept:
+def concept(label: str, manifest: Manifest) -> CodedConcept:
+    """The label's finding code: the manifest's, else one of the appliance's private scheme (see private_scheme)."""
     given = manifest.output.codes.get(label)
     if given is not None:
         return CodedConcept(given.value, given.scheme, given.meaning)
@@ -246,7 +266,8 @@ def _meaning(label: str) -> str:
     return (text or "label")[:64]
 
 
-def _private_scheme(device: Device) -> CodingSchemeIdentificationItem:
+def private_scheme(device: Device) -> CodingSchemeIdentificationItem:
+    """The private scheme's declaration, for a document using any of its codes."""
     return CodingSchemeIdentificationItem(
         designator=PRIVATE_SCHEME,
         name=PRIVATE_SCHEME_NAME,
