@@ -24,53 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ppliance/v1/scoring.proto\x12\x0c\x61ppliance.v1\"0\n\x0cScoreRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tfile_name\x18\x02 \x01(\t\".\n\x14StreamResultsRequest\x12\x16\n\x0esince_sequence\x18\x01 \x01(\x04\"I\n\x10GetResultRequest\x12\x12\n\x08sequence\x18\x01 \x01(\x04H\x00\x12\x1a\n\x10sop_instance_uid\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x13\n\x11ListModelsRequest\"\x12\n\x10GetStatusRequest\"\x14\n\x12ReloadModelRequest\"`\n\x13ReloadModelResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"}\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08infer_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x08\x44\x65livery\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.appliance.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1f\n\x17report_sop_instance_uid\x18\x05 \x01(\t\"\x98\x05\n\x06Result\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.appliance.v1.Outcome\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12(\n\x06scores\x18\x06 \x03(\x0b\x32\x18.appliance.v1.LabelScore\x12(\n\x08\x64\x65\x63ision\x18\x07 \x01(\x0e\x32\x16.appliance.v1.Decision\x12\x10\n\x08\x66indings\x18\x08 \x03(\t\x12\x11\n\tthreshold\x18\t \x01(\x02\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.appliance.v1.Timings\x12\x11\n\tfile_name\x18\x0b \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x0c \x01(\t\x12\x1a\n\x12study_instance_uid\x18\r \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x0e \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x0f \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x10 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x11 \x01(\r\x12\x13\n\x0b\x66rame_count\x18\x12 \x01(\r\x12*\n\trejection\x18\x13 \x01(\x0b\x32\x17.appliance.v1.Rejection\x12\x17\n\x0f\x63reated_unix_ms\x18\x14 \x01(\x03\x12\x0e\n\x06source\x18\x15 \x01(\t\x12\x10\n\x08input_id\x18\x16 \x01(\x04\x12(\n\x08\x64\x65livery\x18\x17 \x01(\x0b\x32\x16.appliance.v1.Delivery\x12&\n\x07heatmap\x18\x18 \x01(\x0b\x32\x15.appliance.v1.Heatmap\"}\n\x07Heatmap\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12$\n\x06\x65xtent\x18\x06 \x01(\x0b\x32\x14.appliance.v1.Extent\"8\n\x06\x45xtent\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x05 \x01(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x14\n\x0cinput_layout\x18\x07 \x01(\t\x12\x13\n\x0binput_shape\x18\x08 \x03(\x03\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x15\n\rdecision_rule\x18\n \x01(\t\x12\x11\n\tthreshold\x18\x0b \x01(\x02\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x16\n\x0eserved_because\x18\r \x01(\t\x12\x13\n\x0bpassed_over\x18\x0e \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.appliance.v1.ModelInfo\"\xc9\x02\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\x12\x12\n\nduplicates\x18\x07 \x01(\x04\x12\x15\n\rlast_sequence\x18\x08 \x01(\x04\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x11\n\twatch_dir\x18\n \x01(\t\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x10\n\x08problems\x18\x0c \x03(\t\x12\x18\n\x10model_generation\x18\r \x01(\x04\x12\x16\n\x0eoutbox_pending\x18\x0e \x01(\x04\x12\x1b\n\x13outbox_oldest_age_s\x18\x0f \x01(\x01*L\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_SCORED\x10\x01\x12\x14\n\x10OUTCOME_REJECTED\x10\x02*n\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_NEGATIVE\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_POSITIVE\x10\x02\x12\x1a\n\x16\x44\x45\x43ISION_INDETERMINATE\x10\x03*f\n\rDeliveryState\x12\x11\n\rDELIVERY_NONE\x10\x00\x12\x14\n\x10\x44\x45LIVERY_PENDING\x10\x01\x12\x16\n\x12\x44\x45LIVERY_DELIVERED\x10\x02\x12\x14\n\x10\x44\x45LIVERY_REFUSED\x10\x03\x32\xbc\x03\n\x07Scoring\x12\x39\n\x05Score\x12\x1a.appliance.v1.ScoreRequest\x1a\x14.appliance.v1.Result\x12K\n\rStreamResults\x12\".appliance.v1.StreamResultsRequest\x1a\x14.appliance.v1.Result0\x01\x12\x41\n\tGetResult\x12\x1e.appliance.v1.GetResultRequest\x1a\x14.appliance.v1.Result\x12O\n\nListModels\x12\x1f.appliance.v1.ListModelsRequest\x1a .appliance.v1.ListModelsResponse\x12\x41\n\tGetStatus\x12\x1e.appliance.v1.GetStatusRequest\x1a\x14.appliance.v1.Status\x12R\n\x0bReloadModel\x12 .appliance.v1.ReloadModelRequest\x1a!.appliance.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ppliance/v1/scoring.proto\x12\x0c\x61ppliance.v1\"0\n\x0cScoreRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tfile_name\x18\x02 \x01(\t\"o\n\x14StreamResultsRequest\x12\x16\n\x0esince_sequence\x18\x01 \x01(\x04\x12\'\n\x05kinds\x18\x02 \x03(\x0e\x32\x18.appliance.v1.ResultKind\x12\x16\n\x0euntil_sequence\x18\x03 \x01(\x04\"h\n\x10GetResultRequest\x12\x12\n\x08sequence\x18\x01 \x01(\x04H\x00\x12\x1a\n\x10sop_instance_uid\x18\x02 \x01(\tH\x00\x12\x1d\n\x13series_instance_uid\x18\x03 \x01(\tH\x00\x42\x05\n\x03key\"\x13\n\x11ListModelsRequest\"\x12\n\x10GetStatusRequest\"\x14\n\x12ReloadModelRequest\"`\n\x13ReloadModelResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"}\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x02\x12\x10\n\x08infer_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"*\n\tRejection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x08\x44\x65livery\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.appliance.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1f\n\x17report_sop_instance_uid\x18\x05 \x01(\t\"\xc4\x05\n\x06Result\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.appliance.v1.Outcome\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12(\n\x06scores\x18\x06 \x03(\x0b\x32\x18.appliance.v1.LabelScore\x12(\n\x08\x64\x65\x63ision\x18\x07 \x01(\x0e\x32\x16.appliance.v1.Decision\x12\x10\n\x08\x66indings\x18\x08 \x03(\t\x12\x11\n\tthreshold\x18\t \x01(\x02\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.appliance.v1.Timings\x12\x11\n\tfile_name\x18\x0b \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x0c \x01(\t\x12\x1a\n\x12study_instance_uid\x18\r \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x0e \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x0f \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x10 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x11 \x01(\r\x12\x13\n\x0b\x66rame_count\x18\x12 \x01(\r\x12*\n\trejection\x18\x13 \x01(\x0b\x32\x17.appliance.v1.Rejection\x12\x17\n\x0f\x63reated_unix_ms\x18\x14 \x01(\x03\x12\x0e\n\x06source\x18\x15 \x01(\t\x12\x10\n\x08input_id\x18\x16 \x01(\x04\x12(\n\x08\x64\x65livery\x18\x17 \x01(\x0b\x32\x16.appliance.v1.Delivery\x12&\n\x07heatmap\x18\x18 \x01(\x0b\x32\x15.appliance.v1.Heatmap\x12*\n\x06series\x18\x19 \x01(\x0b\x32\x1a.appliance.v1.SeriesResult\"\xb6\x05\n\x0cSeriesResult\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x03 \x01(\t\x12\x15\n\rimages_scored\x18\x04 \x01(\r\x12\x17\n\x0fimages_rejected\x18\x05 \x01(\r\x12(\n\x06scores\x18\x06 \x03(\x0b\x32\x18.appliance.v1.LabelScore\x12(\n\x08\x64\x65\x63ision\x18\x07 \x01(\x0e\x32\x16.appliance.v1.Decision\x12\x10\n\x08\x66indings\x18\x08 \x03(\t\x12\x11\n\tthreshold\x18\t \x01(\x02\x12\x11\n\tkey_label\x18\n \x01(\t\x12*\n\nkey_images\x18\x0b \x03(\x0b\x32\x16.appliance.v1.KeyImage\x12\x12\n\nmodel_name\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x0f\n\x07\x63ombine\x18\x0f \x01(\t\x12,\n\ncompletion\x18\x10 \x01(\x0e\x32\x18.appliance.v1.Completion\x12\x10\n\x08revision\x18\x11 \x01(\r\x12\x18\n\x10revises_sequence\x18\x12 \x01(\x04\x12\x1f\n\x17report_sop_instance_uid\x18\x13 \x01(\t\x12\'\n\x1frevises_report_sop_instance_uid\x18\x14 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x15 \x01(\x03\x12\x1b\n\x13\x66irst_image_unix_ms\x18\x16 \x01(\x03\x12\x1a\n\x12last_image_unix_ms\x18\x17 \x01(\x03\x12(\n\x08\x64\x65livery\x18\x18 \x01(\x0b\x32\x16.appliance.v1.Delivery\"q\n\x08KeyImage\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x15\n\rsop_class_uid\x18\x05 \x01(\t\"}\n\x07Heatmap\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12$\n\x06\x65xtent\x18\x06 \x01(\x0b\x32\x14.appliance.v1.Extent\"8\n\x06\x45xtent\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\"\x9a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x05 \x01(\t\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x14\n\x0cinput_layout\x18\x07 \x01(\t\x12\x13\n\x0binput_shape\x18\x08 \x03(\x03\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x15\n\rdecision_rule\x18\n \x01(\t\x12\x11\n\tthreshold\x18\x0b \x01(\x02\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x16\n\x0eserved_because\x18\r \x01(\t\x12\x13\n\x0bpassed_over\x18\x0e \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.appliance.v1.ModelInfo\"\xde\x02\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.appliance.v1.ModelInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x04\x12\x0e\n\x06scored\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\x12\x12\n\nduplicates\x18\x07 \x01(\x04\x12\x15\n\rlast_sequence\x18\x08 \x01(\x04\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x11\n\twatch_dir\x18\n \x01(\t\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x10\n\x08problems\x18\x0c \x03(\t\x12\x18\n\x10model_generation\x18\r \x01(\x04\x12\x16\n\x0eoutbox_pending\x18\x0e \x01(\x04\x12\x1b\n\x13outbox_oldest_age_s\x18\x0f \x01(\x01\x12\x13\n\x0bopen_series\x18\x10 \x01(\x04*X\n\nResultKind\x12\x1b\n\x17RESULT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11RESULT_KIND_IMAGE\x10\x01\x12\x16\n\x12RESULT_KIND_SERIES\x10\x02*L\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_SCORED\x10\x01\x12\x14\n\x10OUTCOME_REJECTED\x10\x02*n\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_NEGATIVE\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_POSITIVE\x10\x02\x12\x1a\n\x16\x44\x45\x43ISION_INDETERMINATE\x10\x03*f\n\rDeliveryState\x12\x11\n\rDELIVERY_NONE\x10\x00\x12\x14\n\x10\x44\x45LIVERY_PENDING\x10\x01\x12\x16\n\x12\x44\x45LIVERY_DELIVERED\x10\x02\x12\x14\n\x10\x44\x45LIVERY_REFUSED\x10\x03*V\n\nCompletion\x12\x1a\n\x16\x43OMPLETION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMPLETION_STABLE\x10\x01\x12\x15\n\x11\x43OMPLETION_HEADER\x10\x02\x32\xbc\x03\n\x07Scoring\x12\x39\n\x05Score\x12\x1a.appliance.v1.ScoreRequest\x1a\x14.appliance.v1.Result\x12K\n\rStreamResults\x12\".appliance.v1.StreamResultsRequest\x1a\x14.appliance.v1.Result0\x01\x12\x41\n\tGetResult\x12\x1e.appliance.v1.GetResultRequest\x1a\x14.appliance.v1.Result\x12O\n\nListModels\x12\x1f.appliance.v1.ListModelsRequest\x1a .appliance.v1.ListModelsResponse\x12\x41\n\tGetStatus\x12\x1e.appliance.v1.GetStatusRequest\x1a\x14.appliance.v1.Status\x12R\n\x0bReloadModel\x12 .appliance.v1.ReloadModelRequest\x1a!.appliance.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'appliance.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=2265
-  _globals['_OUTCOME']._serialized_end=2341
-  _globals['_DECISION']._serialized_start=2343
-  _globals['_DECISION']._serialized_end=2453
-  _globals['_DELIVERYSTATE']._serialized_start=2455
-  _globals['_DELIVERYSTATE']._serialized_end=2557
+  _globals['_RESULTKIND']._serialized_start=3238
+  _globals['_RESULTKIND']._serialized_end=3326
+  _globals['_OUTCOME']._serialized_start=3328
+  _globals['_OUTCOME']._serialized_end=3404
+  _globals['_DECISION']._serialized_start=3406
+  _globals['_DECISION']._serialized_end=3516
+  _globals['_DELIVERYSTATE']._serialized_start=3518
+  _globals['_DELIVERYSTATE']._serialized_end=3620
+  _globals['_COMPLETION']._serialized_start=3622
+  _globals['_COMPLETION']._serialized_end=3708
   _globals['_SCOREREQUEST']._serialized_start=44
   _globals['_SCOREREQUEST']._serialized_end=92
   _globals['_STREAMRESULTSREQUEST']._serialized_start=94
-  _globals['_STREAMRESULTSREQUEST']._serialized_end=140
-  _globals['_GETRESULTREQUEST']._serialized_start=142
-  _globals['_GETRESULTREQUEST']._serialized_end=215
-  _globals['_LISTMODELSREQUEST']._serialized_start=217
-  _globals['_LISTMODELSREQUEST']._serialized_end=236
-  _globals['_GETSTATUSREQUEST']._serialized_start=238
-  _globals['_GETSTATUSREQUEST']._serialized_end=256
-  _globals['_RELOADMODELREQUEST']._serialized_start=258
-  _globals['_RELOADMODELREQUEST']._serialized_end=278
-  _globals['_RELOADMODELRESPONSE']._serialized_start=280
-  _globals['_RELOADMODELRESPONSE']._serialized_end=376
-  _globals['_LABELSCORE']._serialized_start=378
-  _globals['_LABELSCORE']._serialized_end=420
-  _globals['_TIMINGS']._serialized_start=422
-  _globals['_TIMINGS']._serialized_end=547
-  _globals['_REJECTION']._serialized_start=549
-  _globals['_REJECTION']._serialized_end=591
-  _globals['_DELIVERY']._serialized_start=594
-  _globals['_DELIVERY']._serialized_end=731
-  _globals['_RESULT']._serialized_start=734
-  _globals['_RESULT']._serialized_end=1398
-  _globals['_HEATMAP']._serialized_start=1400
-  _globals['_HEATMAP']._serialized_end=1525
-  _globals['_EXTENT']._serialized_start=1527
-  _globals['_EXTENT']._serialized_end=1583
-  _globals['_MODELINFO']._serialized_start=1586
-  _globals['_MODELINFO']._serialized_end=1868
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1870
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1931
-  _globals['_STATUS']._serialized_start=1934
-  _globals['_STATUS']._serialized_end=2263
-  _globals['_SCORING']._serialized_start=2560
-  _globals['_SCORING']._serialized_end=3004
+  _globals['_STREAMRESULTSREQUEST']._serialized_end=205
+  _globals['_GETRESULTREQUEST']._serialized_start=207
+  _globals['_GETRESULTREQUEST']._serialized_end=311
+  _globals['_LISTMODELSREQUEST']._serialized_start=313
+  _globals['_LISTMODELSREQUEST']._serialized_end=332
+  _globals['_GETSTATUSREQUEST']._serialized_start=334
+  _globals['_GETSTATUSREQUEST']._serialized_end=352
+  _globals['_RELOADMODELREQUEST']._serialized_start=354
+  _globals['_RELOADMODELREQUEST']._serialized_end=374
+  _globals['_RELOADMODELRESPONSE']._serialized_start=376
+  _globals['_RELOADMODELRESPONSE']._serialized_end=472
+  _globals['_LABELSCORE']._serialized_start=474
+  _globals['_LABELSCORE']._serialized_end=516
+  _globals['_TIMINGS']._serialized_start=518
+  _globals['_TIMINGS']._serialized_end=643
+  _globals['_REJECTION']._serialized_start=645
+  _globals['_REJECTION']._serialized_end=687
+  _globals['_DELIVERY']._serialized_start=690
+  _globals['_DELIVERY']._serialized_end=827
+  _globals['_RESULT']._serialized_start=830
+  _globals['_RESULT']._serialized_end=1538
+  _globals['_SERIESRESULT']._serialized_start=1541
+  _globals['_SERIESRESULT']._serialized_end=2235
+  _globals['_KEYIMAGE']._serialized_start=2237
+  _globals['_KEYIMAGE']._serialized_end=2350
+  _globals['_HEATMAP']._serialized_start=2352
+  _globals['_HEATMAP']._serialized_end=2477
+  _globals['_EXTENT']._serialized_start=2479
+  _globals['_EXTENT']._serialized_end=2535
+  _globals['_MODELINFO']._serialized_start=2538
+  _globals['_MODELINFO']._serialized_end=2820
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2822
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2883
+  _globals['_STATUS']._serialized_start=2886
+  _globals['_STATUS']._serialized_end=3236
+  _globals['_SCORING']._serialized_start=3711
+  _globals['_SCORING']._serialized_end=4155
 # @@protoc_insertion_point(module_scope)

@@ -77,14 +77,16 @@ class ScoringServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamResults(self, request, context):
-        """Replays stored results with sequence > since_sequence, then follows live ones until cancelled.
+        """Replays stored results with sequence > since_sequence, then follows live ones until cancelled (or until
+        until_sequence), of the kinds asked for: image results only unless the request names others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetResult(self, request, context):
-        """One stored result, by sequence number or by DICOM SOP Instance UID.
+        """One stored result: by sequence number (either kind), by DICOM SOP Instance UID (an image result) or by
+        Series Instance UID (the series' live result: its latest revision).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
