@@ -219,6 +219,12 @@ class PacsConfig(Section):
     tls_key: Path | None = Field(None, description="DICOM TLS: its private key.")
     manufacturer: str = Field("Imaging appliance", description="The reports' Manufacturer.")
     series_number: int = Field(9001, ge=1, description="The Series Number of the appliance's report series.")
+    report_per: Literal["series", "image"] = Field(
+        "series",
+        description="series: per DICOM series one Enhanced SR, one Key Object Selection of its key images and a "
+        "heatmap Secondary Capture per key image, once the series is complete; image: an SR (and heatmap) per scored "
+        "image.",
+    )
     overlays: bool = Field(
         True,
         description="Beside each report, an RGB Secondary Capture of the heatmap over the image (in series "
@@ -236,6 +242,19 @@ class PacsConfig(Section):
         return self
 
 
+class SeriesConfig(Section):
+    """DICOM images assembled into their series (by Series Instance UID, in their study), as radiologists read them."""
+
+    stable_s: float = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="A series is complete once no new image of it has been stored for this long (Orthanc's "
+        "StableAge), or at once where its header says all are in; after a restart, every open series waits this "
+        "long again, so its images still queued are scored first.",
+    )
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     json_format: bool = Field(False, description="One JSON object per line (for journald/ELK) instead of text.")
@@ -251,6 +270,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     pacs: PacsConfig = Field(default_factory=PacsConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
 
     def resolved(self, base: Path) -> Config:
         """Relative paths are taken from the config file's folder, so a unit file can point anywhere."""

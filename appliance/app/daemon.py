@@ -34,6 +34,7 @@ from appliance.intake.folder import FolderIntake
 from appliance.intake.intake import Intake
 from appliance.intake.watcher import FolderWatcher
 from appliance.journal.integrity import open_journal
+from appliance.scoring.series import SeriesAssembler
 from appliance.scoring.served import Reload, ServedModel
 from appliance.scoring.stages import ScoringStages
 
@@ -59,6 +60,8 @@ STOP_ORDER = (
     # Before the stages: Score calls in flight get their answers, and no new one comes in.
     "stopping the gRPC server",
     FINISHING,
+    # After the stages: the series of their last results are complete in the journal, and made at the next start.
+    "stopping the series assembly",
     "closing the backend",
     "closing the journal",
 )
@@ -183,6 +186,12 @@ class Daemon:
         spool.drop_unjournaled(spool_dir, {row.path for row in pending if disposal.spooled(row.source)})
         stages.start()
         self.health.watch(stages)
+        # DICOM images assembled into series; with pacs.report_per = "series" each series' objects go to the PACS.
+        per_series = reports if reports is not None and config.pacs.report_per == "series" else None
+        assembler = SeriesAssembler(journal, config.series.stable_s, lambda: stages.scorer, per_series, self.metrics)
+        assembler.start()
+        self.shutdown.add("stopping the series assembly", assembler.stop)
+        self.health.watch(assembler)
         outbox = None
         if config.pacs.enabled:
             outbox = Outbox(journal, config.pacs, self.metrics)

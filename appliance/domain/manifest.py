@@ -222,6 +222,42 @@ class Heatmap(_Strict):
         return out[0], out[1]
 
 
+class Series(_Strict):
+    """How a DICOM series' image scores combine into its series result, and which images it shows."""
+
+    combine: Literal["max", "top_k_mean", "at_least"] = Field(
+        "max",
+        description="Each label's series score: max: its best image's score; top_k_mean: the mean of its top_k best; "
+        "at_least: its at_least-th best score, so a threshold decides 'at least n images positive'.",
+    )
+    top_k: int = Field(3, ge=1, le=64, description="top_k_mean: how many of the best images are averaged.")
+    at_least: int = Field(2, ge=1, le=64, description="at_least: how many images must reach the threshold.")
+    key_images: int = Field(
+        3,
+        ge=0,
+        le=16,
+        description="The top-scoring images for the decided label kept as the series' key images (referenced by its "
+        "Key Object Selection, each with its heatmap as a Secondary Capture).",
+    )
+
+    @property
+    def k(self) -> int:
+        """The rank the combination reads per label."""
+        return {"max": 1, "top_k_mean": self.top_k, "at_least": self.at_least}[self.combine]
+
+    @property
+    def kept(self) -> int:
+        """How many best images per label the series must keep to combine and choose its key images."""
+        return max(self.k, self.key_images, 1)
+
+    def describe(self) -> str:
+        if self.combine == "max":
+            return "max"
+        if self.combine == "top_k_mean":
+            return f"mean of top {self.top_k}"
+        return f"at least {self.at_least} images"
+
+
 class Batching(_Strict):
     max_batch: int = Field(8, ge=1, le=1024, description="Largest batch the daemon sends to the backend.")
 
@@ -262,6 +298,7 @@ class Manifest(_Strict):
     decision: Decision = Field(default_factory=Decision)
     heatmap: Heatmap | None = Field(None, description="Where the model looked; a model that declares none has none.")
     batching: Batching = Field(default_factory=Batching)
+    series: Series = Field(default_factory=Series)
     accuracy: Accuracy = Field(default_factory=Accuracy)
     calibration: Calibration = Field(default_factory=Calibration)
 

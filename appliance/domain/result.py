@@ -61,6 +61,7 @@ class ImageIds:
     series_instance_uid: str = ""
     sop_instance_uid: str = ""
     accession_number: str = ""
+    images_in_acquisition: int = 0  # what the header says its series holds, where it says (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -258,11 +258,13 @@ def _meta(ds: Dataset) -> ImageMeta:
         photometric=text("PhotometricInterpretation"),
         rows=_size(ds, "Rows"),
         columns=_size(ds, "Columns"),
+        images_in_acquisition=_size(ds, "ImagesInAcquisition"),
     )
 
 
 def _size(ds: Dataset, keyword: str) -> int:
-    """Rows or Columns as the header gives it; 0 where it is missing or unreadable (decoding refuses those)."""
+    """A count as the header gives it (Rows, Columns, Images in Acquisition); 0 where it is missing or unreadable
+    (decoding refuses those without Rows or Columns)."""
     try:
         return max(0, int(ds.get(keyword) or 0))
     except (TypeError, ValueError):

@@ -23,6 +23,7 @@ class ImageMeta:
     photometric: str = ""  # as read, e.g. MONOCHROME1, RGB, YBR_FULL_422
     rows: int = 0  # the source image's size in pixels, before any shrinking: what a heatmap maps onto
     columns: int = 0
+    images_in_acquisition: int = 0  # (0020,1002) where the scanner sets it: how many images its series will hold
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any, Literal, Protocol
 from appliance.domain.delivery import Delivery, DeliveryState
 from appliance.domain.errors import ConfigError, JournalDamaged
 from appliance.domain.result import Result
+from appliance.domain.series import SeriesResult
 from appliance.journal import payload as payload_format
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _INPUTS_TABLE = """
 CREATE TABLE IF NOT EXISTS {name} (
     id              INTEGER PRIMARY KEY,
@@ -44,6 +46,22 @@ _INSTANCE_UID = """,
     instance_uid    TEXT              -- a DICOM instance's SOP Instance UID, where the way in knows it up front"""
 _INPUT_FIELDS = "id, source, path, file_name, size, mtime_ns, content_hash, state, duplicate_of, disposed_path, "
 _INPUT_FIELDS += "attempts, created_ms, updated_ms"
+_RESULTS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the stream's resume point
+    input_id        INTEGER REFERENCES inputs(id),      -- an image result's input; NULL for a series result
+    series_id       INTEGER REFERENCES series(id),      -- the series of a DICOM image, or a series result's
+    frame_index     INTEGER NOT NULL,
+    outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected', 'series')),
+    sop_uid         TEXT NOT NULL DEFAULT '',
+    payload         BLOB NOT NULL,    -- the result without its sequence (appliance.journal.payload)
+    created_ms      INTEGER NOT NULL,
+    payload_version INTEGER NOT NULL DEFAULT 1,  -- the payload's format: appliance.journal.payload.VERSION
+    UNIQUE (input_id, frame_index),   -- a frame is scored once, whatever happens
+    CHECK ((outcome = 'series') = (input_id IS NULL))
+);
+"""
+_RESULT_COPY = "seq, input_id, frame_index, outcome, sop_uid, payload, created_ms, payload_version"
 # Each step upgrades one version to the next; a journal is upgraded whole, in one transaction, or not at all.
 MIGRATIONS = {
     # Version 1 (0.1.0) named the content column content_sha256 and held SHA-256 digests. Its rows keep
@@ -57,9 +75,19 @@ MIGRATIONS = {
     + "ALTER TABLE results ADD COLUMN payload_version INTEGER NOT NULL DEFAULT 1;",
     # Version 3 had no instance UIDs (its outbox table, new in 4, is made by SCHEMA).
     3: "ALTER TABLE inputs ADD COLUMN instance_uid TEXT;",
+    # Version 4 had no series: a result needed an input (the table is rebuilt to let a series result have none),
+    # and had no series column. Its sequence record is carried over: above MAX(seq) after a recovery.
+    4: _RESULTS_TABLE.format(name="results_v5")
+    + f"INSERT INTO results_v5 ({_RESULT_COPY}) SELECT {_RESULT_COPY} FROM results;"
+    + "UPDATE sqlite_sequence SET seq = MAX(seq, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'results'), 0))"
+    + " WHERE name = 'results_v5';"
+    + "INSERT INTO sqlite_sequence (name, seq) SELECT 'results_v5', seq FROM sqlite_sequence WHERE name = 'results'"
+    + " AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'results_v5');"
+    + "DROP TABLE results; ALTER TABLE results_v5 RENAME TO results;",
 }
 SCHEMA = (
     _INPUTS_TABLE.format(name="inputs", extra=_INSTANCE_UID)
+    + _RESULTS_TABLE.format(name="results")
     + """-- One scored (or queued, or rejected) input per content: a second drop becomes a 'duplicate' row.
 -- 'failed' (a transient failure: the backend, a vanished file) does not count: the same content may be retried.
 CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_content ON inputs(content_hash)
@@ -71,18 +99,43 @@ CREATE UNIQUE INDEX IF NOT EXISTS inputs_one_per_instance ON inputs(instance_uid
 CREATE INDEX IF NOT EXISTS inputs_by_state ON inputs(state);
 CREATE INDEX IF NOT EXISTS inputs_by_file ON inputs(path, size, mtime_ns);
 
-CREATE TABLE IF NOT EXISTS results (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the stream's resume point
-    input_id        INTEGER NOT NULL REFERENCES inputs(id),
-    frame_index     INTEGER NOT NULL,
-    outcome         TEXT NOT NULL CHECK (outcome IN ('scored', 'rejected')),
-    sop_uid         TEXT NOT NULL DEFAULT '',
-    payload         BLOB NOT NULL,    -- the result without its sequence (appliance.journal.payload)
-    created_ms      INTEGER NOT NULL,
-    payload_version INTEGER NOT NULL DEFAULT 1,  -- the payload's format: appliance.journal.payload.VERSION
-    UNIQUE (input_id, frame_index)    -- a frame is scored once, whatever happens
-);
 CREATE INDEX IF NOT EXISTS results_by_sop ON results(sop_uid);
+CREATE INDEX IF NOT EXISTS results_by_series ON results(series_id) WHERE series_id IS NOT NULL;
+
+-- DICOM series being assembled from their images' results, and assembled: a series completes once no image of it
+-- has been stored for the quiet period (due_ms), or at once where its header says all are in; a late image opens
+-- it again, and its next series result revises the live one.
+CREATE TABLE IF NOT EXISTS series (
+    id              INTEGER PRIMARY KEY,
+    study_uid       TEXT NOT NULL,
+    series_uid      TEXT NOT NULL,
+    accession       TEXT NOT NULL DEFAULT '',
+    state           TEXT NOT NULL CHECK (state IN ('open', 'complete')),
+    expected        INTEGER,          -- images (frames) its header says it holds, where it says
+    completion      TEXT NOT NULL DEFAULT 'stable' CHECK (completion IN ('stable', 'header')),
+    due_ms          INTEGER NOT NULL, -- when it completes, unless another image comes first
+    first_ms        INTEGER NOT NULL, -- its first image result stored
+    last_ms         INTEGER NOT NULL, -- and its last
+    revision        INTEGER NOT NULL DEFAULT 0,  -- series results made so far
+    live_seq        INTEGER REFERENCES results(seq),  -- the one that stands (the others were revised)
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL,
+    UNIQUE (study_uid, series_uid)
+);
+CREATE INDEX IF NOT EXISTS series_due ON series(due_ms) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS series_by_uid ON series(series_uid);
+
+-- Per series, its best images per label (as many as its manifest's [series] reads): enough to combine the series'
+-- scores and choose its key images without reading every image, and what the PACS objects of a key image need
+-- once its file is gone (header and display: appliance.delivery's bytes; display dropped once the series completes).
+CREATE TABLE IF NOT EXISTS key_candidates (
+    result_seq      INTEGER PRIMARY KEY REFERENCES results(seq),
+    series_id       INTEGER NOT NULL REFERENCES series(id),
+    scores          TEXT NOT NULL,    -- JSON {label: score}
+    header          BLOB,
+    display         BLOB
+);
+CREATE INDEX IF NOT EXISTS key_candidates_by_series ON key_candidates(series_id);
 
 -- DICOM objects for the PACS (a result's report), stored in the transaction that stores their result: a
 -- result is never kept without its report, nor a report without its result. The sender (appliance.delivery)
@@ -184,15 +237,27 @@ class Registration:
 @dataclass(frozen=True)
 class StoredResult:
     seq: int
-    input_id: int
+    input_id: int | None  # None for a series result
     frame_index: int
-    outcome: str
+    outcome: str  # "scored", "rejected", or "series" for a series result
     payload: bytes
     payload_version: int
 
+    @property
+    def kind(self) -> Literal["image", "series"]:
+        return "series" if self.outcome == "series" else "image"
+
     def result(self) -> Result:
-        """The stored result, numbered with its sequence."""
+        """The stored image result, numbered with its sequence."""
+        if self.kind != "image":
+            raise ValueError(f"result {self.seq} is a series result")
         return payload_format.decode(self.payload, self.payload_version, self.seq)
+
+    def series(self) -> SeriesResult:
+        """The stored series result, numbered with its sequence."""
+        if self.kind != "series":
+            raise ValueError(f"result {self.seq} is an image result")
+        return payload_format.decode_series(self.payload, self.payload_version, self.seq)
 
 
 @dataclass(frozen=True)
@@ -205,6 +270,20 @@ class NewDelivery:
 
 
 @dataclass(frozen=True)
+class SeriesEntry:
+    """Where an image result of a DICOM image goes in its series, stored with it in the same transaction."""
+
+    study_uid: str
+    series_uid: str
+    accession: str
+    stable_ms: int  # the quiet period: the series is due this long after this image, unless another comes
+    expected: int = 0  # images (frames) the header says the series holds; 0 where it says nothing
+    scores: Mapping[str, float] | None = None  # a scored image's scores (None: rejected, never a key image)
+    kept: int = 1  # best images per label the series keeps (Manifest.series.kept)
+    material: tuple[bytes, bytes | None] | None = None  # (header, display) where it may become a key image
+
+
+@dataclass(frozen=True)
 class NewResult:
     frame_index: int
     outcome: Literal["scored", "rejected"]
@@ -213,6 +292,37 @@ class NewResult:
     payload_version: int = payload_format.VERSION
     transient: bool = False  # a rejection that says nothing about the content (backend failure, vanished file)
     deliveries: tuple[NewDelivery, ...] = ()  # what goes to the PACS about it, stored in the same transaction
+    series: SeriesEntry | None = None  # a DICOM image's series
+
+
+@dataclass(frozen=True)
+class KeyCandidate:
+    """One of a series' best images, as kept for its series result: the image's stored result (with its heatmap)
+    and the material its PACS objects are made of (None once used, or where none was kept)."""
+
+    image: Result
+    header: bytes | None
+    display: bytes | None
+
+
+@dataclass(frozen=True)
+class SeriesState:
+    """A series as its assembler reads it before completing it."""
+
+    id: int
+    study_uid: str
+    series_uid: str
+    accession: str
+    state: str
+    completion: str
+    due_ms: int
+    first_ms: int
+    last_ms: int
+    revision: int
+    scored: int
+    rejected: int
+    live: StoredResult | None  # the result a new one revises
+    candidates: list[KeyCandidate]
 
 
 @dataclass(frozen=True)
@@ -517,34 +627,242 @@ class Journal:
                     (state, now, input_id),
                 )
                 if cur.rowcount == 1:
+                    touched: set[int] = set()
                     for r in results:
+                        series_id = self._join_series(db, r.series, now) if r.series is not None else None
                         c = db.execute(
-                            "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, payload_version, "
-                            "created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (input_id, r.frame_index, r.outcome, r.sop_uid, r.payload, r.payload_version, now),
+                            "INSERT INTO results (input_id, series_id, frame_index, outcome, sop_uid, payload, "
+                            "payload_version, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (
+                                input_id,
+                                series_id,
+                                r.frame_index,
+                                r.outcome,
+                                r.sop_uid,
+                                r.payload,
+                                r.payload_version,
+                                now,
+                            ),
                         )
                         assert c.lastrowid is not None
                         seqs.append(c.lastrowid)
-                        db.executemany(
-                            # OR IGNORE: a report made again for the same result (content scored again
-                            # after a recovery) is the same instance, already queued or sent: never twice.
-                            "INSERT OR IGNORE INTO outbox (result_seq, sop_class_uid, sop_instance_uid, payload, "
-                            "state, next_try_ms, created_ms, updated_ms) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                            [
-                                (c.lastrowid, d.sop_class_uid, d.sop_instance_uid, d.payload, now, now, now)
-                                for d in r.deliveries
-                            ],
-                        )
+                        self._queue_deliveries(db, c.lastrowid, r.deliveries, now)
+                        if series_id is not None:
+                            assert r.series is not None
+                            touched.add(series_id)
+                            if r.series.scores is not None:
+                                self._add_candidate(db, series_id, c.lastrowid, r.series)
+                    for series_id in touched:
+                        self._complete_by_header(db, series_id, now)
                 out.append(seqs)
             top = max((max(s) for s in out if s), default=0)
-            if self._reserve is not None and top > self._reserve.ceiling():
-                # Before COMMIT: no number is ever stored (and streamed) above the marker's ceiling.
-                self._reserve.reserve(top, self._committed)
+            self._reserve_up_to(top)
+        self._stored(top)
+        return out
+
+    def _reserve_up_to(self, top: int) -> None:
+        """Before COMMIT: no number is ever stored (and streamed) above the marker's ceiling."""
+        if self._reserve is not None and top > self._reserve.ceiling():
+            self._reserve.reserve(top, self._committed)
+
+    def _stored(self, top: int) -> None:
+        """After COMMIT of numbers up to ``top`` (0: none): streams wake."""
         self._committed = max(self._committed, top)
-        if any(out):
+        if top:
             with self.changed:
                 self.changed.notify_all()
-        return out
+
+    @staticmethod
+    def _queue_deliveries(db: sqlite3.Connection, seq: int, deliveries: Sequence[NewDelivery], now: int) -> None:
+        db.executemany(
+            # OR IGNORE: a report made again for the same result (content scored again after a recovery), or a
+            # key image's heatmap in a series' revision, is the same instance, already queued or sent: never twice.
+            "INSERT OR IGNORE INTO outbox (result_seq, sop_class_uid, sop_instance_uid, payload, "
+            "state, next_try_ms, created_ms, updated_ms) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+            [(seq, d.sop_class_uid, d.sop_instance_uid, d.payload, now, now, now) for d in deliveries],
+        )
+
+    # --- series -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _join_series(db: sqlite3.Connection, entry: SeriesEntry, now: int) -> int:
+        """The image's series, opened (or opened again: a late image) with its quiet period starting now."""
+        due = now + entry.stable_ms
+        row = db.execute(
+            "SELECT id FROM series WHERE study_uid = ? AND series_uid = ?", (entry.study_uid, entry.series_uid)
+        ).fetchone()
+        if row is None:
+            cur = db.execute(
+                "INSERT INTO series (study_uid, series_uid, accession, state, expected, due_ms, first_ms, last_ms, "
+                "created_ms, updated_ms) VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
+                (entry.study_uid, entry.series_uid, entry.accession, entry.expected or None, due, now, now, now, now),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+        db.execute(
+            "UPDATE series SET state = 'open', completion = 'stable', due_ms = ?, last_ms = ?, updated_ms = ?, "
+            "expected = COALESCE(?, expected), accession = CASE WHEN accession = '' THEN ? ELSE accession END "
+            "WHERE id = ?",
+            (due, now, now, entry.expected or None, entry.accession, row[0]),
+        )
+        return int(row[0])
+
+    @staticmethod
+    def _complete_by_header(db: sqlite3.Connection, series_id: int, now: int) -> None:
+        """Due now where its header's count of images is reached."""
+        db.execute(
+            "UPDATE series SET due_ms = ?, completion = 'header' WHERE id = ? AND state = 'open' "
+            "AND expected IS NOT NULL AND expected <= (SELECT COUNT(*) FROM results WHERE series_id = ? "
+            "AND outcome != 'series')",
+            (now, series_id, series_id),
+        )
+
+    @staticmethod
+    def _add_candidate(db: sqlite3.Connection, series_id: int, seq: int, entry: SeriesEntry) -> None:
+        """Keep the image among the series' best, and let go of those no longer among the best ``kept`` for any
+        label: the best images of a series are always among its candidates, as each image better than them was
+        kept when it came."""
+        assert entry.scores is not None
+        header, display = entry.material if entry.material is not None else (None, None)
+        db.execute(
+            "INSERT INTO key_candidates (result_seq, series_id, scores, header, display) VALUES (?, ?, ?, ?, ?)",
+            (seq, series_id, json.dumps(dict(entry.scores)), header, display),
+        )
+        rows = db.execute("SELECT result_seq, scores FROM key_candidates WHERE series_id = ?", (series_id,)).fetchall()
+        scored = [(int(s), json.loads(text)) for s, text in rows]
+        keep: set[int] = set()
+        for label in entry.scores:
+            ranked = sorted(scored, key=lambda item: (-item[1].get(label, float("-inf")), item[0]))
+            keep.update(s for s, _ in ranked[: entry.kept])
+        gone = [(s,) for s, _ in scored if s not in keep]
+        db.executemany("DELETE FROM key_candidates WHERE result_seq = ?", gone)
+
+    def key_floors(self, study_uid: str, series_uid: str, kept: int) -> dict[str, float]:
+        """Per label, the score an image must beat to be among the series' best ``kept`` so far (-inf where the
+        series has fewer): an image at or under every floor is never a key image, and needs no material kept."""
+        rows = self._read(
+            "SELECT k.scores FROM key_candidates k JOIN series s ON s.id = k.series_id "
+            "WHERE s.study_uid = ? AND s.series_uid = ?",
+            (study_uid, series_uid),
+        )
+        scored = [json.loads(r[0]) for r in rows]
+        labels = {label for scores in scored for label in scores}
+        floors: dict[str, float] = {}
+        for label in labels:
+            best = sorted((scores.get(label, float("-inf")) for scores in scored), reverse=True)
+            floors[label] = best[kept - 1] if len(best) >= kept else float("-inf")
+        return floors
+
+    def series_due(self, now_ms: int) -> list[int]:
+        """Open series whose quiet period is over (or whose header said all are in), the longest due first."""
+        rows = self._read("SELECT id FROM series WHERE state = 'open' AND due_ms <= ? ORDER BY due_ms, id", (now_ms,))
+        return [int(r[0]) for r in rows]
+
+    def next_series_due_ms(self) -> int | None:
+        row = self._read_one("SELECT MIN(due_ms) FROM series WHERE state = 'open'", ())
+        return int(row[0]) if row[0] is not None else None
+
+    def open_series(self) -> int:
+        """Series assembling now: an image stored, their result not yet made."""
+        return int(self._read_one("SELECT COUNT(*) FROM series WHERE state = 'open'", ())[0])
+
+    def restart_series_clocks(self, now_ms: int, stable_ms: int) -> int:
+        """At a start: every open series waits a whole quiet period again (its images still queued in the journal
+        are scored first), but for those whose header said all are in. Returns how many are open."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET due_ms = MAX(due_ms, ?) WHERE state = 'open' AND completion = 'stable'",
+                (now_ms + stable_ms,),
+            )
+            return int(db.execute("SELECT COUNT(*) FROM series WHERE state = 'open'").fetchone()[0])
+
+    def postpone_series(self, series_id: int, due_ms: int, until_ms: int) -> None:
+        """A series whose result could not be made is tried again later (unless an image came meanwhile)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET due_ms = ? WHERE id = ? AND state = 'open' AND due_ms = ?",
+                (until_ms, series_id, due_ms),
+            )
+
+    def series_state(self, series_id: int) -> SeriesState | None:
+        row = self._read_one(
+            "SELECT id, study_uid, series_uid, accession, state, completion, due_ms, first_ms, last_ms, revision, "
+            "live_seq FROM series WHERE id = ?",
+            (series_id,),
+        )
+        if row is None:
+            return None
+        counts = dict(
+            self._read(
+                "SELECT outcome, COUNT(*) FROM results WHERE series_id = ? AND outcome != 'series' GROUP BY outcome",
+                (series_id,),
+            )
+        )
+        live = self.result_by_seq(int(row[10])) if row[10] is not None else None
+        candidates = [
+            KeyCandidate(StoredResult(*r[:6]).result(), r[6], r[7])
+            for r in self._read(
+                f"SELECT {', '.join('r.' + f for f in _RESULT_FIELDS.split(', '))}, k.header, k.display "
+                "FROM key_candidates k JOIN results r ON r.seq = k.result_seq WHERE k.series_id = ? ORDER BY r.seq",
+                (series_id,),
+            )
+        ]
+        sid, study_uid, series_uid, accession, state, completion, due_ms, first_ms, last_ms, revision = row[:10]
+        return SeriesState(
+            sid,
+            study_uid,
+            series_uid,
+            accession,
+            state,
+            completion,
+            due_ms,
+            first_ms,
+            last_ms,
+            revision,
+            scored=int(counts.get("scored", 0)),
+            rejected=int(counts.get("rejected", 0)),
+            live=live,
+            candidates=candidates,
+        )
+
+    def complete_series(
+        self, series_id: int, due_ms: int, payload: bytes, deliveries: Sequence[NewDelivery] = ()
+    ) -> int | None:
+        """Store a series' result with its objects for the PACS, and close the series, in one transaction. None
+        (nothing stored) where an image of it was stored since ``due_ms`` was read: it is due again later."""
+        now = _now_ms()
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE series SET state = 'complete', revision = revision + 1, updated_ms = ? "
+                "WHERE id = ? AND state = 'open' AND due_ms = ?",
+                (now, series_id, due_ms),
+            )
+            if cur.rowcount != 1:
+                return None
+            c = db.execute(
+                "INSERT INTO results (input_id, series_id, frame_index, outcome, sop_uid, payload, payload_version, "
+                "created_ms) VALUES (NULL, ?, 0, 'series', '', ?, ?, ?)",
+                (series_id, payload, payload_format.VERSION, now),
+            )
+            seq = c.lastrowid
+            assert seq is not None
+            db.execute("UPDATE series SET live_seq = ? WHERE id = ?", (seq, series_id))
+            self._queue_deliveries(db, seq, deliveries, now)
+            # The key images' pictures are in the outbox now; a revision keeps their headers, and their heatmaps
+            # already sent are the same instances.
+            db.execute("UPDATE key_candidates SET display = NULL WHERE series_id = ?", (series_id,))
+            self._reserve_up_to(seq)
+        self._stored(seq)
+        return seq
+
+    def series_result(self, series_uid: str) -> StoredResult | None:
+        """The series' live result (its latest revision); the latest series of that UID where studies share it."""
+        row = self._read_one(
+            f"SELECT {', '.join('r.' + f for f in _RESULT_FIELDS.split(', '))} FROM series s "
+            "JOIN results r ON r.seq = s.live_seq WHERE s.series_uid = ? ORDER BY s.id DESC LIMIT 1",
+            (series_uid,),
+        )
+        return StoredResult(*row) if row else None
 
     def results_after(self, seq: int, limit: int = 256) -> list[StoredResult]:
         rows = self._read(

@@ -2,7 +2,8 @@
 change of the result never needs a rewrite of every stored row, and the wire format (appliance.v1) can
 change without touching what is stored.
 
-Version 2: the domain Result as compact JSON, without its sequence number (the row's own key).
+Version 2: the domain Result as compact JSON, without its sequence number (the row's own key); a series result
+(appliance.domain.series.SeriesResult) likewise, in rows whose outcome says 'series'.
 Version 1 (journals of schema 1 and 2): an encoded appliance.v1.Result message. Read, never written.
 """
 
@@ -24,8 +25,55 @@ from appliance.domain.result import (
     ScoredBy,
     Timings,
 )
+from appliance.domain.series import Completion, KeyImage, SeriesResult
 
 VERSION = 2
+
+
+def encode_series(result: SeriesResult) -> bytes:
+    doc = {name: getattr(result, name) for name in _SERIES_PLAIN}
+    doc["scores"] = [[s.label, s.score] for s in result.scores]
+    doc["decision"] = result.decision.value
+    doc["findings"] = list(result.findings)
+    doc["key_images"] = [vars(k) for k in result.key_images]
+    doc["scored_by"] = vars(result.scored_by)
+    doc["completion"] = result.completion.value
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_series(payload: bytes, version: int, sequence: int) -> SeriesResult:
+    if version != VERSION:
+        raise ValueError(f"series result {sequence} is stored in payload version {version}; this appliance reads 2")
+    doc = json.loads(payload)
+    return SeriesResult(
+        **{name: doc[name] for name in _SERIES_PLAIN},
+        scores=tuple(LabelScore(label, score) for label, score in doc["scores"]),
+        decision=Decision(doc["decision"]),
+        findings=tuple(doc["findings"]),
+        key_images=tuple(KeyImage(**k) for k in doc["key_images"]),
+        scored_by=ScoredBy(**doc["scored_by"]),
+        completion=Completion(doc["completion"]),
+        sequence=sequence,
+    )
+
+
+_SERIES_PLAIN = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "accession_number",
+    "images_scored",
+    "images_rejected",
+    "threshold",
+    "key_label",
+    "combine",
+    "revision",
+    "created_unix_ms",
+    "first_image_unix_ms",
+    "last_image_unix_ms",
+    "revises_sequence",
+    "report_uid",
+    "revises_report_uid",
+)
 
 
 def encode(result: Result) -> bytes:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -22,12 +23,13 @@ from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Outcome, Result
 from appliance.files import disposal
-from appliance.journal.journal import Journal, NewDelivery, NewResult
+from appliance.journal.journal import Journal, NewDelivery, NewResult, SeriesEntry
 from appliance.privacy import hashed, log_failure
 from appliance.scoring.admission import Admission
 from appliance.scoring.job import Job, Scorer
 from appliance.scoring.observer import ScoringObserver
-from appliance.scoring.results import build_results, journal_row
+from appliance.scoring.results import TRANSIENT_CODES, build_results, journal_row
+from appliance.scoring.series import entry_for
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ class ReportMaker(Protocol):
     def for_input(
         self, input_id: int, path: Path, results: list[Result], manifest: Manifest, display: Sequence[np.ndarray]
     ) -> list[tuple[NewDelivery, ...]]: ...
+
+    def key_material(
+        self, input_id: int, path: Path, result: Result, display: np.ndarray | None
+    ) -> tuple[bytes, bytes | None] | None:
+        """What a scored image that may become a key image of its series must keep for the PACS objects."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,10 @@ class Finisher:
         current: Callable[[], Scorer],
         faults: Faults,
         reports: ReportMaker | None = None,
+        series_stable_s: float = 30.0,
     ) -> None:
         self.journal = journal
+        self.series_stable_s = series_stable_s  # DICOM images join their series, due this long after the last
         self.reports = reports  # set when results go to a PACS: their reports are stored with them
         self.watch = watch
         self.admission = admission
@@ -171,7 +180,11 @@ class Finisher:
                 current = self.current()
                 results = build_results(job.facts, job.prepared, job.frames, job.picked_up, current)
                 reports = self._reports(job, results, current.manifest)
-                built.append(_Built(job, results, [journal_row(r, d) for r, d in zip(results, reports, strict=True)]))
+                rows = [
+                    replace(journal_row(r, d), series=self._series_entry(job, r, current.manifest))
+                    for r, d in zip(results, reports, strict=True)
+                ]
+                built.append(_Built(job, results, rows))
             except Exception as e:
                 self._fail(job, e)
         return built
@@ -238,6 +251,22 @@ class Finisher:
             self._account(job, results)
             if job.future is not None and not job.future.done():
                 job.future.set_result(results)
+
+    def _series_entry(self, job: Job, result: Result, manifest: Manifest) -> SeriesEntry | None:
+        """Its place in its series; a rejection that says nothing of the image (retried) takes none."""
+        ids = result.ids
+        if not (ids.study_instance_uid and ids.series_instance_uid):
+            return None  # not a DICOM image of a series: its result stands alone
+        if result.rejection is not None and result.rejection.code in TRANSIENT_CODES:
+            return None
+        reports = self.reports
+        material = None
+        if reports is not None:
+            display = job.prepared.display if job.prepared else ()
+            frame = display[result.frame_index] if result.frame_index < len(display) else None
+            material = partial(reports.key_material, job.facts.input_id, job.path, result, frame)
+        floors = self.journal.key_floors(ids.study_instance_uid, ids.series_instance_uid, manifest.series.kept)
+        return entry_for(result, manifest, self.series_stable_s, material, floors)
 
     def _reports(self, job: Job, results: list[Result], manifest: Manifest) -> list[tuple[NewDelivery, ...]]:
         if self.reports is None:

@@ -91,7 +91,13 @@ def _result(
     """What every result holds, scored or not; ``outcome`` says which, and what it found or why not."""
     ids = ImageIds(sop_instance_uid=facts.instance_uid)  # GetResult finds a rejected instance by it too
     if meta is not None:
-        ids = ImageIds(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid, meta.accession_number)
+        ids = ImageIds(
+            meta.study_instance_uid,
+            meta.series_instance_uid,
+            meta.sop_instance_uid,
+            meta.accession_number,
+            meta.images_in_acquisition,
+        )
     elif refused_after_header is not None:
         ids = refused_after_header  # what the header of a refused input said
     return Result(

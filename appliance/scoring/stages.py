@@ -59,8 +59,20 @@ class ScoringStages:
         )
         self._preparing = PreparePool(manifest, config.limits, workers, config.inference.decode_with, display_side)
         self.finisher = Finisher(
-            journal, config.watch, self.admission, self.observer, lambda: self._scorer, faults or Faults(), reports
+            journal,
+            config.watch,
+            self.admission,
+            self.observer,
+            lambda: self._scorer,
+            faults or Faults(),
+            reports,
+            config.series.stable_s,
         )
+
+    @property
+    def scorer(self) -> Scorer:
+        """The model serving now (a reload swaps it between batches)."""
+        return self._scorer
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
