@@ -32,7 +32,20 @@ _INPUT_COLUMNS = [
     *("id", "source", "path", "file_name", "size", "mtime_ns", "content_hash", "state", "duplicate_of"),
     *("disposed_path", "attempts", "created_ms", "updated_ms", "instance_uid"),
 ]
-_RESULT_COLUMNS = ["seq", "input_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms", "payload_version"]
+_RESULT_COLUMNS = [
+    *("seq", "input_id", "series_id", "frame_index", "outcome", "sop_uid", "payload", "created_ms"),
+    "payload_version",
+]
+_NEWER_RESULT_COLUMNS = ("payload_version", "series_id")  # absent from older schemas: their defaults stand
+# Tables salvaged whole where they exist (schema 5 on): the series and their best images, so that series results
+# kept still belong to their series, and a late image revises the one that stood.
+_SERIES_TABLES = {
+    "series": [
+        *("id", "study_uid", "series_uid", "accession", "state", "expected", "completion", "due_ms", "first_ms"),
+        *("last_ms", "revision", "live_seq", "created_ms", "updated_ms"),
+    ],
+    "key_candidates": ["result_seq", "series_id", "scores", "header", "display"],
+}
 _OUTBOX_COLUMNS = [
     *("id", "result_seq", "sop_class_uid", "sop_instance_uid", "payload", "state", "attempts", "next_try_ms"),
     *("status", "reason", "created_ms", "updated_ms"),
@@ -340,6 +353,7 @@ class Salvaged:
     input_columns: list[str] = field(default_factory=list)
     outbox_columns: list[str] = field(default_factory=list)  # empty: a journal from before the outbox
     outbox: list[tuple[Any, ...]] = field(default_factory=list)
+    series_tables: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -440,8 +454,9 @@ def _salvage(aside: Path, work: Path) -> Salvaged:
             out.sequence_record = int(row[0]) if row else 0
         try:
             present = {r[1] for r in db.execute("PRAGMA table_info(results)")}
-            # Before schema 3 a row had no payload_version: its payload is version 1, the column's default.
-            out.result_columns = [c for c in _RESULT_COLUMNS if c in present or c != "payload_version"]
+            # Before schema 3 a row had no payload_version: its payload is version 1, the column's default; before 5
+            # no series.
+            out.result_columns = [c for c in _RESULT_COLUMNS if c in present or c not in _NEWER_RESULT_COLUMNS]
             upper = _upper(db, "results", out.sequence_record)
             out.results, bad = _read_table(db, "results", out.result_columns, upper)
             if bad:
@@ -471,6 +486,15 @@ def _salvage(aside: Path, work: Path) -> Salvaged:
                     )
         except sqlite3.Error as e:
             out.notes.append(f"no report waiting for the PACS could be read ({e})")
+        for table, columns in _SERIES_TABLES.items():
+            try:
+                if {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    rows, bad = _read_table(db, table, columns, _upper(db, table, 0))
+                    out.series_tables[table] = rows
+                    if bad:
+                        out.notes.append(f"{bad} damaged stretch(es) of {table} were stepped over")
+            except sqlite3.Error as e:
+                out.notes.append(f"no row of {table} could be read ({e})")
     return out
 
 
@@ -555,11 +579,16 @@ def _recover(path: Path, identity_dir: Path | None) -> list[str]:
                 f"VALUES ({', '.join('?' * len(data.outbox_columns))})",
                 data.outbox,
             )
+        for table, rows in data.series_tables.items():
+            columns = _SERIES_TABLES[table]
+            db.executemany(
+                f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows
+            )
         # Finished inputs whose every result was lost count as failed: the same content dropped again is
         # scored again instead of being called a duplicate of a result nobody can read.
         failed = db.execute(
             "UPDATE inputs SET state = 'failed' WHERE state IN ('scored', 'rejected') "
-            "AND id NOT IN (SELECT input_id FROM results)"
+            "AND id NOT IN (SELECT input_id FROM results WHERE input_id IS NOT NULL)"  # series results have none
         ).rowcount
         if db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'results'", (start_after,)).rowcount == 0:
             db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('results', ?)", (start_after,))
