@@ -1,6 +1,6 @@
-"""The API's wire form: the domain Result as an `appliance.v1.Result` message (and a heatmap back, for terminals),
-a JSON view of one for people (`appliance score`, `appliance-client --json`), and the model served, the daemon's
-status and a reload's outcome as the API answers them."""
+"""The API's wire form: the domain Result and SeriesResult as an `appliance.v1.Result` message (and a heatmap and a
+series result back, for terminals), a JSON view of one for people (`appliance score`, `appliance-client --json`), and
+the model served, the daemon's status and a reload's outcome as the API answers them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.domain.delivery import Delivery, DeliveryState
-from appliance.domain.result import Decision, Heatmap, Outcome, Result
+from appliance.domain.result import Decision, Heatmap, LabelScore, Outcome, Result, ScoredBy
+from appliance.domain.series import Completion, KeyImage, SeriesResult
 from appliance.inference.loader import Served, expected_sample_shape
-from appliance.journal.journal import Counts
+from appliance.journal.journal import Counts, StoredResult
 from appliance.scoring.served import Reload
 from appliance.v1 import scoring_pb2 as pb
 
@@ -26,6 +27,9 @@ _DELIVERIES = {
     DeliveryState.DELIVERED: pb.DELIVERY_DELIVERED,
     DeliveryState.REFUSED: pb.DELIVERY_REFUSED,
 }
+_COMPLETIONS = {Completion.STABLE: pb.COMPLETION_STABLE, Completion.HEADER: pb.COMPLETION_HEADER}
+_DECIDED = {v: k for k, v in _DECISIONS.items()}
+_COMPLETED = {v: k for k, v in _COMPLETIONS.items()}
 
 
 def to_message(result: Result, delivery: Delivery | None = None) -> pb.Result:
@@ -79,16 +83,100 @@ def to_message(result: Result, delivery: Delivery | None = None) -> pb.Result:
             )
         )
     if delivery is not None:
-        message.delivery.CopyFrom(
-            pb.Delivery(
-                state=_DELIVERIES[delivery.state],
-                attempts=delivery.attempts,
-                status=delivery.status or 0,
-                reason=delivery.reason,
-                report_sop_instance_uid=delivery.sop_instance_uid,
-            )
-        )
+        message.delivery.CopyFrom(_delivery(delivery))
     return message
+
+
+def series_message(series: SeriesResult, delivery: Delivery | None = None) -> pb.Result:
+    """A series result's wire message: a Result with only its sequence and its ``series`` set (the image fields
+    stay empty); ``delivery`` (where its SR stands) where the caller looked it up."""
+    by = series.scored_by
+    body = pb.SeriesResult(
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        accession_number=series.accession_number,
+        images_scored=series.images_scored,
+        images_rejected=series.images_rejected,
+        scores=[pb.LabelScore(label=s.label, score=s.score) for s in series.scores],
+        decision=_DECISIONS[series.decision],
+        findings=series.findings,
+        threshold=series.threshold,
+        key_label=series.key_label,
+        key_images=[
+            pb.KeyImage(
+                sop_instance_uid=k.sop_instance_uid,
+                frame_index=k.frame_index,
+                score=k.score,
+                sequence=k.sequence,
+            )
+            for k in series.key_images
+        ],
+        model_name=by.model_name,
+        model_version=by.model_version,
+        backend=by.backend,
+        combine=series.combine,
+        completion=_COMPLETIONS[series.completion],
+        revision=series.revision,
+        revises_sequence=series.revises_sequence,
+        report_sop_instance_uid=series.report_uid,
+        revises_report_sop_instance_uid=series.revises_report_uid,
+        created_unix_ms=series.created_unix_ms,
+        first_image_unix_ms=series.first_image_unix_ms,
+        last_image_unix_ms=series.last_image_unix_ms,
+    )
+    if delivery is not None:
+        body.delivery.CopyFrom(_delivery(delivery))
+    return pb.Result(sequence=series.sequence, series=body)
+
+
+def series_from_message(message: pb.Result) -> SeriesResult:
+    """A series result as a terminal received it, in the domain's form. ValueError where the message is not one."""
+    if not message.HasField("series"):
+        raise ValueError(f"result {message.sequence} is not a series result")
+    s = message.series
+    if s.decision not in _DECIDED or s.completion not in _COMPLETED:
+        raise ValueError(f"series result {message.sequence} has no decision or no completion")
+    return SeriesResult(
+        study_instance_uid=s.study_instance_uid,
+        series_instance_uid=s.series_instance_uid,
+        accession_number=s.accession_number,
+        images_scored=s.images_scored,
+        images_rejected=s.images_rejected,
+        scores=tuple(LabelScore(x.label, x.score) for x in s.scores),
+        decision=_DECIDED[s.decision],
+        findings=tuple(s.findings),
+        threshold=s.threshold,
+        key_label=s.key_label,
+        key_images=tuple(KeyImage(k.sop_instance_uid, k.frame_index, k.score, k.sequence) for k in s.key_images),
+        scored_by=ScoredBy(s.model_name, s.model_version, s.backend),
+        combine=s.combine,
+        completion=_COMPLETED[s.completion],
+        revision=s.revision,
+        created_unix_ms=s.created_unix_ms,
+        first_image_unix_ms=s.first_image_unix_ms,
+        last_image_unix_ms=s.last_image_unix_ms,
+        revises_sequence=s.revises_sequence,
+        report_uid=s.report_sop_instance_uid,
+        revises_report_uid=s.revises_report_sop_instance_uid,
+        sequence=message.sequence,
+    )
+
+
+def stored_message(stored: StoredResult, delivery: Delivery | None = None) -> pb.Result:
+    """A stored result of either kind as its wire message."""
+    if stored.kind == "series":
+        return series_message(stored.series(), delivery)
+    return to_message(stored.result(), delivery)
+
+
+def _delivery(delivery: Delivery) -> pb.Delivery:
+    return pb.Delivery(
+        state=_DELIVERIES[delivery.state],
+        attempts=delivery.attempts,
+        status=delivery.status or 0,
+        reason=delivery.reason,
+        report_sop_instance_uid=delivery.sop_instance_uid,
+    )
 
 
 def heatmap_from_message(h: pb.Heatmap) -> Heatmap:
@@ -100,6 +188,11 @@ def heatmap_from_message(h: pb.Heatmap) -> Heatmap:
 def encoded(result: Result) -> bytes:
     """The message as the stream sends it, encoded once for every stream that sends it."""
     return to_message(result).SerializeToString()
+
+
+def encoded_stored(stored: StoredResult) -> bytes:
+    """A stored result of either kind as the stream sends it."""
+    return stored_message(stored).SerializeToString()
 
 
 def result_to_dict(result: pb.Result) -> dict[str, object]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from appliance.config import is_loopback
+from appliance.domain.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,22 @@ class Metrics:
             "1 while server.insecure = true serves the network in plaintext without terminal tokens (a lab only).",
             registry=r,
         )
+        self.open_series = Gauge(
+            "appliance_series_open",
+            "DICOM series assembling now: images arriving, their series result not yet made (read when scraped).",
+            registry=r,
+        )
+        self.series_results = Counter(
+            "appliance_series_results",
+            "Series results stored, by decision (positive, negative, indeterminate); revisions included.",
+            ["decision"],
+            registry=r,
+        )
+        self.series_revisions = Counter(
+            "appliance_series_revisions",
+            "Series results that revise an earlier one: a late image re-opened its series.",
+            registry=r,
+        )
         self.passed_over = Gauge(
             "appliance_artifacts_passed_over",
             "Built artifacts the daemon did not serve at load: another host's key, damaged, or a failed self-check.",
@@ -113,6 +133,28 @@ class Metrics:
             self.stage.labels("decode").observe(decode_ms / 1e3)
         if preprocess_ms is not None:
             self.stage.labels("preprocess").observe(preprocess_ms / 1e3)
+
+    # --- what the series assembly reports (appliance.scoring.series.SeriesObserver) ----------------------
+
+    def on_series(self, decision: str, revision: int, open_series: int) -> None:
+        """A series result stored: ``decision`` as Decision.value, ``revision`` 1 for a series' first. The open
+        series gauge reads the journal when scraped instead (a series opens with its first image, not here)."""
+        self.series_results.labels(decision).inc()
+        if revision > 1:
+            self.series_revisions.inc()
+
+    def count_open_series(self, count: Callable[[], int]) -> None:
+        """The open series gauge reads ``count`` (the journal's) when scraped; the last value read while the
+        journal cannot answer (its problem is on health)."""
+        last = 0
+
+        def read() -> float:
+            nonlocal last
+            with contextlib.suppress(sqlite3.Error, ApplianceError):
+                last = count()
+            return last
+
+        self.open_series.set_function(read)
 
     # --- what the outbox reports (appliance.delivery.outbox.OutboxObserver) --------------------------
 

@@ -8,6 +8,7 @@ and status calls always answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -24,8 +25,8 @@ import grpc
 from grpc import aio
 
 from appliance.api.auth import Caller, Refused, caller
-from appliance.api.codec import encoded, to_message
-from appliance.api.feed import PAGE, ResultFeed
+from appliance.api.codec import encoded_stored, stored_message, to_message
+from appliance.api.feed import PAGE, Kind, ResultFeed
 from appliance.api.metrics import Metrics
 from appliance.api.tls import INSECURE_PROBLEM, insecure_exposure
 from appliance.api.tokens import Scope
@@ -46,6 +47,8 @@ SCORE_TIMEOUT_S = 120.0
 LOOKUP_THREADS = 4
 SCORE_METHOD = "/appliance.v1.Scoring/Score"
 LOCAL = Caller("local", Scope.admin)  # where no token is required (a loopback-only appliance)
+KINDS: dict[int, Kind] = {pb.RESULT_KIND_IMAGE: "image", pb.RESULT_KIND_SERIES: "series"}
+IMAGES_ONLY: frozenset[Kind] = frozenset({"image"})  # what a request naming no kind gets: as before series results
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.limits = limits
         self.insecure = insecure_exposure(limits)
         metrics.insecure.set(1 if self.insecure else 0)
+        metrics.count_open_series(journal.open_series)
         self.feed: ResultFeed | None = None  # set once the server's loop runs (bind)
         self._streams: defaultdict[str, int] = defaultdict(int)
         self._scores = 0
@@ -238,6 +242,16 @@ class ScoringService(pb_grpc.ScoringServicer):
         """Yields encoded Results (grpc_server registers this method with a pass-through serializer)."""
         assert self.feed is not None, "bind() runs before the server starts"
         who = caller.get(LOCAL)
+        unknown = [k for k in request.kinds if k not in KINDS]
+        if unknown:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"StreamResultsRequest.kinds names {unknown[0]}, not a kind this appliance streams: name "
+                "RESULT_KIND_IMAGE, RESULT_KIND_SERIES or both.",
+            )
+        kinds = frozenset(KINDS[k] for k in request.kinds) or IMAGES_ONLY
+        until = request.until_sequence
         total = sum(self._streams.values())
         if total >= self.limits.max_streams:
             await _abort(
@@ -255,21 +269,31 @@ class ScoringService(pb_grpc.ScoringServicer):
         last = request.since_sequence
         try:
             await context.send_initial_metadata(())  # the terminal knows its stream is open before any result
-            while True:
-                batch = self.feed.after(last)
-                if batch is None:  # behind the shared window: a page from the journal
-                    rows = await self._blocking(self._lookups, self.journal.results_after, last, PAGE)
-                    batch = [(r.seq, encoded(r.result())) for r in rows]
-                for seq, data in batch:
+            while not (until and last >= until):
+                messages, through = await self._page(last, kinds, until)
+                for data in messages:
                     yield data
-                    last = seq
-                if not batch:
+                if through == last:
                     await self.feed.wait_past(last, STREAM_WAKE_S)
+                last = through
         finally:
             self.metrics.streams.dec()
             self._streams[who.name] -= 1
             if not self._streams[who.name]:
                 del self._streams[who.name]
+
+    async def _page(self, last: int, kinds: frozenset[Kind], until: int) -> tuple[list[bytes], int]:
+        """What a stream sends next: the messages of its kinds past ``last`` (none past ``until``, where set), from
+        at most a page of results read, and the sequence read through (``last`` where none is stored past it).
+        The cursor moves over the kinds not sent too, so a series stream resumes past the image results it skipped."""
+        assert self.feed is not None
+        window = self.feed.after(last)
+        if window is None:  # behind the shared window: a page from the journal, encoded only where sent
+            rows = await self._blocking(self._lookups, self.journal.results_after, last, PAGE)
+            sent = [encoded_stored(r) for r in rows if r.kind in kinds and not (until and r.seq > until)]
+            return sent, rows[-1].seq if rows else last
+        sent = [p.data for p in window if p.kind in kinds and not (until and p.seq > until)]
+        return sent, window[-1].seq if window else last
 
     # --- lookups ------------------------------------------------------------------------------------
 
@@ -281,12 +305,25 @@ class ScoringService(pb_grpc.ScoringServicer):
             stored = await self._blocking(self._lookups, self.journal.result_by_seq, request.sequence)
         elif key == "sop_instance_uid":
             stored = await self._blocking(self._lookups, self.journal.result_by_sop_uid, request.sop_instance_uid)
+        elif key == "series_instance_uid":
+            stored = await self._blocking(self._lookups, self.journal.series_result, request.series_instance_uid)
+            if stored is None:
+                await _abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    "No series result for that series_instance_uid: none of its images was received, or it is "
+                    "still assembling.",
+                )
         else:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "Give a sequence or a sop_instance_uid.")
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Give a sequence, a sop_instance_uid or a series_instance_uid.",
+            )
         if stored is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"No result for that {key}.")
         delivery = await self._blocking(self._lookups, self.journal.delivery_of, stored.seq)
-        return to_message(stored.result(), delivery)
+        return stored_message(stored, delivery)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: aio.ServicerContext[Any, Any]
@@ -294,9 +331,15 @@ class ScoringService(pb_grpc.ScoringServicer):
         return pb.ListModelsResponse(models=[self.hooks.model_info()])
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext[Any, Any]) -> pb.Status:
-        status: pb.Status = await self._blocking(self._lookups, self.hooks.status)
+        status: pb.Status = await self._blocking(self._lookups, self._status)
         if self.insecure:  # not a fault (health stays SERVING: a lab chose it), but said wherever one is read
             status.problems.append(INSECURE_PROBLEM)
+        return status
+
+    def _status(self) -> pb.Status:
+        status = self.hooks.status()
+        with contextlib.suppress(sqlite3.Error, ApplianceError):  # a damaged journal: said among the problems
+            status.open_series = self.journal.open_series()
         return status
 
     async def ReloadModel(

@@ -650,7 +650,6 @@ class KeyImage(_message.Message):
     FRAME_INDEX_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
-    SOP_CLASS_UID_FIELD_NUMBER: _builtins.int
     sop_instance_uid: _builtins.str
     frame_index: _builtins.int
     """0-based frame of a multi-frame instance"""
@@ -658,7 +657,6 @@ class KeyImage(_message.Message):
     """its score for the key label"""
     sequence: _builtins.int
     """its image result's sequence"""
-    sop_class_uid: _builtins.str
     def __init__(
         self,
         *,
@@ -666,11 +664,10 @@ class KeyImage(_message.Message):
         frame_index: _builtins.int = ...,
         score: _builtins.float = ...,
         sequence: _builtins.int = ...,
-        sop_class_uid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "score", b"score", "sequence", b"sequence", "sop_class_uid", b"sop_class_uid", "sop_instance_uid", b"sop_instance_uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "score", b"score", "sequence", b"sequence", "sop_instance_uid", b"sop_instance_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from appliance.api.codec import encoded
-from appliance.api.feed import PAGE, WINDOW, ResultFeed
+from appliance.api.feed import PAGE, WINDOW, Published, ResultFeed
 from appliance.api.grpc_server import GrpcServer
 from appliance.api.service import Hooks, ScoringService
 from appliance.config import ServerConfig
@@ -38,13 +38,13 @@ def _stored(journal: Journal, count: int) -> list[int]:
     return [seq for seqs in journal.complete_many([(input_id, [row]) for input_id in ids]) for seq in seqs]
 
 
-def _as_streamed(journal: Journal, seqs: list[int]) -> list[tuple[int, bytes]]:
+def _as_streamed(journal: Journal, seqs: list[int]) -> list[Published]:
     """What a stream reading the journal sends for these results: the window must send the same bytes."""
     out = []
     for seq in seqs:
         stored = journal.result_by_seq(seq)
         assert stored is not None
-        out.append((seq, encoded(stored.result())))
+        out.append(Published(seq, "image", encoded(stored.result())))
     return out
 
 
