@@ -1,4 +1,5 @@
-"""`appliance-client`: a terminal's view of the appliance: watch results live, score a file, look one up."""
+"""`appliance-client`: a terminal's view of the appliance: watch results live (images, series or both), list the
+series as a radiologist's worklist sorts them, score a file, look one up."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,9 @@ def wait_until_serving(target: str | Connection, alive: Callable[[], bool], time
 
 
 def format_result(r: pb.Result) -> str:
-    """One line a person can read at a glance."""
+    """One line a person can read at a glance (a series result's: format_series)."""
+    if r.HasField("series"):
+        return format_series(r)
     name = r.file_name + (f" [frame {r.frame_index + 1}/{r.frame_count}]" if r.frame_count > 1 else "")
     if r.outcome == pb.OUTCOME_REJECTED:
         return f"#{r.sequence:<6} REJECTED  {name}: {r.rejection.code}: {r.rejection.message}"
@@ -138,6 +141,59 @@ def format_result(r: pb.Result) -> str:
     scores = " ".join(f"{s.label}={s.score:.3f}" for s in r.scores)
     line = f"#{r.sequence:<6} {decision:<13} {name}: {','.join(r.findings)} ({scores}) {r.timings.total_ms:.0f} ms"
     return line + looked_at(r) + delivery_note(r.delivery)
+
+
+def format_series(r: pb.Result) -> str:
+    """A series result in one line: its decision, its top label and score, its images, its key images (the tail
+    of each SOP Instance UID, the frame where not the first, the score) and the result it revises."""
+    s = r.series
+    decision = pb.Decision.Name(s.decision).removeprefix("DECISION_")
+    label, score = top_score(s)
+    accession = f" (accession {s.accession_number})" if s.accession_number else ""
+    images = f"{s.images_scored} images scored" + (f", {s.images_rejected} rejected" if s.images_rejected else "")
+    keys = ", ".join(
+        _uid_tail(k.sop_instance_uid) + (f" frame {k.frame_index + 1}" if k.frame_index else "") + f" {k.score:.3f}"
+        for k in s.key_images
+    )
+    line = f"#{r.sequence:<6} {decision:<13} series {s.series_instance_uid}{accession}: {label}={score:.3f}; {images}"
+    line += f"; key images {keys}" if keys else ""
+    line += f"; revises #{s.revises_sequence}" if s.revises_sequence else ""
+    return line + delivery_note(s.delivery)
+
+
+def top_score(s: pb.SeriesResult) -> tuple[str, float]:
+    """The series' top label and its score: its key label (the top finding, else the label nearest to one)."""
+    scores = {x.label: x.score for x in s.scores}
+    if s.key_label in scores:
+        return s.key_label, scores[s.key_label]
+    if not scores:
+        return s.key_label, 0.0
+    label = max(scores, key=lambda name: scores[name])
+    return label, scores[label]
+
+
+def _uid_tail(uid: str, keep: int = 12) -> str:
+    """Enough of a UID to tell a series' instances apart on a terminal (they share their leading roots)."""
+    return uid if len(uid) <= keep + 2 else ".." + uid[-keep:]
+
+
+_DECISION_RANK = {pb.DECISION_POSITIVE: 0, pb.DECISION_INDETERMINATE: 1, pb.DECISION_NEGATIVE: 2}
+
+
+def worklist_order(r: pb.Result) -> tuple[int, float, int]:
+    """As a radiologist's worklist sorts series: positive first (then indeterminate, then negative), each by its
+    top score, highest first; the newest first between equals."""
+    return (_DECISION_RANK.get(r.series.decision, 3), -top_score(r.series)[1], -r.sequence)
+
+
+def live_series(results: Iterable[pb.Result]) -> list[pb.Result]:
+    """The live series results among ``results`` (in sequence order): a revision replaces the result it revises
+    (one per study and series), sorted by worklist_order."""
+    live: dict[tuple[str, str], pb.Result] = {}
+    for r in results:
+        if r.HasField("series"):
+            live[(r.series.study_instance_uid, r.series.series_instance_uid)] = r
+    return sorted(live.values(), key=worklist_order)
 
 
 def looked_at(r: pb.Result) -> str:
@@ -163,26 +219,44 @@ def _emit(r: pb.Result, as_json: bool) -> None:
     print(json.dumps(result_to_dict(r)) if as_json else format_result(r), flush=True)
 
 
-def stream(stub: pb_grpc.ScoringStub, since: int) -> Iterator[pb.Result]:
-    return stub.StreamResults(pb.StreamResultsRequest(since_sequence=since))
+def stream(
+    stub: pb_grpc.ScoringStub, since: int, kinds: Sequence[pb.ResultKind.ValueType] = (), until: int = 0
+) -> Iterator[pb.Result]:
+    """Results after ``since`` of ``kinds`` (pb.RESULT_KIND_*; none: image results), followed live, or up to
+    ``until`` where set."""
+    return stub.StreamResults(pb.StreamResultsRequest(since_sequence=since, kinds=kinds, until_sequence=until))
 
 
-def _watch(connection: Connection, since: int, as_json: bool, follow_reconnect: bool, limit: int) -> int:
+@dataclass(frozen=True)
+class Watch:
+    """What `watch` shows and for how long."""
+
+    since: int
+    kinds: tuple[pb.ResultKind.ValueType, ...] = ()  # none: image results
+    until: int = 0  # stop once past this sequence (0: follow live results)
+    as_json: bool = False
+    reconnect: bool = True
+    limit: int = 0  # stop after this many results (0: never)
+
+
+def _watch(connection: Connection, watch: Watch) -> int:
     """Follow the stream; on a dropped connection resume after the last result seen, so nothing is missed."""
-    last = since
+    last = watch.since
     shown = 0
     while True:
         with connection.channel() as channel:
             stub = pb_grpc.ScoringStub(channel)
             try:
-                for r in stream(stub, last):
-                    _emit(r, as_json)
+                for r in stream(stub, last, watch.kinds, watch.until):
+                    _emit(r, watch.as_json)
                     last = r.sequence
                     shown += 1
-                    if limit and shown >= limit:
+                    if watch.limit and shown >= watch.limit:
                         return 0
+                if watch.until:  # the stream ended where asked
+                    return 0
             except grpc.RpcError as e:
-                if not follow_reconnect or e.code() in _FINAL:
+                if not watch.reconnect or e.code() in _FINAL:
                     print(f"appliance-client: {explain(e)}", file=sys.stderr)
                     return 1
                 print(
@@ -193,6 +267,14 @@ def _watch(connection: Connection, since: int, as_json: bool, follow_reconnect: 
 
 
 _FINAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)  # retrying will not help
+
+
+def worklist(stub: pb_grpc.ScoringStub, since: int = 0) -> list[pb.Result]:
+    """The live series results stored after ``since``, as `worklist` prints them: read up to what is stored now."""
+    until = stub.GetStatus(pb.GetStatusRequest(), timeout=10).last_sequence
+    if until <= since:
+        return []
+    return live_series(stream(stub, since, [pb.RESULT_KIND_SERIES], until))
 
 
 class Mismatch(Exception):
@@ -268,6 +350,13 @@ def _matching_frame(r: pb.Result, image: DecodedImage, content_hash: str) -> np.
     return image.frames[r.frame_index]
 
 
+def _kinds(series: bool, images: bool) -> tuple[pb.ResultKind.ValueType, ...]:
+    """What `watch` asks for: image results unless --series; both with --series --images."""
+    if not series:
+        return ()
+    return (pb.RESULT_KIND_SERIES, pb.RESULT_KIND_IMAGE) if images else (pb.RESULT_KIND_SERIES,)
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -286,12 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--since", type=int, default=None, help="Replay stored results after this sequence first.")
     w.add_argument("--no-reconnect", action="store_true", help="Exit when the connection drops.")
     w.add_argument("--limit", type=int, default=0, help="Exit after this many results (0: never).")
+    w.add_argument("--series", action="store_true", help="Series results: one line per series (see --images).")
+    w.add_argument("--images", action="store_true", help="Image results too, with --series (alone: the default).")
+    w.add_argument("--no-follow", action="store_true", help="Exit once the results stored now are shown.")
+    wl = sub.add_parser(
+        "worklist",
+        help="The series results standing now (a revision replaces the one it revises), positive first, then by "
+        "top score.",
+    )
+    wl.add_argument("--since", type=int, default=0, help="Only series results stored after this sequence.")
     s = sub.add_parser("score", help="Send one image and print its result.")
     s.add_argument("file", type=Path)
     g = sub.add_parser("get", help="Look a stored result up.")
     key = g.add_mutually_exclusive_group(required=True)
     key.add_argument("--sequence", type=int)
     key.add_argument("--sop-uid", "--sop-instance-uid", dest="sop_uid")
+    key.add_argument("--series-uid", "--series-instance-uid", dest="series_uid", help="The series' live result.")
     o = sub.add_parser(
         "overlay",
         help="Write a PNG of where the model looked for a stored result, over the image it was made from.",
@@ -304,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     okey.add_argument("--sop-uid", "--sop-instance-uid", dest="sop_uid")
     o.add_argument("--image", type=Path, required=True, help="The image the result is for (DICOM, PNG, JPEG, TIFF).")
     o.add_argument("-o", "--output", type=Path, required=True, help="The PNG to write.")
-    sub.add_parser("status", help="Model, backend, queue depth and counts.")
+    sub.add_parser("status", help="Model, backend, queue depth, open series and counts.")
     sub.add_parser("models", help="The model being served.")
     sub.add_parser("reload", help="Load the configured model again and swap it in (needs an admin token).")
     args = p.parse_args(argv)
@@ -312,24 +411,34 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "watch":
-            since = args.since
-            if since is None:  # live only: start from the newest stored result
+            since, until = args.since, 0
+            if since is None or args.no_follow:
                 with connection.channel() as ch:
-                    since = pb_grpc.ScoringStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).last_sequence
-            return _watch(connection, since, args.json, not args.no_reconnect, args.limit)
+                    last = pb_grpc.ScoringStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10).last_sequence
+                since = last if since is None else since  # live only: start from the newest stored result
+                until = last if args.no_follow else 0
+                if args.no_follow and until <= since:
+                    return 0
+            kinds = _kinds(args.series, args.images)
+            return _watch(connection, Watch(since, kinds, until, args.json, not args.no_reconnect, args.limit))
         with connection.channel() as channel:
             stub = pb_grpc.ScoringStub(channel)
+            if args.command == "worklist":
+                for r in worklist(stub, args.since):
+                    _emit(r, args.json)
+                return 0
             if args.command == "score":
                 data = args.file.read_bytes()
                 r = stub.Score(pb.ScoreRequest(image=data, file_name=args.file.name), timeout=180)
                 _emit(r, args.json)
                 return 0 if r.outcome == pb.OUTCOME_SCORED else 1
             if args.command in ("get", "overlay"):
-                req = (
-                    pb.GetResultRequest(sequence=args.sequence)
-                    if args.sequence is not None
-                    else pb.GetResultRequest(sop_instance_uid=args.sop_uid)
-                )
+                if args.sequence is not None:
+                    req = pb.GetResultRequest(sequence=args.sequence)
+                elif getattr(args, "series_uid", None):
+                    req = pb.GetResultRequest(series_instance_uid=args.series_uid)
+                else:
+                    req = pb.GetResultRequest(sop_instance_uid=args.sop_uid)
                 if args.command == "overlay":
                     return _overlay(stub, req, args.image, args.output)
                 _emit(stub.GetResult(req, timeout=10), args.json)
