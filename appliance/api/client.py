@@ -285,6 +285,13 @@ def _overlay(stub: pb_grpc.ScoringStub, req: pb.GetResultRequest, image: Path, o
     """`overlay`: the stored result's heatmap over the image it was made from, windowed as a radiologist sees
     it (the DICOM file's own VOI window, a PNG or JPEG's full range), as a PNG of the image's own size."""
     r = stub.GetResult(req, timeout=10)
+    if r.HasField("series"):
+        print(
+            f"appliance-client: result #{r.sequence} is a series result: give one of its key images' SOP UIDs "
+            "(--sop-uid) and that image.",
+            file=sys.stderr,
+        )
+        return 1
     which = f"result #{r.sequence} ({r.file_name})"
     if r.outcome == pb.OUTCOME_REJECTED:
         print(f"appliance-client: {which} was rejected ({r.rejection.code}), so it has no heatmap.", file=sys.stderr)
