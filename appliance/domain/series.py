@@ -87,9 +87,7 @@ def per_label(images: Sequence[ImageScores], labels: Sequence[str], combine: str
 def key_images(images: Sequence[ImageScores], label: str, count: int) -> tuple[KeyImage, ...]:
     """The ``count`` best images for ``label``, best first (ties: the earlier result first)."""
     ranked = sorted(images, key=lambda i: (-i.scores[label], i.sequence))[:count]
-    return tuple(
-        KeyImage(i.sop_instance_uid, i.frame_index, i.scores[label], i.sequence, i.sop_class_uid) for i in ranked
-    )
+    return tuple(KeyImage(i.sop_instance_uid, i.frame_index, i.scores[label], i.sequence) for i in ranked)
 
 
 def key_label(scores: Sequence[LabelScore], findings: Sequence[str], negatives: Sequence[str]) -> str:
