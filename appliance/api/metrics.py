@@ -136,7 +136,7 @@ class Metrics:
 
     # --- what the series assembly reports (appliance.scoring.series.SeriesObserver) ----------------------
 
-    def on_series(self, decision: str, revision: int, open_series: int) -> None:
+    def on_series(self, decision: str, revision: int) -> None:
         """A series result stored: ``decision`` as Decision.value, ``revision`` 1 for a series' first. The open
         series gauge reads the journal when scraped instead (a series opens with its first image, not here)."""
         self.series_results.labels(decision).inc()

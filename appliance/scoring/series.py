@@ -38,7 +38,7 @@ class SeriesReportMaker(Protocol):
 
 
 class SeriesObserver(Protocol):
-    def on_series(self, decision: str, revision: int, open_series: int) -> None: ...
+    def on_series(self, decision: str, revision: int) -> None: ...
 
 
 def entry_for(
@@ -210,7 +210,7 @@ class SeriesAssembler:
             len(deliveries),
         )
         if self.observer is not None:
-            self.observer.on_series(result.decision.value, result.revision, self.journal.open_series())
+            self.observer.on_series(result.decision.value, result.revision)
         return 1
 
 

@@ -83,9 +83,9 @@ def test_an_image_result_is_not_read_as_a_series_result() -> None:
 
 def test_the_series_observer_counts_by_decision_and_counts_revisions() -> None:
     metrics = Metrics()
-    metrics.on_series("positive", 1, 4)
-    metrics.on_series("positive", 2, 3)
-    metrics.on_series("negative", 1, 2)
+    metrics.on_series("positive", 1)
+    metrics.on_series("positive", 2)
+    metrics.on_series("negative", 1)
     value = metrics.registry.get_sample_value
     assert value("appliance_series_results_total", {"decision": "positive"}) == 2.0
     assert value("appliance_series_results_total", {"decision": "negative"}) == 1.0
