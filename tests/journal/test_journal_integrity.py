@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -448,3 +449,76 @@ def test_a_journal_made_readable_by_others_is_closed_to_them_at_open(journal_pat
     open_journal(journal_path).close()
     for part in journal_path.parent.iterdir():
         assert part.stat().st_mode & 0o077 == 0, part
+
+
+# --- the upgrade to series (schema 4 to 5) ----------------------------------------------------------------
+
+
+def _schema_4_journal(path: Path, results: int, record: int) -> None:
+    """A schema-4 journal as the release before series wrote it: ``results`` inputs with one scored result each
+    (the first with a report for the PACS), and AUTOINCREMENT's record at ``record`` (above MAX(seq) after a
+    recovery, or after results lost)."""
+    from appliance.journal import payload
+    from tests.journal.old_schemas import SCHEMA_4
+    from tests.journal.test_payload import SCORED
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_4)
+        db.execute("PRAGMA user_version = 4")
+        for n in range(1, results + 1):
+            db.execute(
+                "INSERT INTO inputs (source, path, file_name, size, mtime_ns, content_hash, state, created_ms, "
+                "updated_ms, instance_uid) VALUES ('dicom', CAST(? AS BLOB), 'a', 10, 1, ?, 'scored', 1, 1, ?)",
+                (f"/in/{n}", f"h{n}", f"1.2.{n}"),
+            )
+            db.execute(
+                "INSERT INTO results (input_id, frame_index, outcome, sop_uid, payload, created_ms, payload_version) "
+                "VALUES (?, 0, 'scored', ?, ?, 1, 2)",
+                (n, f"1.2.{n}", payload.encode(SCORED)),
+            )
+        if results:
+            db.execute(
+                "INSERT INTO outbox (result_seq, sop_class_uid, sop_instance_uid, payload, state, next_try_ms, "
+                "created_ms, updated_ms) VALUES (1, '1.2.840.10008.5.1.4.1.1.88.22', '2.25.1', x'00', 'pending', 1, "
+                "1, 1)"
+            )
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'results'")
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('results', ?)", (record,))
+
+
+@pytest.mark.parametrize("results", [3, 0], ids=["with-results", "all-lost"])
+def test_a_schema_4_journal_is_upgraded_keeping_its_results_and_numbering_above_its_record(
+    tmp_path: Path, results: int
+) -> None:
+    from appliance.journal import payload
+    from appliance.journal.journal import SCHEMA_VERSION, SeriesEntry
+    from tests.journal.test_payload import SCORED
+
+    path = tmp_path / "data" / "journal.sqlite3"
+    _schema_4_journal(path, results, record=500)
+    j = open_journal(path)
+    assert j.issued() == 500
+    old = j.results_after(0)
+    assert [(s.seq, s.kind) for s in old] == [(n, "image") for n in range(1, results + 1)]
+    assert all(s.result() == replace(SCORED, sequence=s.seq) for s in old)
+    if results:
+        delivery = j.delivery_of(1)
+        assert delivery is not None and delivery.sop_instance_uid == "2.25.1"  # its report still waits for the PACS
+    # New results, image and series, continue above the record: never a number a terminal may have seen.
+    reg = j.register(source="dicom", path="/in/new", file_name="new", size=1, mtime_ns=1, content_hash="new")
+    entry = SeriesEntry(SCORED.ids.study_instance_uid, SCORED.ids.series_instance_uid, "", 1, scores={"glioma": 0.75})
+    row = NewResult(frame_index=0, outcome="scored", sop_uid="1.2.new", payload=payload.encode(SCORED), series=entry)
+    assert j.complete(reg.input.id, [row]) == [501]
+    (series_id,) = j.series_due(2**62)
+    state = j.series_state(series_id)
+    assert state is not None and j.complete_series(series_id, state.due_ms, b"{}") == 502
+    j.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("SELECT name, seq FROM sqlite_sequence WHERE name LIKE 'results%'").fetchall() == [
+            ("results", 502)
+        ]
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert check(path) is None
