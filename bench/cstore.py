@@ -52,9 +52,10 @@ class Sent:
     acknowledged: float  # as it exited: every instance answered, all the scanner waits for
 
 
-def send(storescu: str, port: int, paths: Sequence[Path]) -> Sent:
-    """The files, in order, on one association; an error with storescu's words if it failed."""
-    command = [storescu, "-aet", SCANNER_AE, "-aec", DICOM_AE, "127.0.0.1", str(port), *map(str, paths)]
+def send(storescu: str, port: int, paths: Sequence[Path], called: str = DICOM_AE) -> Sent:
+    """The files, in order, on one association to ``called`` (the daemon's receiver, or a PACS); an error with
+    storescu's words if it failed."""
+    command = [storescu, "-aet", SCANNER_AE, "-aec", called, "127.0.0.1", str(port), *map(str, paths)]
     started = time.time()
     done = subprocess.run(command, capture_output=True, text=True, timeout=SEND_WAIT_S)
     acknowledged = time.time()
@@ -109,8 +110,9 @@ def burst(
     per_result: int = 1,
 ) -> dict[str, Any]:
     """One daemon: the warm-up sent and scored (and its reports delivered) untimed, then the burst.
-    ``per_result``: the objects the PACS gets for each scored image (its report, and its heatmap overlay)."""
-    daemon = make_daemon(root=root, dicom=True, pacs_port=pacs.port if pacs else None)
+    ``per_result``: the objects the PACS gets for each scored image (its report, and its heatmap overlay): a report
+    per image, as each radiograph here is a series of its own (bench/series.py measures a report per series)."""
+    daemon = make_daemon(root=root, dicom=True, pacs_port=pacs.port if pacs else None, report_per="image")
     daemon.start()
     try:
         if warm:

@@ -68,6 +68,8 @@ class BenchDaemon:
     device: int = 0
     dicom: bool = False  # the DICOM receiver on too, for callers titled SCANNER_AE
     pacs_port: int | None = None  # [pacs] on: reports go to a PACS_AE on this loopback port
+    report_per: str = "series"  # pacs.report_per: "series" (the config's default) or "image"
+    series_stable_s: float | None = None  # [series] stable_s; None: the config's default
     port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -92,7 +94,12 @@ class BenchDaemon:
                 f'allowed = [{{ ae_title = "{SCANNER_AE}" }}]\n'
             )
         if self.pacs_port is not None:
-            ways += f'[pacs]\nenabled = true\nhost = "127.0.0.1"\nport = {self.pacs_port}\nae_title = "{PACS_AE}"\n'
+            ways += (
+                f'[pacs]\nenabled = true\nhost = "127.0.0.1"\nport = {self.pacs_port}\nae_title = "{PACS_AE}"\n'
+                f'report_per = "{self.report_per}"\n'
+            )
+        if self.series_stable_s is not None:
+            ways += f"[series]\nstable_s = {self.series_stable_s}\n"
         config.write_text(
             f'[watch]\ndir = "{self.incoming}"\nprocessed_dir = "{self.root / "processed"}"\nstable_s = 0.2\n'
             f'rejected_dir = "{self.root / "rejected"}"\n'
