@@ -2,7 +2,11 @@
 scored DICOM image, and beside it the heatmap overlay (Secondary Capture) where the result has a heatmap and the
 preparer kept the frame as shown. They are made on the finisher's thread before the results are stored, so each
 object is queued in the same transaction as its result: a result stored is its objects queued, even across a
-crash. The report comes first: the result's delivery (GetResult) is its report's."""
+crash. The report comes first: the result's delivery (GetResult) is its report's.
+
+Where `pacs.report_per` is "series" (the default) an image's result sends nothing: its series, once complete,
+sends one SR, one Key Object Selection and its key images' heatmaps instead (series_report.py), made of what each
+candidate key image kept of itself (key_material) while its source was still there."""
 
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from pydicom.uid import generate_uid
 from appliance import __version__
 from appliance.config import PacsConfig
 from appliance.delivery.overlay import build_overlay
+from appliance.delivery.series_report import KeyMaterial, SeriesReports
 from appliance.delivery.sr import Device, ReportError, build_report, encode
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Outcome, Result
+from appliance.domain.series import SeriesResult
 from appliance.journal.journal import NewDelivery
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ class Reports:
     def __init__(self, pacs: PacsConfig, device: Device) -> None:
         self.pacs = pacs
         self.device = device
+        self.series = SeriesReports(pacs, device)
 
     def for_input(
         self,
@@ -54,7 +61,9 @@ class Reports:
         """Per result, its report when it scored a DICOM image, then its overlay where it has a heatmap and
         ``display`` (the input's frames as shown, Prepared.display) holds its frame; nothing for the rest. A source
         whose header cannot be read again gets neither (its result is stored and streamed all the same), and says
-        why; an overlay that cannot be made leaves its report to go alone."""
+        why; an overlay that cannot be made leaves its report to go alone. Nothing where reports go per series."""
+        if self.pacs.report_per == "series":
+            return [() for _ in results]
         wanted = [r.outcome is Outcome.SCORED and bool(r.ids.sop_instance_uid) for r in results]
         if not any(wanted):
             return [() for _ in results]
@@ -122,3 +131,17 @@ class Reports:
                 type(e).__name__,
             )
         return ()
+
+    def key_material(
+        self, input_id: int, path: Path, result: Result, display: np.ndarray | None
+    ) -> tuple[bytes, bytes | None] | None:
+        """What a scored DICOM image that may become a key image of its series keeps for its objects: its header
+        without pixels, and ``display`` (its frame as shown) where it has a heatmap and overlays are on
+        (SeriesReports.key_material). None where the header cannot be read again."""
+        return self.series.key_material(input_id, path, result, display)
+
+    def for_series(
+        self, result: SeriesResult, keys: Sequence[KeyMaterial], manifest: Manifest
+    ) -> tuple[NewDelivery, ...]:
+        """A complete series' SR, KOS and key images' heatmaps, in that order (SeriesReports.for_series)."""
+        return self.series.for_series(result, keys, manifest)
