@@ -25,15 +25,20 @@ from appliance.toolkit import (
     quiet_pydicom,
 )
 from appliance.v1 import scoring_pb2 as pb
-from bench import cstore, heatmap_cost
+from bench import cstore, heatmap_cost, series
 from bench.daemon_run import BenchDaemon
 from bench.inputs import WORKLOADS, write_inputs
 from bench.report import percentiles, text, write_json, write_png
 from bench.stages import naive_loop, prepare_throughput
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = {"mr": None, "radiograph": REPO / "models" / "pipeline-test"}  # None: the config's model
-DEFAULT_COUNTS = {"mr": 200, "radiograph": 200}  # long enough that filling and draining the pipeline are noise
+DEFAULT_MODELS = {
+    "mr": None,
+    "radiograph": REPO / "models" / "pipeline-test",
+    "series": REPO / "models" / "pipeline-test",
+}
+# mr, radiograph: long enough that filling and draining the pipeline are noise; series: a CT series' slices
+DEFAULT_COUNTS = {"mr": 200, "radiograph": 200, "series": 300}
 
 
 def shrink_first_error(fast: Preparer, exact: Preparer, paths: list[Path]) -> dict[str, float]:
@@ -69,9 +74,10 @@ def host_shares(e2e: float, prepare_alone: float, infer_alone: float, timings: l
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--workload", choices=WORKLOADS, default="mr", help="mr (default model) or radiograph")
-    p.add_argument("--count", type=int, help="files in the burst (default 200)")
-    p.add_argument("--model", type=Path, help="model folder (default: mr the config's, radiograph pipeline-test)")
+    p.add_argument("--workload", choices=(*WORKLOADS, "series"), default="mr",
+                   help="mr (default model), radiograph, or series (a CT series by DICOM, [pacs] on)")  # fmt: skip
+    p.add_argument("--count", type=int, help="files in the burst (default 200), slices in the series (default 300)")
+    p.add_argument("--model", type=Path, help="model folder (default: mr the config's, the others pipeline-test)")
     p.add_argument("--config", type=Path, default=REPO / "appliance.toml", help="for the engines folder")
     p.add_argument("--out", type=Path, default=REPO / "bench-results", help="where the JSON and PNG go")
     p.add_argument("--idle", type=int, default=10, help="single images on an idle daemon, for latency")
@@ -79,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="the batcher's delay, as the daemon has it")
     p.add_argument("--no-cstore", action="store_true", help="radiograph: skip the burst sent by DCMTK's storescu")
     p.add_argument("--no-pacs", action="store_true", help="radiograph: skip the C-STORE burst with [pacs] on")
+    p.add_argument("--stable-s", type=float, help="series: series.stable_s (default: the config's)")
+    p.add_argument("--image-count", type=int, help="series: slices sent for a report per image (default: all)")
     return p
 
 
@@ -92,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     count = args.count or DEFAULT_COUNTS[args.workload]
     work = args.out / f".work-{args.workload}"
     shutil.rmtree(work, ignore_errors=True)
+    make_daemon = functools.partial(BenchDaemon, model=model_dir, engines=config.model.engines_dir,
+                                    max_delay_ms=args.max_delay_ms, backend=config.inference.backend,
+                                    device=config.inference.device, heatmaps=config.inference.heatmaps)  # fmt: skip
+    if args.workload == "series":
+        return series_main(args, make_daemon, work, count, manifest.model.name, config.series.stable_s)
     print(f"generating {count + args.idle} {args.workload} inputs ...", flush=True)
     paths = write_inputs(work / "inputs", args.workload, count + args.idle)
     idle_paths, burst_paths = paths[: args.idle], paths[args.idle :]
@@ -140,9 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     figures["naive_files_s"] = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
 
     print("the daemon: idle latency, then the burst ...", flush=True)
-    make_daemon = functools.partial(BenchDaemon, model=model_dir, engines=config.model.engines_dir,
-                                    max_delay_ms=args.max_delay_ms, backend=config.inference.backend,
-                                    device=config.inference.device, heatmaps=config.inference.heatmaps)  # fmt: skip
     daemon = make_daemon(root=work / "daemon")
     daemon.start()
     try:
@@ -195,5 +205,30 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / f"{args.workload}-{stamp}.json", figures)
     write_png(args.out / f"{args.workload}-{stamp}.png", figures)
     print(f"wrote {args.out}/{args.workload}-{stamp}.json and .png")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def series_main(
+    args: argparse.Namespace,
+    make_daemon: functools.partial[BenchDaemon],
+    work: Path,
+    count: int,
+    model: str,
+    stable_s: float,
+) -> int:
+    """The series workload (bench/series.py): its own figures, no stage timings (the other workloads have them)."""
+    stable_s = args.stable_s or stable_s
+    image_count = min(args.image_count or count, count)
+    print(f"generating one CT series of {count} slices ...", flush=True)
+    files = series.write_series(work / "inputs", count)
+    warm = series.write_warm(work / "warm")
+    figures: dict[str, Any] = {"workload": "series", "count": count, "model": model, "cpus": os.cpu_count(),
+                               "unix_time": time.time()}  # fmt: skip
+    figures.update(series.measure(make_daemon, work, warm, files, stable_s, files[:image_count]))
+    print(series.text(figures))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(args.out / f"series-{stamp}.json", figures)
+    print(f"wrote {args.out}/series-{stamp}.json")
     shutil.rmtree(work, ignore_errors=True)
     return 0
