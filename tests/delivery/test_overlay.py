@@ -47,7 +47,7 @@ from tests.peers.dcmtk import dciodvfy
 REPO = Path(__file__).resolve().parents[2]
 LOADED = load_manifest(REPO / "models" / "pipeline-test")
 MANIFEST = LOADED.manifest
-PACS = PacsConfig(enabled=True, series_number=9001)
+PACS = PacsConfig(enabled=True, series_number=9001, report_per="image")
 
 
 @pytest.fixture
