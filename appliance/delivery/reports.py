@@ -137,7 +137,10 @@ class Reports:
     ) -> tuple[bytes, bytes | None] | None:
         """What a scored DICOM image that may become a key image of its series keeps for its objects: its header
         without pixels, and ``display`` (its frame as shown) where it has a heatmap and overlays are on
-        (SeriesReports.key_material). None where the header cannot be read again."""
+        (SeriesReports.key_material). None where the header cannot be read again, and with per-image reports (the
+        series then send nothing to the PACS)."""
+        if self.pacs.report_per != "series":
+            return None
         return self.series.key_material(input_id, path, result, display)
 
     def for_series(
