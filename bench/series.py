@@ -317,7 +317,7 @@ def text(f: dict[str, Any]) -> str:
         f"{ps['rejected']} rejected, {ps['key_images']} key images ({ps['series_results']} series result)",
         f"  last slice -> its report in the PACS  {ps['delivered_after_last_slice_s']:.2f} s   ratio to stable_s "
         f"{s['ratio_delivered_to_stable_s']:.3f}   beyond stable_s {s['delivered_beyond_stable_s']:+.2f} s",
-        f"    after the last slice: last image result {ps['last_result_after_last_slice_s']:.2f} s, series result "
+        f"    after the last slice: last image result {ps['last_result_after_last_slice_s']:.3f} s, series result "
         f"made {ps['series_made_after_last_slice_s']:.2f} s ({ps['series_made_after_last_image_s']:.2f} s after "
         f"its last image), streamed {ps['series_streamed_after_last_slice_s']:.2f} s, in the PACS "
         f"{ps['delivered_after_last_slice_s']:.2f} s",
@@ -332,6 +332,7 @@ def text(f: dict[str, Any]) -> str:
         f"{s['straight']['storescu_s']:.2f} s   ratio {s['ratio_storescu_to_straight']:.2f}",
         f"                         (with a report per image: {pi['storescu_s']:.2f} s for {n} slices)",
         f"  daemon CPU             per series {ps['daemon_cpu_s']:.1f} s, per image {pi['daemon_cpu_s']:.1f} s "
-        "(first slice sent to the last object in the PACS)",
+        f"({n} slices)   ratio {ps['daemon_cpu_s'] / pi['daemon_cpu_s']:.3f}   (first slice sent to the last object "
+        "in the PACS)",
     ]
     return "\n".join(lines)
