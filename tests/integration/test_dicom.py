@@ -36,9 +36,14 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
 
 
 def _appliance(
-    make_daemon: type[Daemon], pacs: Orthanc, pacs_overlays: bool = True, **overrides: dict[str, object]
+    make_daemon: type[Daemon],
+    pacs: Orthanc,
+    pacs_overlays: bool = True,
+    report_per: str = "image",
+    **overrides: dict[str, object],
 ) -> tuple[Daemon, int]:
-    """The real daemon receiving from SCANNER and sending to a real Orthanc, quick to retry."""
+    """The real daemon receiving from SCANNER and sending to a real Orthanc, quick to retry. A report per image
+    unless told: these tests are about each image's report (test_series.py has the series' objects)."""
     port = free_port()
     d = make_daemon(
         dicom={"enabled": True, "port": port, "ae_title": APPLIANCE, "allowed": [{"ae_title": SCANNER}]},
@@ -51,6 +56,7 @@ def _appliance(
             "retry_s": 0.2,
             "retry_max_s": 1.0,
             "overlays": pacs_overlays,
+            "report_per": report_per,
         },
         **overrides,
     )
