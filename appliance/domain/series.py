@@ -90,6 +90,25 @@ def key_images(images: Sequence[ImageScores], label: str, count: int) -> tuple[K
     return tuple(KeyImage(i.sop_instance_uid, i.frame_index, i.scores[label], i.sequence) for i in ranked)
 
 
+def key_floors(candidates: Sequence[Mapping[str, float]], kept: int) -> dict[str, float]:
+    """Per label, the score an image must beat to be among the best ``kept`` of ``candidates`` (-inf where there
+    are fewer): an image at or under every floor is never a key image."""
+    floors: dict[str, float] = {}
+    for label in {label for scores in candidates for label in scores}:
+        best = sorted((scores.get(label, float("-inf")) for scores in candidates), reverse=True)
+        floors[label] = best[kept - 1] if len(best) >= kept else float("-inf")
+    return floors
+
+
+def among_best(candidates: Sequence[Mapping[str, float]], kept: int) -> list[Mapping[str, float]]:
+    """Those of ``candidates`` among the best ``kept`` for some label (ties: the earlier first), in their order."""
+    keep: set[int] = set()
+    for label in {label for scores in candidates for label in scores}:
+        ranked = sorted(range(len(candidates)), key=lambda i: (-candidates[i].get(label, float("-inf")), i))
+        keep.update(ranked[:kept])
+    return [c for i, c in enumerate(candidates) if i in keep]
+
+
 def key_label(scores: Sequence[LabelScore], findings: Sequence[str], negatives: Sequence[str]) -> str:
     """The label the key images show: the top-scoring finding that is not a negative label; else the top-scoring
     label that is not a negative one (where the series is negative: the images nearest to a finding); else the

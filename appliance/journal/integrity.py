@@ -42,7 +42,7 @@ _NEWER_RESULT_COLUMNS = ("payload_version", "series_id")  # absent from older sc
 _SERIES_TABLES = {
     "series": [
         *("id", "study_uid", "series_uid", "accession", "state", "expected", "completion", "due_ms", "first_ms"),
-        *("last_ms", "revision", "live_seq", "created_ms", "updated_ms"),
+        *("last_ms", "revision", "version", "live_seq", "created_ms", "updated_ms"),
     ],
     "key_candidates": ["result_seq", "series_id", "scores", "header", "display"],
 }

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 from appliance.domain.delivery import Delivery, DeliveryState
 from appliance.domain.errors import ConfigError, JournalDamaged
 from appliance.domain.result import Result
-from appliance.domain.series import SeriesResult
+from appliance.domain.series import SeriesResult, among_best
 from appliance.journal import payload as payload_format
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ CREATE TABLE IF NOT EXISTS series (
     first_ms        INTEGER NOT NULL, -- its first image result stored
     last_ms         INTEGER NOT NULL, -- and its last
     revision        INTEGER NOT NULL DEFAULT 0,  -- series results made so far
+    version         INTEGER NOT NULL DEFAULT 0,  -- images joined so far: a result of an older read is not stored
     live_seq        INTEGER REFERENCES results(seq),  -- the one that stands (the others were revised)
     created_ms      INTEGER NOT NULL,
     updated_ms      INTEGER NOT NULL,
@@ -319,6 +320,7 @@ class SeriesState:
     first_ms: int
     last_ms: int
     revision: int
+    version: int  # what complete_series and postpone_series check: no image joined since this was read
     scored: int
     rejected: int
     live: StoredResult | None  # the result a new one revises
@@ -701,8 +703,8 @@ class Journal:
             return cur.lastrowid
         db.execute(
             "UPDATE series SET state = 'open', completion = 'stable', due_ms = ?, last_ms = ?, updated_ms = ?, "
-            "expected = COALESCE(?, expected), accession = CASE WHEN accession = '' THEN ? ELSE accession END "
-            "WHERE id = ?",
+            "version = version + 1, expected = COALESCE(?, expected), "
+            "accession = CASE WHEN accession = '' THEN ? ELSE accession END WHERE id = ?",
             (due, now, now, entry.expected or None, entry.accession, row[0]),
         )
         return int(row[0])
@@ -728,30 +730,23 @@ class Journal:
             "INSERT INTO key_candidates (result_seq, series_id, scores, header, display) VALUES (?, ?, ?, ?, ?)",
             (seq, series_id, json.dumps(dict(entry.scores)), header, display),
         )
-        rows = db.execute("SELECT result_seq, scores FROM key_candidates WHERE series_id = ?", (series_id,)).fetchall()
+        rows = db.execute(
+            "SELECT result_seq, scores FROM key_candidates WHERE series_id = ? ORDER BY result_seq", (series_id,)
+        ).fetchall()
         scored = [(int(s), json.loads(text)) for s, text in rows]
-        keep: set[int] = set()
-        for label in entry.scores:
-            ranked = sorted(scored, key=lambda item: (-item[1].get(label, float("-inf")), item[0]))
-            keep.update(s for s, _ in ranked[: entry.kept])
-        gone = [(s,) for s, _ in scored if s not in keep]
+        keep = {id(scores) for scores in among_best([scores for _, scores in scored], entry.kept)}
+        gone = [(s,) for s, scores in scored if id(scores) not in keep]
         db.executemany("DELETE FROM key_candidates WHERE result_seq = ?", gone)
 
-    def key_floors(self, study_uid: str, series_uid: str, kept: int) -> dict[str, float]:
-        """Per label, the score an image must beat to be among the series' best ``kept`` so far (-inf where the
-        series has fewer): an image at or under every floor is never a key image, and needs no material kept."""
+    def key_scores(self, study_uid: str, series_uid: str) -> list[dict[str, float]]:
+        """The scores of the series' key candidates, in the order they came (domain.series.key_floors reads them):
+        an image under every floor is never a key image, and needs no material kept."""
         rows = self._read(
             "SELECT k.scores FROM key_candidates k JOIN series s ON s.id = k.series_id "
-            "WHERE s.study_uid = ? AND s.series_uid = ?",
+            "WHERE s.study_uid = ? AND s.series_uid = ? ORDER BY k.result_seq",
             (study_uid, series_uid),
         )
-        scored = [json.loads(r[0]) for r in rows]
-        labels = {label for scores in scored for label in scores}
-        floors: dict[str, float] = {}
-        for label in labels:
-            best = sorted((scores.get(label, float("-inf")) for scores in scored), reverse=True)
-            floors[label] = best[kept - 1] if len(best) >= kept else float("-inf")
-        return floors
+        return [json.loads(r[0]) for r in rows]
 
     def series_due(self, now_ms: int) -> list[int]:
         """Open series whose quiet period is over (or whose header said all are in), the longest due first."""
@@ -776,18 +771,22 @@ class Journal:
             )
             return int(db.execute("SELECT COUNT(*) FROM series WHERE state = 'open'").fetchone()[0])
 
-    def postpone_series(self, series_id: int, due_ms: int, until_ms: int) -> None:
-        """A series whose result could not be made is tried again later (unless an image came meanwhile)."""
+    def postpone_series(self, series_id: int, until_ms: int, read: SeriesState | None = None) -> None:
+        """A series whose result could not be made is tried again later: unless an image came (or another
+        postponement) since ``read``; None where the series could not even be read."""
         with self._transaction() as db:
+            if read is None:
+                db.execute("UPDATE series SET due_ms = ? WHERE id = ? AND state = 'open'", (until_ms, series_id))
+                return
             db.execute(
-                "UPDATE series SET due_ms = ? WHERE id = ? AND state = 'open' AND due_ms = ?",
-                (until_ms, series_id, due_ms),
+                "UPDATE series SET due_ms = ? WHERE id = ? AND state = 'open' AND version = ? AND due_ms = ?",
+                (until_ms, series_id, read.version, read.due_ms),
             )
 
     def series_state(self, series_id: int) -> SeriesState | None:
         row = self._read_one(
             "SELECT id, study_uid, series_uid, accession, state, completion, due_ms, first_ms, last_ms, revision, "
-            "live_seq FROM series WHERE id = ?",
+            "version, live_seq FROM series WHERE id = ?",
             (series_id,),
         )
         if row is None:
@@ -798,7 +797,7 @@ class Journal:
                 (series_id,),
             )
         )
-        live = self.result_by_seq(int(row[10])) if row[10] is not None else None
+        live = self.result_by_seq(int(row[11])) if row[11] is not None else None
         candidates = [
             KeyCandidate(StoredResult(*r[:6]).result(), r[6], r[7])
             for r in self._read(
@@ -807,7 +806,9 @@ class Journal:
                 (series_id,),
             )
         ]
-        sid, study_uid, series_uid, accession, state, completion, due_ms, first_ms, last_ms, revision = row[:10]
+        sid, study_uid, series_uid, accession, state, completion, due_ms, first_ms, last_ms, revision, version = row[
+            :11
+        ]
         return SeriesState(
             sid,
             study_uid,
@@ -819,23 +820,23 @@ class Journal:
             first_ms,
             last_ms,
             revision,
+            version,
             scored=int(counts.get("scored", 0)),
             rejected=int(counts.get("rejected", 0)),
             live=live,
             candidates=candidates,
         )
 
-    def complete_series(
-        self, series_id: int, due_ms: int, payload: bytes, deliveries: Sequence[NewDelivery] = ()
-    ) -> int | None:
-        """Store a series' result with its objects for the PACS, and close the series, in one transaction. None
-        (nothing stored) where an image of it was stored since ``due_ms`` was read: it is due again later."""
+    def complete_series(self, read: SeriesState, payload: bytes, deliveries: Sequence[NewDelivery] = ()) -> int | None:
+        """Store a series' result (made of ``read``) with its objects for the PACS, and close the series, in one
+        transaction. None (nothing stored) where an image of it was stored since: it is due again later."""
         now = _now_ms()
+        series_id = read.id
         with self._transaction() as db:
             cur = db.execute(
                 "UPDATE series SET state = 'complete', revision = revision + 1, updated_ms = ? "
-                "WHERE id = ? AND state = 'open' AND due_ms = ?",
-                (now, series_id, due_ms),
+                "WHERE id = ? AND state = 'open' AND version = ?",
+                (now, series_id, read.version),
             )
             if cur.rowcount != 1:
                 return None

@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ from appliance.domain.errors import StorageFull
 from appliance.domain.faults import STORAGE, Faults
 from appliance.domain.manifest import Manifest
 from appliance.domain.result import Outcome, Result
+from appliance.domain.series import among_best, key_floors
 from appliance.files import disposal
 from appliance.journal.journal import Journal, NewDelivery, NewResult, SeriesEntry
 from appliance.privacy import hashed, log_failure
@@ -175,16 +176,19 @@ class Finisher:
     def _build(self, group: list[Job]) -> list[_Built]:
         """Each job's results, and their rows as the journal stores them (with their reports to the PACS)."""
         built: list[_Built] = []
+        candidates: dict[tuple[str, str], list[Mapping[str, float]]] = {}  # per series, as the group adds images
         for job in group:
             try:
                 current = self.current()
                 results = build_results(job.facts, job.prepared, job.frames, job.picked_up, current)
                 reports = self._reports(job, results, current.manifest)
+                seen = dict(candidates)  # the job's images count once its rows are built
                 rows = [
-                    replace(journal_row(r, d), series=self._series_entry(job, r, current.manifest))
+                    replace(journal_row(r, d), series=self._series_entry(job, r, current.manifest, seen))
                     for r, d in zip(results, reports, strict=True)
                 ]
                 built.append(_Built(job, results, rows))
+                candidates.update(seen)
             except Exception as e:
                 self._fail(job, e)
         return built
@@ -252,8 +256,16 @@ class Finisher:
             if job.future is not None and not job.future.done():
                 job.future.set_result(results)
 
-    def _series_entry(self, job: Job, result: Result, manifest: Manifest) -> SeriesEntry | None:
-        """Its place in its series; a rejection that says nothing of the image (retried) takes none."""
+    def _series_entry(
+        self,
+        job: Job,
+        result: Result,
+        manifest: Manifest,
+        candidates: dict[tuple[str, str], list[Mapping[str, float]]],
+    ) -> SeriesEntry | None:
+        """Its place in its series; a rejection that says nothing of the image (retried) takes none.
+        ``candidates``: the series' key candidates so far, the group's images not yet stored included, so that
+        the frames of a multi-frame instance keep material only where they may become key images."""
         ids = result.ids
         if not (ids.study_instance_uid and ids.series_instance_uid):
             return None  # not a DICOM image of a series: its result stands alone
@@ -265,8 +277,14 @@ class Finisher:
             display = job.prepared.display if job.prepared else ()
             frame = display[result.frame_index] if result.frame_index < len(display) else None
             material = partial(reports.key_material, job.facts.input_id, job.path, result, frame)
-        floors = self.journal.key_floors(ids.study_instance_uid, ids.series_instance_uid, manifest.series.kept)
-        return entry_for(result, manifest, self.series_stable_s, material, floors)
+        key = (ids.study_instance_uid, ids.series_instance_uid)
+        if key not in candidates:
+            candidates[key] = list(self.journal.key_scores(*key))
+        kept = manifest.series.kept
+        entry = entry_for(result, manifest, self.series_stable_s, material, key_floors(candidates[key], kept))
+        if entry is not None and entry.scores is not None:
+            candidates[key] = among_best([*candidates[key], entry.scores], kept)
+        return entry
 
     def _reports(self, job: Job, results: list[Result], manifest: Manifest) -> list[tuple[NewDelivery, ...]]:
         if self.reports is None:

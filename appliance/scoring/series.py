@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from appliance.domain.manifest import Manifest
-from appliance.domain.result import Outcome, Result
+from appliance.domain.result import Decision, Outcome, Result
 from appliance.domain.series import Completion, ImageScores, SeriesResult, key_images, key_label, per_label
 from appliance.inference.postprocess import decide
 from appliance.journal import payload
@@ -49,8 +49,8 @@ def entry_for(
     floors: Mapping[str, float],
 ) -> SeriesEntry | None:
     """Where ``result`` goes in its series: None for an input without a series (PNG, JPEG, a DICOM without UIDs).
-    ``material`` is asked only where the image beats a floor (``floors``: Journal.key_floors) and may become a
-    key image."""
+    ``material`` is asked only where the image beats a floor (``floors``: domain.series.key_floors of the series'
+    key candidates) and may become a key image."""
     ids = result.ids
     if not (ids.study_instance_uid and ids.series_instance_uid):
         return None
@@ -86,6 +86,9 @@ def combine(state: SeriesState, scorer: Scorer, now_ms: int) -> SeriesResult:
     scores = per_label(images, labels, rule.combine, rule.k)
     decided = decide(np.array([s.score for s in scores]), manifest)
     label = key_label(scores, decided.findings, manifest.decision.negative_labels)
+    if state.scored == 0:  # every image rejected: nothing was looked at, so nothing can be called absent
+        decided = replace(decided, decision=Decision.INDETERMINATE, findings=())
+        label = ""
     live = state.live.series() if state.live is not None else None
     return SeriesResult(
         study_instance_uid=state.study_uid,
@@ -98,7 +101,7 @@ def combine(state: SeriesState, scorer: Scorer, now_ms: int) -> SeriesResult:
         findings=decided.findings,
         threshold=decided.threshold,
         key_label=label,
-        key_images=key_images(images, label, rule.key_images),
+        key_images=key_images(images, label, rule.key_images) if label else (),
         scored_by=scorer.scored_by,
         combine=rule.describe(),
         completion=Completion(state.completion),
@@ -163,9 +166,10 @@ class SeriesAssembler:
         while not self._stop.is_set():
             try:
                 self.complete_due()
-            except Exception as e:  # never lose the thread: a journal that failed now may answer next time
-                log_failure(log, "series assembly failed", error=e)
-            self._sleep()
+                self._sleep()
+            except Exception as e:  # never lose the thread: a journal that failed now (a full disk) may answer later
+                log_failure(log, "series assembly failed; tried again in %.0f s", IDLE_S, error=e)
+                self._stop.wait(IDLE_S)
 
     def _sleep(self) -> None:
         """Until the next series is due, or a result is stored (an image may make its series due at once)."""
@@ -177,21 +181,22 @@ class SeriesAssembler:
             self.journal.changed.wait(wait)
 
     def _complete(self, series_id: int) -> int:
-        state = self.journal.series_state(series_id)
-        if state is None or state.state != "open":
-            return 0
+        state = None
         try:
+            state = self.journal.series_state(series_id)
+            if state is None or state.state != "open":
+                return 0
             scorer = self.current()
             result = combine(state, scorer, _now_ms())
             deliveries = self.reports.for_series(result, state.candidates, scorer.manifest) if self.reports else ()
             if deliveries:
                 result = replace(result, report_uid=deliveries[0].sop_instance_uid)  # its SR comes first
-            seq = self.journal.complete_series(series_id, state.due_ms, payload.encode_series(result), deliveries)
-        except Exception as e:
+            seq = self.journal.complete_series(state, payload.encode_series(result), deliveries)
+        except Exception as e:  # a damaged row or a full disk: the other series due go on, this one waits
             log_failure(
                 log, "series %d: its result could not be made; tried again in %.0f s", series_id, RETRY_S, error=e
             )
-            self.journal.postpone_series(series_id, state.due_ms, _now_ms() + round(RETRY_S * 1000))
+            self.journal.postpone_series(series_id, _now_ms() + round(RETRY_S * 1000), state)
             return 0
         if seq is None:
             return 0  # an image came meanwhile: due again after its quiet period

@@ -136,7 +136,7 @@ def _series_result(journal: Journal, series_uid: str, decision: Decision, glioma
         revises_report_uid="",
         sequence=0,
     )
-    seq = journal.complete_series(state.id, state.due_ms, payload.encode_series(result))
+    seq = journal.complete_series(state, payload.encode_series(result))
     assert seq is not None
     return seq
 

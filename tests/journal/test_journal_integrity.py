@@ -512,7 +512,7 @@ def test_a_schema_4_journal_is_upgraded_keeping_its_results_and_numbering_above_
     assert j.complete(reg.input.id, [row]) == [501]
     (series_id,) = j.series_due(2**62)
     state = j.series_state(series_id)
-    assert state is not None and j.complete_series(series_id, state.due_ms, b"{}") == 502
+    assert state is not None and j.complete_series(state, b"{}") == 502
     j.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -24,7 +24,8 @@ from appliance.domain.result import (
     Result,
     ScoredBy,
 )
-from appliance.domain.series import Completion, KeyImage, SeriesResult
+from appliance.domain.series import Completion, KeyImage, SeriesResult, key_floors
+from appliance.journal import journal as journal_module
 from appliance.journal import payload
 from appliance.journal.journal import Journal, NewDelivery, NewResult, SeriesEntry
 from tests.waiting import eventually
@@ -151,9 +152,7 @@ def _series_result(state_id: int, j: Journal, **given: object) -> SeriesResult:
 def _complete(j: Journal, series_id: int, *deliveries: NewDelivery, **given: object) -> int:
     state = j.series_state(series_id)
     assert state is not None
-    seq = j.complete_series(
-        series_id, state.due_ms, payload.encode_series(_series_result(series_id, j, **given)), deliveries
-    )
+    seq = j.complete_series(state, payload.encode_series(_series_result(series_id, j, **given)), deliveries)
     assert seq is not None
     return seq
 
@@ -232,7 +231,7 @@ def test_a_result_made_before_the_last_image_is_not_stored(tmp_path: Path) -> No
     _tick(read.last_ms)
     _add(j, "1.2", {"lesion": 0.3})  # came while the result was being made
     last = j.last_sequence()
-    assert j.complete_series(series_id, read.due_ms, stale, (NewDelivery(SR, "2.25.1", b"sr"),)) is None
+    assert j.complete_series(read, stale, (NewDelivery(SR, "2.25.1", b"sr"),)) is None
     assert j.last_sequence() == last and j.open_series() == 1
     now = j.series_state(series_id)
     assert now is not None and now.state == "open" and now.revision == 0 and now.live is None
@@ -247,10 +246,36 @@ def test_a_series_postponed_is_due_later_unless_an_image_came_meanwhile(tmp_path
     series_id = _only_series(j)
     state = j.series_state(series_id)
     assert state is not None
-    j.postpone_series(series_id, state.due_ms, state.due_ms + 5_000)
+    j.postpone_series(series_id, state.due_ms + 5_000, state)
     assert j.next_series_due_ms() == state.due_ms + 5_000
-    j.postpone_series(series_id, state.due_ms, state.due_ms + 9_000)  # read before the postponement: stale
+    j.postpone_series(series_id, state.due_ms + 9_000, state)  # read before the postponement: stale
     assert j.next_series_due_ms() == state.due_ms + 5_000
+    later = j.series_state(series_id)
+    assert later is not None
+    _tick(later.last_ms)
+    _add(j, "1.2", {"lesion": 0.3})
+    j.postpone_series(series_id, later.due_ms + 60_000, later)  # an image came since: its quiet period stands
+    now = j.series_state(series_id)
+    assert now is not None and now.due_ms == now.last_ms + STABLE_MS
+    j.close()
+
+
+def test_a_result_read_in_the_same_millisecond_as_a_later_image_is_not_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock cannot tell the read from the image: the series' count of joined images does."""
+    monkeypatch.setattr(journal_module, "_now_ms", lambda: 1_700_000_000_000)
+    j = Journal(tmp_path / "j.sqlite3")
+    _add(j, "1.1", {"lesion": 0.2})
+    series_id = _only_series(j)
+    read = j.series_state(series_id)
+    assert read is not None
+    _add(j, "1.2", {"lesion": 0.9})
+    after = j.series_state(series_id)
+    assert after is not None and (after.due_ms, after.last_ms) == (read.due_ms, read.last_ms)
+    assert j.complete_series(read, payload.encode_series(_series_result(series_id, j))) is None
+    assert j.open_series() == 1
+    assert j.complete_series(after, payload.encode_series(_series_result(series_id, j))) is not None
     j.close()
 
 
@@ -300,21 +325,21 @@ def test_only_the_best_images_per_label_stay_candidates(tmp_path: Path) -> None:
         for label in ("lesion", "cyst")
     }
     assert {c.image.ids.sop_instance_uid for c in state.candidates} == set(best["lesion"]) | set(best["cyst"])
-    floors = j.key_floors(STUDY, SERIES, 2)
+    floors = key_floors(j.key_scores(STUDY, SERIES), 2)
     assert floors == {label: scores[best[label][1]][label] for label in ("lesion", "cyst")}
     j.close()
 
 
 def test_key_floors_are_minus_infinity_until_the_series_has_enough_images(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite3")
-    assert j.key_floors(STUDY, SERIES, 3) == {}  # no series yet
+    assert key_floors(j.key_scores(STUDY, SERIES), 3) == {}  # no series yet
     _add(j, "1.1", {"lesion": 0.7})
     _add(j, "1.2", {"lesion": 0.2})
-    assert j.key_floors(STUDY, SERIES, 3) == {"lesion": float("-inf")}
+    assert key_floors(j.key_scores(STUDY, SERIES), 3) == {"lesion": float("-inf")}
     _add(j, "1.3", {"lesion": 0.4})
     _add(j, "1.4", {"lesion": 0.1})
-    assert j.key_floors(STUDY, SERIES, 3) == {"lesion": 0.2}
-    assert j.key_floors(STUDY, SERIES + ".2", 3) == {}  # another series knows nothing of these
+    assert key_floors(j.key_scores(STUDY, SERIES), 3) == {"lesion": 0.2}
+    assert key_floors(j.key_scores(STUDY, SERIES + ".2"), 3) == {}  # another series knows nothing of these
     j.close()
 
 
@@ -446,7 +471,7 @@ def test_a_series_result_is_not_stored_above_the_reserve(tmp_path: Path) -> None
     state = j.series_state(series_id)
     assert state is not None
     with pytest.raises(OSError):
-        j.complete_series(series_id, state.due_ms, payload.encode_series(_series_result(series_id, j)))
+        j.complete_series(state, payload.encode_series(_series_result(series_id, j)))
     assert j.last_sequence() == 2 and j.open_series() == 1
     kept = j.series_state(series_id)
     assert kept is not None and kept.due_ms == state.due_ms and kept.candidates[0].display == b"d"
