@@ -40,8 +40,9 @@ engine: model
 
 # Throughput and latency, measured in one run: the MR workload on the configured model, then full-size
 # radiographs on the small pipeline-test model, through the folder and then pushed by DCMTK's storescu to the
-# DICOM receiver, without and with a PACS (make bench WORKLOAD=mr|radiograph MODEL=... COUNT=...).
-WORKLOAD ?= mr radiograph
+# DICOM receiver, without and with a PACS; then a 300-slice CT series by storescu with a real Orthanc as the
+# PACS, reported per series against per image (make bench WORKLOAD=mr|radiograph|series MODEL=... COUNT=...).
+WORKLOAD ?= mr radiograph series
 bench: model
 	for w in $(WORKLOAD); do $(PY) -m bench --config $(CONFIG) --workload $$w \
 		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done
