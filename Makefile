@@ -7,9 +7,11 @@ CONFIG ?= appliance.toml
 # make engine MODEL=models/<name> PRECISION=int8|fp16|fp32 (defaults: the config's model, auto)
 MODEL ?=
 PRECISION ?= auto
+TARGET ?=
+REPO ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos model engine bench fuzz gpu-check certs run check test lint typecheck contracts check-protos dicom-tools clean
+.PHONY: venv protos model engine bench fuzz gpu-check certs run check test lint typecheck contracts check-protos dicom-tools triton-peer clean
 
 venv: $(STAMP)
 
@@ -19,12 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Generated gRPC code lives beside the package (appliance/v1/); CI checks it is fresh.
+# Generated gRPC code lives beside the package (appliance/v1/: the appliance's API; appliance/kserve/: the
+# inference protocol the remote backend speaks to Triton); CI checks it is fresh.
 protos: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --mypy_out=. protos/appliance/v1/*.proto
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --mypy_out=. \
+		protos/appliance/v1/*.proto protos/appliance/kserve/*.proto
 
 check-protos: protos
-	git diff --exit-code -- appliance/v1 || (echo "appliance/v1 is stale: run 'make protos' and commit." && exit 1)
+	git diff --exit-code -- appliance/v1 appliance/kserve || \
+		(echo "appliance/v1 or appliance/kserve is stale: run 'make protos' and commit." && exit 1)
+	test -z "$$(git status --porcelain -- appliance/v1 appliance/kserve)" || \
+		(echo "appliance/v1 or appliance/kserve has files git does not track: run 'make protos' and commit." && exit 1)
 
 # Fetch the bundled default model (checks hashes; idempotent). The pipeline-test model.onnx is
 # committed; retraining it is a manual step (models/pipeline-test/MODEL_CARD.md).
@@ -35,8 +42,10 @@ model: $(STAMP)
 	$(PY) models/pipeline-test/synth.py
 
 # The fastest artifact this host runs, behind the accuracy gate: engines/<model>/ (python -m build_engine --help).
+# make engine TARGET=triton REPO=dir: a Triton model repository of the gated artifact, for a server past this box.
 engine: model
-	$(PY) -m build_engine --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) --precision $(PRECISION)
+	$(PY) -m build_engine --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) --precision $(PRECISION) \
+		$(if $(TARGET),--target $(TARGET)) $(if $(REPO),--repo $(REPO))
 
 # Throughput and latency, measured in one run: the MR workload on the configured model, then full-size
 # radiographs on the small pipeline-test model, through the folder and then pushed by DCMTK's storescu to the
@@ -85,12 +94,19 @@ contracts: $(STAMP)
 dicom-tools:
 	sh tests/peers/install.sh
 
+# The Triton Inference Server the remote backend's tests and bench talk to: nvidia-pytriton's wheel bundles the
+# tritonserver binary with its python backend only; its own virtualenv (numpy < 2). Where it cannot be built
+# (no package index), its tests are skipped, each with the line to run.
+TRITON_VENV ?= .venv-triton
+triton-peer:
+	sh tests/peers/install_triton.sh $(TRITON_VENV)
+
 # Before a commit, under 3 minutes on 2 cores: lint, types, the layer contracts and every test not marked slow
 # (the running daemon, builds, waits on a worker's time limit: `make test`, as CI, runs those too).
 check: lint typecheck contracts
 	$(BIN)/pytest -q -m "not slow"
 
-test: model lint typecheck contracts dicom-tools
+test: model lint typecheck contracts dicom-tools triton-peer
 	$(BIN)/pytest -q
 
 clean:

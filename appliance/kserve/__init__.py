@@ -1,0 +1,1 @@
+"""Generated code of the inference protocol the remote backend speaks (protos/appliance/kserve/; make protos)."""
