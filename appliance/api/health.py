@@ -38,7 +38,7 @@ class Health:
         return all(part.alive() for part in self._parts)
 
     def healthy(self) -> bool:
-        return self.ready and self.alive() and not self._faults.problems()
+        return self.ready and self.alive() and not self._faults.holding_back()
 
     def ready_to_serve(self) -> None:
         """Started: health says so (where no fault holds), then the metrics."""

@@ -141,7 +141,7 @@ class Daemon:
         journal = open_journal(config.storage.data_dir / JOURNAL_NAME, config.storage.identity_dir)
         self.shutdown.add("closing the journal", journal.close)
         journal.on_damage(lambda sentence: self.faults.set("journal", sentence, blocks_intake=True))
-        model = ServedModel(config, on_serving=self._serving)
+        model = ServedModel(config, on_serving=self._serving, faults=self.faults)
         self.shutdown.add("closing the backend", model.close)
         # With a PACS, each scored DICOM image's report is stored with its result and sent by the outbox.
         reports = Reports(config.pacs, device_for(config.pacs, journal.identity())) if config.pacs.enabled else None

@@ -206,6 +206,27 @@ class BackendUnavailable(BackendError):
     default_message = "The requested inference backend is not available on this host."
 
 
+# A remote inference server's gRPC status, as the appliance's codes (appliance/inference/backends/triton.py).
+class ServerUnavailable(BackendUnavailable):
+    code = "server_unavailable"  # UNAVAILABLE: not reachable, or shutting down
+    default_message = "No inference server could be reached."
+
+
+class ServerTimeout(BackendError):
+    code = "server_timeout"  # DEADLINE_EXCEEDED
+    default_message = "The inference server did not answer in time."
+
+
+class ServerModelMissing(BackendError):
+    code = "server_model_missing"  # NOT_FOUND: the model is not loaded there
+    default_message = "The inference server does not serve the model."
+
+
+class ServerRefusedRequest(BackendError):
+    code = "server_invalid_argument"  # INVALID_ARGUMENT: the request itself was refused
+    default_message = "The inference server refused the request."
+
+
 # --- ways out -------------------------------------------------------------------------------
 
 

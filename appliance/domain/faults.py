@@ -44,6 +44,7 @@ def is_disk_full(error: BaseException | None) -> bool:
 class _Fault:
     sentence: str
     blocks_intake: bool
+    degraded: bool = False  # the daemon serves on another way (a remote backend's local fallback): health holds
 
 
 class Faults:
@@ -72,16 +73,17 @@ class Faults:
 
     # --- any source -------------------------------------------------------------------------------
 
-    def set(self, key: str, sentence: str, *, blocks_intake: bool = False) -> None:
-        """The fault ``key`` holds; logged (ERROR) only when it begins. The sentence may be updated meanwhile."""
+    def set(self, key: str, sentence: str, *, blocks_intake: bool = False, degraded: bool = False) -> None:
+        """The fault ``key`` holds; logged (ERROR, or WARNING where ``degraded``: served on another way) only when
+        it begins. The sentence may be updated meanwhile."""
         with self._lock:
             was_accepting = self._accepting()
             began = key not in self._faults
-            self._faults[key] = _Fault(sentence, blocks_intake)
+            self._faults[key] = _Fault(sentence, blocks_intake, degraded)
             self._seen[key] = None
             accepting = self._accepting()
         if began:
-            log.error("%s", sentence)
+            log.log(logging.WARNING if degraded else logging.ERROR, "%s", sentence)
         if began or accepting != was_accepting:
             self._changed(resumed=accepting and not was_accepting)
 
@@ -108,6 +110,11 @@ class Faults:
         """One sentence per fault that holds now, for Status.problems."""
         with self._lock:
             return [f.sentence for f in self._faults.values()]
+
+    def holding_back(self) -> bool:
+        """Whether a fault holds that is more than a degradation: health says NOT_SERVING then."""
+        with self._lock:
+            return any(not f.degraded for f in self._faults.values())
 
     def accepting(self) -> bool:
         """False while a fault holds that means new inputs could not be stored."""

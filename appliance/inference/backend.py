@@ -38,6 +38,11 @@ class Outputs:
 
     scores: np.ndarray
     heatmap: np.ndarray | None = None
+    ran_on: str = ""  # the backend that ran it, where that is not the one served (a remote one's fallback)
+
+
+# A served artifact's load-time self-check (appliance.inference.self_check.verify on a backend): '' or why not.
+Check = Callable[["Backend"], str]
 
 
 class Backend(abc.ABC):
@@ -100,6 +105,12 @@ class Backend(abc.ABC):
             if array is not None and array.shape[0] != batch.shape[0]:
                 raise BackendError(f"Backend returned {array.shape[0]} {what} rows for a batch of {batch.shape[0]}.")
         return out
+
+    def adopt_check(self, check: Check) -> None:
+        """The self-check of what it serves, handed over before ``load``. A backend that can change what it runs
+        while serving (a remote server's model, another server of several) runs it on each before use; the
+        others ignore it, and the loader runs it once after loading."""
+        return None
 
     def close(self) -> None:
         if self._loaded:
@@ -214,3 +225,6 @@ class BackendKind(Generic[Facts]):
     precisions: tuple[str, ...]  # what `make engine` tries, best first, until one passes the gate
     hardware: str  # "CPU", "GPU": for `make engine`'s report
     serves_reference: bool = False  # it also serves the FP32 ONNX itself, the last in every chain
+    # It runs the model on other machines (Triton over KServe v2): never chosen by `auto`, built by no `make engine`
+    # but exported, and served with this host's own best artifact behind it for when the servers fail.
+    remote: bool = False

@@ -35,6 +35,7 @@ class BatchTiming(Generic[M]):
     infer_ms: float  # the whole batch's inference
     batch_size: int
     scored_by: M | None = None  # the model that ran the batch (None where no batch ran)
+    ran_on: str = ""  # the backend that ran it where not the served one's (a remote backend's local fallback)
 
 
 # Called once per sample from the batcher thread: (its row or None, error or None, timing).
@@ -174,9 +175,11 @@ class Batcher(Generic[M]):
 
     def _run_batch(self, items: list[_Item[M]]) -> None:
         started = time.perf_counter()
+        ran_on = ""
         try:
             batch = np.stack([it.sample for it in items])
             out = self._backend.run(batch)
+            ran_on = out.ran_on
             scores = self._postprocess(out.scores)
             rows: list[Row] | None = [
                 Row(scores[i], None if out.heatmap is None else out.heatmap[i]) for i in range(len(items))
@@ -194,6 +197,7 @@ class Batcher(Generic[M]):
                 infer_ms=infer_ms,
                 batch_size=len(items),
                 scored_by=self._scored_by,
+                ran_on=ran_on,
             )
             try:
                 it.done(None if rows is None else rows[i], error, timing)

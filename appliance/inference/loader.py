@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from appliance.domain.errors import ArtifactRefused, BackendError, BackendUnavailable, ManifestError, ModelMismatchError
+from appliance.domain.faults import Faults
 from appliance.domain.manifest import Heatmap as HeatmapSpec
 from appliance.domain.manifest import LoadedManifest, Manifest
 from appliance.inference import registry, self_check
 from appliance.inference.backend import Backend, Choice, Why
-from appliance.inference.selection import choose_artifact
+from appliance.inference.failover import Failover
+from appliance.inference.selection import Selection, choose_artifact
 from appliance.inference.settings import InferenceConfig
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,24 @@ def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: P
     return open_served(loaded, config, engines_dir).backend
 
 
-def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path) -> Served:
+def open_served(
+    loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path, faults: Faults | None = None
+) -> Served:
     """Try the selection's chain in order; an artifact that fails to load or its self-check is passed over
     for the next, with the reason logged. The last in the chain (FP32, or the plan that `backend =
-    "tensorrt"` demands) refuses to start instead."""
-    selection = choose_artifact(loaded, config, engines_dir)
+    "tensorrt"` demands) refuses to start instead. A remote backend is served with the rest of the chain behind
+    it (``faults`` hears when that serves instead)."""
+    return _serve_first(loaded, config, choose_artifact(loaded, config, engines_dir), faults)
+
+
+def _serve_first(
+    loaded: LoadedManifest, config: InferenceConfig, selection: Selection, faults: Faults | None
+) -> Served:
     failed: list[str] = []
     for number, choice in enumerate(selection.chain, start=1):
+        if registry.get(choice.backend).remote:
+            behind = Selection(selection.chain[number:], selection.passed_over)
+            return _serve_remote(loaded, config, choice, _serve_first(loaded, config, behind, faults), faults)
         try:
             backend = _load_checked(loaded, config, choice)
         except (BackendError, ManifestError) as e:
@@ -87,6 +100,33 @@ def open_served(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Pa
         passed = [p.reason for p in selection.passed_over] + failed
         return Served(loaded, backend, choice.precision, reason, passed, len(refused))
     raise BackendUnavailable("No artifact to serve.")  # unreachable: the chain always ends in a model
+
+
+def _serve_remote(
+    loaded: LoadedManifest, config: InferenceConfig, choice: Choice, local: Served, faults: Faults | None
+) -> Served:
+    """The servers, each checked as it joins (metadata against the local artifact's input, then the export's
+    self-check), with ``local`` behind them; ``local`` alone where every server answers with another model."""
+    manifest = loaded.manifest
+    remote = make_backend(choice.backend, choice.path, manifest.output.name, local.backend.max_batch, config,
+                          manifest.heatmap if config.heatmaps else None)  # fmt: skip
+    settings = config.settings_of(choice.backend)
+    backend = Failover(remote, local.backend, failures=getattr(settings, "failures_before_fallback", 3), faults=faults)
+    check = choice.sidecar.self_check if choice.sidecar else None
+    folder, activation = choice.path.parent, manifest.output.activation
+    backend.adopt_check(lambda b: self_check.verify(b, folder, check, activation))
+    try:
+        backend.load()
+        check_backend_matches(backend, loaded)
+    except (BackendError, ManifestError) as e:
+        backend.close_remote()
+        log.warning("passed over %s (%s): %s", choice.backend, choice.path.name, e)
+        reason = f"{local.reason}; the inference servers were refused: {str(e).rstrip('.')}"
+        return replace(local, reason=reason, passed_over=[*local.passed_over, str(e).rstrip(".")])
+    log.info("serving %s %s (%s): %s; behind it %s", choice.backend, choice.precision, choice.path.name,
+             choice.reason, local.backend.name)  # fmt: skip
+    reason = f"{choice.reason}; {local.backend.name} {local.precision} serves while no server answers"
+    return Served(loaded, backend, choice.precision, reason, local.passed_over, local.refused)
 
 
 def _load_checked(loaded: LoadedManifest, config: InferenceConfig, choice: Choice) -> Backend:

@@ -26,6 +26,7 @@ AUTO = "auto"  # not a backend: `inference.backend = "auto"` serves the best art
 MODULES = (
     "appliance.inference.backends.onnxruntime",
     "appliance.inference.backends.tensorrt",
+    "appliance.inference.backends.triton",
 )
 
 

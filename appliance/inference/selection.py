@@ -4,8 +4,10 @@ class and ONNX Runtime version), then the FP32 ONNX.
 
 Every artifact passed over gets one sentence that says what to run. An explicit backend refuses to start
 instead of falling back where its own file says so (`PassedOver.refuses_start`): `tensorrt` without a
-usable plan, `onnxruntime` with only CPU artifacts gated on another CPU class or runtime. The loader tries
-the chain in order and moves on when a load or its self-check fails.
+usable plan, `onnxruntime` with only CPU artifacts gated on another CPU class or runtime, `triton` without
+an export of this model or a server to send to. A remote backend (`triton`) is never chosen by `auto`; named, it
+comes first with this host's own chain behind it, which the loader serves beside it as its fallback. The loader
+tries the chain in order and moves on when a load or its self-check fails.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def choose_artifact(
     onnx_sha = sha256_file(loaded.onnx_path)
     selection = Selection(chain=[])
     named = inference.backend != registry.AUTO
-    kinds = [registry.get(inference.backend)] if named else registry.by_tier()
+    kinds = [registry.get(inference.backend)] if named else [k for k in registry.by_tier() if not k.remote]
     for kind in kinds:
         choice, passed = kind.choose(folder, onnx_sha, host.of(kind), loaded.onnx_path)
         if choice is not None:
@@ -65,6 +67,10 @@ def choose_artifact(
         else:
             selection.passed_over.append(passed)
     reference = registry.reference()
+    if named and kinds[0].remote:
+        # The servers first; behind them, this host's own best artifact as `auto` chooses it, for when none answers.
+        behind = choose_artifact(loaded, inference.model_copy(update={"backend": registry.AUTO}), engines_dir, host)
+        return Selection(selection.chain + behind.chain, selection.passed_over + behind.passed_over)
     if named and kinds[0] is not reference:
         return selection  # the one backend named has its artifact, and nothing else may stand in for it
     if not selection.chain or selection.chain[-1].path != loaded.onnx_path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from appliance.domain.errors import (
@@ -63,6 +64,8 @@ def build_results(
         )
         # The model that ran this frame's batch (a reload may have swapped another in since).
         scorer = current if timing.scored_by is None else timing.scored_by
+        if timing.ran_on and timing.ran_on != scorer.backend:  # a remote backend's fallback ran it: say which
+            scorer = replace(scorer, backend=timing.ran_on)
         manifest = scorer.manifest
         if error is None and row is not None:
             try:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from appliance.config import Config
 from appliance.domain.errors import ApplianceError, ConfigError
+from appliance.domain.faults import Faults
 from appliance.domain.manifest import load_manifest
 from appliance.inference.loader import Served, open_served
 from appliance.scoring.stages import ScoringStages
@@ -32,13 +33,16 @@ class Reload:
 class ServedModel:
     """The model the daemon serves: ``current`` (a reload's swap is the only change), ``generation``."""
 
-    def __init__(self, config: Config, on_serving: OnServing | None = None) -> None:
+    def __init__(self, config: Config, on_serving: OnServing | None = None, faults: Faults | None = None) -> None:
         """Open the configured model, self-checked; loading also runs one warm-up inference, so the first
         real image is not the slow one."""
         self._config = config
         self._on_serving: OnServing = on_serving or (lambda previous, now: None)
         self._reloading = threading.Lock()
-        self.current: Served = open_served(load_manifest(config.model.dir), config.inference, config.model.engines_dir)
+        self._faults = faults  # told when a remote backend's local fallback serves
+        self.current: Served = open_served(
+            load_manifest(config.model.dir), config.inference, config.model.engines_dir, faults
+        )
         self.generation = 0
         self._on_serving(None, self.current)
 
@@ -73,7 +77,7 @@ class ServedModel:
             raise ConfigError(
                 "its input or preprocessing differs from the serving model's; restart the service to switch to it."
             )
-        served = open_served(loaded, config.inference, config.model.engines_dir)
+        served = open_served(loaded, config.inference, config.model.engines_dir, self._faults)
         if not stages.swap_model(new, served.backend):
             served.backend.close()
             raise ConfigError("the scoring stage did not take the new model within its time limit.")

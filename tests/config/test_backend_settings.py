@@ -13,12 +13,12 @@ from appliance.domain.errors import ConfigError
 
 def test_an_unknown_backend_in_the_config_is_refused_with_the_choices(tmp_path: Path) -> None:
     config = tmp_path / "appliance.toml"
-    config.write_text('[inference]\nbackend = "triton"\n')
+    config.write_text('[inference]\nbackend = "openvino"\n')
     with pytest.raises(ConfigError) as err:
         load_config(config)
     message = err.value.message
-    assert "inference.backend" in message and "'triton' is not an inference backend" in message
-    assert "auto, onnxruntime, tensorrt" in message
+    assert "inference.backend" in message and "'openvino' is not an inference backend" in message
+    assert "auto, onnxruntime, tensorrt, triton" in message
 
 
 def test_backend_settings_read_from_the_flat_keys_or_the_backend_table(tmp_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""A remote backend with this host's own best artifact behind it: batches go to the inference servers while any
+answers, and to the local artifact while none does, so a server that goes away costs no result (the batch that
+failed runs locally at once) and needs nobody to act. The fallback is said in the log, GetStatus's problems and
+the faults gauge (health stays SERVING: the appliance serves on); the servers are checked again with back-off
+and the remote one serves again once one passes its checks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from appliance.domain.errors import BackendError, ModelMismatchError
+from appliance.domain.faults import Faults
+from appliance.inference.backend import Backend, Check, Outputs, TensorSpec
+
+log = logging.getLogger(__name__)
+
+FAULT = "inference_server"  # the faults' key (appliance_faults{kind="inference_server"})
+IDLE_S = 30.0  # the longest the watch sleeps with every server in the rotation
+
+
+@runtime_checkable
+class Remote(Protocol):
+    """What the failover needs of a remote backend beyond Backend (appliance.inference.backends.triton)."""
+
+    def serving(self) -> bool: ...
+
+    def out_of_rotation(self) -> list[str]: ...
+
+    def next_check_s(self) -> float | None: ...
+
+    def check_again(self) -> list[str]: ...
+
+    def expect_input(self, spec: TensorSpec) -> None: ...
+
+
+class Failover(Backend):
+    def __init__(self, remote: Backend, local: Backend, *, failures: int, faults: Faults | None = None) -> None:
+        super().__init__()
+        if not isinstance(remote, Remote):
+            raise TypeError(f"the {remote.name} backend is not a remote one")
+        self.name = remote.name
+        self.remote, self.local = remote, local
+        self._rotation: Remote = remote
+        self._failures_allowed = failures
+        self._faults = faults
+        self._failures = 0  # batches in a row the remote one failed
+        self._local_now = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="remote-watch", daemon=True)
+
+    # --- the Backend interface -------------------------------------------------------------------------------
+
+    def adopt_check(self, check: Check) -> None:
+        self.remote.adopt_check(check)
+
+    def _load_impl(self) -> None:
+        """The local artifact first (its input, checked by the loader against the manifest, is what every server's
+        must match), then the servers. ModelMismatchError where every server answers with another model."""
+        self.local.load()
+        self._rotation.expect_input(self.local.input_spec)
+        self.remote.load()  # raises where every server answered with a model that is not the export
+        if not self._rotation.serving():
+            self._fall_back(f"no inference server answers ({'; '.join(self._rotation.out_of_rotation())})")
+        self._thread.start()
+
+    def _input_spec_impl(self) -> TensorSpec:
+        return self.local.input_spec
+
+    def _max_batch_impl(self) -> int:
+        # The servers' own largest batch is kept by splitting (a server may come back with a smaller one).
+        return self.local.max_batch
+
+    def _artifact_impl(self) -> str:
+        return f"{self.remote.artifact}, else {self.local.artifact}"
+
+    def _has_heatmap_impl(self) -> bool:
+        return self.remote.has_heatmap if self._rotation.serving() else self.local.has_heatmap
+
+    def _infer_impl(self, batch: np.ndarray) -> Outputs:
+        if not self.serving_locally():
+            try:
+                out = self._on_remote(batch)
+            except BackendError as e:
+                self._failed(e)
+            else:
+                with self._lock:
+                    self._failures = 0
+                return out
+        out = self.local.run(batch)
+        return Outputs(out.scores, out.heatmap, ran_on=self.local.name)
+
+    def _close_impl(self) -> None:
+        self.close_remote()
+        self.local.close()
+
+    def close_remote(self) -> None:
+        """Stop watching the servers and close their backend, leaving the local artifact loaded."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.remote.close()
+        if self._faults is not None:
+            self._faults.clear(FAULT, "the inference servers are no longer used")
+
+    # --- failing over and back -------------------------------------------------------------------------------
+
+    def serving_locally(self) -> bool:
+        with self._lock:
+            return self._local_now
+
+    def _on_remote(self, batch: np.ndarray) -> Outputs:
+        """In pieces no larger than the servers take (they may have come back with a smaller max_batch_size)."""
+        largest = self.remote.max_batch
+        if len(batch) <= largest:
+            return self.remote.run(batch)
+        parts = [self.remote.run(batch[i : i + largest]) for i in range(0, len(batch), largest)]
+        heatmaps = [p.heatmap for p in parts if p.heatmap is not None]
+        heatmap = np.concatenate(heatmaps) if len(heatmaps) == len(parts) else None
+        return Outputs(np.concatenate([p.scores for p in parts]), heatmap)
+
+    def _failed(self, error: BackendError) -> None:
+        """The batch runs locally now; after ``failures`` in a row, or with no server left, all do."""
+        with self._lock:
+            self._failures += 1
+            failures = self._failures
+        if failures >= self._failures_allowed or not self._rotation.serving():
+            self._fall_back(error.message.rstrip("."))
+        else:
+            log.warning("a batch failed on the inference servers and ran locally: %s", error.message)
+
+    def _fall_back(self, why: str) -> None:
+        with self._lock:
+            began = not self._local_now
+            self._local_now = True
+        sentence = (
+            f"Inference runs on this host's {self.local.name} artifact, not the inference servers: {why}; "
+            "they are checked again until one answers"
+        )
+        if self._faults is not None:
+            self._faults.set(FAULT, sentence, degraded=True)
+        elif began:
+            log.warning("%s", sentence)
+        self._wake.set()
+
+    def _back(self, servers: list[str]) -> None:
+        with self._lock:
+            was_local = self._local_now
+            self._local_now, self._failures = False, 0
+        if not was_local:
+            return
+        sentence = "Inference runs on the inference servers again" + (f" ({', '.join(servers)})" if servers else "")
+        if self._faults is not None:
+            self._faults.clear(FAULT, sentence)
+        else:
+            log.warning("%s", sentence)
+
+    def _watch(self) -> None:
+        """Checks the servers out of the rotation as their back-off ends; serves remotely again once one passes."""
+        while not self._stop.is_set():
+            due = self._rotation.next_check_s()
+            self._wake.wait(IDLE_S if due is None else min(IDLE_S, due))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                back = self._rotation.check_again()
+            except ModelMismatchError as e:
+                log.warning("an inference server was refused: %s", e.message)
+                continue
+            except Exception as e:  # the watch must live on: a failed check is tried again later
+                log.warning("checking the inference servers failed: %s", type(e).__name__)
+                self._stop.wait(1.0)
+                continue
+            if self._rotation.serving() and self.serving_locally():
+                self._back(back)
