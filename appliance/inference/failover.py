@@ -48,6 +48,7 @@ class Failover(Backend):
         self._failures_allowed = failures
         self._faults = faults
         self._failures = 0  # batches in a row the remote one failed
+        self._largest = 1
         self._local_now = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -65,7 +66,10 @@ class Failover(Backend):
         self.local.load()
         self._rotation.expect_input(self.local.input_spec)
         self.remote.load()  # raises where every server answered with a model that is not the export
-        if not self._rotation.serving():
+        self._largest = self.local.max_batch
+        if self._rotation.serving():
+            self._largest = min(self._largest, self.remote.max_batch)
+        else:
             self._fall_back(f"no inference server answers ({'; '.join(self._rotation.out_of_rotation())})")
         self._thread.start()
 
@@ -73,8 +77,9 @@ class Failover(Backend):
         return self.local.input_spec
 
     def _max_batch_impl(self) -> int:
-        # The servers' own largest batch is kept by splitting (a server may come back with a smaller one).
-        return self.local.max_batch
+        # The servers' largest batch where one answered at load (a server that comes back with a smaller one is
+        # sent its batches in pieces).
+        return self._largest
 
     def _artifact_impl(self) -> str:
         return f"{self.remote.artifact}, else {self.local.artifact}"
