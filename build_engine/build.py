@@ -189,12 +189,19 @@ class Builder:
     def _targets(self) -> list[BuildTarget]:
         if self.o.target != registry.AUTO:
             kind = registry.get(self.o.target)
+            if kind.remote:
+                raise BuildError(
+                    f"Nothing is built for {kind.name}: its model runs on servers past this host; "
+                    f"--target {kind.name} --repo DIR exports the artifact `make engine` gated for them."
+                )
             why = kind.unavailable_on(self.host.of(kind))
             if why:
                 raise BuildError(f"Cannot build for --target {kind.name}: {why}.")
             return [target_for(kind.name)]
-        problems = {kind.name: kind.unavailable_on(self.host.of(kind)) for kind in registry.kinds()}
-        usable = [kind for kind in registry.kinds() if not problems[kind.name]]
+        # A remote backend's model runs on servers past this host: nothing of it is built here (it is exported).
+        local = [kind for kind in registry.kinds() if not kind.remote]
+        problems = {kind.name: kind.unavailable_on(self.host.of(kind)) for kind in local}
+        usable = [kind for kind in local if not problems[kind.name]]
         targets = " and ".join(f"{kind.name} ({kind.hardware})" for kind in usable)
         why = "; ".join(problem for problem in problems.values() if problem)
         self.out(f"targets   {targets} only: {why}" if why else f"targets   {targets}")

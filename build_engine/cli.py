@@ -10,6 +10,7 @@ from pathlib import Path
 from appliance.inference import registry
 from appliance.inference.cpu_class import CLASSES
 from appliance.toolkit import ApplianceError, load_config, quiet_pydicom
+from build_engine import triton_repo
 from build_engine.build import Builder, BuildOptions, clean_stale_builds
 from build_engine.errors import BuildError, GateFailed
 
@@ -32,6 +33,12 @@ syntax, PNG, JPEG, 16-bit), read through the daemon's own decoding and preproces
 A validation folder is labelled by one sub-folder per label (a folder `none` for images with no
 finding) or by a labels.csv with the header `file,label` (labels separated by ';', empty or `none`
 for no finding). Files the daemon would reject are skipped and counted.
+
+With --target triton --repo DIR nothing is built: the artifact `make engine` gated is exported as a Triton
+model repository for a server past this host (DIR/<name>/config.pbtxt, DIR/<name>/<version>/model.onnx or
+model.plan, and its sidecar and self-check), and the sidecar is also kept in the engines folder, where the
+appliance checks the served model against it. --precision auto exports this host's gated INT8 CPU model where
+there is one, else the FP32 ONNX (with the manifest's heatmap); --source tensorrt exports the TensorRT plan.
 """
 
 EPILOG = """\
@@ -89,6 +96,25 @@ def parser() -> argparse.ArgumentParser:
         help="auto: an artifact for every backend this host can run: the CPU artifact, and a TensorRT plan where "
         "TensorRT and a GPU are present (default auto)",
     )
+    p.add_argument("--repo", type=Path, help="with --target triton: the Triton model repository folder to write into")
+    p.add_argument(
+        "--source",
+        choices=triton_repo.SOURCES,
+        default="onnxruntime",
+        help="with --target triton: export the CPU model for Triton's ONNX Runtime backend, or the TensorRT plan "
+        "for its TensorRT backend (default onnxruntime)",
+    )
+    p.add_argument(
+        "--instances", type=int, default=1, help="with --target triton: model instances per server (default 1)"
+    )
+    p.add_argument(
+        "--triton-model",
+        default="",
+        help="with --target triton: the model's name on the server (default: model.toml's)",
+    )
+    p.add_argument(
+        "--triton-version", type=int, default=1, help="with --target triton: the model version folder (default 1)"
+    )
     p.add_argument("--max-batch", type=int, help="largest batch (default: model.toml's batching.max_batch)")
     p.add_argument("--opt-batch", type=int, help="TensorRT: the batch size kernels are tuned for (default: max)")
     p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace limit (default 1024)")
@@ -114,6 +140,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _export_misuse(target: str) -> str:
+    """The sentence for --repo without a remote target, or a remote target without --repo."""
+    if target == registry.AUTO or not registry.get(target).remote:
+        return "--repo is for --target triton, which exports a Triton model repository; it builds nothing here."
+    return (
+        f"--target {target} writes a Triton model repository: name its folder with --repo DIR "
+        f"(make engine TARGET={target} REPO=dir)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -126,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         ("max-batch", args.max_batch),
         ("opt-batch", args.opt_batch),
         ("workspace-mb", args.workspace_mb),
+        ("instances", args.instances),
+        ("triton-version", args.triton_version),
     ):
         if value is not None and value < 1:
             print(f"build_engine: --{name} must be at least 1.", file=sys.stderr)
@@ -137,6 +175,28 @@ def main(argv: list[str] | None = None) -> int:
             else (Path("appliance.toml") if Path("appliance.toml").is_file() else None)
         )
         config = load_config(config_path)
+        exported = args.target != registry.AUTO and registry.get(args.target).remote
+        if exported != (args.repo is not None):
+            print(f"build_engine: {_export_misuse(args.target)}", file=sys.stderr)
+            return 2
+        if exported:
+            triton_repo.export(
+                triton_repo.ExportOptions(
+                    model_dir=(args.model or config.model.dir).resolve(),
+                    engines_dir=(args.engines or config.model.engines_dir).resolve(),
+                    repo=args.repo.resolve(),
+                    precision=args.precision,
+                    source=args.source,
+                    instances=args.instances,
+                    triton_model=args.triton_model,
+                    triton_version=args.triton_version,
+                    max_batch=args.max_batch,
+                    max_delay_ms=config.inference.max_delay_ms,
+                    limits=config.limits,
+                    inference=config.inference,
+                )
+            )
+            return 0
         options = BuildOptions(
             model_dir=(args.model or config.model.dir).resolve(),
             engines_dir=(args.engines or config.model.engines_dir).resolve(),
