@@ -424,12 +424,11 @@ def model_config(
         default_model_filename=platform.filename,
     )
     config.version_policy.specific.versions.append(version)
-    config.input.add(
-        name=spec.name,
-        data_type=_MANIFEST_TYPES[spec.dtype],
-        format=tc.ModelInput.FORMAT_NCHW if spec.layout == "NCHW" else tc.ModelInput.FORMAT_NHWC,
-        dims=sample if dynamic else [1, *sample],
-    )
+    image = config.input.add(name=spec.name, data_type=_MANIFEST_TYPES[spec.dtype], dims=sample)
+    if dynamic:
+        image.format = tc.ModelInput.FORMAT_NCHW if spec.layout == "NCHW" else tc.ModelInput.FORMAT_NHWC
+    else:
+        image.dims.insert(0, 1)  # Triton refuses a format on any but 3 dims: with the batch axis it has none
     for tensor in outputs:
         config.output.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
     if dynamic:

@@ -231,6 +231,7 @@ def test_a_model_with_its_batch_axis_fixed_at_1_is_not_batched_by_triton(pipelin
     # Triton's rule for a model that does not batch: max_batch_size 0, the dims hold the batch axis.
     assert config.max_batch_size == 0 and config.WhichOneof("scheduling_choice") is None
     assert list(config.input[0].dims) == [1, 1, 64, 64]
+    assert config.input[0].format == tc.ModelInput.FORMAT_NONE  # Triton takes NCHW or NHWC on 3 dims only
     assert {o.name: list(o.dims) for o in config.output} == {"logit": [1, 1], "heatmap": [1, 8, 8]}
 
 
