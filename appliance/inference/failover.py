@@ -49,6 +49,7 @@ class Failover(Backend):
         self._faults = faults
         self._failures = 0  # batches in a row the remote one failed
         self._largest = 1
+        self._sentence = ""
         self._local_now = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,7 +93,9 @@ class Failover(Backend):
             try:
                 out = self._on_remote(batch)
             except BackendError as e:
-                self._failed(e)
+                self._failed(e.message)
+            except Exception as e:  # whatever failed there, the batch runs here
+                self._failed(f"{type(e).__name__} on the inference servers")
             else:
                 with self._lock:
                     self._failures = 0
@@ -111,8 +114,8 @@ class Failover(Backend):
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self.remote.close()
-        if self._faults is not None:
-            self._faults.clear(FAULT, "the inference servers are no longer used")
+        if self._faults is not None and self.serving_locally():
+            self._faults.clear(FAULT, "the inference servers are no longer used by this model")
 
     # --- failing over and back -------------------------------------------------------------------------------
 
@@ -130,29 +133,34 @@ class Failover(Backend):
         heatmap = np.concatenate(heatmaps) if len(heatmaps) == len(parts) else None
         return Outputs(np.concatenate([p.scores for p in parts]), heatmap)
 
-    def _failed(self, error: BackendError) -> None:
+    def _failed(self, why: str) -> None:
         """The batch runs locally now; after ``failures`` in a row, or with no server left, all do."""
         with self._lock:
             self._failures += 1
             failures = self._failures
         if failures >= self._failures_allowed or not self._rotation.serving():
-            self._fall_back(error.message.rstrip("."))
+            self._fall_back(why.rstrip("."))
         else:
-            log.warning("a batch failed on the inference servers and ran locally: %s", error.message)
+            log.warning("a batch failed on the inference servers and ran locally: %s", why)
 
     def _fall_back(self, why: str) -> None:
-        with self._lock:
-            began = not self._local_now
-            self._local_now = True
         sentence = (
             f"Inference runs on this host's {self.local.name} artifact, not the inference servers: {why}; "
             "they are checked again until one answers"
         )
-        if self._faults is not None:
-            self._faults.set(FAULT, sentence, degraded=True)
-        elif began:
-            log.warning("%s", sentence)
+        with self._lock:
+            began = not self._local_now
+            self._local_now, self._sentence = True, sentence
+        self._say(began)
         self._wake.set()
+
+    def _say(self, began: bool) -> None:
+        """The fault holds while the local artifact serves: said again at each check (another failover's close,
+        a reload's, may have cleared the shared key meanwhile); logged once."""
+        if self._faults is not None:
+            self._faults.set(FAULT, self._sentence, degraded=True)
+        elif began:
+            log.warning("%s", self._sentence)
 
     def _back(self, servers: list[str]) -> None:
         with self._lock:
@@ -185,3 +193,5 @@ class Failover(Backend):
                 continue
             if self._rotation.serving() and self.serving_locally():
                 self._back(back)
+            elif self.serving_locally():
+                self._say(began=False)

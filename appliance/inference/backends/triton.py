@@ -423,8 +423,7 @@ class TritonBackend(Backend):
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # KServe and MLServer have no such call
                 raise _ServerFailed(_described_error(e)) from e
             largest = sidecar.max_batch
-        if largest < 1:
-            raise ModelMismatchError(f"model {self._model_name!r} does not batch there (max_batch_size {largest})")
+        # 0: the model does not batch there; its input's first axis is then the model's own (1, as here).
         return max(1, min(self._wanted_max_batch, largest))
 
     def _matching(self, meta: v2.ModelMetadataResponse, max_batch: int) -> _Model:
