@@ -50,8 +50,9 @@ engine: model
 # Throughput and latency, measured in one run: the MR workload on the configured model, then full-size
 # radiographs on the small pipeline-test model, through the folder and then pushed by DCMTK's storescu to the
 # DICOM receiver, without and with a PACS; then a 300-slice CT series by storescu with a real Orthanc as the
-# PACS, reported per series against per image (make bench WORKLOAD=mr|radiograph|series MODEL=... COUNT=...).
-WORKLOAD ?= mr radiograph series
+# PACS, reported per series against per image; then one, two and four appliances sending inference to one real
+# Triton beside the local backend (make bench WORKLOAD=mr|radiograph|series|triton MODEL=... COUNT=...).
+WORKLOAD ?= mr radiograph series triton
 bench: model
 	for w in $(WORKLOAD); do $(PY) -m bench --config $(CONFIG) --workload $$w \
 		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done

@@ -25,7 +25,7 @@ from appliance.toolkit import (
     quiet_pydicom,
 )
 from appliance.v1 import scoring_pb2 as pb
-from bench import cstore, heatmap_cost, series
+from bench import cstore, heatmap_cost, series, triton
 from bench.daemon_run import BenchDaemon
 from bench.inputs import WORKLOADS, write_inputs
 from bench.report import percentiles, text, write_json, write_png
@@ -36,9 +36,11 @@ DEFAULT_MODELS = {
     "mr": None,
     "radiograph": REPO / "models" / "pipeline-test",
     "series": REPO / "models" / "pipeline-test",
+    "triton": REPO / "models" / "pipeline-test",
 }
-# mr, radiograph: long enough that filling and draining the pipeline are noise; series: a CT series' slices
-DEFAULT_COUNTS = {"mr": 200, "radiograph": 200, "series": 300}
+# mr, radiograph: long enough that filling and draining the pipeline are noise; series: a CT series' slices;
+# triton: per appliance, so that its four runs (seven appliances) stay within about three minutes on 2 cores
+DEFAULT_COUNTS = {"mr": 200, "radiograph": 200, "series": 300, "triton": 200}
 
 
 def shrink_first_error(fast: Preparer, exact: Preparer, paths: list[Path]) -> dict[str, float]:
@@ -74,9 +76,11 @@ def host_shares(e2e: float, prepare_alone: float, infer_alone: float, timings: l
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--workload", choices=(*WORKLOADS, "series"), default="mr",
-                   help="mr (default model), radiograph, or series (a CT series by DICOM, [pacs] on)")  # fmt: skip
-    p.add_argument("--count", type=int, help="files in the burst (default 200), slices in the series (default 300)")
+    p.add_argument("--workload", choices=(*WORKLOADS, "series", "triton"), default="mr",
+                   help="mr (default model), radiograph, series (a CT series by DICOM, [pacs] on), or triton "
+                        "(appliances sending inference to one Triton server, beside the local backend)")  # fmt: skip
+    p.add_argument("--count", type=int, help="files in the burst (default 200), slices in the series (default 300), "
+                                             "images per appliance for triton (default 200)")  # fmt: skip
     p.add_argument("--model", type=Path, help="model folder (default: mr the config's, the others pipeline-test)")
     p.add_argument("--config", type=Path, default=REPO / "appliance.toml", help="for the engines folder")
     p.add_argument("--out", type=Path, default=REPO / "bench-results", help="where the JSON and PNG go")
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                                     device=config.inference.device, heatmaps=config.inference.heatmaps)  # fmt: skip
     if args.workload == "series":
         return series_main(args, make_daemon, work, count, manifest.model.name, config.series.stable_s)
+    if args.workload == "triton":
+        return triton_main(args, model_dir, work, count, manifest.model.name, config.inference.heatmaps)
     print(f"generating {count + args.idle} {args.workload} inputs ...", flush=True)
     paths = write_inputs(work / "inputs", args.workload, count + args.idle)
     idle_paths, burst_paths = paths[: args.idle], paths[args.idle :]
@@ -230,5 +236,19 @@ def series_main(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(args.out / f"series-{stamp}.json", figures)
     print(f"wrote {args.out}/series-{stamp}.json")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def triton_main(args: argparse.Namespace, model_dir: Path, work: Path, count: int, model: str, heatmaps: bool) -> int:
+    """The triton workload (bench/triton.py): the local backend and one, two and four appliances on one server."""
+    figures: dict[str, Any] = {"workload": "triton", "count": count, "model": model, "cpus": os.cpu_count(),
+                               "unix_time": time.time()}  # fmt: skip
+    figures.update(triton.measure(work, model_dir, args.config.resolve(), count, args.idle, args.max_delay_ms,
+                                  heatmaps))  # fmt: skip
+    print(triton.text(figures))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(args.out / f"triton-{stamp}.json", figures)
+    print(f"wrote {args.out}/triton-{stamp}.json")
     shutil.rmtree(work, ignore_errors=True)
     return 0
