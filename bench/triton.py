@@ -300,8 +300,7 @@ def measure(
 ) -> dict[str, Any]:
     """{"triton": figures}, or {"triton": {"skipped": why}} where the Triton peer is not installed."""
     absent = triton_missing()
-    if absent:
-        print(absent, flush=True)
+    if absent:  # the report's one line says it
         return {"triton": {"skipped": absent}}
     print("triton: exporting the model (FP32) with `python -m build_engine --target triton` ...", flush=True)
     exported = export(model_dir, config, work / "export")

@@ -1,32 +1,45 @@
 """`make gpu-check`: the checks only a box with an NVIDIA GPU can run, in one command, then one report.
 
 Each step is guarded: a step whose prerequisite is missing here (the GPU, TensorRT, CuPy,
-compute-sanitizer, a step before it) is skipped with the reason instead of failing, so the same command
-runs on a CPU box, on a cloud image with a GPU but no TensorRT, and on a full TensorRT host. The exit
-status is non-zero only when a step that could run failed.
+compute-sanitizer, Triton with its TensorRT backend, a step before it) is skipped with the reason instead of
+failing, so the same command runs on a CPU box, on a cloud image with a GPU but no TensorRT, and on a full
+TensorRT host. The exit status is non-zero only when a step that could run failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib.util
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from appliance.inference.artifacts import engines_folder, read_sidecar
 from appliance.inference.backends import cuda
-from appliance.toolkit import load_config
+from appliance.inference.postprocess import activate
+from appliance.toolkit import InferenceConfig, load_config, load_manifest, open_backend
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN_TEST = "tests/gpu/test_tensorrt_slots.py"
 MODELS = ("models/pipeline-test", "models/brain-mri-vgg16")
+TRITON_MODEL = "models/pipeline-test"  # the small one: its plan is served by Triton's TensorRT backend
+TRITON_STEP = "Triton serving pipeline-test's TensorRT plan"
+TRITON_START_S = 300.0  # a plan loads in seconds; the first CUDA start on a cloud GPU can take minutes
 
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
 
@@ -75,6 +88,26 @@ def tool_problem(tool: str) -> Problem:
 
 def file_problem(path: Path, hint: str) -> Problem:
     return lambda: "" if path.is_file() else f"{path.relative_to(REPO)} is missing ({hint})"
+
+
+def triton_server() -> Path | None:
+    """`tritonserver`: the TRITON_SERVER environment variable, else the one on PATH."""
+    named = os.environ.get("TRITON_SERVER") or shutil.which("tritonserver")
+    return Path(named) if named else None
+
+
+def triton_backends(server: Path) -> Path:
+    """Its backend folder, beside its bin/ as Triton installs itself (/opt/tritonserver/backends)."""
+    return server.resolve().parent.parent / "backends"
+
+
+def triton_problem() -> str:
+    server = triton_server()
+    if server is None or not os.access(server, os.X_OK):
+        return "tritonserver is not on PATH (nor in TRITON_SERVER)"
+    if not (triton_backends(server) / "tensorrt").is_dir():
+        return f"{server} has no tensorrt backend in {triton_backends(server)}"
+    return ""
 
 
 def first_problem(*problems: Problem) -> Problem:
@@ -158,7 +191,118 @@ def steps(bench_config: Path, config_path: Path | None = None) -> list[Step]:
             judge=judge_bench,
         )
     )
+    out.append(
+        Step(
+            TRITON_STEP,
+            [py, "-m", "build_engine.gpu_check", "--triton", *config_args],
+            first_problem(triton_problem, trt),
+            needs=(f"TensorRT build of {Path(TRITON_MODEL).name}",),
+        )
+    )
     return out
+
+
+# --- the Triton step: the plan served by Triton's TensorRT backend, through the appliance's loader ------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def tritonserver(server: Path, repository: Path, model: str, log: Path) -> Iterator[str]:
+    """`server` on loopback in explicit model-control mode with ``model`` loaded; yields its gRPC address once it
+    and the model are ready, and stops it (SIGTERM) at the end."""
+    grpc_port, http_port = free_port(), free_port()
+    command = [str(server), f"--model-repository={repository}", "--model-control-mode=explicit",
+               f"--load-model={model}", f"--backend-directory={triton_backends(server)}",
+               "--http-address=127.0.0.1", f"--http-port={http_port}", "--grpc-address=127.0.0.1",
+               f"--grpc-port={grpc_port}", "--allow-metrics=false"]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TRITON_START_S
+        pending = ["/v2/health/ready", f"/v2/models/{model}/ready"]
+        while pending:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                raise RuntimeError(f"tritonserver {'exited' if proc.poll() is not None else 'was not ready'}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{pending[0]}", timeout=5):
+                    pending.pop(0)
+            except (OSError, urllib.error.HTTPError):
+                time.sleep(0.2)  # starting: the server, then the model (no event to wait on from outside)
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def triton_step(config_path: Path | None) -> int:
+    """Export pipeline-test's TensorRT plan for Triton (`--target triton --source tensorrt`, into a temporary
+    repository and a copy of its engines folder: the config's is left as it was), serve it from `tritonserver` on
+    loopback, open it through the appliance's loader with inference.backend = "triton" (the export's self-check
+    runs on the server as it joins) and score the self-check's gate images there once more."""
+    server = triton_server()
+    if server is None:
+        print(triton_problem())
+        return 1
+    config = load_config(config_path)
+    name = load_manifest(REPO / TRITON_MODEL).manifest.model.name
+    with tempfile.TemporaryDirectory(prefix="gpu-check-triton-") as folder:
+        work = Path(folder)
+        engines = work / "engines"
+        shutil.copytree(engines_folder(config.model.engines_dir, name), engines_folder(engines, name))
+        config_args = ["--config", str(config_path)] if config_path else []
+        export = [sys.executable, "-m", "build_engine", *config_args, "--model", str(REPO / TRITON_MODEL),
+                  "--target", "triton", "--source", "tensorrt", "--repo", str(work / "repository"),
+                  "--engines", str(engines)]  # fmt: skip
+        if subprocess.run(export, cwd=REPO).returncode != 0:
+            print("the export of the TensorRT plan for Triton failed (above)")
+            return 1
+        line, passed = score_on_triton(server, work / "repository", engines, config.inference.device, work)
+    print(line)
+    return 0 if passed else 1
+
+
+def score_on_triton(server: Path, repository: Path, engines: Path, device: int, work: Path) -> tuple[str, bool]:
+    """Serve the exported model from `server` and open it through the appliance's loader with inference.backend =
+    "triton"; then score its self-check's gate images there, one a call as at build time. (one line, passed)"""
+    loaded = load_manifest(REPO / TRITON_MODEL)
+    name = loaded.manifest.model.name
+    record = read_sidecar(engines_folder(engines, name) / f"triton-{name}.json")
+    if record.self_check is None:
+        return f"the export's record of {name} has no self-check", False
+    check = np.load(engines_folder(engines, name) / record.self_check.file)
+    with tritonserver(server, repository, name, work / "tritonserver.log") as address:
+        chosen = InferenceConfig(backend="triton", device=device, triton={"endpoints": [address]})
+        backend = open_backend(loaded, chosen, engines)
+        try:
+            if backend.name != "triton":
+                return f"the server's model was refused, {backend.name} serves instead (the log above says why)", False
+            worst = 0.0
+            for row, expected in zip(check["inputs"], check["scores"], strict=True):
+                out = backend.run(row[None])
+                if out.ran_on:
+                    return f"a gate image ran on {out.ran_on}, not on the server (the log above says why)", False
+                got = activate(out.scores, loaded.manifest.output.activation)[0]
+                worst = max(worst, float(np.abs(got - expected).max()))
+        finally:
+            backend.close()
+    tolerance = record.self_check.tolerance
+    passed = worst <= tolerance
+    line = (
+        f"{name}'s {record.key.precision} {Path(record.artifact or 'model').name} on tritonserver ({address}): "
+        f"self-check passed as it joined, its {len(check['scores'])} gate images scored there again, max |diff| "
+        f"{worst:.2g} ({'within' if passed else 'past'} {tolerance:g})"
+    )
+    return line, passed
 
 
 # --- running and reporting ----------------------------------------------------------------------------
@@ -211,9 +355,12 @@ def exit_status(outcomes: Sequence[Outcome]) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m build_engine.gpu_check", description=__doc__)
     p.add_argument("--config", type=Path, help="appliance config whose model and engines folder to use")
+    p.add_argument("--triton", action="store_true", help=f"run the step {TRITON_STEP!r} alone")
     args = p.parse_args(argv)
     default = REPO / "appliance.toml"  # as `python -m build_engine` does without --config
     config = args.config.resolve() if args.config else (default if default.is_file() else None)
+    if args.triton:
+        return triton_step(config)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
         outcomes = run_all(steps(write_bench_config(config, Path(folder)), config))
     print("\n" + report(outcomes))
