@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -35,6 +36,8 @@ class Remote(Protocol):
     def check_again(self) -> list[str]: ...
 
     def expect_input(self, spec: TensorSpec) -> None: ...
+
+    def on_leave(self, listener: Callable[[], None]) -> None: ...
 
 
 class Failover(Backend):
@@ -66,6 +69,7 @@ class Failover(Backend):
         must match), then the servers. ModelMismatchError where every server answers with another model."""
         self.local.load()
         self._rotation.expect_input(self.local.input_spec)
+        self._rotation.on_leave(self._wake.set)  # a server that left is checked as its back-off ends
         self.remote.load()  # raises where every server answered with a model that is not the export
         self._largest = self.local.max_batch
         if self._rotation.serving():

@@ -307,18 +307,7 @@ def test_tls_to_the_server_and_a_certificate_not_trusted(
 # --- 5. two servers -------------------------------------------------------------------------------------------
 
 
-BALANCES = [
-    pytest.param(
-        "least_outstanding",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="appliance/inference/backends/triton.py _pick: with one call under way at a time (the daemon's one "
-            "batcher thread) every server has 0 outstanding and min() picks the first listed every time; the others "
-            "get no batch while it answers",
-        ),
-    ),
-    "round_robin",
-]
+BALANCES = ["least_outstanding", "round_robin"]
 
 
 @pytest.mark.parametrize("balance", BALANCES)
@@ -366,12 +355,6 @@ def test_one_of_two_killed_the_other_takes_every_batch(
         failover.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="appliance/inference/failover.py _watch sleeps IDLE_S (30 s) while any server serves and nothing wakes it "
-    "when one of several leaves the rotation in TritonBackend._infer_impl: the server is checked again up to 30 s "
-    "later, not after its back-off (at most probe_max_s)",
-)
 def test_a_killed_server_started_again_rejoins_the_rotation(
     running: list[Triton], engines: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -214,6 +214,7 @@ class TritonBackend(Backend):
         self._heatmap = heatmap
         self._check: Check | None = None
         self._expected: TensorSpec | None = None
+        self._left: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
         self._model: _Model | None = None
@@ -225,6 +226,10 @@ class TritonBackend(Backend):
 
     def adopt_check(self, check: Check) -> None:
         self._check = check
+
+    def on_leave(self, listener: Callable[[], None]) -> None:
+        """Called when a server leaves the rotation (the failover's watch then checks it as its back-off ends)."""
+        self._left = listener
 
     def expect_input(self, spec: TensorSpec) -> None:
         """The input every server's model must take (the local artifact's, checked against the manifest)."""
@@ -264,17 +269,19 @@ class TritonBackend(Backend):
         """On the server with the fewest calls under way (or the next in turn); a server that fails leaves the
         rotation and the batch goes to the next. BackendUnavailable once none is left."""
         tried: list[str] = []
+        whys: list[str] = []
         last: type[BackendError] = ServerUnavailable
         while True:
             server = self._pick(exclude=tried)
             if server is None:
-                where = f"tried {', '.join(tried)}" if tried else "none is in the rotation"
+                where = "; ".join(whys) if whys else "none is in the rotation"
                 raise last(f"No inference server could run the batch ({where}).")
             tried.append(server.address)
             try:
                 return self._infer_on(server, batch)
             except _ServerFailed as e:
                 self._leave(server, e.why)
+                whys.append(f"{server.address}: {e.why}")
                 last = e.kind
 
     def _close_impl(self) -> None:
@@ -468,11 +475,11 @@ class TritonBackend(Backend):
             ready = [s for s in self._servers if s.serving and s.address not in exclude]
             if not ready:
                 return None
-            if self._settings.balance == "round_robin":
-                self._next = (self._next + 1) % len(ready)
-                server = ready[self._next]
-            else:
-                server = min(ready, key=lambda s: s.outstanding)
+            if self._settings.balance == "least_outstanding":  # the fewest calls under way; in turn among equals
+                fewest = min(s.outstanding for s in ready)
+                ready = [s for s in ready if s.outstanding == fewest]
+            self._next += 1
+            server = ready[self._next % len(ready)]
             server.outstanding += 1
             return server
 
@@ -516,6 +523,7 @@ class TritonBackend(Backend):
                 self._lock.release()
         if was:
             log.warning("Triton server %s left the rotation: %s; checked again in %.0f s", server.address, why, wait)
+        self._left()
 
 
 class _OneServer(Backend):
@@ -574,7 +582,7 @@ def _shape(spec: TensorSpec) -> str:
 def _described_error(error: grpc.RpcError) -> str:
     code = error.code()
     details = (error.details() or "").strip().rstrip(".")
-    return f"{code.name if code else 'UNKNOWN'}" + (f": {details[:200]}" if details else "")
+    return f"{code.name if code else 'UNKNOWN'}" + (f": {details[:400]}" if details else "")
 
 
 def _outputs(
