@@ -83,6 +83,7 @@ def test_on_a_cpu_box_the_whole_check_skips_every_step_and_passes(capsys: pytest
         "gpu tests (pytest -m gpu)",
         "stand-in TensorRT test under compute-sanitizer",
         *TENSORRT_STEPS,
+        gpu_check.TRITON_STEP,
     ]
     assert {result for _, result, _ in table} == {"skipped"}
     assert table[0][2] == cuda.gpu_problem().rstrip(".")

@@ -153,7 +153,7 @@ class _Attack:
 def test_silent_half_requests_from_many_hosts_shut_out_no_scanner_and_are_closed(make_daemon: type[Daemon]) -> None:
     # Defaults: 4 connections per host, 16 pending, 8 associations. The request deadline is long enough
     # that the attackers still hold their connections while the scanner sends.
-    d, port, metrics = _daemon(make_daemon, request_timeout_s=30)
+    d, port, metrics = _daemon(make_daemon, request_timeout_s=12)
     hosts = [f"127.0.0.{n}" for n in range(2, 10)]
     attackers = [_silent(host, port) for host in hosts for _ in range(5)]  # 40: 5 per host, 8 hosts
     try:

@@ -16,6 +16,7 @@ import pytest
 from appliance.config import LimitsConfig
 from appliance.domain.errors import InputRejected
 from appliance.domain.manifest import load_manifest
+from appliance.prepare import pool as pool_module
 from appliance.prepare.pool import NOT_A_FILE, Mode, PreparePool
 from tests.imaging import hostile
 from tests.processes import alive, decode_workers
@@ -62,11 +63,14 @@ def test_a_worker_that_ran_out_of_memory_is_replaced(tmp_path: Path, caplog: pyt
         pool.close()
 
 
-@pytest.mark.slow  # waits out the worker's time limit
-def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(tmp_path: Path) -> None:
+@pytest.mark.slow  # waits out the worker's time limit, three times
+def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stopped worker answers nothing but SIGKILL, as one wedged in native code or in the kernel: only the
     pool's watch ends it. Its input is tried alone, and rejected once it has wedged two lone workers too; the
     inputs held up behind it are scored."""
+    monkeypatch.setattr(pool_module, "STUCK_MARGIN_S", 3.0)  # judged wedged after 4 s, not 11 s, each time
     wedging, *good = [hostile.good_png(tmp_path, seed) for seed in range(4)]
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(decode_timeout_s=0.2), workers=1)
     stopper: _StopNewWorkers | None = None
