@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -70,6 +71,7 @@ class BenchDaemon:
     pacs_port: int | None = None  # [pacs] on: reports go to a PACS_AE on this loopback port
     report_per: str = "series"  # pacs.report_per: "series" (the config's default) or "image"
     series_stable_s: float | None = None  # [series] stable_s; None: the config's default
+    endpoints: tuple[str, ...] = ()  # [inference.triton] endpoints: the inference servers of backend "triton"
     port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -100,6 +102,8 @@ class BenchDaemon:
             )
         if self.series_stable_s is not None:
             ways += f"[series]\nstable_s = {self.series_stable_s}\n"
+        if self.endpoints:
+            ways += f"[inference.triton]\nendpoints = {json.dumps(list(self.endpoints))}\n"
         config.write_text(
             f'[watch]\ndir = "{self.incoming}"\nprocessed_dir = "{self.root / "processed"}"\nstable_s = 0.2\n'
             f'rejected_dir = "{self.root / "rejected"}"\n'

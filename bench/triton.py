@@ -14,13 +14,10 @@ server on a machine of its own, so here the server's work is taken from the appl
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter, defaultdict
@@ -31,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import grpc
 import numpy as np
 from google.protobuf import text_format
 
@@ -60,44 +56,6 @@ _SERVER_METRICS = {  # Triton's cumulative counters per model, read before and a
 }
 _DTYPES = {tc.TYPE_FP32: ("FP32", np.float32), tc.TYPE_FP16: ("FP16", np.float16)}
 _V2_DTYPES = dict(_DTYPES.values())
-
-
-@dataclass
-class RemoteDaemon(BenchDaemon):
-    """A BenchDaemon whose config also names the inference servers ([inference.triton] endpoints), which
-    BenchDaemon's own config has no room for; otherwise its settings (no DICOM, no PACS)."""
-
-    endpoints: tuple[str, ...] = ()
-
-    def start(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.incoming.mkdir(parents=True)
-        root, q = self.root, json.dumps
-        config = root / "appliance.toml"
-        workers = self.decode_workers or os.cpu_count() or 2
-        config.write_text(
-            f"[watch]\ndir = {q(str(self.incoming))}\nprocessed_dir = {q(str(root / 'processed'))}\nstable_s = 0.2\n"
-            f"rejected_dir = {q(str(root / 'rejected'))}\n"
-            f"[storage]\ndata_dir = {q(str(root / 'data'))}\n"
-            f"[model]\ndir = {q(str(self.model))}\nengines_dir = {q(str(self.engines))}\n"
-            f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
-            f"backend = {q(self.backend)}\nheatmaps = {str(self.heatmaps).lower()}\n"
-            f"decode_with = {q(self.decode_with)}\n"
-            f"[inference.triton]\nendpoints = {q(list(self.endpoints))}\n"
-            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
-            '[logging]\nlevel = "WARNING"\n'
-        )
-        with (root / "daemon.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.app.cli", "run", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self._wait_ready()
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
 
 # --- inputs, the export, the server's metrics ---------------------------------------------------------------
@@ -307,8 +265,8 @@ def measure(
     paths = write_images(work / "inputs", 1 + idle + count)
     warm, idle_paths, files = paths[0], paths[1 : 1 + idle], paths[1 + idle :]
 
-    def appliance(name: str, backend: str, endpoints: tuple[str, ...] = ()) -> RemoteDaemon:
-        return RemoteDaemon(root=work / name, model=model_dir, engines=exported.engines, max_delay_ms=max_delay_ms,
+    def appliance(name: str, backend: str, endpoints: tuple[str, ...] = ()) -> BenchDaemon:
+        return BenchDaemon(root=work / name, model=model_dir, engines=exported.engines, max_delay_ms=max_delay_ms,
                             backend=backend, heatmaps=heatmaps, endpoints=endpoints)  # fmt: skip
 
     runs: dict[str, dict[str, Any]] = {}
