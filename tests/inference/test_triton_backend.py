@@ -236,6 +236,39 @@ def test_a_server_whose_model_takes_another_shape_is_refused(
         served.backend.close()
 
 
+def test_a_server_whose_model_lacks_the_heatmap_is_refused(
+    running: list[Triton], engines: Path, exported: triton_repo.Exported
+) -> None:
+    """The model as trained (no heatmap output) served under the name the record gives: the manifest declares a
+    heatmap and the appliance asks for it, so the server is refused, saying which output it lacks."""
+    a = running[0]
+    name = "pipeline-plain"
+    repo = exported.folder.parent
+    if not (repo / name).exists():
+        (repo / name / "1").mkdir(parents=True)
+        shutil.copy(MODEL / "model.onnx", repo / name / "1" / "model.onnx")
+        config = (exported.folder / "config.pbtxt").read_text()
+        config = config.replace(f'name: "{NAME}"', f'name: "{name}"')
+        heatmap = config.index('output {\n  name: "heatmap"')
+        config = config[:heatmap] + config[config.index("}\n", heatmap) + 2 :]
+        (repo / name / "config.pbtxt").write_text(config)
+    a.load(name)
+    record = read_sidecar(exported.engines_sidecar)
+    write_sidecar(
+        record_path(engines / LOADED.manifest.model.name, name),
+        record.model_copy(update={"recipe": {**record.recipe, "triton_model": name}}),
+    )
+    served = _open(engines, a, model=name)
+    try:
+        assert served.backend.name == "onnxruntime"
+        assert (
+            f"{a.grpc_address}: model 'pipeline-plain' has no output 'heatmap' there, the heatmap the manifest "
+            "declares; export it again with `make engine TARGET=triton` (or set inference.heatmaps = false)"
+        ) in served.reason
+    finally:
+        served.backend.close()
+
+
 def test_a_self_check_with_other_scores_is_refused(running: list[Triton], engines: Path) -> None:
     """The record's self-check rewritten with moved scores (and its sha256 in the sidecar, so only the scores tell):
     the server reproduces the exported model's scores, not those, and is refused."""

@@ -75,6 +75,9 @@ class TritonSettings(BaseModel):
         description="The model's name on the servers; default: the one `make engine TARGET=triton` exported "
         "(engines/<model>/triton-<name>.json), where there is one.",
     )
+    version: str = Field(
+        "", description="The model version asked for; empty: the one each server's version policy serves."
+    )
     balance: Literal["least_outstanding", "round_robin"] = Field(
         "least_outstanding", description="How batches are spread over the servers that answer."
     )
@@ -409,11 +412,14 @@ class TritonBackend(Backend):
         timeout = self._settings.check_timeout_s
         if not self._call(server, server.stub.ServerReady, v2.ServerReadyRequest(), timeout).ready:
             raise _ServerFailed("the server is not ready")
-        ready = self._call(server, server.stub.ModelReady, v2.ModelReadyRequest(name=name), timeout)
+        pinned = self._settings.version
+        ready = self._call(server, server.stub.ModelReady, v2.ModelReadyRequest(name=name, version=pinned), timeout)
         if not ready.ready:
             raise _ServerFailed(f"model {name!r} is not ready on it")
-        meta = self._call(server, server.stub.ModelMetadata, v2.ModelMetadataRequest(name=name), timeout)
-        version = max(meta.versions, key=lambda v: (len(v), v)) if meta.versions else ""
+        meta = self._call(
+            server, server.stub.ModelMetadata, v2.ModelMetadataRequest(name=name, version=pinned), timeout
+        )
+        version = pinned or (max(meta.versions, key=lambda v: (len(v), v)) if meta.versions else "")
         model = self._matching(meta, self._server_max_batch(server, sidecar))
         return version, model
 
@@ -421,7 +427,7 @@ class TritonBackend(Backend):
         """Triton's max_batch_size where it says it (its ModelConfig call); else what the export recorded."""
         try:
             response = server.config_call(
-                triton_config.ModelConfigRequest(name=self._model_name),
+                triton_config.ModelConfigRequest(name=self._model_name, version=self._settings.version),
                 timeout=self._settings.check_timeout_s,
                 metadata=self._metadata,
             )
@@ -454,11 +460,14 @@ class TritonBackend(Backend):
                 f"model {name!r} has no output {self._output_name!r} there (it has {', '.join(outputs) or 'none'})"
             )
         wanted = [self._output_name]
-        heatmap = self._heatmap is not None and self._heatmap.output in outputs
-        if heatmap:
-            assert self._heatmap is not None
+        if self._heatmap is not None:  # declared by the manifest and asked for: the export always carries it
+            if self._heatmap.output not in outputs:
+                raise ModelMismatchError(
+                    f"model {name!r} has no output {self._heatmap.output!r} there, the heatmap the manifest declares; "
+                    "export it again with `make engine TARGET=triton` (or set inference.heatmaps = false)"
+                )
             wanted.append(self._heatmap.output)
-        return _Model(spec, wanted, max_batch, heatmap)
+        return _Model(spec, wanted, max_batch, self._heatmap is not None)
 
     def _call(self, server: _Server, method: Callable[..., Any], request: Any, timeout: float) -> Any:
         try:
@@ -487,7 +496,7 @@ class TritonBackend(Backend):
         """One call on one server (``_pick`` counted it under way). A response from another model version than
         the one checked is not used: the server is checked again first."""
         model = self._described()
-        request = v2.ModelInferRequest(model_name=self._model_name, model_version=version or "")
+        request = v2.ModelInferRequest(model_name=self._model_name, model_version=version or self._settings.version)
         tensor = request.inputs.add()
         tensor.name, tensor.datatype = model.input.name, _KSERVE_DTYPE[batch.dtype]
         tensor.shape.extend(batch.shape)
