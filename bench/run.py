@@ -232,12 +232,7 @@ def series_main(
     figures: dict[str, Any] = {"workload": "series", "count": count, "model": model, "cpus": os.cpu_count(),
                                "unix_time": time.time()}  # fmt: skip
     figures.update(series.measure(make_daemon, work, warm, files, stable_s, files[:image_count]))
-    print(series.text(figures))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_json(args.out / f"series-{stamp}.json", figures)
-    print(f"wrote {args.out}/series-{stamp}.json")
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return _written(args.out, "series", series.text(figures), figures, work)
 
 
 def triton_main(args: argparse.Namespace, model_dir: Path, work: Path, count: int, model: str, heatmaps: bool) -> int:
@@ -246,9 +241,14 @@ def triton_main(args: argparse.Namespace, model_dir: Path, work: Path, count: in
                                "unix_time": time.time()}  # fmt: skip
     figures.update(triton.measure(work, model_dir, args.config.resolve(), count, args.idle, args.max_delay_ms,
                                   heatmaps))  # fmt: skip
-    print(triton.text(figures))
+    return _written(args.out, "triton", triton.text(figures), figures, work)
+
+
+def _written(out: Path, workload: str, report: str, figures: dict[str, Any], work: Path) -> int:
+    """A workload's report printed, its figures written as JSON beside the others, its work folder removed."""
+    print(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_json(args.out / f"triton-{stamp}.json", figures)
-    print(f"wrote {args.out}/triton-{stamp}.json")
+    write_json(out / f"{workload}-{stamp}.json", figures)
+    print(f"wrote {out}/{workload}-{stamp}.json")
     shutil.rmtree(work, ignore_errors=True)
     return 0
