@@ -52,6 +52,7 @@ from appliance.toolkit import (
     load_manifest,
     rows_in_batches,
 )
+from build_engine import progress
 from build_engine.errors import BuildError, GateFailed
 from build_engine.gate import GateReport, compare
 from build_engine.image_sets import ImageSet, load_set
@@ -116,7 +117,10 @@ def best_batch(backend: Backend, sample: np.ndarray) -> tuple[int, dict[int, flo
     """
     sizes = sorted({*(2**i for i in range(backend.max_batch.bit_length()) if 2**i <= backend.max_batch),
                     backend.max_batch})  # fmt: skip
-    speeds = {b: images_per_second(backend, [sample], b, min_seconds=0.5, min_runs=2) for b in sizes}
+    speeds = {
+        b: images_per_second(backend, [sample], b, min_seconds=0.5, min_runs=2)
+        for b in progress.steps(sizes, "speed by batch size", len(sizes), unit="size")
+    }
     top = max(speeds.values())
     return min(b for b, v in speeds.items() if v >= 0.95 * top), speeds
 
@@ -242,8 +246,9 @@ class Builder:
         if self.reference is not None:
             return
         with self._open(registry.reference(), self.loaded.onnx_path) as fp32:
-            self.reference, self.reference_heatmaps = self._outputs(fp32)
-            self.fp32_speed = images_per_second(fp32, self.validation.tensors[:1])
+            self.reference, self.reference_heatmaps = self._outputs(fp32, "FP32 reference")
+            with progress.bar("FP32 speed", 1, unit="measure"):
+                self.fp32_speed = images_per_second(fp32, self.validation.tensors[:1])
 
     def _open(self, kind: BackendKind[Any], path: Path) -> Backend:
         """A loaded backend for a built artifact (or the FP32 ONNX on the reference), with the build's settings.
@@ -262,10 +267,12 @@ class Builder:
         backend.load()
         return backend
 
-    def _outputs(self, backend: Backend) -> tuple[np.ndarray, np.ndarray | None]:
+    def _outputs(self, backend: Backend, what: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Activated scores (N x labels) on the validation set and, where the backend returns them, heatmaps."""
         assert self.validation is not None
-        rows = rows_in_batches(backend, self.validation.tensors, self.manifest.output.activation)
+        tensors = self.validation.tensors
+        with progress.bar(what, len(tensors)) as running:
+            rows = rows_in_batches(backend, tensors, self.manifest.output.activation, running.update)
         maps = [row.heatmap for row in rows if row.heatmap is not None]
         heatmaps = np.stack(maps) if maps and len(maps) == len(rows) else None
         return np.stack([row.scores for row in rows]), heatmaps
@@ -390,10 +397,12 @@ class Builder:
             to_fp16(float_model, source, self.float_branch)
         return self._make_and_gate(target, precision, source, work)
 
-    def _make_and_gate(self, target: BuildTarget, precision: str, onnx_path: Path, work: Path) -> Attempt:
+    def _make_and_gate(
+        self, target: BuildTarget, precision: str, onnx_path: Path, work: Path, step: str = ""
+    ) -> Attempt:
         artifact = target.make(self, onnx_path, precision, work)
         with self._open(target.kind, artifact) as backend:
-            report, scores = self._gate(backend)
+            report, scores = self._gate(backend, f"gate: {target.name} {precision}{step}")
         return Attempt(precision, artifact, report, scores=scores)
 
     def _int8_with_exclusions(
@@ -433,15 +442,20 @@ class Builder:
             base + [n for n in tail if n not in base],
             *(base + [n for n in ranked[:count] if n not in base] for count in EXCLUSION_STEPS),
         ]
+        planned: list[list[str]] = []
         for excluded in steps:
-            if not excluded or excluded in tried or len(excluded) > most:
-                continue
+            if excluded and excluded not in planned and len(excluded) <= most:
+                planned.append(excluded)
+        for number, excluded in enumerate(planned, 1):
             tried.append(excluded)
             layers = f"{len(excluded)} layer{'s' if len(excluded) != 1 else ''}"
-            self.out(f"{target.name:<9} int8: {attempt.report.summary()}; now keeping {layers} in float")
+            self.out(
+                f"{target.name:<9} int8: {attempt.report.summary()}; now keeping {layers} in float "
+                f"(step {number} of at most {len(planned)})"
+            )
             candidate = work / f"int8-x{len(excluded)}.qdq.onnx"
             quantize(float_model, candidate, recipe, reader, exclude=excluded, keep_float=branch)
-            attempt = self._make_and_gate(target, "int8", candidate, work)
+            attempt = self._make_and_gate(target, "int8", candidate, work, f", {layers} in float")
             attempt.excluded = excluded
             if attempt.report.passed:
                 notes.append(f"layers kept in float to pass the gate: {', '.join(excluded)}")
@@ -472,9 +486,9 @@ class Builder:
             where += f", all with a top FP32 score between {sure.min():.2f} and {sure.max():.2f}"
         return where
 
-    def _gate(self, backend: Backend) -> tuple[GateReport, np.ndarray]:
+    def _gate(self, backend: Backend, what: str) -> tuple[GateReport, np.ndarray]:
         assert self.validation is not None and self.reference is not None
-        scores, heatmaps = self._outputs(backend)
+        scores, heatmaps = self._outputs(backend, what)
         labels, note = self.validation.labels, self.validation.label_note
         report = compare(self.manifest, self.reference, scores, labels, self.tolerance, note,
                          reference_heatmaps=self.reference_heatmaps, candidate_heatmaps=heatmaps)  # fmt: skip

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.toolkit import InputRejected, Manifest, Preparer
+from build_engine import progress
 from build_engine.errors import BuildError
 
 LABELS_CSV = "labels.csv"
@@ -119,7 +120,7 @@ def load_set(
             label_map = {p: label_map[p.resolve()] for p in files}
         result.labels = [] if label_map is not None else None
     digest = hashlib.sha256()
-    for path in files:
+    for path in progress.steps(files, f"reading {what} images", len(files), unit="file"):
         if limit is not None and len(result.tensors) >= limit:
             break
         rel = path.relative_to(folder).as_posix()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from appliance.inference.cpu_class import SATURATING, describe
 from appliance.inference.heatmap_graph import HeatmapError, add_heatmap
 from appliance.toolkit import Heatmap
+from build_engine import progress
 from build_engine.errors import BuildError
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,16 @@ class TensorReader(CalibrationDataReader):
         self.input_name = input_name
         self.tensors = list(tensors)
         self.batch = max(1, batch)
+        self.taken: Callable[[int], object] | None = None  # told how many tensors each batch held (progress)
         self._it: Iterator[dict[str, np.ndarray]] = iter(())
         self.rewind()
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(self.tensors), self.batch):
-            yield {self.input_name: np.stack(self.tensors[start : start + self.batch])}
+            chunk = self.tensors[start : start + self.batch]
+            yield {self.input_name: np.stack(chunk)}
+            if self.taken is not None:
+                self.taken(len(chunk))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -180,19 +185,22 @@ def quantize(
         )
     reader.rewind()
     try:
-        quantize_static(
-            str(float_model),
-            str(target),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=WEIGHTED_OPS,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=recipe.reduce_range,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=[*exclude, *branch_nodes(float_model, keep_float)],
-            **options,
-        )
+        with progress.bar("calibrating", len(reader.tensors)) as calibrating:
+            reader.taken = calibrating.update
+            quantize_static(
+                str(float_model),
+                str(target),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=WEIGHTED_OPS,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=recipe.reduce_range,
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=[*exclude, *branch_nodes(float_model, keep_float)],
+                **options,
+            )
+            reader.taken = None
     except Exception as e:
         raise BuildError(f"ONNX Runtime could not quantize {float_model.name}: {str(e).splitlines()[0]}") from e
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -12,13 +12,18 @@ from appliance.inference.batcher import Row
 from appliance.inference.postprocess import activate
 
 
-def rows_in_batches(backend: Backend, tensors: Sequence[np.ndarray], activation: str) -> list[Row]:
-    """Each sample's activated scores and heatmap (where the backend gives one), in chunks as the batcher sends."""
+def rows_in_batches(
+    backend: Backend, tensors: Sequence[np.ndarray], activation: str, done: Callable[[int], object] | None = None
+) -> list[Row]:
+    """Each sample's activated scores and heatmap (where the backend gives one), in chunks as the batcher sends.
+    ``done`` is told how many samples each chunk ran (make engine's progress)."""
     rows: list[Row] = []
     for start in range(0, len(tensors), backend.max_batch):
         out = backend.run(np.stack(tensors[start : start + backend.max_batch]))
         scores = activate(out.scores, activation)
         rows += [Row(scores[i], None if out.heatmap is None else out.heatmap[i]) for i in range(len(scores))]
+        if done is not None:
+            done(len(scores))
     return rows
 
 
