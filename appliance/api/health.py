@@ -1,6 +1,7 @@
 """The daemon's health as grpc.health and the metrics tell it: SERVING only while the daemon is ready, every part
-alive and no fault holds. A fault (a full disk, a missing watch folder) keeps the daemon running, NOT_SERVING,
-until it is over; a part that died is what stops it."""
+alive and no fault holds back its work. A fault (a full disk, a missing watch folder) keeps the daemon running,
+NOT_SERVING, until it is over; a degradation (the inference servers away, this host's artifact scoring instead)
+is said among the problems and keeps it SERVING; a part that died is what stops it."""
 
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 FAULT = "inference_server"  # the faults' key (appliance_faults{kind="inference_server"})
 IDLE_S = 30.0  # the longest the watch sleeps with every server in the rotation
+# The failover that set the fault: across a reload two exist at once, and only the one that set it clears it.
+_holder: list[object] = []
+_holder_lock = threading.Lock()
 
 
 @runtime_checkable
@@ -38,6 +41,8 @@ class Remote(Protocol):
     def expect_input(self, spec: TensorSpec) -> None: ...
 
     def on_leave(self, listener: Callable[[], None]) -> None: ...
+
+    def leave_all(self, why: str) -> None: ...
 
 
 class Failover(Backend):
@@ -118,8 +123,8 @@ class Failover(Backend):
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self.remote.close()
-        if self._faults is not None and self.serving_locally():
-            self._faults.clear(FAULT, "the inference servers are no longer used by this model")
+        if self.serving_locally():
+            self._unsay("the inference servers are no longer used by this model")
 
     # --- failing over and back -------------------------------------------------------------------------------
 
@@ -143,6 +148,8 @@ class Failover(Backend):
             self._failures += 1
             failures = self._failures
         if failures >= self._failures_allowed or not self._rotation.serving():
+            # Servers still in the rotation gave those failures: each is checked again before it serves again.
+            self._rotation.leave_all(f"{failures} batches in a row failed there")
             self._fall_back(why.rstrip("."))
         else:
             log.warning("a batch failed on the inference servers and ran locally: %s", why)
@@ -159,24 +166,35 @@ class Failover(Backend):
         self._wake.set()
 
     def _say(self, began: bool) -> None:
-        """The fault holds while the local artifact serves: said again at each check (another failover's close,
-        a reload's, may have cleared the shared key meanwhile); logged once."""
+        """The fault holds while the local artifact serves: said again at each check; logged once. Nothing once
+        closed (a check that outlived the close)."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            sentence = self._sentence
         if self._faults is not None:
-            self._faults.set(FAULT, self._sentence, degraded=True)
+            with _holder_lock:
+                _holder[:] = [self]
+                self._faults.set(FAULT, sentence, degraded=True)
         elif began:
-            log.warning("%s", self._sentence)
+            log.warning("%s", sentence)
+
+    def _unsay(self, sentence: str) -> None:
+        """The fault is over, where this failover is the one that said it."""
+        if self._faults is None:
+            log.warning("%s", sentence)
+            return
+        with _holder_lock:
+            if _holder and _holder[0] is self:
+                _holder.clear()
+                self._faults.clear(FAULT, sentence)
 
     def _back(self, servers: list[str]) -> None:
         with self._lock:
-            was_local = self._local_now
+            if self._stop.is_set() or not self._local_now:
+                return
             self._local_now, self._failures = False, 0
-        if not was_local:
-            return
-        sentence = "Inference runs on the inference servers again" + (f" ({', '.join(servers)})" if servers else "")
-        if self._faults is not None:
-            self._faults.clear(FAULT, sentence)
-        else:
-            log.warning("%s", sentence)
+        self._unsay(f"Inference runs on the inference servers again ({', '.join(servers)})")
 
     def _watch(self) -> None:
         """Checks the servers out of the rotation as their back-off ends; serves remotely again once one passes."""
@@ -195,7 +213,9 @@ class Failover(Backend):
                 log.warning("checking the inference servers failed: %s", type(e).__name__)
                 self._stop.wait(1.0)
                 continue
-            if self._rotation.serving() and self.serving_locally():
+            if self._stop.is_set():
+                return
+            if back and self.serving_locally():  # a server passed its checks again
                 self._back(back)
             elif self.serving_locally():
                 self._say(began=False)

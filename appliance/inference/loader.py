@@ -118,8 +118,9 @@ def _serve_remote(
     try:
         backend.load()
         check_backend_matches(backend, loaded)
-    except (BackendError, ManifestError) as e:
+    except Exception as e:  # whatever the servers did, this host's own artifact serves
         backend.close_remote()
+        e = e if isinstance(e, (BackendError, ManifestError)) else BackendError(f"{type(e).__name__} at load.")
         log.warning("passed over %s (%s): %s", choice.backend, choice.path.name, e)
         reason = f"{local.reason}; the inference servers were refused: {str(e).rstrip('.')}"
         return replace(local, reason=reason, passed_over=[*local.passed_over, str(e).rstrip(".")])

@@ -194,6 +194,7 @@ class _Model:
     outputs: list[str]
     max_batch: int
     heatmap: bool
+    width: int = 0  # scores per image, where the metadata says (0: it does not)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -245,14 +246,17 @@ class TritonBackend(Backend):
             raise ArtifactRefused(f"{e}.") from e
         self._model_name = str(sidecar.recipe.get("triton_model") or self._record.stem.removeprefix(RECORD_PREFIX))
         self._metadata = self._token()
-        self._servers = [self._connect(address) for address in self._settings.endpoints]
-        for server in self._servers:
-            self._verify(server, sidecar)
-        if all(s.refused for s in self._servers):
-            whys = "; ".join(f"{s.address}: {s.why}" for s in self._servers)
+        try:
+            for address in self._settings.endpoints:
+                self._servers.append(self._connect(address))
             for server in self._servers:
-                server.channel.close()
-            raise ModelMismatchError(f"Triton model {self._model_name!r} was refused on every server: {whys}.")
+                self._verify(server, sidecar)
+            if all(s.refused for s in self._servers):
+                whys = "; ".join(f"{s.address}: {s.why}" for s in self._servers)
+                raise ModelMismatchError(f"Triton model {self._model_name!r} was refused on every server: {whys}.")
+        except BaseException:
+            self._close_impl()
+            raise
         # Loaded with those that answered; the others (all, where none did) are checked again (check_again).
 
     def _input_spec_impl(self) -> TensorSpec:
@@ -283,7 +287,7 @@ class TritonBackend(Backend):
             try:
                 return self._infer_on(server, batch)
             except _ServerFailed as e:
-                self._leave(server, e.why)
+                self._leave(server, e.why, refused=e.refused)
                 whys.append(f"{server.address}: {e.why}")
                 last = e.kind
 
@@ -303,6 +307,13 @@ class TritonBackend(Backend):
         """One phrase per server out of the rotation, and why."""
         with self._lock:
             return [f"{s.address} ({s.why})" for s in self._servers if not s.serving]
+
+    def leave_all(self, why: str) -> None:
+        """Every server out of the rotation, to be checked again (their answers failed the batches)."""
+        with self._lock:
+            serving = [s for s in self._servers if s.serving]
+        for server in serving:
+            self._leave(server, why)
 
     def next_check_s(self) -> float | None:
         """Seconds until the next server out of the rotation is due to be checked again; None where all serve."""
@@ -372,29 +383,34 @@ class TritonBackend(Backend):
 
     def _verify(self, server: _Server, sidecar: Sidecar) -> None:
         """Ready, the model's metadata matching the export and the manifest, then the self-check's scores
-        reproduced on this server alone: then it joins the rotation."""
+        reproduced on this server alone: then it joins the rotation. Whatever fails leaves it out, saying why."""
         try:
             version, model = self._describe(server, sidecar)
+            with self._lock:
+                known = self._model
+            if known is not None and (model.input, model.outputs) != (known.input, known.outputs):
+                raise ModelMismatchError("its model differs from the other servers'")
+            problem = self._check(_OneServer(self, server, version, model)) if self._check is not None else ""
         except _ServerFailed as e:
-            self._leave(server, e.why)
+            self._leave(server, e.why, refused=e.refused)
             return
         except ModelMismatchError as e:
             self._leave(server, e.message.rstrip("."), refused=True)
             return
+        except BackendError as e:  # a call of its self-check failed: the server, not its model, as far as known
+            self._leave(server, e.message.rstrip("."))
+            return
+        except Exception as e:  # a reply nothing here expected: not used until it answers as it should
+            self._leave(server, f"its answer could not be read ({type(e).__name__})", refused=True)
+            return
+        if problem:
+            self._leave(server, problem, refused=True)
+            return
         with self._lock:
             if self._model is None:
                 self._model = model
-            elif (model.input, model.outputs) != (self._model.input, self._model.outputs):
-                self._leave(server, "its model differs from the other servers'", refused=True, locked=True)
-                return
             else:
                 self._model.max_batch = min(self._model.max_batch, model.max_batch)
-        if self._check is not None:
-            problem = self._check(_OneServer(self, server, version))
-            if problem:
-                self._leave(server, problem, refused=True)
-                return
-        with self._lock:
             first = not server.serving and server.failures == 0 and not server.why
             server.serving, server.version, server.why, server.refused = True, version, "", False
             server.failures, server.next_check = 0, 0.0
@@ -467,7 +483,9 @@ class TritonBackend(Backend):
                     "export it again with `make engine TARGET=triton` (or set inference.heatmaps = false)"
                 )
             wanted.append(self._heatmap.output)
-        return _Model(spec, wanted, max_batch, self._heatmap is not None)
+        dims = outputs[self._output_name].shape
+        width = int(dims[-1]) if len(dims) >= 2 and dims[-1] > 0 else 0
+        return _Model(spec, wanted, max_batch, self._heatmap is not None, width=width)
 
     def _call(self, server: _Server, method: Callable[..., Any], request: Any, timeout: float) -> Any:
         try:
@@ -492,18 +510,21 @@ class TritonBackend(Backend):
             server.outstanding += 1
             return server
 
-    def _infer_on(self, server: _Server, batch: np.ndarray, version: str | None = None) -> Outputs:
+    def _infer_on(
+        self, server: _Server, batch: np.ndarray, version: str | None = None, model: _Model | None = None
+    ) -> Outputs:
         """One call on one server (``_pick`` counted it under way). A response from another model version than
-        the one checked is not used: the server is checked again first."""
-        model = self._described()
-        request = v2.ModelInferRequest(model_name=self._model_name, model_version=version or self._settings.version)
-        tensor = request.inputs.add()
-        tensor.name, tensor.datatype = model.input.name, _KSERVE_DTYPE[batch.dtype]
-        tensor.shape.extend(batch.shape)
-        request.raw_input_contents.append(batch.tobytes())
-        for output in model.outputs:
-            request.outputs.add().name = output
+        the one checked is not used, nor one that does not read as the model's outputs: the server is checked
+        again first."""
         try:
+            model = model or self._described()
+            request = v2.ModelInferRequest(model_name=self._model_name, model_version=version or self._settings.version)
+            tensor = request.inputs.add()
+            tensor.name, tensor.datatype = model.input.name, _KSERVE_DTYPE[batch.dtype]
+            tensor.shape.extend(batch.shape)
+            request.raw_input_contents.append(batch.tobytes())
+            for output in model.outputs:
+                request.outputs.add().name = output
             response = self._call(server, server.stub.ModelInfer, request, self._settings.call_timeout_s)
         finally:
             with self._lock:
@@ -512,7 +533,11 @@ class TritonBackend(Backend):
             raise _ServerFailed(
                 f"its model {self._model_name!r} changed from version {server.version} to {response.model_version}"
             )
-        return Outputs(*_outputs(response, model.outputs, batch.shape[0], server.address))
+        try:
+            return Outputs(*_outputs(response, model, batch.shape[0]))
+        except (BackendError, ValueError) as e:
+            why = e.message.rstrip(".") if isinstance(e, BackendError) else f"{type(e).__name__} reading it"
+            raise _ServerFailed(f"its answer does not read as the model's outputs: {why}", refused=True) from e
 
     def _leave(self, server: _Server, why: str, *, refused: bool = False, locked: bool = False) -> None:
         """Out of the rotation until checked again, after a back-off that doubles to probe_max_s (a server that
@@ -538,20 +563,20 @@ class TritonBackend(Backend):
 class _OneServer(Backend):
     """One server of a TritonBackend as a backend of its own, for its self-check: its calls go to it alone."""
 
-    def __init__(self, owner: TritonBackend, server: _Server, version: str) -> None:
+    def __init__(self, owner: TritonBackend, server: _Server, version: str, model: _Model) -> None:
         super().__init__()
         self.name = owner.name
-        self._owner, self._server, self._version = owner, server, version
+        self._owner, self._server, self._version, self._model = owner, server, version, model
         self._loaded = True
 
     def _load_impl(self) -> None:
         pass
 
     def _input_spec_impl(self) -> TensorSpec:
-        return self._owner._input_spec_impl()
+        return self._model.input
 
     def _max_batch_impl(self) -> int:
-        return self._owner._max_batch_impl()
+        return self._model.max_batch
 
     def _artifact_impl(self) -> str:
         return f"triton://{self._server.address}/{self._owner._model_name}"
@@ -559,10 +584,7 @@ class _OneServer(Backend):
     def _infer_impl(self, batch: np.ndarray) -> Outputs:
         with self._owner._lock:
             self._server.outstanding += 1
-        try:
-            return self._owner._infer_on(self._server, batch, version=self._version)
-        except _ServerFailed as e:
-            raise BackendError(f"{self._server.address}: {e.why}.") from e
+        return self._owner._infer_on(self._server, batch, version=self._version, model=self._model)
 
     def _close_impl(self) -> None:
         pass
@@ -571,10 +593,11 @@ class _OneServer(Backend):
 class _ServerFailed(Exception):
     """The server (not the request) failed: it leaves the rotation. ``kind``: the appliance's error for it."""
 
-    def __init__(self, why: str, kind: type[BackendError] = ServerUnavailable) -> None:
+    def __init__(self, why: str, kind: type[BackendError] = ServerUnavailable, refused: bool = False) -> None:
         super().__init__(why)
         self.why = why
         self.kind = kind
+        self.refused = refused  # it answered, but not as the model checked: re-checked after the longest wait
 
 
 _KINDS: dict[grpc.StatusCode, type[BackendError]] = {
@@ -594,29 +617,28 @@ def _described_error(error: grpc.RpcError) -> str:
     return f"{code.name if code else 'UNKNOWN'}" + (f": {details[:400]}" if details else "")
 
 
-def _outputs(
-    response: v2.ModelInferResponse, names: Sequence[str], rows: int, address: str
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The scores (rows x labels) and heatmap (rows x H x W) from the raw contents, checked against their shapes."""
+def _outputs(response: v2.ModelInferResponse, model: _Model, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scores (rows x labels) and heatmap (rows x H x W) from the raw contents, checked against their shapes
+    (BackendError, or ValueError from bytes that are not whole values, where they do not read)."""
+    names = model.outputs
     found: dict[str, np.ndarray] = {}
     if len(response.raw_output_contents) != len(response.outputs):
-        raise BackendError(f"The inference server {address} answered without raw output contents.")
+        raise BackendError("it answered without raw output contents")
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         dtype = _DTYPES.get(tensor.datatype)
         if dtype is None:
-            raise BackendError(f"The inference server {address} answered {tensor.name} as {tensor.datatype}.")
+            raise BackendError(f"it answered {tensor.name} as {tensor.datatype}")
         shape = tuple(int(d) for d in tensor.shape)
         array = np.frombuffer(raw, dtype=dtype)
         if array.size != int(np.prod(shape)) or not shape or shape[0] != rows:
-            raise BackendError(
-                f"The inference server {address} answered {tensor.name} with {array.size} values for shape "
-                f"{list(shape)} (a batch of {rows})."
-            )
+            raise BackendError(f"it answered {tensor.name} with {array.size} values for shape {list(shape)}")
         found[tensor.name] = array.reshape(shape).astype(np.float32)
     missing = [n for n in names if n not in found]
     if missing:
-        raise BackendError(f"The inference server {address} left out {', '.join(missing)}.")
+        raise BackendError(f"it left out {', '.join(missing)}")
     scores = found[names[0]].reshape(rows, -1)
+    if scores.shape[1] == 0 or (model.width and scores.shape[1] != model.width):
+        raise BackendError(f"it answered {scores.shape[1]} scores an image, its metadata {model.width}")
     return scores, (found[names[1]] if len(names) > 1 else None)
 
 
