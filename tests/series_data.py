@@ -36,7 +36,8 @@ class Series:
 
 
 @cache
-def _synth() -> ModuleType:
+def pipeline_synth() -> ModuleType:
+    """models/pipeline-test/synth.py, the generator of its images, loaded once."""
     spec = importlib.util.spec_from_file_location("pipeline_synth", MODEL / "synth.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -50,13 +51,13 @@ def _session() -> ort.InferenceSession:
 
 
 def _score(image: np.ndarray) -> float:
-    logit = _session().run(None, {"image": _synth().normalise(image[np.newaxis])})[0]
+    logit = _session().run(None, {"image": pipeline_synth().normalise(image[np.newaxis])})[0]
     return float(1.0 / (1.0 + np.exp(-float(np.ravel(logit)[0]))))
 
 
 def _clear(lesion: bool, seed: int) -> Iterator[np.ndarray]:
     """synth.py's images with (or without) discs, one draw after another, that the model scores clearly so."""
-    synth = _synth()
+    synth = pipeline_synth()
     rng = np.random.default_rng([seed, int(lesion)])
     while True:
         image = synth.make_image(rng, lesion)
@@ -85,7 +86,7 @@ def ct_series(
     series_uid = series_uid or str(generate_uid())
     frame_of_reference = str(generate_uid(entropy_srcs=[series_uid, "frame of reference"]))
     positives, negatives = _clear(True, seed), _clear(False, seed + first_number)
-    scale = side // _synth().SIZE
+    scale = side // pipeline_synth().SIZE
     files, uids, marks = [], [], set()
     for index in range(slices):
         number = first_number + index

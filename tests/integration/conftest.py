@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +20,14 @@ import pytest
 from appliance.api.client import Connection, wait_until_serving
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.peers import require
+from tests.peers.orthanc import Orthanc, RemoteAe
 from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_MODEL = REPO / "models" / "pipeline-test"
 DEFAULT_MODEL = REPO / "models" / "brain-mri-vgg16"
+APPLIANCE = "APPLIANCE"  # the daemon's AE title, as the DICOM tests' scanners and PACS know it
 
 
 def free_port() -> int:
@@ -150,12 +153,15 @@ class Daemon:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
-    def collect(self, count: int, since: int = 0, timeout: float = 60.0) -> list[pb.Result]:
-        """Read results from the stream until ``count`` arrived (or fail with the log)."""
+    def collect(
+        self, count: int, since: int = 0, timeout: float = 60.0, kinds: Sequence[pb.ResultKind.ValueType] = ()
+    ) -> list[pb.Result]:
+        """Read results of ``kinds`` (none named: image results) from the stream until ``count`` arrived (or fail
+        with the log)."""
         out: list[pb.Result] = []
         with self.channel() as ch:
             stream = pb_grpc.ScoringStub(ch).StreamResults(
-                pb.StreamResultsRequest(since_sequence=since), timeout=timeout
+                pb.StreamResultsRequest(since_sequence=since, kinds=kinds), timeout=timeout
             )
             try:
                 for r in stream:
@@ -255,3 +261,11 @@ def bare_dicom(name: str) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
     return buf.getvalue()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    """A real Orthanc as the clinic's PACS, knowing the daemon as APPLIANCE."""
+    require("Orthanc")
+    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
+        yield peer

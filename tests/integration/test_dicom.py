@@ -4,7 +4,7 @@ receiver, and a real Orthanc as the PACS its reports (Enhanced SR, TID 1500) go 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -14,25 +14,17 @@ from pydicom.uid import generate_uid
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
-from tests.integration.conftest import Daemon, free_port
+from tests.integration.conftest import APPLIANCE, Daemon, free_port
 from tests.peers import needs, require
 from tests.peers.dcmtk import dciodvfy, storescu
-from tests.peers.orthanc import Code, Orthanc, RemoteAe
+from tests.peers.orthanc import Code, Orthanc
 from tests.waiting import eventually
 
 pytestmark = needs("Orthanc", "storescu")
 
 SCANNER = "SCANNER"
-APPLIANCE = "APPLIANCE"
 LESION = Code("52988006", "SCT", "Lesion")  # models/pipeline-test/model.toml's code for its label
 PRESENT, ABSENT = "52101004", "272519000"
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    require("Orthanc")
-    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
-        yield peer
 
 
 def _appliance(

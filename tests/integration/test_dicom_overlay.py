@@ -5,7 +5,6 @@ Capture) that references the image and the report, and that dciodvfy passes as f
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,9 @@ from appliance.v1 import scoring_pb2 as pb
 from tests.integration.test_dicom import APPLIANCE, SCANNER, _appliance, _result, _until
 from tests.peers import needs, require
 from tests.peers.dcmtk import dciodvfy, storescu
-from tests.peers.orthanc import Orthanc, RemoteAe
+from tests.peers.orthanc import Orthanc
 
 pytestmark = needs("Orthanc", "storescu")
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    require("Orthanc")
-    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
-        yield peer
 
 
 def _study(folder: Path) -> dict[str, tuple[int, int]]:

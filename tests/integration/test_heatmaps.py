@@ -3,17 +3,15 @@ peak falls on the finding (the pointing game), mapped onto the source image's pi
 
 from __future__ import annotations
 
-import importlib.util
-from types import ModuleType
-
 import cv2
 import numpy as np
 import pytest
 
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
+from tests.series_data import pipeline_synth
 
-from .conftest import TEST_MODEL, drop
+from .conftest import drop
 
 HELD_OUT_SEED = 4242  # training used seed 1, the build's sets 101 and 202, check.py 2 and 7
 UPSCALE = 3  # the files are 3x the model's 64 px, so the daemon shrinks them as it would a real image
@@ -21,20 +19,12 @@ CROP = 56  # half the files keep 56 of the 64 columns: not square, so the model'
 MIN_POINTING = 0.90  # the issue's figure: the peak on the mark in at least 90% of held-out images
 
 
-def _synth() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pipeline_synth", TEST_MODEL / "synth.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 Marked = tuple[str, bytes, list[tuple[float, float, float]], tuple[int, int]]
 
 
 def _marked_images(count: int) -> list[Marked]:
     """16-bit PNGs with one to three discs each, where the discs are in the file's own pixels, and its size."""
-    synth = _synth()
+    synth = pipeline_synth()
     rng = np.random.default_rng(HELD_OUT_SEED)
     out = []
     for i in range(count):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -18,17 +18,16 @@ from pydicom.uid import EnhancedSRStorage, KeyObjectSelectionDocumentStorage, Se
 from appliance.api.client import live_series, stream
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
-from tests.integration.conftest import Daemon, drop, free_port, png_bytes
-from tests.peers import needs, require
+from tests.integration.conftest import APPLIANCE, Daemon, drop, free_port, png_bytes
+from tests.peers import needs
 from tests.peers.dcmtk import dciodvfy, storescu
-from tests.peers.orthanc import Orthanc, RemoteAe
+from tests.peers.orthanc import Orthanc
 from tests.series_data import ct_series, multi_frame
 from tests.waiting import eventually
 
 pytestmark = needs("Orthanc", "storescu")
 
 SCANNER, OTHER_SCANNER = "CT_EAST", "CT_WEST"
-APPLIANCE = "APPLIANCE"
 SERIES = (pb.RESULT_KIND_SERIES,)
 BOTH = (pb.RESULT_KIND_IMAGE, pb.RESULT_KIND_SERIES)
 OF_INTEREST = "113000"  # DCM "Of Interest" (CID 7010): the KOS's title
@@ -37,13 +36,6 @@ KINDS: dict[str, str] = {
     KeyObjectSelectionDocumentStorage: "KO",
     SecondaryCaptureImageStorage: "SC",
 }
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[Orthanc]:
-    require("Orthanc")
-    with Orthanc(tmp_path / "pacs", ae_title="PACS", modalities={"appliance": RemoteAe(APPLIANCE)}) as peer:
-        yield peer
 
 
 def _appliance(
@@ -85,23 +77,8 @@ def _send(files: Sequence[Path], port: int, calling: str = SCANNER) -> None:
 def _follow(
     d: Daemon, count: int, kinds: Sequence[pb.ResultKind.ValueType] = (), since: int = 0, timeout: float = 90.0
 ) -> list[pb.Result]:
-    """The next ``count`` results of ``kinds`` after ``since``, followed live as a terminal does (the real client's
-    stream); fails with the log where they do not come."""
-    out: list[pb.Result] = []
-    with d.channel() as ch:
-        results = stream(pb_grpc.ScoringStub(ch), since, kinds)
-        try:
-            for r in results:
-                out.append(r)
-                if len(out) >= count:
-                    results.cancel()  # type: ignore[attr-defined]
-                    break
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:
-                raise AssertionError(
-                    f"stream ended ({e.code().name}) with {len(out)}/{count}:\n{d.log()[-4000:]}"
-                ) from e
-    return out
+    """The next ``count`` results of ``kinds`` after ``since``, followed live as a terminal does."""
+    return d.collect(count, since, timeout, kinds)
 
 
 def _stored(d: Daemon, kinds: Sequence[pb.ResultKind.ValueType] = ()) -> list[pb.Result]:
