@@ -46,7 +46,10 @@ TIER = 9  # never tried by `auto`: a remote backend is served only where `infere
 RECORD_PREFIX = f"{NAME}-"  # engines/<model>/triton-<its name on the server>.json
 _DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16)}
 _KSERVE_DTYPE: dict[np.dtype[Any], str] = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}
-_MESSAGE_BYTES = 512 << 20  # a batch of 32 VGG16 inputs is 22 MB; Triton's own limit is 2 GB
+_SEND_BYTES = 512 << 20  # a batch of 32 VGG16 inputs is 22 MB; Triton's own limit is 2 GB
+# An answer holds scores and heatmaps only (a batch of 32 with 64 x 64 maps: 0.5 MB): a server cannot make the
+# appliance hold more than this of its reply.
+_RECEIVE_BYTES = 64 << 20
 _MODEL_CONFIG = "/inference.GRPCInferenceService/ModelConfig"  # Triton's, beside the protocol's calls
 # Codes that say the server (not the request) failed: it leaves the rotation and the batch goes to another.
 _SERVER_FAILED = {
@@ -358,8 +361,8 @@ class TritonBackend(Backend):
     def _connect(self, address: str) -> _Server:
         s = self._settings
         options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", _MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", _MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _SEND_BYTES),
+            ("grpc.max_receive_message_length", _RECEIVE_BYTES),
         ]
         if s.tls_ca is None and s.tls_cert is None:
             channel = grpc.insecure_channel(address, options=options)
