@@ -10,7 +10,7 @@ from pathlib import Path
 from appliance.inference import registry
 from appliance.inference.cpu_class import CLASSES
 from appliance.toolkit import ApplianceError, load_config, quiet_pydicom
-from build_engine import triton_repo
+from build_engine import background, triton_repo
 from build_engine.build import Builder, BuildOptions, clean_stale_builds
 from build_engine.errors import BuildError, GateFailed
 
@@ -136,6 +136,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=int, help="CUDA device index for TensorRT (default: the config's inference.device)")
     p.add_argument("--force", action="store_true", help="rebuild even when an up-to-date artifact exists")
+    p.add_argument(
+        "--background",
+        action="store_true",
+        help="the daemon's build while it serves (inference.build_on_start): lowest CPU priority (SCHED_IDLE, "
+        "nice 19), ended with the process that started it",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log TensorRT and ONNX Runtime details")
     return p
 
@@ -152,6 +158,8 @@ def _export_misuse(target: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.background:
+        background.lowest_priority()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -11,6 +11,9 @@ make -C "$PREFIX" venv model
 [ -f /etc/appliance/appliance.toml ] || install -m 0644 systemd/appliance.toml /etc/appliance/appliance.toml
 # Engines are built here, on this box: a TensorRT plan is bound to this GPU and TensorRT version.
 make -C "$PREFIX" engine CONFIG=/etc/appliance/appliance.toml
+# The service builds again there itself when the host changes (inference.build_on_start).
+install -d -o appliance -g appliance /var/lib/appliance
+chown -R appliance:appliance /var/lib/appliance/engines
 chown appliance:appliance "$EXPORT_DIR"
 # TLS: the clinic's CA lives in /root/appliance-ca (root-only; better, move it off the box), the server's
 # certificate and key in /etc/appliance/certs, readable by the service only.

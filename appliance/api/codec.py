@@ -234,6 +234,7 @@ def status(
     watch_dir: Path,
     ready: bool,
     problems: list[str],
+    engine_build: str = "",
 ) -> pb.Status:
     """GetStatus's answer. ``outbox_depth``: the journal's (pending, when the oldest was stored, in ms)."""
     pending, oldest_ms = outbox_depth
@@ -253,6 +254,7 @@ def status(
         model_generation=generation,
         outbox_pending=pending,
         outbox_oldest_age_s=max(0.0, time.time() - oldest_ms / 1e3) if oldest_ms else 0.0,
+        engine_build=engine_build,
     )
 
 

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+ENGINE_BUILD_STATES = ("building", "swapped", "gate_failed", "failed")
+
+
 class Metrics:
     """One registry per daemon, so tests can run several in one process."""
 
@@ -114,6 +117,17 @@ class Metrics:
             "Built artifacts the daemon did not serve at load: another host's key, damaged, or a failed self-check.",
             registry=r,
         )
+        self.engine_build = Gauge(
+            "appliance_engine_build",
+            "inference.build_on_start: 1 for the background build's state (building, swapped, gate_failed, "
+            "failed), 0 for the others; all 0 where no build was needed.",
+            ["state"],
+            registry=r,
+        )
+
+    def on_engine_build(self, state: str) -> None:
+        for known in ENGINE_BUILD_STATES:
+            self.engine_build.labels(known).set(1 if known == state else 0)
 
     # --- what the scoring stages report (appliance.scoring.observer.ScoringObserver) ------------------
 

@@ -19,6 +19,7 @@ from appliance.api.metrics import Metrics
 from appliance.api.service import Hooks, ScoringService
 from appliance.api.tls import check_exposure
 from appliance.api.tokens import TokenStore
+from appliance.app.engine_build import EngineBuild
 from appliance.app.shutdown import Shutdown
 from appliance.app.systemd_notify import notify, watchdog_interval_s
 from appliance.config import Config
@@ -51,6 +52,7 @@ FINISHING = "finishing the inputs in flight"
 # The order the parts stop in, each step named for the log should it hang.
 STOP_ORDER = (
     "stopping the server's health",
+    "stopping the background build",
     "stopping the watcher",
     "stopping the DICOM receiver",
     # First of the senders, and briefly: what it has not sent stays in the journal's outbox for the next start,
@@ -159,6 +161,10 @@ class Daemon:
             display_side=DISPLAY_SIDE if overlays else 0,
         )
         self._finish_on_stop(stages)
+        build = EngineBuild(
+            config, lambda: model.reload(stages), lambda state: self.metrics.on_engine_build(state.value)
+        )
+        self.shutdown.add("stopping the background build", build.stop)
         intake = Intake(journal, stages, config.watch, on_duplicate=self.metrics.duplicates.inc, faults=self.faults)
         hooks = Hooks(
             model_info=lambda: codec.model_info(model.current),
@@ -171,6 +177,7 @@ class Daemon:
                 watch_dir=config.watch.dir,
                 ready=self.health.ready,
                 problems=self.faults.problems(),
+                engine_build=build.sentence,
             ),
             problem=self.faults.refusal,
             reload=lambda: codec.reload_answer(model.reload(stages), model.current),
@@ -233,6 +240,7 @@ class Daemon:
         self.faults.check_storage()
         self.health.ready_to_serve()
         served = model.current
+        build.start(served)  # where no artifact is gated for this host, and inference.build_on_start is on
         log.info(
             "ready: watching %s%s, gRPC on %s:%d (%s, %s)%s%s, model %s %s on %s",
             config.watch.dir,

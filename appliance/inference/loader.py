@@ -39,10 +39,17 @@ class Served:
     reason: str
     passed_over: list[str] = field(default_factory=list)
     refused: int = 0  # built artifacts not served: another host's key, damaged, or failed to load or self-check
+    # Why each better artifact this host could run is missing (none built, built for another host or ONNX file,
+    # damaged): what a build here would make; empty when the best this host can run is served.
+    unbuilt: tuple[str, ...] = ()
 
     @property
     def manifest(self) -> Manifest:
         return self.loaded.manifest
+
+
+# What a build on this host mends; a missing runtime or GPU (Why.NO_RUNTIME) no build here can.
+BUILDABLE = frozenset({Why.NONE_BUILT, Why.OTHER_HOST, Why.STALE, Why.DAMAGED})
 
 
 def open_backend(loaded: LoadedManifest, config: InferenceConfig, engines_dir: Path) -> Backend:
@@ -98,7 +105,8 @@ def _serve_first(
             backend.max_batch,
         )
         passed = [p.reason for p in selection.passed_over] + failed
-        return Served(loaded, backend, choice.precision, reason, passed, len(refused))
+        unbuilt = tuple(p.reason for p in selection.passed_over if p.why in BUILDABLE and p.tier < choice.tier)
+        return Served(loaded, backend, choice.precision, reason, passed, len(refused), unbuilt)
     raise BackendUnavailable("No artifact to serve.")  # unreachable: the chain always ends in a model
 
 

@@ -35,6 +35,21 @@ class InferenceConfig(Section):
         5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."
     )
     decode_workers: int = Field(2, ge=1, le=64, description="Workers that decode and preprocess inputs.")
+    build_on_start: bool = Field(
+        False,
+        description="Where no artifact is gated for this host (a new box, a new model, another ONNX Runtime), serve "
+        "the FP32 model at once and run `make engine`'s build and gate in a background process at the lowest CPU "
+        "priority, then swap the gated artifact in; a failed gate is not tried again until the model or host "
+        "changes. true in an installed appliance's config.",
+    )
+    build_precision: Literal["auto", "int8", "fp16"] = Field(
+        "auto",
+        description="What the background build makes (make engine's PRECISION): auto serves INT8 only where it passes "
+        "the gate and is faster than FP32; int8 or fp16 serves that precision wherever it passes the gate.",
+    )
+    build_threads: int = Field(
+        1, ge=1, le=64, description="Cores the background build may use at most (its ONNX Runtime threads)."
+    )
     decode_with: Literal["processes", "threads"] = Field(
         "processes",
         description="processes: faster (no GIL) and a decoder crash costs one worker, not the daemon; "

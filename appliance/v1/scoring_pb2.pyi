@@ -856,6 +856,7 @@ class Status(_message.Message):
     OUTBOX_PENDING_FIELD_NUMBER: _builtins.int
     OUTBOX_OLDEST_AGE_S_FIELD_NUMBER: _builtins.int
     OPEN_SERIES_FIELD_NUMBER: _builtins.int
+    ENGINE_BUILD_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     backend: _builtins.str
     queue_depth: _builtins.int
@@ -878,6 +879,10 @@ class Status(_message.Message):
     """how long the oldest of them has waited (0 when none)"""
     open_series: _builtins.int
     """DICOM series assembling now: images arriving, not yet complete"""
+    engine_build: _builtins.str
+    """inference.build_on_start: the quantized artifact for this host being built in the background, swapped in,
+    or why FP32 still serves, in one sentence; empty where no build was needed.
+    """
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
     @_builtins.property
@@ -905,10 +910,11 @@ class Status(_message.Message):
         outbox_pending: _builtins.int = ...,
         outbox_oldest_age_s: _builtins.float = ...,
         open_series: _builtins.int = ...,
+        engine_build: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "duplicates", b"duplicates", "last_sequence", b"last_sequence", "model", b"model", "model_generation", b"model_generation", "open_series", b"open_series", "outbox_oldest_age_s", b"outbox_oldest_age_s", "outbox_pending", b"outbox_pending", "problems", b"problems", "queue_depth", b"queue_depth", "ready", b"ready", "rejected", b"rejected", "scored", b"scored", "uptime_s", b"uptime_s", "version", b"version", "watch_dir", b"watch_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "duplicates", b"duplicates", "engine_build", b"engine_build", "last_sequence", b"last_sequence", "model", b"model", "model_generation", b"model_generation", "open_series", b"open_series", "outbox_oldest_age_s", b"outbox_oldest_age_s", "outbox_pending", b"outbox_pending", "problems", b"problems", "queue_depth", b"queue_depth", "ready", b"ready", "rejected", b"rejected", "scored", b"scored", "uptime_s", b"uptime_s", "version", b"version", "watch_dir", b"watch_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
