@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 
 from appliance.api.codec import encoded_stored
 from appliance.journal.journal import Journal, StoredResult
+from appliance.scheduling import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class ResultFeed:
         self._thread.join(timeout=5)
 
     def _follow(self) -> None:
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         while not self._stop.is_set():
             try:
                 self.journal.wait_for_results(self._followed, FOLLOW_WAKE_S)

@@ -37,6 +37,7 @@ from appliance.files import spool
 from appliance.files.content_hash import digest_bytes
 from appliance.intake.intake import Arrival, Intake
 from appliance.journal.journal import Journal
+from appliance.scheduling import lower_this_thread
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -110,7 +111,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         self._scores = 0
         self._rates: dict[str, _TokenBucket] = {}
         # Score waits for its result (up to SCORE_TIMEOUT_S); lookups must never queue behind those waits.
-        self._scoring = ThreadPoolExecutor(limits.max_scores, thread_name_prefix="grpc-score")
+        # Score calls hash and spool what they were sent: feeders (appliance/scheduling.py).
+        self._scoring = ThreadPoolExecutor(limits.max_scores, thread_name_prefix="grpc-score",
+                                           initializer=lower_this_thread)  # fmt: skip
         self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="grpc-lookup")
         spool.prepare(spool_dir)
 

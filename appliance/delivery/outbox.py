@@ -33,6 +33,7 @@ from appliance.config import PacsConfig
 from appliance.domain.errors import ApplianceError, ConfigError
 from appliance.journal.journal import Journal, OutboxItem
 from appliance.privacy import hashed
+from appliance.scheduling import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ class Outbox:
             self._journal.changed.notify_all()
 
     def _run(self) -> None:
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         while not self._stopping.is_set():
             try:
                 if not self._round():

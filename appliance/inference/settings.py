@@ -3,6 +3,7 @@ and the decode workers. Read as part of the one config file (`appliance/config.p
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -34,7 +35,13 @@ class InferenceConfig(Section):
     max_delay_ms: float = Field(
         5.0, ge=0, description="How long the batcher waits to fill a batch; a lone image never waits longer."
     )
-    decode_workers: int = Field(2, ge=1, le=64, description="Workers that decode and preprocess inputs.")
+    decode_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Workers that decode and preprocess inputs; 0: one per core this process may run on (its CPU "
+        "affinity, systemd's CPUAffinity= or a container's cpuset), as many as can decode at once.",
+    )
     build_on_start: bool = Field(
         False,
         description="Where no artifact is gated for this host (a new box, a new model, another ONNX Runtime), serve "
@@ -60,6 +67,13 @@ class InferenceConfig(Section):
         # Declared so that type checkers accept the flat backend keys (threads=, device=) that
         # _backend_settings hands to each backend's own settings model.
         super().__init__(**data)
+
+    @field_validator("decode_workers")
+    @classmethod
+    def _workers_for_this_host(cls, workers: int) -> int:
+        return workers or min(
+            64, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
 
     @field_validator("backend")
     @classmethod

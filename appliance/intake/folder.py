@@ -15,6 +15,7 @@ from appliance.files.content_hash import FileChanged, digest_file
 from appliance.intake.intake import Arrival, Intake
 from appliance.journal.journal import Journal
 from appliance.privacy import log_failure
+from appliance.scheduling import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,14 @@ class FolderIntake:
             self._held_back.add(path)
 
     def _run(self) -> None:
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         while (path := self._queue.get()) is not None:
             if not self._stopping.is_set():  # else drain to the end marker quickly
                 self._guarded(path, self._hash)
         self._hashed.put(None)
 
     def _register_loop(self) -> None:
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         while (arrival := self._hashed.get()) is not None:
             if not self._stopping.is_set():
                 self._guarded(arrival.path, lambda _: self._register(arrival))

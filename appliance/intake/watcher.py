@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - other platforms
 from appliance.config import WatchConfig
 from appliance.domain.faults import WATCH_DIR, Faults
 from appliance.privacy import log_failure
+from appliance.scheduling import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class FolderWatcher:
     # --- stability loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         while not self._stop.wait(TICK_S):
             try:
                 if not self._check_folder():

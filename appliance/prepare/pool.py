@@ -60,6 +60,7 @@ from appliance.malloc_tuning import keep_freed_memory
 from appliance.prepare.limits import LimitsConfig
 from appliance.prepare.preparer import Prepared, Preparer
 from appliance.prepare.worker_stderr import WorkerStderr, redirect_stderr
+from appliance.scheduling import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def init_worker(
         # Ctrl-C in a terminal reaches the whole process group; the daemon stops its workers itself.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         keep_freed_memory()
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         _limit_self(limits)
         _exit_with(*daemon)
 
@@ -326,7 +328,7 @@ class PreparePool:
     def _new_pool(self, workers: int) -> Executor:
         if self.mode == "threads":
             init_worker(*self._init_args)
-            return ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+            return ThreadPoolExecutor(workers, thread_name_prefix="prepare", initializer=lower_this_thread)
         # forkserver: workers fork from a clean process that has the imaging modules loaded, never from
         # the daemon itself, whose gRPC and SQLite threads a fork would copy mid-flight.
         context = multiprocessing.get_context("forkserver")

@@ -26,6 +26,7 @@ from appliance.domain.series import among_best, key_floors
 from appliance.files import disposal
 from appliance.journal.journal import Journal, NewDelivery, NewResult, SeriesEntry
 from appliance.privacy import hashed, log_failure
+from appliance.scheduling import lower_this_thread
 from appliance.scoring.admission import Admission
 from appliance.scoring.job import Job, Scorer
 from appliance.scoring.observer import ScoringObserver
@@ -102,6 +103,7 @@ class Finisher:
         """Store results in groups: whatever finished while the last group was being written goes into
         the next one transaction, so a burst costs one fsync per group, not per file. Results held back
         by a full disk go first into the next group once it has space (checked every RETRY_S)."""
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         stopping = False
         while not stopping:
             try:

@@ -21,6 +21,7 @@ from appliance.inference.postprocess import decide
 from appliance.journal import payload
 from appliance.journal.journal import Journal, KeyCandidate, NewDelivery, SeriesEntry, SeriesState
 from appliance.privacy import hashed, log_failure
+from appliance.scheduling import lower_this_thread
 from appliance.scoring.job import Scorer
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class SeriesAssembler:
         return stored
 
     def _loop(self) -> None:
+        lower_this_thread()  # a feeder: inference first (appliance/scheduling.py)
         while not self._stop.is_set():
             try:
                 self.complete_due()

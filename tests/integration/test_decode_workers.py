@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from appliance.journal.journal import Journal
+from appliance.scheduling import FEEDER_NICE
 from appliance.v1 import scoring_pb2 as pb
 from appliance.v1 import scoring_pb2_grpc as pb_grpc
 from bench.daemon_run import process_tree
 from tests.imaging import hostile
-from tests.processes import alive, parent
+from tests.processes import alive, decode_workers, parent
 from tests.waiting import eventually
 
 from .conftest import drop, free_port, jpeg_bytes, png_bytes
@@ -185,4 +186,25 @@ def test_a_decode_workers_stderr_goes_through_the_log_and_its_privacy_filter(mak
         timeout=90,
         every=0.1,
     )
+    assert d.stop() == 0
+
+
+def _nice(pid: int, tid: int | None = None) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])  # field 19 of proc(5), the nice value
+
+
+def test_the_stages_that_feed_inference_run_below_it(make_daemon) -> None:
+    """appliance/scheduling.py: the decode workers and the daemon's feeder threads (hashing, registering, storing,
+    streaming) a few nice levels below inference, which keeps the process's priority."""
+    d = _scored_one(make_daemon)
+    assert d.proc is not None
+    workers = decode_workers(d.proc.pid)
+    assert workers and {_nice(w) for w in workers} == {FEEDER_NICE}
+    threads = {int(tid): _nice(d.proc.pid, int(tid)) for tid in os.listdir(f"/proc/{d.proc.pid}/task")}
+    assert threads[d.proc.pid] == 0  # the main thread, which loaded the model: ONNX Runtime's pool is its
+    feeders = [tid for tid, nice in threads.items() if nice == FEEDER_NICE]
+    # ingest, register, stabilizer, finisher, series, the result feed (the stream above follows it)
+    assert len(feeders) >= 6, threads
+    assert set(threads.values()) == {0, FEEDER_NICE}
     assert d.stop() == 0
