@@ -52,10 +52,13 @@ engine: model
 # DICOM receiver, without and with a PACS; then a 300-slice CT series by storescu with a real Orthanc as the
 # PACS, reported per series against per image; then one, two and four appliances sending inference to one real
 # Triton beside the local backend (make bench WORKLOAD=mr|radiograph|series|triton MODEL=... COUNT=...).
+# WORKLOAD=build: an MR burst while the daemon builds its artifact in the background (not in the default list:
+# the default model's build takes minutes). PROFILE=1: for mr and radiograph, where the daemon's CPU goes during
+# the burst, by thread and function (py-spy).
 WORKLOAD ?= mr radiograph series triton
 bench: model
 	for w in $(WORKLOAD); do $(PY) -m bench --config $(CONFIG) --workload $$w \
-		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) || exit 1; done
+		$(if $(MODEL),--model $(MODEL)) $(if $(COUNT),--count $(COUNT)) $(if $(PROFILE),--profile) || exit 1; done
 
 # Mutated DICOM/PNG/JPEG/TIFF inputs through decode + preprocess, each in a worker with memory and time limits;
 # prints outcomes by code and saves each finding to tests/fuzz/regressions/ (make fuzz CASES=N SEED=S JOBS=J).

@@ -71,6 +71,7 @@ class BenchDaemon:
     pacs_port: int | None = None  # [pacs] on: reports go to a PACS_AE on this loopback port
     report_per: str = "series"  # pacs.report_per: "series" (the config's default) or "image"
     series_stable_s: float | None = None  # [series] stable_s; None: the config's default
+    build_on_start: bool = False  # inference.build_on_start: bench/build_cost.py's daemon builds while it serves
     endpoints: tuple[str, ...] = ()  # [inference.triton] endpoints: the inference servers of backend "triton"
     port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
@@ -111,7 +112,7 @@ class BenchDaemon:
             f'[model]\ndir = "{self.model}"\nengines_dir = "{self.engines}"\n'
             f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
             f'backend = "{self.backend}"\ndevice = {self.device}\nheatmaps = {str(self.heatmaps).lower()}\n'
-            f'decode_with = "{self.decode_with}"\n'
+            f'decode_with = "{self.decode_with}"\nbuild_on_start = {str(self.build_on_start).lower()}\n'
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
             '[logging]\nlevel = "WARNING"\n' + ways
         )
@@ -172,6 +173,10 @@ class BenchDaemon:
         kb = sum(int(line.split()[1]) for text in self._tree_files("status") for line in text.splitlines()
                  if line.startswith("VmHWM:"))  # fmt: skip
         return kb / 1024
+
+    def status(self) -> pb.Status:
+        assert self._channel is not None
+        return pb_grpc.ScoringStub(self._channel).GetStatus(pb.GetStatusRequest(), timeout=10)
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the daemon and its worker processes have used so far (all threads)."""

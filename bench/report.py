@@ -9,7 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench import heatmap_cost
+from bench import heatmap_cost, profile
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -25,13 +25,18 @@ def text(figures: dict[str, Any]) -> str:
         f"workload {f['workload']}: {f['count']} files, model {f['model']} on {f['backend']} "
         f"({f['artifact']}), {f['cpus']} CPUs",
         f"  raw backend            batch 1: {f['raw_batch1_img_s']:8.1f} img/s   batch {f['max_batch']}: "
-        f"{f['raw_max_batch_img_s']:8.1f} img/s   (no I/O)",
+        f"{f['raw_max_batch_img_s']:8.1f} img/s   (no I/O; mean of "
+        + " and ".join(f"{v:.1f}" for v in f.get("raw_max_batch_before_after", []))
+        + " before and after the burst)",
         f"  decode+preprocess      threads: {f['prepare_threads_files_s']:8.1f} files/s   processes: "
-        f"{f['prepare_processes_files_s']:8.1f} files/s   (alone, whole host)",
+        f"{f['prepare_processes_files_s']:8.1f} files/s   (alone, whole host; processes: mean of "
+        + " and ".join(f"{v:.1f}" for v in f.get("prepare_processes_before_after", []))
+        + ")",
         f"  end to end (daemon)    {f['e2e_files_s']:8.1f} files/s   first drop to last result",
         f"  ratio e2e / raw backend (max batch)           {f['ratio_e2e_to_raw']:.2f}",
         f"  ratio e2e / slower stage ({f['slower_stage']}) {f['ratio_e2e_to_slower_stage']:.2f}",
-        f"  hand-written loop      {f['naive_files_s']:8.1f} files/s   daemon speed-up {f['speedup_vs_naive']:.2f}x",
+        f"  hand-written loop      {f['naive_files_s']:8.1f} files/s   daemon speed-up {f['speedup_vs_naive']:.2f}x"
+        "   (mean of " + " and ".join(f"{v:.2f}" for v in f.get("naive_before_after", [])) + ")",
         "  latency close->stream  idle   p50 {p50:7.1f}  p95 {p95:7.1f}  p99 {p99:7.1f} ms".format(
             **f["latency_idle_ms"]
         ),
@@ -50,6 +55,8 @@ def text(figures: dict[str, Any]) -> str:
             f"  shrink-first vs full-res float: max |diff| {e['max_abs']:.4f}, mean {e['mean_abs']:.5f} "
             f"(display units 0..1, on {e['images']} images)"
         )
+    if "profile" in f:
+        lines.append(profile.text(f["profile"]))
     return "\n".join(lines + heatmap_cost.text(f) + cstore_text(f))
 
 

@@ -25,9 +25,10 @@ from appliance.toolkit import (
     quiet_pydicom,
 )
 from appliance.v1 import scoring_pb2 as pb
-from bench import cstore, heatmap_cost, series, triton
+from bench import build_cost, cstore, heatmap_cost, series, triton
 from bench.daemon_run import BenchDaemon
 from bench.inputs import WORKLOADS, write_inputs
+from bench.profile import Profile
 from bench.report import percentiles, text, write_json, write_png
 from bench.stages import naive_loop, prepare_throughput
 
@@ -37,10 +38,11 @@ DEFAULT_MODELS = {
     "radiograph": REPO / "models" / "pipeline-test",
     "series": REPO / "models" / "pipeline-test",
     "triton": REPO / "models" / "pipeline-test",
+    "build": None,
 }
 # mr, radiograph: long enough that filling and draining the pipeline are noise; series: a CT series' slices;
 # triton: per appliance, so that its four runs (seven appliances) stay within about three minutes on 2 cores
-DEFAULT_COUNTS = {"mr": 200, "radiograph": 200, "series": 300, "triton": 200}
+DEFAULT_COUNTS = {"mr": 200, "radiograph": 200, "series": 300, "triton": 200, "build": 100}
 
 
 def shrink_first_error(fast: Preparer, exact: Preparer, paths: list[Path]) -> dict[str, float]:
@@ -76,9 +78,10 @@ def host_shares(e2e: float, prepare_alone: float, infer_alone: float, timings: l
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--workload", choices=(*WORKLOADS, "series", "triton"), default="mr",
-                   help="mr (default model), radiograph, series (a CT series by DICOM, [pacs] on), or triton "
-                        "(appliances sending inference to one Triton server, beside the local backend)")  # fmt: skip
+    p.add_argument("--workload", choices=(*WORKLOADS, "series", "triton", "build"), default="mr",
+                   help="mr (default model), radiograph, series (a CT series by DICOM, [pacs] on), triton "
+                        "(appliances sending inference to one Triton server, beside the local backend), or build "
+                        "(a burst of MR slices while the daemon builds its artifact in the background)")  # fmt: skip
     p.add_argument("--count", type=int, help="files in the burst (default 200), slices in the series (default 300), "
                                              "images per appliance for triton (default 200)")  # fmt: skip
     p.add_argument("--model", type=Path, help="model folder (default: mr the config's, the others pipeline-test)")
@@ -90,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cstore", action="store_true", help="radiograph: skip the burst sent by DCMTK's storescu")
     p.add_argument("--no-pacs", action="store_true", help="radiograph: skip the C-STORE burst with [pacs] on")
     p.add_argument("--stable-s", type=float, help="series: series.stable_s (default: the config's)")
+    p.add_argument("--profile", action="store_true", help="mr, radiograph: where the daemon's CPU goes during the "
+                                                          "burst, by thread and function (py-spy)")  # fmt: skip
     p.add_argument("--image-count", type=int, help="series: slices sent for a report per image (default: all)")
     return p
 
@@ -109,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                                     device=config.inference.device, heatmaps=config.inference.heatmaps)  # fmt: skip
     if args.workload == "series":
         return series_main(args, make_daemon, work, count, manifest.model.name, config.series.stable_s)
+    if args.workload == "build":
+        print(f"generating {count} mr inputs ...", flush=True)
+        files = write_inputs(work / "inputs", "mr", count)
+        built: dict[str, Any] = {"workload": "build", "count": count, "model": manifest.model.name,
+                                 "cpus": os.cpu_count(), "unix_time": time.time()}  # fmt: skip
+        built.update(build_cost.measure(make_daemon, work, files))
+        return _written(args.out, "build", build_cost.text(built), built, work)
     if args.workload == "triton":
         return triton_main(args, model_dir, work, count, manifest.model.name, config.inference.heatmaps)
     print(f"generating {count + args.idle} {args.workload} inputs ...", flush=True)
@@ -137,26 +149,30 @@ def main(argv: list[str] | None = None) -> int:
     chosen = InferenceConfig(
         backend=config.inference.backend, device=config.inference.device, heatmaps=config.inference.heatmaps
     )
-    backend = open_backend(loaded, chosen, config.model.engines_dir)
-    try:
-        figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
-        figures["max_batch"] = backend.max_batch
-        figures["served_heatmap"] = backend.has_heatmap  # an artifact built before [heatmap] serves none
-        figures["raw_batch1_img_s"] = images_per_second(backend, samples, 1, min_seconds=2.0)
-        figures["raw_max_batch_img_s"] = images_per_second(backend, samples, min_seconds=2.0)
-    finally:
-        backend.close()
+
+    def raw_backend() -> tuple[float, float]:
+        """The backend alone at batch 1 and at its best batch: measured before and after the daemon's burst (the
+        machines here drift by several percent in minutes), each ratio taken against the mean of the two."""
+        backend = open_backend(loaded, chosen, config.model.engines_dir)
+        try:
+            figures["backend"], figures["artifact"] = backend.name, Path(backend.artifact).name
+            figures["max_batch"] = backend.max_batch
+            figures["served_heatmap"] = backend.has_heatmap  # an artifact built before [heatmap] serves none
+            return (images_per_second(backend, samples, 1, min_seconds=2.0),
+                    images_per_second(backend, samples, min_seconds=2.0))  # fmt: skip
+        finally:
+            backend.close()
+
+    raw_before = raw_backend()
+    figures["raw_batch1_img_s"], figures["raw_max_batch_img_s"] = raw_before
     print("inference with and without the heatmap ...", flush=True)
     figures["heatmap"] = heatmap_cost.measure(loaded, chosen, config.model.engines_dir, samples)
     figures["single_infer_ms"] = 1000 / figures["raw_batch1_img_s"]
     figures["latency_budget_ms"] = figures["single_infer_ms"] + figures["single_decode_ms"] + 5
     figures["prepare_threads_files_s"] = prepare_throughput(manifest, limits, burst_paths, "thread")
-    figures["prepare_processes_files_s"] = prepare_throughput(manifest, limits, burst_paths, "process")
-    prepare_alone = max(figures["prepare_threads_files_s"], figures["prepare_processes_files_s"])
-    slower = min(prepare_alone, figures["raw_max_batch_img_s"])
-    figures["slower_stage"] = "decode+preprocess" if prepare_alone <= figures["raw_max_batch_img_s"] else "inference"
+    prepare_before = prepare_throughput(manifest, limits, burst_paths, "process")
     print("the hand-written loop ...", flush=True)
-    figures["naive_files_s"] = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
+    naive_before = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
 
     print("the daemon: idle latency, then the burst ...", flush=True)
     daemon = make_daemon(root=work / "daemon")
@@ -170,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.3)
         staged = [daemon.stage(path, path.name) for path in burst_paths]
         closes = {}
+        profile = Profile(daemon.proc.pid, work / "py-spy.txt") if args.profile and daemon.proc else None
+        if profile is not None:
+            profile.start()
         cpu_before = daemon.cpu_seconds()
         first = time.time()
         for path in staged:
@@ -177,9 +196,26 @@ def main(argv: list[str] | None = None) -> int:
         daemon.wait_for(len(paths))
         burst = daemon.arrivals[len(idle_paths) :]
         burst_cpu_s = daemon.cpu_seconds() - cpu_before
+        burst_wall_s = max(a.at for a in burst) - first
+        if profile is not None:
+            figures["profile"] = profile.finish(len(burst), burst_wall_s)
         figures["peak_rss_mb"] = daemon.peak_rss_mb()
     finally:
         daemon.stop()
+    print("the backend alone and the hand-written loop again ...", flush=True)
+    raw_after = raw_backend()
+    naive_after = naive_loop(manifest, loaded.onnx_path, burst_paths[: args.naive])
+    prepare_after = prepare_throughput(manifest, limits, burst_paths, "process")
+    figures["prepare_processes_before_after"] = [prepare_before, prepare_after]
+    figures["prepare_processes_files_s"] = (prepare_before + prepare_after) / 2
+    prepare_alone = max(figures["prepare_threads_files_s"], figures["prepare_processes_files_s"])
+    slower = min(prepare_alone, figures["raw_max_batch_img_s"])
+    figures["slower_stage"] = "decode+preprocess" if prepare_alone <= figures["raw_max_batch_img_s"] else "inference"
+    figures["raw_max_batch_before_after"] = [raw_before[1], raw_after[1]]
+    figures["naive_before_after"] = [naive_before, naive_after]
+    figures["raw_batch1_img_s"] = (raw_before[0] + raw_after[0]) / 2
+    figures["raw_max_batch_img_s"] = (raw_before[1] + raw_after[1]) / 2
+    figures["naive_files_s"] = (naive_before + naive_after) / 2
     rejected = [a.result for a in daemon.arrivals if a.result.rejection.code]
     if rejected:
         first_bad = rejected[0]
