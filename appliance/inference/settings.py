@@ -39,6 +39,7 @@ class InferenceConfig(Section):
         0,
         ge=0,
         le=64,
+        validate_default=True,  # 0 by default too becomes this host's count
         description="Workers that decode and preprocess inputs; 0: one per core this process may run on (its CPU "
         "affinity, systemd's CPUAffinity= or a container's cpuset), as many as can decode at once.",
     )
