@@ -112,8 +112,9 @@ class BenchDaemon:
             f'[model]\ndir = "{self.model}"\nengines_dir = "{self.engines}"\n'
             f"[inference]\nmax_delay_ms = {self.max_delay_ms}\ndecode_workers = {workers}\n"
             f'backend = "{self.backend}"\ndevice = {self.device}\nheatmaps = {str(self.heatmaps).lower()}\n'
-            f'decode_with = "{self.decode_with}"\nbuild_on_start = {str(self.build_on_start).lower()}\n'
-            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
+            f'decode_with = "{self.decode_with}"\n'
+            + ("build_on_start = true\n" if self.build_on_start else "")
+            + f'[server]\nhost = "127.0.0.1"\nport = {self.port}\nmetrics_port = 0\n'
             '[logging]\nlevel = "WARNING"\n' + ways
         )
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
