@@ -4,7 +4,9 @@ they spend it in (py-spy's samples, attributed to the innermost frame in applian
 
 Threads without a Python name in the daemon are native: ONNX Runtime's intra-op pool and gRPC's core. The
 decode workers are processes of their own. py-spy needs ptrace rights over the daemon (root, or
-kernel.yama.ptrace_scope = 0); without them the per-thread cores are still given, the functions are not.
+kernel.yama.ptrace_scope = 0); without them the per-thread cores are still given, the functions are not. The
+sampler costs a few percent of a core: a burst profiled is a little slower than one that is not, so the bench's
+figures before and after a change come from runs without it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 from bench.daemon_run import process_tree
 
 CLK = os.sysconf("SC_CLK_TCK")
-RATE = 97  # samples a second: off the 100 Hz of timers, so no thread is always caught at the same point
+# Samples a second: off the 100 Hz of timers, so no thread is always caught at the same point, and few enough
+# that the sampler's own CPU (about 17% of a core at 97 Hz on the MR burst here) does not take inference's cores.
+RATE = 29
 _THREAD = re.compile(r"^thread \((0x[0-9a-fA-F]+|\d+)\)(?::\s*([^;]*))?;(.*) (\d+)$")
 
 

@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stable-s", type=float, help="series: series.stable_s (default: the config's)")
     p.add_argument("--profile", action="store_true", help="mr, radiograph: where the daemon's CPU goes during the "
                                                           "burst, by thread and function (py-spy)")  # fmt: skip
+    p.add_argument("--build-wait-s", type=float, default=build_cost.BUILD_WAIT_S,
+                   help="build: how long to wait after the burst for the background build to end "
+                        "(default 1800)")  # fmt: skip
     p.add_argument("--image-count", type=int, help="series: slices sent for a report per image (default: all)")
     return p
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         files = write_inputs(work / "inputs", "mr", count)
         built: dict[str, Any] = {"workload": "build", "count": count, "model": manifest.model.name,
                                  "cpus": os.cpu_count(), "unix_time": time.time()}  # fmt: skip
-        built.update(build_cost.measure(make_daemon, work, files))
+        built.update(build_cost.measure(make_daemon, work, files, args.build_wait_s))
         return _written(args.out, "build", build_cost.text(built), built, work)
     if args.workload == "triton":
         return triton_main(args, model_dir, work, count, manifest.model.name, config.inference.heatmaps)
