@@ -212,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     figures["prepare_processes_before_after"] = [prepare_before, prepare_after]
     figures["prepare_processes_files_s"] = (prepare_before + prepare_after) / 2
     prepare_alone = max(figures["prepare_threads_files_s"], figures["prepare_processes_files_s"])
-    slower = min(prepare_alone, figures["raw_max_batch_img_s"])
-    figures["slower_stage"] = "decode+preprocess" if prepare_alone <= figures["raw_max_batch_img_s"] else "inference"
     figures["raw_max_batch_before_after"] = [raw_before[1], raw_after[1]]
     figures["naive_before_after"] = [naive_before, naive_after]
     figures["raw_batch1_img_s"] = (raw_before[0] + raw_after[0]) / 2
     figures["raw_max_batch_img_s"] = (raw_before[1] + raw_after[1]) / 2
     figures["naive_files_s"] = (naive_before + naive_after) / 2
+    slower = min(prepare_alone, figures["raw_max_batch_img_s"])
+    figures["slower_stage"] = "decode+preprocess" if prepare_alone <= figures["raw_max_batch_img_s"] else "inference"
     rejected = [a.result for a in daemon.arrivals if a.result.rejection.code]
     if rejected:
         first_bad = rejected[0]

@@ -102,10 +102,6 @@ class EngineBuild:
             proc.kill()
             proc.wait()
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     # --- the build ---------------------------------------------------------------------------------
 
     def command(self) -> list[str]:
@@ -121,6 +117,13 @@ class EngineBuild:
         ]  # fmt: skip
 
     def _run(self) -> None:
+        try:
+            self._build_and_take()
+        except Exception as e:  # whatever happens here, the FP32 model serves on and the status says why
+            self._set(State.FAILED, f"the background build failed: {type(e).__name__}: {str(e)[:300]}; the model "
+                                    "loaded at the start serves on; it is tried again at the next start")  # fmt: skip
+
+    def _build_and_take(self) -> None:
         started = time.monotonic()
         try:
             rc = self._build()
