@@ -101,10 +101,13 @@ def eval_fn(model_path) -> float:
         _VAL = np.load(DATA / "validation.npy")
         _REF = _scores(str(FLOAT))
     s = _scores(str(model_path))
-    if str(model_path) != str(FLOAT) and "tune" in sys.argv[1:]:  # keep each trial's model for gate.py
-        global _TRIAL
-        _TRIAL += 1
+    # Keep each trial's model for gate.py. autotune's first call is FP32 itself (its ORT-optimized copy, the
+    # baseline): not saved. Trial k is the k-th config of the list (min-max, percentile, percentile with the
+    # head in float). The run in RESULTS.md counted the baseline as trial1: its trial2 is min-max, trial3 percentile.
+    global _TRIAL
+    if _TRIAL > 0:
         onnx.save(onnx.load(str(model_path)), str(OUT / f"inc-tune-trial{_TRIAL}.onnx"))
+    _TRIAL += 1
     d = np.abs(s - _REF)
     flips = int((s.argmax(1) != _REF.argmax(1)).sum())
     score = 0.0 if (d.mean() > 0.015 or flips > 1) else 1.0 - float(d.max())
