@@ -83,8 +83,10 @@ def main() -> None:
         if q.enabled:
             q.use_symmetric_encodings = True
             on.append(name)
-    print(f"activation quantizers on: {len(on)} (weighted ops: {len(weighted)}); aimet-onnx {aimet_onnx.__version__}",
-          flush=True)
+    print(
+        f"activation quantizers on: {len(on)} (weighted ops: {len(weighted)}); aimet-onnx {aimet_onnx.__version__}",
+        flush=True,
+    )
     t = time.time()
     sim.compute_encodings(batches)
     print(f"encodings computed ({time.time() - t:.0f} s)", flush=True)
@@ -101,8 +103,11 @@ def main() -> None:
         ada_batches = [{meta["input"]: calib[i : i + 8]} for i in range(0, n_img, 8)]
         t = time.time()
         apply_adaround(sim, ada_batches, num_iterations=a.adaround, nodes_to_include=nodes)
-        print(f"AdaRound done ({time.time() - t:.0f} s, {a.adaround} iterations, {n_img} images, "
-              f"nodes {'all' if nodes is None else nodes})", flush=True)
+        print(
+            f"AdaRound done ({time.time() - t:.0f} s, {a.adaround} iterations, {n_img} images, "
+            f"nodes {'all' if nodes is None else nodes})",
+            flush=True,
+        )
         t = time.time()
         sim.compute_encodings(batches)
         print(f"encodings computed again ({time.time() - t:.0f} s)", flush=True)

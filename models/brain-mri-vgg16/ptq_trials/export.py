@@ -1,13 +1,13 @@
 """Step 1 (project venv): write what the PTQ libraries need, exactly as `make engine` prepares it.
 
-  /work/ptq/data/calibration.npy   the 128 calibration tensors (N x 240 x 240 x 3 float32), Builder._load_images
-  /work/ptq/data/validation.npy    the 64 validation-brain tensors, same preprocessing
-  /work/ptq/data/float.onnx        build_engine.quantize.prepare_float_model with the manifest's heatmap
-                                   (what the build quantizes); its branch nodes (heatmap/...) listed in
-  /work/ptq/data/branch_nodes.txt  to be kept in float by every library
-  /work/ptq/data/float-noheatmap.onnx  the same without the heatmap branch (for libraries that choke on it)
-  /work/ptq/out/ort-minmax.onnx    the project's own recipe (build_engine.quantize.quantize, this host's CPU
-                                   class), as the baseline row of the table
+/work/ptq/data/calibration.npy   the 128 calibration tensors (N x 240 x 240 x 3 float32), Builder._load_images
+/work/ptq/data/validation.npy    the 64 validation-brain tensors, same preprocessing
+/work/ptq/data/float.onnx        build_engine.quantize.prepare_float_model with the manifest's heatmap
+                                 (what the build quantizes); its branch nodes (heatmap/...) listed in
+/work/ptq/data/branch_nodes.txt  to be kept in float by every library
+/work/ptq/data/float-noheatmap.onnx  the same without the heatmap branch (for libraries that choke on it)
+/work/ptq/out/ort-minmax.onnx    the project's own recipe (build_engine.quantize.quantize, this host's CPU
+                                 class), as the baseline row of the table
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from common import DATA, OUT, builder
 
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import onnx
-
 from common import DATA, OUT, builder
 
 
@@ -56,8 +55,14 @@ def count_qdq(path: Path) -> dict[str, int]:
     g = onnx.load(str(path), load_external_data=False).graph
     out: dict[str, int] = {}
     for n in g.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                         "MatMulInteger"):
+        if n.op_type in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "QLinearConv",
+            "QLinearMatMul",
+            "ConvInteger",
+            "MatMulInteger",
+        ):
             out[n.op_type] = out.get(n.op_type, 0) + 1
     return out
 
@@ -88,12 +93,19 @@ def main(paths: list[str]) -> None:
                     s_fp32 = images_per_second(fp32, sample)
                     s_cand = images_per_second(cand, sample)
                     s_fp32b = images_per_second(fp32, sample)
-                entry["speed"] = {"batch": b.facts.max_batch, "fp32_img_s": [s_fp32, s_fp32b], "int8_img_s": s_cand,
-                                  "ratio": s_cand / ((s_fp32 + s_fp32b) / 2)}
+                entry["speed"] = {
+                    "batch": b.facts.max_batch,
+                    "fp32_img_s": [s_fp32, s_fp32b],
+                    "int8_img_s": s_cand,
+                    "ratio": s_cand / ((s_fp32 + s_fp32b) / 2),
+                }
                 status = "PASSED" if r.passed else "FAILED: " + "; ".join(r.failures)
-                print(f"{p.name}: {r.summary()} -> {status}; speed {s_cand:.2f} img/s vs FP32 "
-                      f"{s_fp32:.2f}/{s_fp32b:.2f} ({entry['speed']['ratio']:.2f}x)", flush=True)
-            except Exception as e:  # noqa: BLE001 - a trial's failure is a result
+                print(
+                    f"{p.name}: {r.summary()} -> {status}; speed {s_cand:.2f} img/s vs FP32 "
+                    f"{s_fp32:.2f}/{s_fp32b:.2f} ({entry['speed']['ratio']:.2f}x)",
+                    flush=True,
+                )
+            except Exception as e:
                 entry["error"] = f"{type(e).__name__}: {e}"
                 print(f"{p.name}: ERROR {entry['error']}", flush=True)
             entry["seconds"] = round(time.time() - started, 1)

@@ -135,12 +135,20 @@ def main() -> None:
         kw.pop("calibration_data_reader")
         # onnx-neural-compressor 1.0's autotune walks a config list (no automatic op-wise fallback as in
         # neural-compressor 2.x): min-max, percentile, then percentile with the dense head (4 MatMuls) in float.
-        head = [n.name for n in onnx.load(str(FLOAT), load_external_data=False).graph.node
-                if n.op_type == "MatMul" and n.name not in BRANCH]
+        head = [
+            n.name
+            for n in onnx.load(str(FLOAT), load_external_data=False).graph.node
+            if n.op_type == "MatMul" and n.name not in BRANCH
+        ]
         configs = [
-            inc_config.StaticQuantConfig(calibrate_method=m, **{**kw, "nodes_to_exclude": kw["nodes_to_exclude"] + extra})
-            for extra, m in (([], CalibrationMethod.MinMax), ([], CalibrationMethod.Percentile),
-                             (head, CalibrationMethod.Percentile))
+            inc_config.StaticQuantConfig(
+                calibrate_method=m, **{**kw, "nodes_to_exclude": kw["nodes_to_exclude"] + extra}
+            )
+            for extra, m in (
+                ([], CalibrationMethod.MinMax),
+                ([], CalibrationMethod.Percentile),
+                (head, CalibrationMethod.Percentile),
+            )
         ]
         tcfg = tuning.TuningConfig(config_set=configs, tolerable_loss=0.10, max_trials=len(configs))
         best = tuning.autotune(str(FLOAT), tcfg, eval_fn, calibration_data_reader=reader)
