@@ -110,8 +110,10 @@ triton-peer:
 check: lint typecheck contracts
 	$(BIN)/pytest -q -m "not slow"
 
+# Everything, in a worker per core (a test file stays in one worker: its module fixtures are built once): most
+# of the suite waits on real daemons and peers, and on an AVX2-only 2-core box it took 23 minutes in one.
 test: model lint typecheck contracts dicom-tools triton-peer
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -238,9 +238,11 @@ class Daemon:
             self.shutdown.add("stopping the DICOM receiver", receiver.stop)
             self.health.watch(receiver)
         self.faults.check_storage()
+        # Where no artifact is gated for this host and inference.build_on_start is on; before readiness, so that
+        # GetStatus says so from the first answer.
+        build.start(model.current)
         self.health.ready_to_serve()
         served = model.current
-        build.start(served)  # where no artifact is gated for this host, and inference.build_on_start is on
         log.info(
             "ready: watching %s%s, gRPC on %s:%d (%s, %s)%s%s, model %s %s on %s",
             config.watch.dir,
