@@ -42,7 +42,6 @@ RELOAD_TRIES = 30  # a SIGHUP's reload under way at that moment: try again each 
 
 
 class State(enum.Enum):
-    NOT_NEEDED = "not_needed"  # the best this host can run is served, or build_on_start is off
     BUILDING = "building"
     SWAPPED = "swapped"  # the gated artifact serves now
     GATE_FAILED = "gate_failed"  # nothing quantized passed the gate: FP32 serves, recorded for this host
@@ -62,12 +61,10 @@ class EngineBuild:
         self._config = config
         self._reload = reload
         self._on_state = on_state
-        self.state = State.NOT_NEEDED
         self.sentence = ""  # what GetStatus says of it; empty when nothing was needed
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self.log_path = config.storage.data_dir / LOG_NAME
         self.record_path = config.storage.data_dir / RECORD_NAME
         self._key = ""
@@ -84,8 +81,7 @@ class EngineBuild:
         meanwhile = f"{served.backend.name} {served.precision} serves meanwhile"
         self._set(State.BUILDING, f"building the quantized artifact for this host in the background "
                                   f"({served.unbuilt[0]}); {meanwhile}")  # fmt: skip
-        self._thread = threading.Thread(target=self._run, name="engine-build", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="engine-build", daemon=True).start()
 
     def stop(self) -> None:
         """Interrupt a build under way (SIGINT: it removes its work folder), killing it if it does not end."""
@@ -217,7 +213,7 @@ class EngineBuild:
         return lines[-1][:300] if lines else "no output"
 
     def _set(self, state: State, sentence: str) -> None:
-        self.state, self.sentence = state, sentence
+        self.sentence = sentence
         level = logging.WARNING if state in (State.FAILED, State.GATE_FAILED) else logging.INFO
         log.log(level, "%s", sentence)
         self._on_state(state)
