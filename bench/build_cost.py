@@ -6,27 +6,14 @@ the build takes to finish once the burst is over, and what it swapped in or why 
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.daemon_run import BenchDaemon, process_tree
+from bench.daemon_run import BenchDaemon, cpu_seconds_of, process_tree
 
 BUILD_WAIT_S = 1800.0  # after the burst, how long to wait for the build to end (--build-wait-s)
-
-
-def _cpu(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _split(daemon: BenchDaemon) -> tuple[list[int], list[int]]:
@@ -57,7 +44,7 @@ def _burst(
             assert "building" in status.engine_build, f"no background build started: {status.engine_build!r}"
         staged = [daemon.stage(path, path.name) for path in files]
         ours, builders = _split(daemon)
-        cpu_before, build_before = _cpu(ours), _cpu(builders)
+        cpu_before, build_before = cpu_seconds_of(ours), cpu_seconds_of(builders)
         first = time.time()
         for path in staged:
             daemon.publish(path)
@@ -66,8 +53,8 @@ def _burst(
         ours_after, builders_after = _split(daemon)
         figures: dict[str, Any] = {
             "e2e_files_s": len(files) / wall,
-            "daemon_cpu_ms_per_file": (_cpu(ours_after) - cpu_before) * 1e3 / len(files),
-            "build_cores_during_burst": (_cpu(builders_after) - build_before) / wall,
+            "daemon_cpu_ms_per_file": (cpu_seconds_of(ours_after) - cpu_before) * 1e3 / len(files),
+            "build_cores_during_burst": (cpu_seconds_of(builders_after) - build_before) / wall,
         }
         if build:
             started = time.monotonic()

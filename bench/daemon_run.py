@@ -49,6 +49,19 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def cpu_seconds_of(pids: list[int]) -> float:
+    """User and system CPU time these processes have used so far (all threads; those gone meanwhile count 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Arrival:
     file_name: str
@@ -181,11 +194,8 @@ class BenchDaemon:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the daemon and its worker processes have used so far (all threads)."""
-        ticks = 0
-        for stat in self._tree_files("stat"):
-            fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-            ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        assert self.proc is not None
+        return cpu_seconds_of(process_tree(self.proc.pid))
 
     def _tree_files(self, name: str) -> list[str]:
         """/proc/<pid>/<name> of the daemon and each of its descendants still running."""
