@@ -22,6 +22,18 @@ from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
+# Whether pipeline-test's INT8 meets its own tolerances is a figure of the host's int8 kernels (AVX2 or VNNI);
+# the swap test needs one that passes on both, as tests/build_engine/conftest.py's INT8 builds do.
+ANY_CPU = "\n".join(
+    (
+        "min_agreement = 0.9",
+        "max_abs_diff = 0.3",
+        "mean_abs_diff = 0.05",
+        "max_auc_drop = 0.05",
+        "min_heatmap_agreement = 0.5",
+    )
+)
+
 # Scored while the build runs: a clinic's steady trickle, which leaves the build the idle CPU it runs on.
 PAUSE_S = 0.05
 
@@ -47,7 +59,7 @@ def test_a_bare_engines_folder_serves_fp32_builds_and_swaps_in_int8_with_no_fail
     make_daemon: type, tmp_path: Path
 ) -> None:
     engines, metrics = tmp_path / "engines", free_port()
-    d = make_daemon(model=_model(tmp_path), inference=_inference("int8"),
+    d = make_daemon(model=_model(tmp_path, accuracy=ANY_CPU), inference=_inference("int8"),
                     server={"metrics_port": metrics, "score_rate_per_terminal": 1000.0})  # fmt: skip
     d.overrides["model"] = {"engines_dir": engines}  # beside the model's folder the config names
     d.start()
