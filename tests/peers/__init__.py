@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def dies_with_parent() -> list[str]:
+    """The command prefix that has Linux kill a peer with the thread that starts it, so a test run killed with -9
+    leaves no server holding its ports. `setpriv` sets it and then runs the peer: a `preexec_fn` would make Python
+    fork() (not vfork) a process whose gRPC fork handlers then run in the child, and abort it where threads are
+    scarce. The signal follows the starting *thread*, so only a start from the main thread asks for it (a restart
+    from a helper thread that then ends would otherwise kill the peer)."""
+    setpriv = tool("setpriv")
+    if sys.platform != "linux" or setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [str(setpriv), "--pdeathsig", "KILL", "--"]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
 import subprocess
-import sys
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -18,7 +15,7 @@ from typing import Any, NamedTuple, Self
 
 import pytest
 
-from tests.peers import executable, free_port, require
+from tests.peers import dies_with_parent, executable, free_port, require
 from tests.waiting import eventually
 
 START_TIMEOUT_S = 30.0
@@ -220,14 +217,18 @@ class Orthanc:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def _spawn(self) -> None:
-        command = [str(executable("Orthanc")), *(["--verbose"] if self.verbose else []), str(self.config_path)]
+        command = [
+            *dies_with_parent(),
+            str(executable("Orthanc")),
+            *(["--verbose"] if self.verbose else []),
+            str(self.config_path),
+        ]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_dies_with_parent(),
             )
 
     def _wait_ready(self, timeout: float) -> None:
@@ -384,16 +385,3 @@ def _code(sequence: list[dict[str, Any]] | None) -> Code | None:
 
 class _ExitedEarly(Exception):
     pass
-
-
-def _dies_with_parent() -> Callable[[], None] | None:
-    """Orthanc would outlive a test run killed with -9 and hold its ports: ask Linux to kill it with its parent.
-    The signal follows the starting *thread*, so only a start from the main thread asks for it (a restart from a
-    helper thread that then ends would otherwise kill Orthanc)."""
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-
-    def set_pdeathsig() -> None:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return set_pdeathsig

@@ -9,21 +9,19 @@ for a production Triton (`platform: "onnxruntime_onnx"`) loads unchanged.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.error
 import urllib.request
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any, Self
 
 import pytest
 
-from tests.peers import free_port
+from tests.peers import dies_with_parent, free_port
 from tests.waiting import eventually
 
 INSTALL = "make triton-peer"
@@ -364,14 +362,13 @@ class Triton:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._state.proc = subprocess.Popen(
-                command,
+                [*dies_with_parent(), *command],
                 cwd=self.root,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its stubs join its group: kill() finds them there
-                preexec_fn=_dies_with_parent(),
             )
 
     def _wait_ready(self, timeout: float) -> None:
@@ -442,15 +439,3 @@ class TritonHttpError(TritonError):
 
 class _ExitedEarly(Exception):
     pass
-
-
-def _dies_with_parent() -> Callable[[], None] | None:
-    """The server would outlive a test run killed with -9 and hold its ports: ask Linux to kill it with its
-    parent. The signal follows the starting *thread*, so only a start from the main thread asks for it."""
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-
-    def set_pdeathsig() -> None:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return set_pdeathsig
