@@ -3,12 +3,13 @@ closing never waits on one, and a FIFO in place of an input never blocks one."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
-import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,25 +72,25 @@ def test_a_worker_that_never_answers_is_ended_and_its_input_rejected(
     pool's watch ends it. Its input is tried alone, and rejected once it has wedged two lone workers too; the
     inputs held up behind it are scored."""
     monkeypatch.setattr(pool_module, "STUCK_MARGIN_S", 3.0)  # judged wedged after 4 s, not 11 s, each time
+    wedges = tmp_path / "wedges"
+    wedges.mkdir()
+    monkeypatch.setattr(pool_module, "init_worker", functools.partial(_init_then_wedge_once_armed, str(wedges)))
     wedging, *good = [hostile.good_png(tmp_path, seed) for seed in range(4)]
     pool = PreparePool(load_manifest(MODEL).manifest, LimitsConfig(decode_timeout_s=0.2), workers=1)
-    stopper: _StopNewWorkers | None = None
     try:
         pool.warm()
         (worker,) = _workers()
-        stopper = _StopNewWorkers(known={worker}, count=2)  # the wedging input's two lone workers
+        (wedges / "armed").touch()  # the wedging input's two lone workers stop as they start
         os.kill(worker, signal.SIGSTOP)
         wedged = pool.prepare(wedging, wedging.name)
         futures = [pool.prepare(p, p.name) for p in good]
         error = _rejection(wedged)
         assert error.code == "decode_timeout", error.message
         assert "twice; its workers were ended" in error.message  # the watch's, not the worker's own SIGALRM
-        assert len(stopper.stopped) == 2
+        assert sorted(path.name for path in wedges.iterdir()) == ["1", "2", "armed"]
         assert all(f.result(timeout=60).tensors for f in futures)
         assert pool.prepare(good[0], good[0].name).result(timeout=60).tensors
     finally:
-        if stopper is not None:
-            stopper.finish()
         pool.close()
 
 
@@ -122,25 +123,18 @@ def test_a_fifo_in_place_of_a_queued_input_is_refused_at_once(tmp_path: Path, mo
         pool.close()
 
 
-class _StopNewWorkers:
-    """Stops (SIGSTOP) the first ``count`` decode workers that appear besides ``known``, as they start: a lone
-    worker spends its first tenths of a second importing this test's main module, long before its call."""
-
-    def __init__(self, known: set[int], count: int) -> None:
-        self.stopped: list[int] = []
-        self._known, self._count = set(known), count
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while len(self.stopped) < self._count and not self._done.wait(0.002):
-            for pid in sorted(_workers() - self._known):
-                self._known.add(pid)
-                if len(self.stopped) < self._count:
-                    os.kill(pid, signal.SIGSTOP)
-                    self.stopped.append(pid)
-
-    def finish(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
+def _init_then_wedge_once_armed(wedges: str, *args: Any) -> None:
+    """A decode worker's `init_worker`, then, in the first two workers that start once ``wedges``/armed exists,
+    SIGSTOP: wedged as it starts, before it takes its call (each claims a slot file, so it is two across
+    processes). Runs in the worker, where `pool_module.init_worker` is the pool's own."""
+    pool_module.init_worker(*args)
+    folder = Path(wedges)
+    if not (folder / "armed").exists():
+        return
+    for slot in ("1", "2"):
+        try:
+            os.close(os.open(folder / slot, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
