@@ -11,11 +11,13 @@ decode_out_of_memory) and limits.decode_timeout_s per file (decode_timeout); thr
 watch below. A worker that ran out of memory, or holds more than half its cap after a file (a decoder that
 failed without freeing what it took), is recycled: the pool's workers are replaced by fresh ones once their
 files are done, and the old ones' memory goes back to the system. A call that never returns (a worker wedged
-where no signal reaches it) is ended from here after STUCK_FACTOR times the time limit, and closing ends what
-is still running after CLOSE_WAIT_S, as it ends a worker that does not leave when its pool shuts down: no
-input can stay in flight for good, and stopping never waits on one. A queued file is opened without blocking
-and refused if it is no longer a regular file (a FIFO in its place would hold a worker, or a thread, for
-good).
+where no signal reaches it) is ended from here after STUCK_FACTOR times the time limit; a worker killed while
+it was writing its answer (the OOM killer, an admin's kill -9) leaves the executor reading the rest of that
+answer for good, blind to the death, so a pool with a dead worker and calls still unanswered after
+DEATH_GRACE_S is ended from here too. Closing ends what is still running after CLOSE_WAIT_S, as it ends a
+worker that does not leave when its pool shuts down: no input can stay in flight for good, and stopping never
+waits on one. A queued file is opened without blocking and refused if it is no longer a regular file (a FIFO in
+its place would hold a worker, or a thread, for good).
 
 A file from the watched folder is prepared only if it is still the file that was hashed and journaled: the
 same inode, size and time, or else the same content (times set after closing, as `cp -p` does); otherwise it
@@ -80,6 +82,9 @@ CPU_BACKSTOP = 4
 # A call still running this many times the per-file limit (past the CPU backstop) is wedged: its workers are ended.
 STUCK_FACTOR = CPU_BACKSTOP + 1
 STUCK_MARGIN_S = 10.0
+# The executor notices a dead worker at once unless it is reading that worker's cut-off answer: a pool with a
+# dead worker and calls still unanswered this long after is stuck so.
+DEATH_GRACE_S = 2.0
 CLOSE_WAIT_S = 5.0  # closing: how long the files being decoded may take to finish before their workers are ended
 RECYCLE_FRACTION = 0.5  # a worker holding more than this share of its memory cap after a file is replaced,
 RECYCLE_GROWTH = 256 << 20  # and this much more than it held once started (a small cap is not crossed by imports)
@@ -271,11 +276,30 @@ _processes_of: weakref.WeakKeyDictionary[Executor, dict[int, Any]] = weakref.Wea
 
 
 def _end_workers(pool: Executor) -> None:
-    """Kill a process pool's workers: the pool breaks, and what they held is retried alone (or cancelled when
-    closing)."""
+    """Kill a process pool's workers and close this process's end of the pipe they answer on: the pool breaks,
+    and what they held is retried alone (or cancelled when closing). With no writer left, an executor reading
+    the rest of an answer a killed worker had begun gets end-of-file instead of waiting for good."""
     for process in list(_processes_of.get(pool, {}).values()):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # already gone
             process.kill()
+    # Private, as `_processes`: nothing public reaches the pipe (3.11-3.14); this process never writes on it.
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        with contextlib.suppress(OSError):
+            writer.close()
+
+
+def _has_dead_worker(pool: Executor) -> bool:
+    """Whether a process pool's worker has exited: its sentinel is readable (nothing is read from it here,
+    which is the executor's to do)."""
+    sentinels = []
+    for process in list(_processes_of.get(pool, {}).values()):
+        with contextlib.suppress(ValueError, AttributeError):  # closed or never started
+            sentinels.append(process.sentinel)
+    try:
+        return bool(sentinels) and bool(multiprocessing.connection.wait(sentinels, 0))
+    except (OSError, ValueError):  # closed meanwhile: the executor has seen it
+        return False
 
 
 def _leave_or_end(pool: Executor, wait_s: float) -> None:
@@ -319,10 +343,11 @@ class PreparePool:
         # Calls in a worker process: the pool they were given to, and when they were first seen running.
         self._running: dict[Future[Any], tuple[Executor, float | None]] = {}
         self._lone: Executor | None = None
+        self._lone_call: Future[Any] | None = None  # the call `_lone` was last given
         self._suspects: queue.Queue[tuple[Future[Any], Call] | None] = queue.Queue()
         self._retrier = threading.Thread(target=self._retry_alone, name="prepare-retry", daemon=True)
         self._retrier.start()
-        if self.mode == "processes" and self._stuck_s:
+        if self.mode == "processes":
             threading.Thread(target=self._watch, name="prepare-watch", daemon=True).start()
 
     def _new_pool(self, workers: int) -> Executor:
@@ -452,7 +477,7 @@ class PreparePool:
                         if self._lone is None:
                             self._lone = self._new_pool(1)
                         lone = self._lone
-                        call = lone.submit(*self._call(fn, args))
+                        call = self._lone_call = lone.submit(*self._call(fn, args))
                     result = call.result(timeout=self._stuck_s or None)
                 except (BrokenProcessPool, TimeoutError) as e:
                     if isinstance(e, TimeoutError):
@@ -493,21 +518,40 @@ class PreparePool:
             _leave_or_end(last, CLOSE_WAIT_S)
 
     def _watch(self) -> None:
-        """End the workers of a pool whose call has run past the time any file may take: a worker wedged in
-        native code, or waiting on a lock no signal breaks, answers neither SIGALRM nor its CPU limit."""
+        """End the workers of a pool that can no longer answer: one whose call has run past the time any file may
+        take (a worker wedged in native code, or waiting on a lock no signal breaks, answers neither SIGALRM nor
+        its CPU limit), or one with a dead worker and calls still unanswered DEATH_GRACE_S later (killed while
+        writing its answer: the executor waits on the rest, and the next worker on the lock the dead one held)."""
+        dead_since: dict[Executor, float] = {}
+        ended: weakref.WeakSet[Executor] = weakref.WeakSet()  # each pool is ended once
         while not self._closed.wait(DAEMON_CHECK_S):
             now = time.monotonic()
             wedged: list[Executor] = []
             with self._lock:
-                for inner, (pool, since) in list(self._running.items()):
+                waiting = {pool for pool, _ in self._running.values()}
+                if self._lone is not None and self._lone_call is not None and not self._lone_call.done():
+                    waiting.add(self._lone)
+                for inner, (pool, since) in list(self._running.items()) if self._stuck_s else ():
                     if since is None:
                         if inner.running():  # handed to a worker (or next in line for one)
                             self._running[inner] = (pool, now)
                     elif now - since > self._stuck_s and pool not in wedged:
                         wedged.append(pool)
+            dead_since = {pool: dead_since.get(pool, now) for pool in waiting - set(ended) if _has_dead_worker(pool)}
             for pool in wedged:
-                log.error("a decode worker has not answered in %.0f s; its pool's workers are ended", self._stuck_s)
-                _end_workers(pool)
+                if pool not in ended:
+                    log.error("a decode worker has not answered in %.0f s; its pool's workers are ended", self._stuck_s)
+                    _end_workers(pool)
+                    ended.add(pool)
+            for pool, since in dead_since.items():
+                if now - since >= DEATH_GRACE_S and pool not in ended:
+                    log.error(
+                        "a decode worker process died while answering (its pool has not noticed in %.0f s); "
+                        "the pool's workers are ended",
+                        now - since,
+                    )
+                    _end_workers(pool)
+                    ended.add(pool)
 
     def alive(self) -> bool:
         return self._retrier.is_alive()
