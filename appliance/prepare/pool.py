@@ -289,13 +289,19 @@ def _end_workers(pool: Executor) -> None:
             writer.close()
 
 
+def _sentinels(pool: Executor) -> dict[Any, Any]:
+    """A process pool's workers by their sentinels, which become readable when a worker exits."""
+    sentinels: dict[Any, Any] = {}
+    for process in list(_processes_of.get(pool, {}).values()):
+        with contextlib.suppress(ValueError, AttributeError):  # closed or never started
+            sentinels[process.sentinel] = process
+    return sentinels
+
+
 def _has_dead_worker(pool: Executor) -> bool:
     """Whether a process pool's worker has exited: its sentinel is readable (nothing is read from it here,
     which is the executor's to do)."""
-    sentinels = []
-    for process in list(_processes_of.get(pool, {}).values()):
-        with contextlib.suppress(ValueError, AttributeError):  # closed or never started
-            sentinels.append(process.sentinel)
+    sentinels = list(_sentinels(pool))
     try:
         return bool(sentinels) and bool(multiprocessing.connection.wait(sentinels, 0))
     except (OSError, ValueError):  # closed meanwhile: the executor has seen it
@@ -306,10 +312,7 @@ def _leave_or_end(pool: Executor, wait_s: float) -> None:
     """Shut a pool down: its idle workers get ``wait_s`` to leave, and one that does not (stopped, or wedged
     between files) is ended, since the executor's own shutdown would wait on it for good."""
     pool.shutdown(wait=False)
-    waiting: dict[Any, Any] = {}
-    for process in list(_processes_of.get(pool, {}).values()):
-        with contextlib.suppress(ValueError, AttributeError):  # closed or never started
-            waiting[process.sentinel] = process
+    waiting = _sentinels(pool)
     deadline = time.monotonic() + wait_s
     while waiting and (left_s := deadline - time.monotonic()) > 0:
         for ready in multiprocessing.connection.wait(list(waiting), left_s):

@@ -159,13 +159,8 @@ def _init_then_wedge_once_armed(wedges: str, *args: Any) -> None:
     folder = Path(wedges)
     if not (folder / "armed").exists():
         return
-    for slot in ("1", "2"):
-        try:
-            os.close(os.open(folder / slot, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            continue
+    if any(_claim(folder / slot) for slot in ("1", "2")):
         os.kill(os.getpid(), signal.SIGSTOP)
-        return
 
 
 def _init_then_cut_answer_once_armed(cuts: str, *args: Any) -> None:
@@ -177,13 +172,18 @@ def _init_then_cut_answer_once_armed(cuts: str, *args: Any) -> None:
     send = multiprocessing.connection.Connection._send
 
     def cut_off(self: multiprocessing.connection.Connection, buf: bytes) -> None:
-        if (folder / "armed").exists():
-            try:
-                os.close(os.open(folder / "cut", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return send(self, buf)
+        if (folder / "armed").exists() and _claim(folder / "cut"):
             send(self, buf[: max(len(buf) // 2, 1)])
             os.kill(os.getpid(), signal.SIGKILL)
         return send(self, buf)
 
     multiprocessing.connection.Connection._send = cut_off  # type: ignore[method-assign]
+
+
+def _claim(slot: Path) -> bool:
+    """Create ``slot`` unless it exists: one process across all the workers gets it."""
+    try:
+        os.close(os.open(slot, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
